@@ -1,0 +1,71 @@
+"""One error family for sandpool.
+
+Every error carries a stable snake_case ``code`` (the API puts it in its JSON
+error body and the CLI prints ``message`` as its one readable line) and the HTTP
+status the API answers with. Backend errors are translated into these at the
+backend boundary; nothing else leaks out of ``pool``.
+"""
+
+from __future__ import annotations
+
+
+class SandpoolError(Exception):
+    """Base of every error sandpool reports to a user."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(SandpoolError):
+    """The configuration file or a command-line option is invalid."""
+
+    code = "invalid_config"
+    status = 400
+
+
+class BadRequestError(SandpoolError):
+    """The client sent a request that can never succeed as sent."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class UnknownPoolError(SandpoolError):
+    code = "unknown_pool"
+    status = 404
+
+
+class UnavailableError(SandpoolError):
+    """A pool cannot take the request now; the client may retry after ``retry_after_s``."""
+
+    code = "pool_exhausted"
+    status = 503
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class BackendError(SandpoolError):
+    """The sandbox backend (dockerd, bubblewrap, wasmtime) failed or did not answer."""
+
+    code = "backend_error"
+    status = 503
+
+
+class SandboxLostError(BackendError):
+    """A sandbox died before it took its request; the pool retries with a fresh one."""
+
+    code = "sandbox_lost"
+
+
+class ImageBuildError(SandpoolError):
+    """Building the sandbox image failed; ``message`` says why in one line."""
+
+    code = "image_build_failed"
