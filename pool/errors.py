@@ -69,3 +69,8 @@ class ImageBuildError(SandpoolError):
     """Building the sandbox image failed; ``message`` says why in one line."""
 
     code = "image_build_failed"
+
+
+class UnsupportedMediaTypeError(BadRequestError):
+    code = "unsupported_media_type"
+    status = 415

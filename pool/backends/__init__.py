@@ -1,0 +1,22 @@
+"""Backends by name, imported lazily so an optional dependency stays optional."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pool.backends.base import Backend
+from pool.config import PoolConfig
+
+BACKENDS = {
+    "docker": "pool.backends.docker:DockerBackend",
+    "fake": "pool.backends.fake:FakeBackend",
+}
+
+
+def create_backend(config: PoolConfig, instance_id: str) -> Backend[Any]:
+    """Build the backend named by ``config.backend`` for one pool."""
+    module_name, _, class_name = BACKENDS[config.backend].partition(":")
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    backend: Backend[Any] = backend_class(config, instance_id)
+    return backend

@@ -1,0 +1,169 @@
+"""Every Prometheus metric sandpool exports, recorded through one object.
+
+Names and labels are a contract with dashboards and alerts (issue 4): keep them.
+Tests build ``Metrics(CollectorRegistry())`` for a private registry.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# From 100 µs (a warm hand-out) to a minute (the longest allowed run).
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_LIFECYCLE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OUTCOMES = ("ok", "error", "timeout", "oom", "rejected")
+STATES = ("idle", "busy", "starting", "destroying")
+
+# (pool name) -> (state -> count, waiters); read at scrape time, never polled.
+PoolSnapshot = Callable[[], Iterable[tuple[str, dict[str, int], int]]]
+
+
+class _PoolCollector(Collector):
+    def __init__(self, snapshot: PoolSnapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        sandboxes = GaugeMetricFamily(
+            "sandpool_sandboxes", "Sandboxes by pool and state", labels=["pool", "state"]
+        )
+        waiters = GaugeMetricFamily(
+            "sandpool_queue_waiters", "Requests waiting for a warm sandbox", labels=["pool"]
+        )
+        for pool, counts, queued in self._snapshot():
+            for state in STATES:
+                sandboxes.add_metric([pool, state], counts.get(state, 0))
+            waiters.add_metric([pool], queued)
+        yield sandboxes
+        yield waiters
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())  # labels vary with config; collected fresh each scrape
+
+
+class Metrics:
+    """The metrics of one daemon, in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "sandpool_request_duration_seconds",
+            "Request received to response sent",
+            ["pool", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.acquire_wait = Histogram(
+            "sandpool_acquire_wait_seconds",
+            "Time waiting for a warm sandbox",
+            ["pool"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.execution_duration = Histogram(
+            "sandpool_execution_duration_seconds",
+            "Code handed over to result",
+            ["pool"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.start_duration = Histogram(
+            "sandpool_sandbox_start_duration_seconds",
+            "Sandbox create to ready in the pool",
+            ["pool"],
+            buckets=_LIFECYCLE_BUCKETS,
+            registry=r,
+        )
+        self.destroy_duration = Histogram(
+            "sandpool_sandbox_destroy_duration_seconds",
+            "Sandbox destruction",
+            ["pool"],
+            buckets=_LIFECYCLE_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "sandpool_requests", "Requests by outcome", ["pool", "outcome"], registry=r
+        )
+        self.oom_kills = Counter(
+            "sandpool_oom_kills", "OOM kills reported for sandpool sandboxes", ["pool"], registry=r
+        )
+        self.timeouts = Counter(
+            "sandpool_timeouts", "Runs killed at their timeout", ["pool"], registry=r
+        )
+        self.start_failures = Counter(
+            "sandpool_sandbox_start_failures",
+            "Sandboxes that failed to start",
+            ["pool"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "sandpool_build_info",
+            "sandpool and backend versions",
+            ["version", "python", "backends"],
+            registry=r,
+        )
+
+    def watch_pools(self, snapshot: PoolSnapshot) -> None:
+        """Export pool depth and queue length, read from ``snapshot`` at each scrape."""
+        self.registry.register(_PoolCollector(snapshot))
+
+    def set_build_info(self, version: str, backends: dict[str, str]) -> None:
+        described = ",".join(f"{name}={v}" for name, v in sorted(backends.items()))
+        self.build_info.labels(version, platform.python_version(), described).set(1)
+
+    def pool_created(self, pool: str) -> None:
+        """Create every labelled series at zero so a scrape shows them before traffic."""
+        for outcome in OUTCOMES:
+            self.requests.labels(pool, outcome)
+        for counter in (self.oom_kills, self.timeouts, self.start_failures):
+            counter.labels(pool)
+
+    def request_finished(self, pool: str, outcome: str, duration_s: float) -> None:
+        self.requests.labels(pool, outcome).inc()
+        self.request_duration.labels(pool, outcome).observe(duration_s)
+        if outcome == "timeout":
+            self.timeouts.labels(pool).inc()
+
+    def sandbox_acquired(self, pool: str, wait_s: float) -> None:
+        self.acquire_wait.labels(pool).observe(wait_s)
+
+    def sandbox_ran(self, pool: str, execution_s: float) -> None:
+        self.execution_duration.labels(pool).observe(execution_s)
+
+    def sandbox_started(self, pool: str, duration_s: float) -> None:
+        self.start_duration.labels(pool).observe(duration_s)
+
+    def sandbox_start_failed(self, pool: str) -> None:
+        self.start_failures.labels(pool).inc()
+
+    def sandbox_destroyed(self, pool: str, duration_s: float) -> None:
+        self.destroy_duration.labels(pool).observe(duration_s)
+
+    def oom_killed(self, pool: str) -> None:
+        self.oom_kills.labels(pool).inc()

@@ -1,0 +1,220 @@
+"""sandpool's configuration: frozen dataclasses loaded from TOML and validated once.
+
+With no file, the default configuration has two Docker pools, ``python`` and
+``shell``. A file overrides: a ``[server]`` table and one ``[pools.<name>]``
+table per pool (a file that names pools replaces the default pools). Every
+unknown key and bad value is rejected at load with the key's dotted name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pool.errors import ConfigError
+
+BackendName = Literal["docker", "fake"]
+Language = Literal["python", "shell"]
+
+DEFAULT_IMAGE = "sandpool/python:bookworm"
+DEFAULT_SOCKET = "/run/sandpool/sandpool.sock"
+_POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """One pool of identical sandboxes; the defaults are the safe values."""
+
+    name: str
+    backend: BackendName = "docker"
+    language: Language = "python"
+    image: str = DEFAULT_IMAGE
+    runtime: str | None = None  # e.g. "runsc" where gVisor is installed
+    min_idle: int = 2
+    max_size: int = 8
+    max_queue: int = 64
+    acquire_timeout_s: float = 30.0
+    # Each create+start costs ~130 ms of dockerd CPU on 2 cores: two at a time
+    # keeps refills from starving requests (issue 3).
+    start_concurrency: int = 2
+    memory_mb: int = 128
+    pids_limit: int = 64
+    cpus: float = 0.5
+    tmpfs_mb: int = 16
+    timeout_s: float = 10.0
+    max_timeout_s: float = 60.0
+    max_output_bytes: int = 1024 * 1024
+
+    def validate(self) -> None:
+        where = f"pools.{self.name}"
+        if not _POOL_NAME.match(self.name):
+            raise ConfigError(f"{where}: pool names are 1-63 characters of a-z, 0-9, '_', '.', '-'")
+        _choice(f"{where}.backend", self.backend, BackendName)
+        _choice(f"{where}.language", self.language, Language)
+        _positive(f"{where}.max_size", self.max_size)
+        if not 0 <= self.min_idle <= self.max_size:
+            raise ConfigError(f"{where}.min_idle must be between 0 and max_size ({self.max_size})")
+        for key in (
+            "max_queue",
+            "start_concurrency",
+            "memory_mb",
+            "pids_limit",
+            "tmpfs_mb",
+            "max_output_bytes",
+            "acquire_timeout_s",
+            "cpus",
+            "timeout_s",
+            "max_timeout_s",
+        ):
+            _positive(f"{where}.{key}", getattr(self, key))
+        if self.memory_mb < 16:
+            raise ConfigError(f"{where}.memory_mb must be at least 16 (Python needs ~10 MiB)")
+        if self.pids_limit < 4:
+            raise ConfigError(f"{where}.pids_limit must be at least 4 (the runner needs 2)")
+        if self.timeout_s > self.max_timeout_s:
+            raise ConfigError(
+                f"{where}.timeout_s must not exceed max_timeout_s ({self.max_timeout_s})"
+            )
+        if not self.image:
+            raise ConfigError(f"{where}.image must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    socket: str = DEFAULT_SOCKET
+    socket_mode: int = 0o660
+    metrics_address: str = "127.0.0.1:9464"  # "off" disables the TCP listener
+    max_request_bytes: int = 1024 * 1024
+    max_concurrent_requests: int = 256
+    shutdown_timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        if not self.socket.startswith("/"):
+            raise ConfigError("server.socket must be an absolute path")
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError("server.socket_mode must be a file mode such as 0o660")
+        for key in ("max_request_bytes", "max_concurrent_requests", "shutdown_timeout_s"):
+            _positive(f"server.{key}", getattr(self, key))
+        if self.metrics_address != "off":
+            parse_address(self.metrics_address, "server.metrics_address")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    pools: tuple[PoolConfig, ...] = ()
+
+    def pool(self, name: str) -> PoolConfig | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+    def replace_server(self, **changes: Any) -> Config:
+        """A copy with server settings changed (command-line flags), validated."""
+        server = dataclasses.replace(self.server, **changes)
+        server.validate()
+        return dataclasses.replace(self, server=server)
+
+
+def default_pools() -> tuple[PoolConfig, ...]:
+    return (
+        PoolConfig(name="python", language="python"),
+        PoolConfig(name="shell", language="shell"),
+    )
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate a TOML file; ``None`` gives the default configuration.
+
+    Raises ConfigError naming the offending key.
+    """
+    if path is None:
+        return Config(pools=default_pools())
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return parse_config(document)
+
+
+def parse_config(document: Mapping[str, Any]) -> Config:
+    """Validate an already-parsed TOML document."""
+    _reject_unknown("", document, {"server", "pools"})
+    server_table = _table(document, "server")
+    server = ServerConfig(**_fields(ServerConfig, server_table, "server"))
+    server.validate()
+    pools_table = _table(document, "pools")
+    pools: list[PoolConfig] = []
+    for name, table in pools_table.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"pools.{name} must be a table")
+        pool = PoolConfig(name=name, **_fields(PoolConfig, table, f"pools.{name}", skip={"name"}))
+        pool.validate()
+        pools.append(pool)
+    return Config(server=server, pools=tuple(pools) or default_pools())
+
+
+def parse_address(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key} must be HOST:PORT or 'off', not {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _table(document: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = document.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a table")
+    return value
+
+
+def _reject_unknown(where: str, table: Mapping[str, Any], known: set[str]) -> None:
+    for key in table:
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"unknown key {where}{key} (allowed: {allowed})")
+
+
+def _fields(
+    cls: type[Any],
+    table: Mapping[str, Any],
+    where: str,
+    skip: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, Any]:
+    """Type-check a TOML table against a dataclass's fields (ints may stand for floats)."""
+    hints = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    _reject_unknown(f"{where}.", table, set(hints))
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        default = hints[key].default
+        expected: tuple[type, ...]
+        if isinstance(default, bool):
+            expected = (bool,)
+        elif isinstance(default, float):
+            expected = (int, float)
+        elif isinstance(default, int):
+            expected = (int,)
+        else:  # strings, including optional ones
+            expected = (str,)
+        if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
+            kind = " or ".join(t.__name__ for t in expected)
+            raise ConfigError(f"{where}.{key} must be of type {kind}, not {type(value).__name__}")
+        values[key] = float(value) if float in expected else value
+    return values
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be greater than 0")
+
+
+def _choice(key: str, value: str, choices: Any) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")

@@ -1,0 +1,386 @@
+"""The pool manager: warm, single-use sandboxes handed out in memory.
+
+State changes happen in plain synchronous methods and I/O happens afterwards in
+tasks the pool owns (httpcore's ``_assign_requests_to_connections``): on one
+event loop that keeps the counts consistent without locks. The pool knows
+nothing of Docker; it talks to a ``Backend``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Generic
+
+import structlog
+
+from metrics import Metrics
+from pool.backends.base import Backend, RunRequest, RunResult, SandboxEvent, SandboxT
+from pool.config import PoolConfig
+from pool.errors import BackendError, SandboxLostError, UnavailableError
+
+log = structlog.get_logger("sandpool.pool")
+
+HANDOUT_ATTEMPTS = 3  # a sandbox that died parked is replaced transparently, this often
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+# Refills wait for a moment with no request in flight, at most this long: on 2
+# cores a container start beside a hand-out raises its latency several-fold.
+QUIET_WAIT_MAX_S = 1.0
+
+
+class Activity:
+    """Counts requests in flight across all pools so refills can wait for a quiet moment."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    def begin(self) -> None:
+        self.in_flight += 1
+        self._quiet.clear()
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._quiet.set()
+
+    async def wait_quiet(self, max_wait_s: float) -> None:
+        if self._quiet.is_set():
+            return
+        try:
+            async with asyncio.timeout(max_wait_s):
+                await self._quiet.wait()
+        except TimeoutError:
+            pass  # under steady load there is no quiet moment; refill anyway
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRun:
+    """A finished run with the pool's own timings."""
+
+    result: RunResult
+    sandbox_id: str
+    acquire_wait_s: float
+
+
+class Pool(Generic[SandboxT]):
+    """Keeps ``min_idle`` sandboxes warm, never more than ``max_size`` in all states."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        backend: Backend[SandboxT],
+        metrics: Metrics,
+        activity: Activity | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.backend = backend
+        self.metrics = metrics
+        self.activity = activity if activity is not None else Activity()
+        self._idle: deque[SandboxT] = deque()
+        self._busy: set[SandboxT] = set()
+        self._starting = 0
+        self._destroying = 0
+        self._waiters: deque[asyncio.Future[SandboxT]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._start_tasks: set[asyncio.Task[None]] = set()
+        self._consecutive_failures = 0
+        self._backoff_until = 0.0
+        self._backoff_timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self.warmed = asyncio.Event()  # reached min_idle at least once
+        backend.listener = self._on_sandbox_event
+        metrics.pool_created(self.name)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self.name} idle={len(self._idle)} busy={len(self._busy)} "
+            f"starting={self._starting} destroying={self._destroying} "
+            f"waiters={len(self._waiters)}>"
+        )
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the backend and begin warming; does not wait for ``min_idle``."""
+        await self.backend.start()
+        if self.config.min_idle == 0:
+            self.warmed.set()
+        self._maintain()
+
+    async def close(self) -> None:
+        """Stop refilling, cancel starts, destroy every sandbox; waits for the destroys."""
+        self._closing = True
+        if self._backoff_timer is not None:
+            self._backoff_timer.cancel()
+        for waiter in self._waiters:
+            waiter.cancel()
+        for task in self._start_tasks:
+            task.cancel()
+        while self._idle:
+            self._destroy(self._idle.popleft())
+        # Busy sandboxes are destroyed by their requests' own release, which the
+        # server's drain has already awaited or cancelled.
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.backend.close()
+
+    async def __aenter__(self) -> Pool[SandboxT]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- counts ------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "idle": len(self._idle),
+            "busy": len(self._busy),
+            "starting": self._starting,
+            "destroying": self._destroying,
+        }
+
+    @property
+    def waiters(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def total(self) -> int:
+        return len(self._idle) + len(self._busy) + self._starting + self._destroying
+
+    async def ready(self) -> bool:
+        """Warmed once and the backend answers now."""
+        return self.warmed.is_set() and await self.backend.ping()
+
+    # --- running -----------------------------------------------------------
+
+    async def run(self, request: RunRequest) -> PoolRun:
+        """Run one request in a fresh sandbox, then destroy that sandbox.
+
+        Raises UnavailableError (queue full, acquire timeout, backend failing)
+        and BackendError. Cancellation destroys the sandbox too.
+        """
+        began = time.monotonic()
+        for attempt in range(1, HANDOUT_ATTEMPTS + 1):
+            sandbox = await self._acquire()
+            wait_s = time.monotonic() - began
+            self.activity.begin()
+            try:
+                result = await self.backend.run(sandbox, request)
+            except SandboxLostError:
+                log.info(
+                    "sandbox_lost_at_handout", pool=self.name, sandbox=sandbox.id, attempt=attempt
+                )
+                if attempt == HANDOUT_ATTEMPTS:
+                    raise
+                continue
+            finally:
+                self.activity.end()
+                self._release(sandbox)
+            self.metrics.sandbox_acquired(self.name, wait_s)
+            self.metrics.sandbox_ran(self.name, result.execution_s)
+            return PoolRun(result=result, sandbox_id=sandbox.id, acquire_wait_s=wait_s)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _acquire(self) -> SandboxT:
+        sandbox = self._take_idle()
+        if sandbox is not None:
+            return sandbox
+        if self._backing_off():
+            raise UnavailableError(
+                f"pool {self.name!r} cannot start sandboxes: its backend is failing",
+                code="backend_unavailable",
+                retry_after_s=max(1, round(self._backoff_until - time.monotonic())),
+            )
+        if len(self._waiters) >= self.config.max_queue:
+            raise UnavailableError(
+                f"pool {self.name!r} is exhausted: {len(self._waiters)} requests already queued"
+            )
+        waiter: asyncio.Future[SandboxT] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._maintain()
+        try:
+            async with asyncio.timeout(self.config.acquire_timeout_s):
+                return await waiter
+        except BaseException as e:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed a sandbox in the same instant we gave up: it is unused, keep it.
+                self._give_back(waiter.result())
+            if isinstance(e, TimeoutError):
+                raise UnavailableError(
+                    f"no sandbox of pool {self.name!r} became free within "
+                    f"{self.config.acquire_timeout_s:g} s",
+                    code="acquire_timeout",
+                ) from None
+            if isinstance(e, asyncio.CancelledError) and self._closing:
+                raise UnavailableError("sandpool is shutting down", code="shutting_down") from None
+            raise
+
+    def _take_idle(self) -> SandboxT | None:
+        while self._idle:
+            sandbox = self._idle.popleft()
+            if sandbox.alive:
+                self._busy.add(sandbox)
+                self._maintain()
+                return sandbox
+            self._destroy(sandbox)
+        return None
+
+    def _give_back(self, sandbox: SandboxT) -> None:
+        # Only called from _acquire's finally when the waiter raised, so the
+        # sandbox never reached a caller.
+        self._busy.discard(sandbox)
+        self._idle.appendleft(sandbox)
+        self._hand_to_waiters()
+
+    def _release(self, sandbox: SandboxT) -> None:
+        self._busy.discard(sandbox)
+        self._destroy(sandbox)
+
+    # --- state machine -----------------------------------------------------
+
+    def _maintain(self) -> None:
+        """Start sandboxes until idle + starting covers min_idle and the waiters."""
+        if self._closing:
+            return
+        if self._backing_off():
+            if self._backoff_timer is None:
+                delay = self._backoff_until - time.monotonic()
+                self._backoff_timer = asyncio.get_running_loop().call_later(
+                    delay, self._backoff_over
+                )
+            return
+        wanted = self.config.min_idle + len(self._waiters)
+        while (
+            len(self._idle) + self._starting < wanted
+            and self.total < self.config.max_size
+            and self._starting < self.config.start_concurrency
+        ):
+            self._starting += 1
+            urgent = bool(self._waiters) or not self._idle
+            task = self._spawn(self._start_sandbox(urgent))
+            self._start_tasks.add(task)
+            task.add_done_callback(self._start_tasks.discard)
+
+    def _backing_off(self) -> bool:
+        return time.monotonic() < self._backoff_until
+
+    def _backoff_over(self) -> None:
+        self._backoff_timer = None
+        self._maintain()
+
+    def _hand_to_waiters(self) -> None:
+        while self._idle and self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            sandbox = self._idle.popleft()
+            if not sandbox.alive:
+                self._waiters.appendleft(waiter)
+                self._destroy(sandbox)
+                continue
+            self._busy.add(sandbox)
+            waiter.set_result(sandbox)
+
+    def _sandbox_started(self, sandbox: SandboxT) -> None:
+        self._starting -= 1
+        self._consecutive_failures = 0
+        if self._closing:
+            self._destroy(sandbox)
+            return
+        self._idle.append(sandbox)
+        self._hand_to_waiters()
+        if len(self._idle) >= self.config.min_idle:
+            self.warmed.set()
+        self._maintain()
+
+    def _start_failed(self, error: BaseException) -> None:
+        self._starting -= 1
+        self._consecutive_failures += 1
+        self.metrics.sandbox_start_failed(self.name)
+        backoff_s = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (self._consecutive_failures - 1))
+        self._backoff_until = time.monotonic() + backoff_s
+        log.warning(
+            "sandbox_start_failed",
+            pool=self.name,
+            error=str(error),
+            consecutive_failures=self._consecutive_failures,
+            backoff_s=backoff_s,
+        )
+        if self._consecutive_failures >= 2 and not self._idle and not self._starting:
+            # Nothing is coming for the queue: fail it now instead of at its timeout.
+            unavailable = UnavailableError(
+                f"pool {self.name!r} cannot start sandboxes: {error}",
+                code="backend_unavailable",
+                retry_after_s=max(1, round(backoff_s)),
+            )
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(unavailable)
+        self._maintain()
+
+    def _destroy(self, sandbox: SandboxT) -> None:
+        self._destroying += 1
+        self._spawn(self._destroy_sandbox(sandbox))
+
+    def _on_sandbox_event(self, sandbox: Any, event: SandboxEvent) -> None:
+        if event == "oom":
+            self.metrics.oom_killed(self.name)
+            log.info("sandbox_oom", pool=self.name, sandbox=sandbox.id)
+        elif sandbox in self._idle:
+            self._idle.remove(sandbox)
+            log.warning("sandbox_died_idle", pool=self.name, sandbox=sandbox.id)
+            self._destroy(sandbox)
+            self._maintain()
+
+    # --- I/O ---------------------------------------------------------------
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        # Pool tasks live in a set the pool owns rather than a TaskGroup: one
+        # failed start must not cancel its siblings or in-flight destroys.
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _start_sandbox(self, urgent: bool) -> None:
+        try:
+            if not urgent:
+                await self.activity.wait_quiet(QUIET_WAIT_MAX_S)
+            began = time.monotonic()
+            sandbox = await self.backend.start_sandbox()
+        except asyncio.CancelledError:
+            self._starting -= 1
+            raise
+        except BackendError as e:
+            self._start_failed(e)
+            return
+        except Exception as e:  # a bug in a backend must not stop the pool refilling
+            log.exception("sandbox_start_crashed", pool=self.name)
+            self._start_failed(e)
+            return
+        self.metrics.sandbox_started(self.name, time.monotonic() - began)
+        self._sandbox_started(sandbox)
+
+    async def _destroy_sandbox(self, sandbox: SandboxT) -> None:
+        began = time.monotonic()
+        try:
+            # Shielded: a cancelled request or a closing pool must still destroy it.
+            await asyncio.shield(self.backend.destroy_sandbox(sandbox))
+        except BackendError as e:
+            log.error("sandbox_destroy_failed", pool=self.name, sandbox=sandbox.id, error=str(e))
+        finally:
+            self._destroying -= 1
+            self.metrics.sandbox_destroyed(self.name, time.monotonic() - began)
+            self._maintain()

@@ -1,0 +1,102 @@
+"""The daemon's side of the runner protocol (see ``pool/runner.py``), shared by backends.
+
+Nothing the sandboxed code writes is trusted for a verdict: the decoder refuses
+unknown frame types and oversized frames instead of buffering them, and the
+output capture counts bytes itself and stops at the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from importlib import resources
+
+from pool.errors import SandpoolError
+
+FRAME = struct.Struct(">cI")
+REQUEST = struct.Struct(">I")
+READY, STDOUT, STDERR, EXIT = b"R", b"O", b"E", b"X"
+_KNOWN = frozenset((READY, STDOUT, STDERR, EXIT))
+MAX_FRAME_BYTES = 1 << 20  # the runner sends at most 64 KiB per frame
+
+
+class ProtocolViolation(SandpoolError):
+    """The sandbox sent bytes that are not runner frames (crashed or forged)."""
+
+    code = "sandbox_protocol_error"
+
+
+def runner_source() -> str:
+    """The runner's source, handed to ``python3 -I -c`` inside each sandbox."""
+    return resources.files("pool").joinpath("runner.py").read_text(encoding="utf-8")
+
+
+def encode_request(code: str, stdin: str) -> bytes:
+    """One length-prefixed request frame; NUL bytes and any Unicode survive JSON."""
+    body = json.dumps({"code": code, "stdin": stdin}, ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+    return REQUEST.pack(len(body)) + body
+
+
+def decode_exit(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise ProtocolViolation("malformed exit frame from the sandbox")
+    return int.from_bytes(payload, "big", signed=True)
+
+
+class FrameDecoder:
+    """Splits a byte stream into ``(kind, payload)`` frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        self._buffer += data
+        frames: list[tuple[bytes, bytes]] = []
+        offset = 0
+        while len(self._buffer) - offset >= FRAME.size:
+            kind, size = FRAME.unpack_from(self._buffer, offset)
+            if kind not in _KNOWN or size > MAX_FRAME_BYTES:
+                raise ProtocolViolation("the sandbox sent a malformed frame")
+            end = offset + FRAME.size + size
+            if len(self._buffer) < end:
+                break
+            frames.append((kind, bytes(self._buffer[offset + FRAME.size : end])))
+            offset = end
+        del self._buffer[:offset]
+        return frames
+
+
+@dataclass(slots=True)
+class OutputCapture:
+    """stdout and stderr of one run, each capped at ``limit`` bytes by the daemon's count."""
+
+    limit: int
+    stdout: bytearray
+    stderr: bytearray
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @classmethod
+    def with_limit(cls, limit: int) -> OutputCapture:
+        return cls(limit=limit, stdout=bytearray(), stderr=bytearray())
+
+    def add(self, kind: bytes, data: bytes) -> bool:
+        """Append a chunk; False once a stream went over its cap (stop reading, kill)."""
+        buffer = self.stdout if kind == STDOUT else self.stderr
+        room = self.limit - len(buffer)
+        if len(data) <= room:
+            buffer += data
+            return True
+        buffer += data[:room]
+        if kind == STDOUT:
+            self.stdout_truncated = True
+        else:
+            self.stderr_truncated = True
+        return False
+
+    @property
+    def truncated(self) -> bool:
+        return self.stdout_truncated or self.stderr_truncated

@@ -1,0 +1,235 @@
+"""Pool logic against the fake backend: queueing, cancellation, backoff, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from metrics import Metrics
+from pool.backends.base import RunRequest
+from pool.backends.fake import FakeBackend
+from pool.config import PoolConfig
+from pool.errors import SandboxLostError, UnavailableError
+from pool.manager import Pool
+
+PoolFactory = Callable[..., Any]
+
+
+def request(code: str = "hello", timeout_s: float = 5.0) -> RunRequest:
+    return RunRequest(code=code, stdin="", timeout_s=timeout_s)
+
+
+@asynccontextmanager
+async def make_pool(**overrides: Any) -> AsyncIterator[tuple[Pool[Any], FakeBackend]]:
+    start_delay_s = overrides.pop("start_delay_s", 0.0)
+    config = dataclasses.replace(
+        PoolConfig(name="t", backend="fake", min_idle=2, max_size=4, acquire_timeout_s=2.0),
+        **overrides,
+    )
+    backend = FakeBackend(config, "test")
+    backend.start_delay_s = start_delay_s
+    pool: Pool[Any] = Pool(config, backend, Metrics(CollectorRegistry()))
+    await pool.start()
+    try:
+        yield pool, backend
+    finally:
+        await pool.close()
+        # Every sandbox the pool started was destroyed: nothing leaks.
+        assert backend.live == {}
+        assert sorted(backend.started) == sorted(backend.destroyed)
+
+
+async def settle(pool: Pool[Any], **expected: int) -> None:
+    async with asyncio.timeout(5):
+        while any(pool.counts()[k] != v for k, v in expected.items()):
+            await asyncio.sleep(0.005)
+
+
+async def test_warms_to_min_idle_and_reports_counts() -> None:
+    async with make_pool() as (pool, _):
+        await asyncio.wait_for(pool.warmed.wait(), 5)
+        await settle(pool, idle=2, starting=0)
+        assert repr(pool) == "<Pool t idle=2 busy=0 starting=0 destroying=0 waiters=0>"
+
+
+async def test_each_request_gets_a_fresh_sandbox_that_is_destroyed() -> None:
+    async with make_pool() as (pool, backend):
+        await pool.warmed.wait()
+        ids = [(await pool.run(request())).sandbox_id for _ in range(6)]
+        assert len(set(ids)) == 6
+        await settle(pool, idle=2, busy=0, destroying=0)
+        assert set(ids) <= set(backend.destroyed)
+
+
+async def test_handout_from_idle_does_not_wait() -> None:
+    async with make_pool(start_delay_s=0.2) as (pool, _):
+        await pool.warmed.wait()
+        run = await pool.run(request())
+        # The sandbox was idle: the wait is the in-memory hand-out, far below a start.
+        assert run.acquire_wait_s < 0.05
+        assert run.result.stdout == b"hello"
+
+
+async def test_never_exceeds_max_size_and_answers_every_request() -> None:
+    async with make_pool(start_delay_s=0.01) as (pool, _):
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, pool.total)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        runs = await asyncio.gather(*(pool.run(request("sleep 0.02")) for _ in range(16)))
+        watcher.cancel()
+        assert len({r.sandbox_id for r in runs}) == 16
+        assert all(r.result.exit_code == 0 for r in runs)
+        assert 0 < peak <= 4
+
+
+async def test_waiters_are_served_in_fifo_order() -> None:
+    async with make_pool(min_idle=0, max_size=1, start_delay_s=0.01) as (pool, _):
+        order: list[int] = []
+
+        async def one(i: int) -> None:
+            await pool.run(request("sleep 0.01"))
+            order.append(i)
+
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(0.001)  # enqueue in a known order
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2, 3, 4]
+
+
+async def test_full_queue_is_rejected_with_retry_after() -> None:
+    async with make_pool(min_idle=0, max_size=1, max_queue=2, start_delay_s=0.05) as (pool, _):
+        blockers = [asyncio.create_task(pool.run(request("sleep 0.1"))) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(UnavailableError) as caught:
+            await pool.run(request())
+        assert caught.value.code == "pool_exhausted"
+        assert caught.value.retry_after_s >= 1
+        await asyncio.gather(*blockers)
+
+
+async def test_acquire_timeout() -> None:
+    async with make_pool(min_idle=0, max_size=1, acquire_timeout_s=0.1) as (pool, _):
+        blocker = asyncio.create_task(pool.run(request("sleep 0.5")))
+        await asyncio.sleep(0.02)
+        with pytest.raises(UnavailableError) as caught:
+            await pool.run(request())
+        assert caught.value.code == "acquire_timeout"
+        await blocker
+        assert pool.waiters == 0
+
+
+async def test_cancelled_run_destroys_its_sandbox() -> None:
+    async with make_pool() as (pool, backend):
+        await pool.warmed.wait()
+        task = asyncio.create_task(pool.run(request("hang", timeout_s=30)))
+        await settle(pool, busy=1)
+        busy_id = backend.started[0]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settle(pool, busy=0, destroying=0, idle=2)
+        assert busy_id in backend.destroyed
+
+
+async def test_cancelled_waiter_leaves_the_queue() -> None:
+    async with make_pool(min_idle=0, max_size=1) as (pool, _):
+        blocker = asyncio.create_task(pool.run(request("sleep 0.2")))
+        await asyncio.sleep(0.01)
+        waiter = asyncio.create_task(pool.run(request()))
+        await asyncio.sleep(0.01)
+        assert pool.waiters == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert pool.waiters == 0
+        await blocker
+
+
+async def test_timeout_is_reported_by_the_daemon_clock() -> None:
+    async with make_pool() as (pool, _):
+        run = await pool.run(request("hang", timeout_s=0.05))
+        assert run.result.timed_out
+        assert run.result.exit_code is None
+
+
+async def test_backoff_after_repeated_start_failures() -> None:
+    async with make_pool(min_idle=1) as (pool, backend):
+        await settle(pool, idle=1)
+        backend.down = True
+        backend.kill_idle(pool._idle[0])
+        await asyncio.sleep(1.2)
+        # Exponential backoff (0.5 s, then 1 s): no more than two attempts so far.
+        assert 1 <= pool._consecutive_failures <= 2
+        with pytest.raises(UnavailableError) as caught:
+            await pool.run(request())
+        assert caught.value.code == "backend_unavailable"
+        backend.down = False
+        await settle(pool, idle=1)
+        assert (await pool.run(request())).result.exit_code == 0
+
+
+async def test_repeated_failures_fail_queued_requests_fast() -> None:
+    async with make_pool(min_idle=0, acquire_timeout_s=30) as (pool, backend):
+        backend.failing_starts = 2
+        with pytest.raises(UnavailableError) as caught:
+            async with asyncio.timeout(5):  # far below acquire_timeout_s
+                await pool.run(request())
+        assert caught.value.code == "backend_unavailable"
+
+
+async def test_sandbox_that_died_idle_is_replaced_not_handed_out() -> None:
+    async with make_pool() as (pool, backend):
+        await pool.warmed.wait()
+        await settle(pool, idle=2)
+        dead = pool._idle[0]
+        backend.kill_idle(dead)
+        run = await pool.run(request())
+        assert run.sandbox_id != dead.id
+        await settle(pool, destroying=0)
+        assert dead.id in backend.destroyed
+        await settle(pool, idle=2)
+
+
+async def test_sandbox_lost_at_handout_is_retried_transparently() -> None:
+    async with make_pool() as (pool, _):
+        await pool.warmed.wait()
+        await settle(pool, idle=2)
+        pool._idle[0].alive = False  # died, and no event told the pool yet
+        run = await pool.run(request())
+        assert run.result.stdout == b"hello"
+
+
+async def test_close_destroys_idle_and_cancels_starts() -> None:
+    async with make_pool(start_delay_s=0.3) as (pool, backend):
+        await asyncio.sleep(0.01)
+        assert pool.counts()["starting"] == 2
+    assert backend.live == {}
+
+
+async def test_lost_error_after_retries_surfaces() -> None:
+    async with make_pool(min_idle=1) as (pool, backend):
+        await pool.warmed.wait()
+
+        original = backend.run
+
+        async def always_lost(sandbox: Any, req: RunRequest) -> Any:
+            raise SandboxLostError("gone")
+
+        backend.run = always_lost  # type: ignore[method-assign]
+        with pytest.raises(SandboxLostError):
+            await pool.run(request())
+        backend.run = original  # type: ignore[method-assign]
