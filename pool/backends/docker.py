@@ -1,0 +1,378 @@
+"""The Docker backend: hardened single-use containers with a pre-warmed runner.
+
+Each container runs ``pool/runner.py`` as its main process, with stdin open and
+no TTY, and is attached when it joins the pool. A request is one frame written
+on the attached stream; the result comes back as frames on the same stream.
+Measured here: 1.1 ms hand-out to result, against 47-64 ms when the request
+ends by closing stdin and the daemon waits for the container to exit (issue 3).
+
+Every Docker call has a timeout: aiodocker's defaults never time out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from typing import Any
+
+import aiodocker
+import aiohttp
+import structlog
+from aiodocker.containers import DockerContainer
+from aiodocker.stream import Stream
+
+from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
+from pool.config import PoolConfig
+from pool.errors import BackendError, SandboxLostError
+from pool.protocol import (
+    EXIT,
+    READY,
+    FrameDecoder,
+    OutputCapture,
+    ProtocolViolation,
+    decode_exit,
+    encode_request,
+    runner_source,
+)
+
+log = structlog.get_logger("sandpool.docker")
+
+CALL_TIMEOUT_S = 15.0  # one Docker API call; create+start measured ~134 ms
+READY_TIMEOUT_S = 20.0  # container start to the runner's ready frame
+# The runner reports a SIGKILLed child (137) before dockerd's oom event may have
+# reached us: wait this long for the event before saying "not OOM".
+OOM_EVENT_GRACE_S = 0.25
+EVENTS_RETRY_S = 1.0
+WORKDIR = "/sandbox"
+SANDBOX_USER = "65534:65534"
+LABEL_POOL = "sandpool.pool"
+LABEL_INSTANCE = "sandpool.instance"
+_DOCKER_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError)
+
+
+class DockerSandbox(Sandbox):
+    def __init__(self, sandbox_id: str, container: DockerContainer, stream: Stream) -> None:
+        super().__init__(sandbox_id)
+        self.container = container
+        self.stream = stream
+        self.decoder = FrameDecoder()
+        self.pending: deque[tuple[bytes, bytes]] = deque()
+
+    @property
+    def container_id(self) -> str:
+        return str(self.container.id)
+
+
+class DockerBackend:
+    """Runs one pool's sandboxes as Docker containers."""
+
+    name = "docker"
+
+    def __init__(self, config: PoolConfig, instance_id: str) -> None:
+        self.config = config
+        self.instance_id = instance_id
+        self.listener: EventListener | None = None
+        self._docker: aiodocker.Docker | None = None
+        self._runner = runner_source()
+        self._sandboxes: dict[str, DockerSandbox] = {}  # container id -> started, not destroyed
+        self._oom: dict[str, asyncio.Event] = {}  # container id -> set on its oom event
+        self._events_task: asyncio.Task[None] | None = None
+        self._server_version = "unknown"
+
+    # --- lifecycle ---------------------------------------------------------
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            raise BackendError("the Docker backend is not started")
+        return self._docker
+
+    async def start(self) -> None:
+        self._docker = aiodocker.Docker()
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                version = await self._docker.version()
+                self._server_version = str(version.get("Version", "unknown"))
+                await self._docker.images.inspect(self.config.image)
+        except aiodocker.DockerError as e:
+            await self.close()
+            if e.status == 404:
+                raise BackendError(
+                    f"image {self.config.image} not found: build it with `sandpool image build`",
+                    code="image_missing",
+                ) from None
+            raise BackendError(f"Docker refused: {e.message}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            await self.close()
+            raise BackendError(
+                f"cannot reach the Docker engine ({e or type(e).__name__}): is dockerd running?",
+                code="docker_unreachable",
+            ) from None
+        self._events_task = asyncio.get_running_loop().create_task(self._watch_events())
+
+    async def close(self) -> None:
+        if self._events_task is not None:
+            self._events_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._events_task
+            self._events_task = None
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    def version(self) -> str:
+        return self._server_version
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(2.0):
+                await self.docker.system.info()
+        except (*_DOCKER_ERRORS, BackendError):
+            return False
+        return True
+
+    # --- sandboxes ---------------------------------------------------------
+
+    def container_config(self) -> dict[str, Any]:
+        """The hardened container definition; every limit comes from the pool config."""
+        c = self.config
+        memory = c.memory_mb * 1024 * 1024
+        tmpfs_opts = f"rw,nosuid,nodev,noexec,size={c.tmpfs_mb}m"
+        host_config: dict[str, Any] = {
+            "NetworkMode": "none",
+            "PidsLimit": c.pids_limit,
+            "Memory": memory,
+            "MemorySwap": memory,  # swap equal to memory: no swap at all
+            "NanoCpus": int(c.cpus * 1e9),
+            "ReadonlyRootfs": True,
+            "Tmpfs": {
+                "/tmp": f"{tmpfs_opts},mode=1777",
+                WORKDIR: f"{tmpfs_opts},uid=65534,gid=65534,mode=0700",
+            },
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges"],
+            "IpcMode": "private",
+            "Ulimits": [
+                {"Name": "core", "Soft": 0, "Hard": 0},
+                {"Name": "nofile", "Soft": 1024, "Hard": 1024},
+            ],
+            # Output reaches the daemon only through the attached stream, so a
+            # flood can never fill the host's disk.
+            "LogConfig": {"Type": "none", "Config": {}},
+            "AutoRemove": False,
+        }
+        if c.runtime:
+            host_config["Runtime"] = c.runtime
+        return {
+            "Image": c.image,
+            "Cmd": ["python3", "-I", "-c", self._runner, c.language],
+            "User": SANDBOX_USER,
+            "WorkingDir": WORKDIR,
+            "Env": [
+                "PATH=/usr/local/bin:/usr/bin:/bin",
+                "HOME=" + WORKDIR,
+                "LANG=C.UTF-8",
+                "PYTHONDONTWRITEBYTECODE=1",
+            ],
+            "Hostname": "sandbox",
+            "NetworkDisabled": True,
+            "OpenStdin": True,
+            "StdinOnce": False,
+            "AttachStdin": True,
+            "AttachStdout": True,
+            "AttachStderr": True,
+            "Tty": False,
+            "Labels": {LABEL_POOL: c.name, LABEL_INSTANCE: self.instance_id},
+            "HostConfig": host_config,
+        }
+
+    async def start_sandbox(self) -> DockerSandbox:
+        sandbox_id = new_sandbox_id()
+        name = f"sandpool-{self.config.name}-{sandbox_id}"
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                container = await self.docker.containers.create(self.container_config(), name=name)
+        except _DOCKER_ERRORS as e:
+            # A timed-out create may still have made the container: remove by name.
+            await asyncio.shield(self._remove(name))
+            raise BackendError(f"cannot create a container: {_describe(e)}") from None
+        stream: Stream | None = None
+        try:
+            stream = container.attach(stdin=True, stdout=True, stderr=True)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                await stream.__aenter__()
+                await container.start()
+            sandbox = DockerSandbox(sandbox_id, container, stream)
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await self._wait_ready(sandbox)
+        except BaseException as e:
+            if stream is not None:
+                await stream.close()
+            await asyncio.shield(self._remove(container.id))
+            if isinstance(e, (*_DOCKER_ERRORS, ProtocolViolation)):
+                raise BackendError(f"cannot start a container: {_describe(e)}") from None
+            raise
+        self._sandboxes[sandbox.container_id] = sandbox
+        return sandbox
+
+    async def _wait_ready(self, sandbox: DockerSandbox) -> None:
+        frame = await self._next_frame(sandbox)
+        if frame is None:
+            raise BackendError(
+                "the container exited before its runner was ready (is python3 in the image?)"
+            )
+        if frame[0] != READY:
+            raise ProtocolViolation("the runner sent output before it was ready")
+
+    async def _next_frame(self, sandbox: DockerSandbox) -> tuple[bytes, bytes] | None:
+        """The next runner frame from the attached stream; None once the stream ends."""
+        while not sandbox.pending:
+            message = await sandbox.stream.read_out()
+            if message is None:
+                return None
+            if message.stream != 1:
+                # The runner's own stderr: only a crashed runner writes there.
+                log.debug("runner_stderr", sandbox=sandbox.id, size=len(message.data))
+                continue
+            sandbox.pending.extend(sandbox.decoder.feed(message.data))
+        return sandbox.pending.popleft()
+
+    async def run(self, sandbox: DockerSandbox, request: RunRequest) -> RunResult:
+        if not sandbox.alive:
+            raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
+        began = time.monotonic()
+        try:
+            await sandbox.stream.write_in(encode_request(request.code, request.stdin))
+        except (RuntimeError, ConnectionError, aiohttp.ClientError) as e:
+            raise SandboxLostError(f"sandbox {sandbox.id} did not take its request: {e}") from None
+        capture = OutputCapture.with_limit(self.config.max_output_bytes)
+        exit_code: int | None = None
+        timed_out = ended = False
+        try:
+            async with asyncio.timeout(request.timeout_s):
+                while (frame := await self._next_frame(sandbox)) is not None:
+                    kind, payload = frame
+                    if kind == EXIT:
+                        exit_code = decode_exit(payload)
+                        break
+                    if kind != READY and not capture.add(kind, payload):
+                        break  # over the cap: the pool destroys the sandbox next
+                else:
+                    ended = True
+        except TimeoutError:
+            timed_out = True
+        except ProtocolViolation:
+            # Garbage on the runner's channel: the sandbox is not trustworthy
+            # any more; report what was captured and let the pool destroy it.
+            log.warning("sandbox_protocol_violation", sandbox=sandbox.id)
+        except _DOCKER_ERRORS as e:
+            raise BackendError(f"lost the stream of sandbox {sandbox.id}: {_describe(e)}") from None
+        execution_s = time.monotonic() - began
+        if ended:
+            # The runner died without its exit frame (OOM kill, crash): ask Docker.
+            exit_code = await self._exit_code(sandbox)
+        oom_killed = await self._oom_reported(sandbox, wait=ended or exit_code == 137)
+        return RunResult.from_capture(
+            capture,
+            exit_code=exit_code,
+            timed_out=timed_out,
+            oom_killed=oom_killed,
+            execution_s=execution_s,
+        )
+
+    async def _exit_code(self, sandbox: DockerSandbox) -> int | None:
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                info = await sandbox.container.wait()
+                state = await sandbox.container.show()
+        except _DOCKER_ERRORS:
+            return None
+        if state["State"].get("OOMKilled"):
+            self._oom_event(sandbox.container_id).set()
+        return int(info.get("StatusCode", state["State"].get("ExitCode", 0)))
+
+    async def _oom_reported(self, sandbox: DockerSandbox, *, wait: bool) -> bool:
+        event = self._oom_event(sandbox.container_id)
+        if event.is_set() or not wait:
+            return event.is_set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(OOM_EVENT_GRACE_S):
+                await event.wait()
+        return event.is_set()
+
+    def _oom_event(self, container_id: str) -> asyncio.Event:
+        return self._oom.setdefault(container_id, asyncio.Event())
+
+    async def destroy_sandbox(self, sandbox: DockerSandbox) -> None:
+        self._sandboxes.pop(sandbox.container_id, None)
+        sandbox.alive = False
+        await sandbox.stream.close()
+        try:
+            await self._remove(sandbox.container_id)
+        finally:
+            self._oom.pop(sandbox.container_id, None)
+
+    async def _remove(self, name_or_id: str) -> None:
+        """Force-remove a container; one that is already gone is fine."""
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                await self.docker.containers.container(name_or_id).delete(force=True, v=True)
+        except aiodocker.DockerError as e:
+            if e.status == 404 or e.status == 409:  # gone, or removal already in progress
+                return
+            raise BackendError(f"cannot remove container {name_or_id}: {e.message}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise BackendError(f"cannot remove container {name_or_id}: {_describe(e)}") from None
+
+    # --- events ------------------------------------------------------------
+
+    async def _watch_events(self) -> None:
+        """Follow oom and die events of this pool's containers, reconnecting after outages."""
+        filters = json.dumps(
+            {
+                "type": ["container"],
+                "event": ["oom", "die"],
+                "label": [
+                    f"{LABEL_INSTANCE}={self.instance_id}",
+                    f"{LABEL_POOL}={self.config.name}",
+                ],
+            }
+        )
+        while True:
+            try:
+                async with self.docker._query(
+                    "events",
+                    method="GET",
+                    params={"filters": filters},
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None, connect=5.0),
+                ) as response:
+                    async for line in response.content:
+                        if line.strip():
+                            self._on_event(json.loads(line))
+            except (*_DOCKER_ERRORS, ValueError) as e:
+                log.debug("docker_events_reconnect", pool=self.config.name, error=_describe(e))
+            await asyncio.sleep(EVENTS_RETRY_S)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        container_id = str(event.get("id", ""))
+        action = event.get("Action") or event.get("status")
+        sandbox = self._sandboxes.get(container_id)
+        if action == "oom":
+            self._oom_event(container_id).set()
+            if self.listener is not None and sandbox is not None:
+                self.listener(sandbox, "oom")
+        elif action == "die" and sandbox is not None:
+            sandbox.alive = False
+            if self.listener is not None:
+                self.listener(sandbox, "died")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, aiodocker.DockerError):
+        return str(error.message)
+    if isinstance(error, TimeoutError):
+        return "Docker did not answer in time"
+    return str(error) or type(error).__name__
