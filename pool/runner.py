@@ -38,6 +38,7 @@ import sys
 import threading
 import traceback
 import types
+from typing import NoReturn
 
 FRAME = struct.Struct(">cI")
 REQUEST = struct.Struct(">I")
@@ -46,16 +47,16 @@ CHUNK = 65536
 DRAIN_READS = 64  # after the child is done, read at most this many chunks of leftovers
 
 
-def frame(kind, payload=b""):
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
     return FRAME.pack(kind, len(payload)) + payload
 
 
-def write_all(fd, data):
+def write_all(fd: int, data: bytes) -> None:
     while data:
         data = data[os.write(fd, data) :]
 
 
-def read_exact(fd, size):
+def read_exact(fd: int, size: int) -> bytes:
     parts = []
     while size:
         chunk = os.read(fd, size)
@@ -66,12 +67,12 @@ def read_exact(fd, size):
     return b"".join(parts)
 
 
-def park():
+def park() -> NoReturn:
     while True:
         signal.pause()
 
 
-def exit_status(code):
+def exit_status(code: object) -> int:
     """The process exit status Python gives ``sys.exit(code)``."""
     if code is None:
         return 0
@@ -82,7 +83,7 @@ def exit_status(code):
     return 1
 
 
-def run_python(code, status_w):
+def run_python(code: str, status_w: int) -> NoReturn:
     module = types.ModuleType("__main__")
     module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = module
@@ -96,17 +97,19 @@ def run_python(code, status_w):
         status = exit_status(e.code)
     except BaseException as e:
         # Drop this frame so the traceback starts at the user's code.
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        tb = e.__traceback__
+        traceback.print_exception(type(e), e, tb.tb_next if tb is not None else None)
         status = 1
     try:
-        threading._shutdown()  # wait for non-daemon threads, as interpreter exit would
+        # Wait for non-daemon threads, as interpreter exit would.
+        threading._shutdown()  # type: ignore[attr-defined]
         atexit._run_exitfuncs()
     except BaseException:
         traceback.print_exc()
         status = status or 1
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(BaseException):
-            stream.flush()
+            stream.flush()  # type: ignore[union-attr]
     try:
         os.write(status_w, STATUS.pack(status))
     except OSError:  # the code closed the status pipe: report by exiting instead
@@ -114,7 +117,7 @@ def run_python(code, status_w):
     park()
 
 
-def child(language, out_w, err_w, status_w):
+def child(language: str, out_w: int, err_w: int, status_w: int) -> NoReturn:
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")  # under memory pressure the kernel kills the code, not the runner
     (size,) = REQUEST.unpack(read_exact(0, REQUEST.size))
@@ -137,7 +140,7 @@ def child(language, out_w, err_w, status_w):
     run_python(code, status_w)
 
 
-def relay(pid, out_r, err_r, status_r):
+def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
     kinds = {out_r: b"O", err_r: b"E"}
     pidfd = os.pidfd_open(pid)
     poller = select.poll()
@@ -182,7 +185,7 @@ def relay(pid, out_r, err_r, status_r):
     write_all(1, b"".join(frames))
 
 
-def main():
+def main() -> None:
     language = sys.argv[1] if len(sys.argv) > 1 else "python"
     # One throw-away compile saves ~0.8 ms on the first real one.
     compile("warm = [i * 2 for i in range(3)]", "<warm>", "exec")

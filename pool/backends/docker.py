@@ -192,13 +192,15 @@ class DockerBackend:
     async def start_sandbox(self) -> DockerSandbox:
         sandbox_id = new_sandbox_id()
         name = f"sandpool-{self.config.name}-{sandbox_id}"
+        creating = asyncio.ensure_future(self._create_container(name))
         try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
-                container = await self.docker.containers.create(self.container_config(), name=name)
-        except _DOCKER_ERRORS as e:
-            # A timed-out create may still have made the container: remove by name.
-            await asyncio.shield(self._remove(name))
-            raise BackendError(f"cannot create a container: {_describe(e)}") from None
+            container = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            # dockerd finishes a create whose request was abandoned, so removing
+            # by name now could miss it: let it finish, then remove what it made.
+            with contextlib.suppress(BackendError):
+                await self._remove((await creating).id)
+            raise
         stream: Stream | None = None
         try:
             stream = container.attach(stdin=True, stdout=True, stderr=True)
@@ -217,6 +219,15 @@ class DockerBackend:
             raise
         self._sandboxes[sandbox.container_id] = sandbox
         return sandbox
+
+    async def _create_container(self, name: str) -> DockerContainer:
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                return await self.docker.containers.create(self.container_config(), name=name)
+        except _DOCKER_ERRORS as e:
+            # A create that timed out may still have made the container.
+            await self._remove(name)
+            raise BackendError(f"cannot create a container: {_describe(e)}") from None
 
     async def _wait_ready(self, sandbox: DockerSandbox) -> None:
         frame = await self._next_frame(sandbox)
