@@ -1,0 +1,190 @@
+"""The ``sandpool`` command: serve, run, status, image build.
+
+Every failure ends with one readable line on stderr (``sandpool: ...``) and a
+non-zero exit, never a stack trace. ``sandpool run`` exits with the program's
+own exit code; 124 when it timed out, 137 when it was OOM-killed, 125 when
+sandpool itself failed (the conventions of timeout(1) and docker run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from api.client import DEFAULT_SOCKET, ApiError, Client
+from pool.errors import SandpoolError
+
+EXIT_TIMEOUT = 124
+EXIT_SANDPOOL_ERROR = 125
+EXIT_OOM = 137
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandpool",
+        description="Run untrusted code in warm, locked-down, single-use sandboxes.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument("--socket", metavar="PATH", help="Unix socket to listen on")
+    serve.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT|off",
+        help="where Prometheus scrapes /metrics over TCP",
+    )
+    serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    run = commands.add_parser("run", help="run code through a running daemon")
+    run.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET)
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--pool", metavar="NAME")
+    which.add_argument("-l", "--language", metavar="LANG")
+    run.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is killed")
+    run.add_argument(
+        "-i",
+        "--input",
+        metavar="FILE",
+        help="file whose contents become the program's stdin ('-' for this stdin)",
+    )
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", dest="code", metavar="CODE", help="the code to run")
+    source.add_argument(
+        "file", nargs="?", metavar="FILE", help="file with the code ('-' for stdin)"
+    )
+
+    status = commands.add_parser("status", help="show pools and sandbox counts")
+    status.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET)
+
+    image = commands.add_parser("image", help="manage the sandbox image")
+    image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    build = image_commands.add_parser(
+        "build", help="build sandpool/python:bookworm from Debian packages (no registry needed)"
+    )
+    build.add_argument("--tag", default="sandpool/python:bookworm")
+    build.add_argument("--mirror", metavar="URL", help="Debian mirror (default: the host's apt's)")
+    build.add_argument(
+        "--from",
+        dest="base",
+        metavar="IMAGE",
+        help="build from this image (with python3) instead of debootstrap",
+    )
+    build.add_argument("--force", action="store_true", help="rebuild even if the image is current")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return command_serve(args)
+        if args.command == "run":
+            return command_run(args)
+        if args.command == "status":
+            return command_status(args)
+        return command_image_build(args)
+    except (SandpoolError, ApiError) as e:
+        print(f"sandpool: {e.message}", file=sys.stderr)
+        return EXIT_SANDPOOL_ERROR if args.command == "run" else 1
+    except OSError as e:
+        print(f"sandpool: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_SANDPOOL_ERROR if args.command == "run" else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from api.daemon import serve
+    from metrics.logs import configure_logging
+    from pool.config import load_config
+
+    configure_logging(args.log_format, args.log_level)
+    config = load_config(args.config)
+    changes: dict[str, Any] = {}
+    if args.socket:
+        changes["socket"] = os.path.abspath(args.socket)
+    if args.metrics_address:
+        changes["metrics_address"] = args.metrics_address
+    if changes:
+        config = config.replace_server(**changes)
+    asyncio.run(serve(config))
+    return 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    if args.code is not None:
+        code = args.code
+    elif args.file == "-":
+        code = sys.stdin.read()
+    else:
+        with open(args.file, encoding="utf-8", errors="surrogateescape") as f:
+            code = f.read()
+    stdin = None
+    if args.input == "-":
+        stdin = sys.stdin.read()
+    elif args.input is not None:
+        with open(args.input, encoding="utf-8", errors="surrogateescape") as f:
+            stdin = f.read()
+    with Client(args.socket) as client:
+        result = client.run(
+            code, pool=args.pool, language=args.language, stdin=stdin, timeout_s=args.timeout
+        )
+    sys.stdout.write(result["stdout"])
+    sys.stdout.flush()
+    sys.stderr.write(result["stderr"])
+    for stream in ("stdout", "stderr"):
+        if result[f"{stream}_truncated"]:
+            print(
+                f"sandpool: {stream} was cut at the pool's output limit; the sandbox was killed",
+                file=sys.stderr,
+            )
+    if result["oom_killed"]:
+        print("sandpool: the program ran out of memory and was killed", file=sys.stderr)
+        return EXIT_OOM
+    if result["timed_out"]:
+        print("sandpool: the program timed out and was killed", file=sys.stderr)
+        return EXIT_TIMEOUT
+    exit_code = result["exit_code"]
+    return int(exit_code) if exit_code is not None else EXIT_SANDPOOL_ERROR
+
+
+def command_status(args: argparse.Namespace) -> int:
+    with Client(args.socket) as client:
+        pools = client.pools()
+    columns = ("name", "backend", "language", "idle", "busy", "starting", "min_idle", "max_size")
+    rows = [columns] + [tuple(str(p[c]) for c in columns) for p in pools]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return 0
+
+
+def command_image_build(args: argparse.Namespace) -> int:
+    from pool.image import build_image
+
+    began = time.monotonic()
+
+    def progress(line: str) -> None:
+        print(f"sandpool: {line}", file=sys.stderr, flush=True)
+
+    built = asyncio.run(
+        build_image(
+            tag=args.tag, mirror=args.mirror, base=args.base, force=args.force, progress=progress
+        )
+    )
+    if built:
+        progress(f"built {args.tag} in {time.monotonic() - began:.0f} s")
+    else:
+        progress(f"{args.tag} is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""The HTTP/JSON API on a Unix socket (aiohttp), and /metrics over TCP.
+
+The API knows pools, not backends: request -> api -> pool -> backend -> result -> api.
+Every error is a JSON body ``{"error": {"code", "message"}}`` with a stable code;
+no client input produces a 5xx or a stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from metrics import Metrics
+from pool.backends.base import RunRequest, RunResult
+from pool.config import Config, PoolConfig, parse_address
+from pool.errors import (
+    BadRequestError,
+    SandpoolError,
+    UnavailableError,
+    UnknownPoolError,
+    UnsupportedMediaTypeError,
+)
+from pool.manager import Pool
+
+log = structlog.get_logger("sandpool.api")
+
+RUN_FIELDS = frozenset({"code", "language", "pool", "stdin", "timeout_s"})
+_HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, *, retry_after_s: int | None = None
+) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every failure into a JSON error body with a stable code."""
+    try:
+        return await handler(request)
+    except UnavailableError as e:
+        return error_response(e.status, e.code, e.message, retry_after_s=e.retry_after_s)
+    except SandpoolError as e:
+        return error_response(
+            e.status, e.code, e.message, retry_after_s=1 if e.status == 503 else None
+        )
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "http_error")
+        message = {
+            404: f"no such endpoint: {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: "the request body is larger than the server accepts",
+        }.get(e.status, e.reason)
+        return error_response(e.status, code, message)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRun:
+    pool: Pool[Any]
+    request: RunRequest
+
+
+class ApiServer:
+    """Serves the run API on the configured Unix socket."""
+
+    def __init__(self, config: Config, pools: Mapping[str, Pool[Any]], metrics: Metrics) -> None:
+        self.config = config
+        self.pools = pools
+        self.metrics = metrics
+        self.socket_path = config.server.socket
+        self._in_flight = 0
+        self._runners: list[web.AppRunner] = []
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[json_errors], client_max_size=self.config.server.max_request_bytes
+        )
+        app.router.add_post("/v1/run", self.handle_run)
+        app.router.add_get("/v1/pools", self.handle_pools)
+        app.router.add_get("/healthz", self.handle_healthz)
+        app.router.add_get("/readyz", self.handle_readyz)
+        app.router.add_get("/metrics", self.handle_metrics)
+        return app
+
+    async def start(self) -> None:
+        """Listen on the Unix socket (and the metrics TCP address unless "off")."""
+        server = self.config.server
+        runner = web.AppRunner(
+            self.make_app(),
+            handle_signals=False,
+            access_log=None,
+            # A client that disconnects mid-run cancels its handler, which
+            # destroys the sandbox at once instead of letting the code run on.
+            handler_cancellation=True,
+            shutdown_timeout=server.shutdown_timeout_s,
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        prepare_socket_path(self.socket_path)
+        site = web.UnixSite(runner, self.socket_path)
+        await site.start()
+        os.chmod(self.socket_path, server.socket_mode)
+        if server.metrics_address != "off":
+            host, port = parse_address(server.metrics_address, "server.metrics_address")
+            metrics_app = web.Application(middlewares=[json_errors])
+            metrics_app.router.add_get("/metrics", self.handle_metrics)
+            metrics_runner = web.AppRunner(metrics_app, handle_signals=False, access_log=None)
+            await metrics_runner.setup()
+            self._runners.append(metrics_runner)
+            try:
+                await web.TCPSite(metrics_runner, host, port).start()
+            except OSError as e:
+                raise SandpoolError(
+                    f"cannot listen for metrics on {server.metrics_address}: {e.strerror}",
+                    code="metrics_address_in_use",
+                ) from None
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to shutdown_timeout_s), unlink."""
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    async def __aenter__(self) -> ApiServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- handlers ----------------------------------------------------------
+
+    async def handle_run(self, request: web.Request) -> web.Response:
+        received = time.monotonic()
+        if self._in_flight >= self.config.server.max_concurrent_requests:
+            raise UnavailableError(
+                "sandpool is at its limit of concurrent requests", code="server_busy"
+            )
+        parsed = self.parse_run(await read_json_object(request))
+        pool = parsed.pool
+        self._in_flight += 1
+        outcome = "error"
+        try:
+            run = await pool.run(parsed.request)
+            outcome = result_outcome(run.result)
+        except UnavailableError:
+            outcome = "rejected"
+            raise
+        finally:
+            self._in_flight -= 1
+            duration_s = time.monotonic() - received
+            self.metrics.request_finished(pool.name, outcome, duration_s)
+        result = run.result
+        log.info(
+            "request",
+            pool=pool.name,
+            sandbox=run.sandbox_id,
+            outcome=outcome,
+            duration_ms=round(duration_s * 1000, 3),
+            queued_ms=round(run.acquire_wait_s * 1000, 3),
+            stdout_bytes=len(result.stdout),
+            stderr_bytes=len(result.stderr),
+            exit_code=result.exit_code,
+        )
+        return web.json_response(result_body(result, pool.name, run.sandbox_id, run.acquire_wait_s))
+
+    def parse_run(self, body: dict[str, Any]) -> ParsedRun:
+        """Validate a /v1/run body. Raises BadRequestError or UnknownPoolError."""
+        unknown = sorted(set(body) - RUN_FIELDS)
+        if unknown:
+            raise BadRequestError(
+                f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(RUN_FIELDS))})",
+                code="unknown_field",
+            )
+        code = body.get("code")
+        if code is None:
+            raise BadRequestError("the field 'code' is required", code="missing_code")
+        _require_str(body, "code")
+        stdin = _require_str(body, "stdin") if "stdin" in body else ""
+        pool = self.choose_pool(body)
+        timeout_s = pool.config.timeout_s
+        if "timeout_s" in body:
+            timeout_s = _timeout(body["timeout_s"], pool.config)
+        return ParsedRun(pool=pool, request=RunRequest(code=code, stdin=stdin, timeout_s=timeout_s))
+
+    def choose_pool(self, body: Mapping[str, Any]) -> Pool[Any]:
+        """``pool`` wins over ``language``; with neither, the pool named "python"."""
+        if "pool" in body:
+            name = _require_str(body, "pool")
+            if name not in self.pools:
+                raise UnknownPoolError(f"no pool named {name!r}")
+            return self.pools[name]
+        if "language" in body:
+            language = _require_str(body, "language")
+            if language in self.pools and self.pools[language].config.language == language:
+                return self.pools[language]
+            for pool in self.pools.values():
+                if pool.config.language == language:
+                    return pool
+            known = sorted({p.config.language for p in self.pools.values()})
+            raise BadRequestError(
+                f"no pool runs language {language!r} (available: {', '.join(known)})",
+                code="unknown_language",
+            )
+        if "python" not in self.pools:
+            raise UnknownPoolError("no pool named 'python'; name one with the 'pool' field")
+        return self.pools["python"]
+
+    async def handle_pools(self, request: web.Request) -> web.Response:
+        return web.json_response({"pools": [pool_summary(p) for p in self.pools.values()]})
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        ready = {name: await pool.ready() for name, pool in self.pools.items()}
+        status = 200 if all(ready.values()) else 503
+        return web.json_response({"ready": status == 200, "pools": ready}, status=status)
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; every way it can be wrong is a 4xx."""
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and request.content_type != "application/json":
+        raise UnsupportedMediaTypeError("the request body must be application/json")
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequestError(
+            "the request body is not valid UTF-8", code="invalid_encoding"
+        ) from None
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise BadRequestError("the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("the request body must be a JSON object", code="invalid_request")
+    return body
+
+
+def result_outcome(result: RunResult) -> str:
+    if result.oom_killed:
+        return "oom"
+    if result.timed_out:
+        return "timeout"
+    return "ok"
+
+
+def result_body(
+    result: RunResult, pool: str, sandbox_id: str, acquire_wait_s: float
+) -> dict[str, Any]:
+    return {
+        "exit_code": result.exit_code,
+        "stdout": result.stdout.decode("utf-8", "replace"),
+        "stderr": result.stderr.decode("utf-8", "replace"),
+        "timed_out": result.timed_out,
+        "oom_killed": result.oom_killed,
+        "stdout_truncated": result.stdout_truncated,
+        "stderr_truncated": result.stderr_truncated,
+        "duration_ms": round(result.execution_s * 1000, 3),
+        "queued_ms": round(acquire_wait_s * 1000, 3),
+        "pool": pool,
+        "sandbox_id": sandbox_id,
+    }
+
+
+def pool_summary(pool: Pool[Any]) -> dict[str, Any]:
+    counts = pool.counts()
+    return {
+        "name": pool.name,
+        "backend": pool.config.backend,
+        "language": pool.config.language,
+        "idle": counts["idle"],
+        "busy": counts["busy"],
+        "starting": counts["starting"],
+        "min_idle": pool.config.min_idle,
+        "max_size": pool.config.max_size,
+    }
+
+
+def prepare_socket_path(path: str) -> None:
+    """Create the socket's directory; replace a stale socket, refuse a live daemon's."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            raise SandpoolError(
+                f"cannot use socket path {path}: {e.strerror}", code="socket_unusable"
+            ) from None
+    else:
+        raise SandpoolError(
+            f"another sandpool daemon is already listening on {path}", code="socket_in_use"
+        )
+    finally:
+        probe.close()
+    os.unlink(path)
+
+
+def _require_str(body: Mapping[str, Any], key: str) -> str:
+    value = body[key]
+    if not isinstance(value, str):
+        raise BadRequestError(f"the field {key!r} must be a string", code="invalid_type")
+    return value
+
+
+def _timeout(value: Any, pool: PoolConfig) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequestError("the field 'timeout_s' must be a number", code="invalid_timeout")
+    if not math.isfinite(value) or not 0 < value <= pool.max_timeout_s:
+        raise BadRequestError(
+            f"timeout_s must be greater than 0 and at most {pool.max_timeout_s:g} "
+            f"for pool {pool.name!r}",
+            code="invalid_timeout",
+        )
+    return float(value)

@@ -1,0 +1,204 @@
+"""The HTTP contract: every bad input is a JSON error with a stable code, never a 5xx."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from api.client import ApiError, Client
+from tests.conftest import Daemon, start_daemon, stop_daemon
+
+
+class Raw(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=60)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+
+def raw(daemon: Daemon, method: str, path: str, body: bytes | None = None,
+        content_type: str | None = "application/json") -> tuple[int, dict[str, Any], Any]:
+    connection = Raw(daemon.socket)
+    headers = {"Content-Type": content_type} if content_type else {}
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    document = json.loads(response.read())
+    connection.close()
+    return response.status, dict(response.getheaders()), document
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    (b"{not json", 400, "invalid_json"),
+    (b"\xff\xfe", 400, "invalid_encoding"),
+    (b"[1, 2]", 400, "invalid_request"),
+    (b"{}", 400, "missing_code"),
+    (b'{"code": 5}', 400, "invalid_type"),
+    (b'{"code": "1", "stdin": 5}', 400, "invalid_type"),
+    (b'{"code": "1", "timeout_s": 0}', 400, "invalid_timeout"),
+    (b'{"code": "1", "timeout_s": -1}', 400, "invalid_timeout"),
+    (b'{"code": "1", "timeout_s": 1e9}', 400, "invalid_timeout"),
+    (b'{"code": "1", "timeout_s": "5"}', 400, "invalid_timeout"),
+    (b'{"code": "1", "timeout_s": true}', 400, "invalid_timeout"),
+    (b'{"code": "1", "timeout_s": NaN}', 400, "invalid_timeout"),
+    (b'{"code": "1", "timeout": 5}', 400, "unknown_field"),
+    (b'{"code": "1", "pool": "nope"}', 404, "unknown_pool"),
+    (b'{"code": "1", "language": "cobol"}', 400, "unknown_language"),
+])
+def test_bad_run_requests(daemon: Daemon, body: bytes, status: int, code: str) -> None:
+    got_status, _, document = raw(daemon, "POST", "/v1/run", body)
+    assert (got_status, document["error"]["code"]) == (status, code)
+    assert document["error"]["message"]
+
+
+def test_wrong_method_and_path(daemon: Daemon) -> None:
+    status, _, document = raw(daemon, "GET", "/v1/run")
+    assert (status, document["error"]["code"]) == (405, "method_not_allowed")
+    status, _, document = raw(daemon, "GET", "/v2/nothing")
+    assert (status, document["error"]["code"]) == (404, "not_found")
+
+
+def test_wrong_content_type(daemon: Daemon) -> None:
+    status, _, document = raw(daemon, "POST", "/v1/run", b"code=1",
+                              "application/x-www-form-urlencoded")
+    assert (status, document["error"]["code"]) == (415, "unsupported_media_type")
+
+
+def test_body_over_the_limit(daemon: Daemon) -> None:
+    body = json.dumps({"code": "#" * 300_000}).encode()
+    status, _, document = raw(daemon, "POST", "/v1/run", body)
+    assert (status, document["error"]["code"]) == (413, "request_too_large")
+
+
+def test_nul_bytes_in_code_are_accepted(client: Client) -> None:
+    result = client.run("print('a')\0")
+    assert result["exit_code"] == 1
+    assert "null" in str(result["stderr"]).lower()
+    assert client.run("print('a\\0b'.count('\\0'))")["stdout"] == "1\n"
+
+
+def test_exhausted_pool_answers_503_with_retry_after(daemon: Daemon, client: Client) -> None:
+    # Pool "tiny": max_size 1, max_queue 1. One runs, one queues, the third is refused.
+    def tiny(code: str) -> dict[str, Any]:
+        with daemon.client() as c:
+            return c.run(code, pool="tiny")
+
+    with ThreadPoolExecutor(2) as executor:
+        running = executor.submit(tiny, "import time; time.sleep(2); print('ran')")
+        wait_for(lambda: pool_counts(client, "tiny")["busy"] == 1)
+        queued = executor.submit(tiny, "print('queued')")
+        time.sleep(0.3)  # let it reach the queue
+        status, headers, document = raw(daemon, "POST", "/v1/run", b'{"code": "1", "pool": "tiny"}')
+        assert status == 503
+        assert document["error"]["code"] == "pool_exhausted"
+        assert int(headers["Retry-After"]) >= 1
+        assert running.result(timeout=30)["stdout"] == "ran\n"
+        assert queued.result(timeout=30)["stdout"] == "queued\n"
+
+
+def pool_counts(client: Client, name: str) -> dict[str, Any]:
+    return next(p for p in client.pools() if p["name"] == name)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_pools_health_and_readiness(client: Client) -> None:
+    pools = {p["name"]: p for p in client.pools()}
+    assert set(pools) == {"python", "shell", "tiny"}
+    assert pools["python"]["backend"] == "docker"
+    assert pools["shell"]["language"] == "shell"
+    assert set(pools["python"]) == {"name", "backend", "language", "idle", "busy", "starting",
+                                    "min_idle", "max_size"}
+    assert client.request("GET", "/healthz") == {"status": "ok"}
+    assert client.request("GET", "/readyz")["ready"] is True
+
+
+def test_output_cap_per_pool(client: Client) -> None:
+    result = client.run("print('y' * 10000)", pool="tiny")
+    assert result["stdout_truncated"] is True
+    assert result["stdout"] == "y" * 4096
+    assert result["exit_code"] is None
+
+
+def test_cli_run_and_status(daemon: Daemon) -> None:
+    base = [sys.executable, "-m", "api.cli"]
+    done = subprocess.run([*base, "run", "--socket", daemon.socket, "-c",
+                           "import sys; print('out'); print('err', file=sys.stderr); sys.exit(9)"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (9, "out\n", "err\n")
+    done = subprocess.run([*base, "run", "--socket", daemon.socket, "--timeout", "0.5", "-c",
+                           "while True: pass"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 124
+    assert done.stderr == "sandpool: the program timed out and was killed\n"
+    done = subprocess.run([*base, "run", "--socket", daemon.socket, "-l", "shell", "-"],
+                          input="echo from-stdin", capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "from-stdin\n")
+    done = subprocess.run([*base, "status", "--socket", daemon.socket],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout.split("\n")[0].split()[:3] == ["name", "backend", "language"]
+
+
+def test_cli_errors_are_one_line(daemon: Daemon, tmp_path: Any) -> None:
+    base = [sys.executable, "-m", "api.cli"]
+    done = subprocess.run([*base, "run", "--socket", str(tmp_path / "none.sock"), "-c", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 125
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("sandpool: ")
+    done = subprocess.run([*base, "run", "--socket", daemon.socket, "--pool", "nope", "-c", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (125, "sandpool: no pool named 'nope'\n")
+
+
+def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, tmp_path: Any) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nmetrics_address = "off"\n[pools.python]\nmin_idle = 0\n')
+    done = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--config", str(config),
+                           "--socket", daemon.socket], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"another sandpool daemon is already listening on {daemon.socket}" in done.stderr
+
+
+def test_stale_socket_is_replaced(tmp_path: Any) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "sandpool.sock"))
+    stale.close()  # the file stays, nobody listens: what a crashed daemon leaves
+    fresh = start_daemon(tmp_path, '[server]\nmetrics_address = "off"\n'
+                                   '[pools.python]\nmin_idle = 1\nmax_size = 2\n')
+    try:
+        with fresh.client() as client:
+            assert client.run("print(2)")["stdout"] == "2\n"
+    finally:
+        stop_daemon(fresh)
+
+
+def test_bad_config_names_the_key(tmp_path: Any) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[pools.python]\nmemory_mb = 'lots'\n")
+    done = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr == "sandpool: pools.python.memory_mb must be of type int, not str\n"
+
+
+def test_client_raises_api_error(client: Client) -> None:
+    with pytest.raises(ApiError) as caught:
+        client.run("1", pool="nope")
+    assert (caught.value.status, caught.value.code) == (404, "unknown_pool")
