@@ -1,0 +1,31 @@
+# `make run` and `make test` set up everything they need on a Debian/Ubuntu host
+# (see README.md); each step is a no-op when already in place.
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.installed
+# Until api/cli.py wires `sandpool image build`, the module's own entry point does
+# the same thing; switch to `$(VENV)/bin/sandpool image build` then.
+IMAGE_BUILD := $(VENV)/bin/python -m pool.image build
+
+.PHONY: run test setup lint
+
+run: setup
+	exec $(VENV)/bin/sandpool serve
+
+test: setup lint
+	@# pytest exits 5 when it collected no tests: that is a failure here, not a pass.
+	$(VENV)/bin/pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "sandpool: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$status
+
+setup: $(STAMP)
+	bash scripts/ensure-docker.sh
+	$(IMAGE_BUILD)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pool api metrics tests
+	$(VENV)/bin/mypy
+
+# Reinstalls only when the dependencies change.
+$(STAMP): pyproject.toml constraints.txt
+	bash scripts/ensure-venv.sh
