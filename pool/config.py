@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 
 from pool.errors import ConfigError
 
-BackendName = Literal["docker", "fake"]
+BackendName = Literal["docker", "process", "wasm", "fake"]
 Language = Literal["python", "shell"]
 
 DEFAULT_IMAGE = "sandpool/python:bookworm"
@@ -35,6 +35,7 @@ class PoolConfig:
     language: Language = "python"
     image: str = DEFAULT_IMAGE
     runtime: str | None = None  # e.g. "runsc" where gVisor is installed
+    wasm_module: str | None = None  # wasm backend: another CPython WASI build than the pinned one
     min_idle: int = 2
     max_size: int = 8
     max_queue: int = 64
