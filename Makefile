@@ -3,9 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.installed
-# Until api/cli.py wires `sandpool image build`, the module's own entry point does
-# the same thing; switch to `$(VENV)/bin/sandpool image build` then.
-IMAGE_BUILD := $(VENV)/bin/python -m pool.image build
+IMAGE_BUILD := $(VENV)/bin/sandpool image build
 
 .PHONY: run test setup lint
 

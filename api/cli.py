@@ -167,18 +167,22 @@ def command_status(args: argparse.Namespace) -> int:
 
 
 def command_image_build(args: argparse.Namespace) -> int:
-    from pool.image import build_image
+    from pool.image import build_image_interruptibly
 
     began = time.monotonic()
 
     def progress(line: str) -> None:
-        print(f"sandpool: {line}", file=sys.stderr, flush=True)
+        # Progress is plain; only a failure is a "sandpool: ..." line.
+        print(line, file=sys.stderr, flush=True)
 
-    built = asyncio.run(
-        build_image(
-            tag=args.tag, mirror=args.mirror, base=args.base, force=args.force, progress=progress
-        )
-    )
+    try:
+        built = asyncio.run(build_image_interruptibly(
+            tag=args.tag, mirror=args.mirror, base=args.base, force=args.force,
+            progress=progress,
+        ))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("sandpool: interrupted; nothing was tagged", file=sys.stderr)
+        return 130
     if built:
         progress(f"built {args.tag} in {time.monotonic() - began:.0f} s")
     else:

@@ -21,7 +21,6 @@ Run ``python -m pool.image build --help`` for the command line.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -30,12 +29,11 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -868,63 +866,21 @@ def _short_id(image_id: str) -> str:
     return image_id.removeprefix("sha256:")[:12]
 
 
-# ---------------------------------------------------------------------------
-# Command line (until `sandpool image build` exists)
+async def build_image_interruptibly(
+    *, tag: str, mirror: str | None, base: str | None, force: bool,
+    progress: Callable[[str], None],
+) -> bool:
+    """build_image for a command line: SIGTERM (a killed `make`) cancels like Ctrl-C.
 
-
-def _print_progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-async def _build_from_cli(args: argparse.Namespace) -> bool:
-    # SIGTERM (e.g. from a killed `make`) cancels like Ctrl-C does, so the finally
-    # blocks remove the temporary root file system.
+    The cancellation runs the finally blocks that remove the temporary root
+    file system; the caller reports it.
+    """
     build = asyncio.current_task()
     assert build is not None
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, build.cancel)
     try:
-        return await build_image(
-            tag=args.tag,
-            mirror=args.mirror,
-            base=args.base,
-            force=args.force,
-            progress=_print_progress,
-        )
+        return await build_image(tag=tag, mirror=mirror, base=base, force=force,
+                                 progress=progress)
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pool.image", description="Build the sandpool sandbox image."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="build the sandbox image (no-op when current)")
-    build.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default {DEFAULT_TAG})")
-    build.add_argument(
-        "--mirror", help=f"Debian mirror (default: the host's apt sources, else {DEFAULT_MIRROR})"
-    )
-    build.add_argument(
-        "--from",
-        dest="base",
-        metavar="IMAGE",
-        help="flatten an existing image that has python3 instead of running debootstrap",
-    )
-    build.add_argument(
-        "--force", action="store_true", help="rebuild even if the tag has the current recipe"
-    )
-    args = parser.parse_args(argv)
-    try:
-        asyncio.run(_build_from_cli(args))
-    except ImageBuildError as err:
-        print(f"sandpool: {err.message}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("sandpool: interrupted; nothing was tagged", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -202,7 +202,7 @@ async def test_from_base_flattens_an_image_into_a_sandbox_image(
 @pytest.mark.docker
 async def test_unknown_base_image_ends_with_one_line_and_tags_nothing(test_tag: str) -> None:
     code, _, stderr = await run(
-        sys.executable, "-m", "pool.image", "build",
+        sys.executable, "-m", "api.cli", "image", "build",
         "--from", "sandpool-no-such-image:nope", "--tag", test_tag,
     )  # fmt: skip
 
@@ -218,7 +218,7 @@ async def test_unreachable_mirror_fails_fast_and_leaves_nothing(test_tag: str) -
     dirs_before = build_dirs()
 
     code, _, stderr = await run(
-        sys.executable, "-m", "pool.image", "build",
+        sys.executable, "-m", "api.cli", "image", "build",
         "--mirror", "http://127.0.0.1:9/debian", "--tag", test_tag,
         timeout_s=60,
     )  # fmt: skip
@@ -235,7 +235,7 @@ async def test_unreachable_mirror_fails_fast_and_leaves_nothing(test_tag: str) -
 async def test_interrupted_build_leaves_no_rootfs_mount_or_image(test_tag: str) -> None:
     dirs_before = build_dirs()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pool.image", "build", "--tag", test_tag,
+        sys.executable, "-m", "api.cli", "image", "build", "--tag", test_tag,
         cwd=REPO_ROOT,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
