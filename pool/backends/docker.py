@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import time
 from collections import deque
 from typing import Any
@@ -50,6 +52,11 @@ WORKDIR = "/sandbox"
 SANDBOX_USER = "65534:65534"
 LABEL_POOL = "sandpool.pool"
 LABEL_INSTANCE = "sandpool.instance"
+# host:pid:start-time of the daemon that made the container: the reaper removes
+# a container only when that process is gone, so two daemons sharing one dockerd
+# never reap each other's sandboxes.
+LABEL_OWNER = "sandpool.owner"
+SWEEP_INTERVAL_S = 30.0
 _DOCKER_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError)
 
 
@@ -79,7 +86,8 @@ class DockerBackend:
         self._runner = runner_source()
         self._sandboxes: dict[str, DockerSandbox] = {}  # container id -> started, not destroyed
         self._oom: dict[str, asyncio.Event] = {}  # container id -> set on its oom event
-        self._events_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []  # event follower and leak sweeper
+        self._creating: set[str] = set()  # names of containers not yet in _sandboxes
         self._server_version = "unknown"
 
     # --- lifecycle ---------------------------------------------------------
@@ -91,12 +99,18 @@ class DockerBackend:
         return self._docker
 
     async def start(self) -> None:
+        """Connect, check the image, reap orphans of dead daemons, follow events.
+
+        Raises BackendError when the image is missing. An unreachable Docker
+        engine is not fatal: the pool backs off and rebuilds when it answers.
+        """
         self._docker = aiodocker.Docker()
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 version = await self._docker.version()
                 self._server_version = str(version.get("Version", "unknown"))
                 await self._docker.images.inspect(self.config.image)
+            await self.reap_orphans()
         except aiodocker.DockerError as e:
             await self.close()
             if e.status == 404:
@@ -105,20 +119,16 @@ class DockerBackend:
                     code="image_missing",
                 ) from None
             raise BackendError(f"Docker refused: {e.message}") from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            await self.close()
-            raise BackendError(
-                f"cannot reach the Docker engine ({e or type(e).__name__}): is dockerd running?",
-                code="docker_unreachable",
-            ) from None
-        self._events_task = asyncio.get_running_loop().create_task(self._watch_events())
+        except (aiohttp.ClientError, OSError, TimeoutError, BackendError) as e:
+            log.warning("docker_unreachable", pool=self.config.name, error=_describe(e))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch_events()), loop.create_task(self._sweep())]
 
     async def close(self) -> None:
-        if self._events_task is not None:
-            self._events_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._events_task
-            self._events_task = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         if self._docker is not None:
             await self._docker.close()
             self._docker = None
@@ -185,13 +195,26 @@ class DockerBackend:
             "AttachStdout": True,
             "AttachStderr": True,
             "Tty": False,
-            "Labels": {LABEL_POOL: c.name, LABEL_INSTANCE: self.instance_id},
+            "Labels": {
+                LABEL_POOL: c.name,
+                LABEL_INSTANCE: self.instance_id,
+                LABEL_OWNER: owner_label(),
+            },
             "HostConfig": host_config,
         }
 
     async def start_sandbox(self) -> DockerSandbox:
         sandbox_id = new_sandbox_id()
         name = f"sandpool-{self.config.name}-{sandbox_id}"
+        self._creating.add(name)
+        try:
+            sandbox = await self._start_container(sandbox_id, name)
+        finally:
+            self._creating.discard(name)
+        self._sandboxes[sandbox.container_id] = sandbox
+        return sandbox
+
+    async def _start_container(self, sandbox_id: str, name: str) -> DockerSandbox:
         creating = asyncio.ensure_future(self._create_container(name))
         try:
             container = await asyncio.shield(creating)
@@ -217,7 +240,6 @@ class DockerBackend:
             if isinstance(e, (*_DOCKER_ERRORS, ProtocolViolation)):
                 raise BackendError(f"cannot start a container: {_describe(e)}") from None
             raise
-        self._sandboxes[sandbox.container_id] = sandbox
         return sandbox
 
     async def _create_container(self, name: str) -> DockerContainer:
@@ -338,6 +360,60 @@ class DockerBackend:
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise BackendError(f"cannot remove container {name_or_id}: {_describe(e)}") from None
 
+    # --- reaping -----------------------------------------------------------
+
+    async def _list(self, label: str) -> list[DockerContainer]:
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            containers: list[DockerContainer] = await self.docker.containers.list(
+                all=True, filters=json.dumps({"label": [label]})
+            )
+        return containers
+
+    async def reap_orphans(self) -> int:
+        """Remove sandpool containers whose daemon is gone (crashed or SIGKILLed)."""
+        reaped = 0
+        for info in await self._list(LABEL_POOL):
+            labels = info["Labels"] or {}
+            if labels.get(LABEL_INSTANCE) == self.instance_id or owner_alive(
+                labels.get(LABEL_OWNER, "")
+            ):
+                continue
+            await self._remove(str(info["Id"]))
+            reaped += 1
+        if reaped:
+            log.info("reaped_orphans", pool=self.config.name, containers=reaped)
+        return reaped
+
+    async def sweep(self) -> None:
+        """Remove this pool's containers the backend does not track; drop dead idle ones."""
+        for info in await self._list(f"{LABEL_INSTANCE}={self.instance_id}"):
+            labels = info["Labels"] or {}
+            if labels.get(LABEL_POOL) != self.config.name:
+                continue
+            container_id = str(info["Id"])
+            names = [n.lstrip("/") for n in info["Names"] or []]
+            sandbox = self._sandboxes.get(container_id)
+            if sandbox is None and not self._creating.intersection(names):
+                log.warning("leaked_container_removed", pool=self.config.name,
+                            container=container_id[:12])
+                await self._remove(container_id)
+            elif sandbox is not None and info["State"] != "running" and sandbox.alive:
+                self._sandbox_died(sandbox)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.sweep()
+                await self.reap_orphans()
+            except (*_DOCKER_ERRORS, BackendError) as e:
+                log.debug("sweep_failed", pool=self.config.name, error=_describe(e))
+
+    def _sandbox_died(self, sandbox: DockerSandbox) -> None:
+        sandbox.alive = False
+        if self.listener is not None:
+            self.listener(sandbox, "died")
+
     # --- events ------------------------------------------------------------
 
     async def _watch_events(self) -> None:
@@ -376,9 +452,31 @@ class DockerBackend:
             if self.listener is not None and sandbox is not None:
                 self.listener(sandbox, "oom")
         elif action == "die" and sandbox is not None:
-            sandbox.alive = False
-            if self.listener is not None:
-                self.listener(sandbox, "died")
+            self._sandbox_died(sandbox)
+
+
+def _process_start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Field 22, counted after the parenthesised command name, which may hold spaces.
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_label() -> str:
+    """This daemon process as host:pid:start-time (the start time guards against pid reuse)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start_time(pid)}"
+
+
+def owner_alive(label: str) -> bool:
+    """Whether the daemon named by an owner label still runs (always True for other hosts)."""
+    host, _, rest = label.partition(":")
+    pid, _, start_time = rest.partition(":")
+    if host != socket.gethostname():
+        return bool(host)  # another host's daemon, or no owner label: not ours to judge
+    return pid.isdigit() and _process_start_time(int(pid)) == start_time
 
 
 def _describe(error: BaseException) -> str:
