@@ -1,21 +1,24 @@
 """The composition root: builds pools and the API server in one AsyncExitStack.
 
 Teardown runs in reverse: the server stops accepting and drains first, then
-every pool destroys its sandboxes.
+every pool destroys its sandboxes. systemd hears READY=1 only once every pool
+is warm and the socket listens, then STATUS= lines and watchdog pings from the
+event loop (a stuck loop stops them, and systemd restarts the service).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import uuid
+from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
+from api.notify import Notifier, watchdog_interval_s
 from api.server import ApiServer
 from metrics import Metrics
 from pool.backends import create_backend
@@ -26,6 +29,7 @@ log = structlog.get_logger("sandpool.daemon")
 
 VERSION = "0.1.0"
 WARM_TIMEOUT_S = 120.0  # listen anyway after this; /readyz says 503 until warm
+STATUS_INTERVAL_S = 10.0
 
 
 def build_metrics() -> Metrics:
@@ -35,23 +39,46 @@ def build_metrics() -> Metrics:
     return Metrics(registry)
 
 
+def status_line(pools: Iterable[Pool[Any]]) -> str:
+    parts = []
+    for pool in pools:
+        counts = pool.counts()
+        parts.append(f"{pool.name}: {counts['idle']} idle, {counts['busy']} busy")
+    return "; ".join(parts)
+
+
+async def heartbeat(notifier: Notifier, pools: Iterable[Pool[Any]]) -> None:
+    """Watchdog pings at half of WatchdogSec, and a STATUS= line every 10 s."""
+    interval_s = watchdog_interval_s()
+    period_s = min(interval_s, STATUS_INTERVAL_S) if interval_s else STATUS_INTERVAL_S
+    loop = asyncio.get_running_loop()
+    next_status = 0.0
+    while True:
+        fields = ["WATCHDOG=1"] if interval_s else []
+        if loop.time() >= next_status:
+            fields.append(f"STATUS={status_line(pools)}")
+            next_status = loop.time() + STATUS_INTERVAL_S
+        notifier.notify(*fields)
+        await asyncio.sleep(period_s)
+
+
 async def serve(config: Config, *, instance_id: str | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT; a second signal skips the drain.
 
-    Raises SandpoolError when a pool's backend cannot start (image missing,
-    Docker unreachable) or the socket is taken.
+    Raises SandpoolError when a pool's backend cannot start (image missing) or
+    the socket is taken.
     """
     instance_id = instance_id or uuid.uuid4().hex[:12]
     metrics = build_metrics()
     activity = Activity()
-    stop = asyncio.Event()
+    stop, force_exit = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
+    notifier = Notifier()
 
     def on_signal() -> None:
-        if stop.is_set() and main_task is not None:
-            log.warning("second_signal_forcing_exit")
-            main_task.cancel()
+        if stop.is_set():
+            log.warning("second_signal_skipping_drain")
+            force_exit.set()
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -68,32 +95,41 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
                 VERSION, {p.config.backend: p.backend.version() for p in pools.values()}
             )
             log.info("warming", instance=instance_id, pools=[repr(p) for p in pools.values()])
-            await wait_warm(pools.values())
-            await stack.enter_async_context(ApiServer(config, pools, metrics))
+            await wait_warm(pools.values(), stop)
+            if stop.is_set():
+                return
+            await stack.enter_async_context(ApiServer(config, pools, metrics, force_exit))
             log.info(
                 "listening",
                 socket=config.server.socket,
                 metrics=config.server.metrics_address,
                 instance=instance_id,
             )
-            await stop.wait()
+            notifier.notify("READY=1", f"STATUS={status_line(pools.values())}")
+            async with asyncio.TaskGroup() as tasks:
+                beating = tasks.create_task(heartbeat(notifier, pools.values()))
+                await stop.wait()
+                beating.cancel()
             log.info("stopping")
+            notifier.notify("STOPPING=1")
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        notifier.close()
     log.info("stopped")
 
 
-async def wait_warm(pools: Any) -> None:
+async def wait_warm(pools: Iterable[Pool[Any]], stop: asyncio.Event) -> None:
+    """Wait until every pool reached min_idle, a stop signal, or WARM_TIMEOUT_S."""
     waits = [asyncio.ensure_future(p.warmed.wait()) for p in pools]
-    if not waits:
-        return
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        _, pending = await asyncio.wait(waits, timeout=WARM_TIMEOUT_S)
-    finally:
-        for task in waits:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*waits, return_exceptions=True)
-    if pending:
+        async with asyncio.timeout(WARM_TIMEOUT_S):
+            await asyncio.wait([asyncio.ensure_future(asyncio.wait(waits)), stopping],
+                               return_when=asyncio.FIRST_COMPLETED)
+    except TimeoutError:
         log.warning("pools_not_warm", waited_s=WARM_TIMEOUT_S)
+    finally:
+        for task in (*waits, stopping):
+            task.cancel()
+        await asyncio.gather(*waits, stopping, return_exceptions=True)

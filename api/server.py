@@ -7,12 +7,14 @@ no client input produces a 5xx or a stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
 import math
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from pool.backends.base import RunRequest, RunResult
 from pool.config import Config, PoolConfig, parse_address
 from pool.errors import (
     BadRequestError,
+    ForbiddenError,
     SandpoolError,
     UnavailableError,
     UnknownPoolError,
@@ -89,13 +92,22 @@ class ParsedRun:
 class ApiServer:
     """Serves the run API on the configured Unix socket."""
 
-    def __init__(self, config: Config, pools: Mapping[str, Pool[Any]], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pools: Mapping[str, Pool[Any]],
+        metrics: Metrics,
+        force_exit: asyncio.Event | None = None,
+    ) -> None:
         self.config = config
+        self.force_exit = force_exit  # set by a second signal: skip the drain
         self.pools = pools
         self.metrics = metrics
         self.socket_path = config.server.socket
-        self._in_flight = 0
+        self._runs: set[asyncio.Task[Any]] = set()  # handlers of /v1/run in flight
+        self._draining = False
         self._runners: list[web.AppRunner] = []
+        self._sites: list[web.BaseSite] = []
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -127,6 +139,7 @@ class ApiServer:
         prepare_socket_path(self.socket_path)
         site = web.UnixSite(runner, self.socket_path)
         await site.start()
+        self._sites.append(site)
         os.chmod(self.socket_path, server.socket_mode)
         if server.metrics_address != "off":
             host, port = parse_address(server.metrics_address, "server.metrics_address")
@@ -144,7 +157,33 @@ class ApiServer:
                 ) from None
 
     async def close(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to shutdown_timeout_s), unlink."""
+        """Stop accepting, let runs in flight finish, then stop the rest and unlink the socket.
+
+        Runs still going after ``shutdown_timeout_s`` (or at once when
+        ``force_exit`` is set) are cancelled: their sandboxes are destroyed and their clients
+        get a 503 ``shutting_down`` answer.
+        """
+        self._draining = True
+        for site in self._sites:
+            await site.stop()  # no new connections; keep-alive ones get 503
+        self._sites.clear()
+        if self._runs:
+            log.info("draining", in_flight=len(self._runs))
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.wait(self._runs))]
+            if self.force_exit is not None:
+                waits.append(asyncio.ensure_future(self.force_exit.wait()))
+            await asyncio.wait(
+                waits, timeout=self.config.server.shutdown_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in waits:
+                waiter.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            if self._runs:
+                log.warning("drain_cancelled_runs", cancelled=len(self._runs))
+                for task in self._runs:
+                    task.cancel("shutting down")
+                await asyncio.gather(*self._runs, return_exceptions=True)
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -162,13 +201,25 @@ class ApiServer:
 
     async def handle_run(self, request: web.Request) -> web.Response:
         received = time.monotonic()
-        if self._in_flight >= self.config.server.max_concurrent_requests:
+        if self._draining:
+            raise UnavailableError("sandpool is shutting down", code="shutting_down")
+        self.check_peer(request)
+        if len(self._runs) >= self.config.server.max_concurrent_requests:
             raise UnavailableError(
                 "sandpool is at its limit of concurrent requests", code="server_busy"
             )
-        parsed = self.parse_run(await read_json_object(request))
+        try:
+            async with asyncio.timeout(self.config.server.body_timeout_s):
+                body = await read_json_object(request)
+        except TimeoutError:
+            raise BadRequestError(
+                "the request body did not arrive in time", code="body_timeout"
+            ) from None
+        parsed = self.parse_run(body)
         pool = parsed.pool
-        self._in_flight += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._runs.add(task)
         outcome = "error"
         try:
             run = await pool.run(parsed.request)
@@ -176,10 +227,22 @@ class ApiServer:
         except UnavailableError:
             outcome = "rejected"
             raise
+        except asyncio.CancelledError:
+            if not self._draining:
+                raise  # the client went away; the pool destroyed the sandbox
+            # We cancelled it ourselves to finish shutting down: tell the client.
+            task.uncancel()
+            raise UnavailableError(
+                "sandpool shut down before the run finished; it was stopped",
+                code="shutting_down",
+            ) from None
         finally:
-            self._in_flight -= 1
+            self._runs.discard(task)
             duration_s = time.monotonic() - received
             self.metrics.request_finished(pool.name, outcome, duration_s)
+            if outcome in ("error", "rejected"):
+                log.info("request", pool=pool.name, outcome=outcome,
+                         duration_ms=round(duration_s * 1000, 3))
         result = run.result
         log.info(
             "request",
@@ -192,7 +255,20 @@ class ApiServer:
             stderr_bytes=len(result.stderr),
             exit_code=result.exit_code,
         )
-        return web.json_response(result_body(result, pool.name, run.sandbox_id, run.acquire_wait_s))
+        return web.json_response(
+            result_body(result, pool.name, run.sandbox_id, run.acquire_wait_s)
+        )
+
+    def check_peer(self, request: web.Request) -> None:
+        """Enforce allowed_uids/allowed_gids on the peer's SO_PEERCRED (root always passes)."""
+        server = self.config.server
+        if not server.allowed_uids and not server.allowed_gids:
+            return
+        pid, uid, gid = peer_credentials(request)
+        if uid == 0 or uid in server.allowed_uids or gid in server.allowed_gids:
+            return
+        log.warning("peer_denied", uid=uid, gid=gid, pid=pid)
+        raise ForbiddenError(f"uid {uid} (gid {gid}) may not run code on this sandpool")
 
     def parse_run(self, body: dict[str, Any]) -> ParsedRun:
         """Validate a /v1/run body. Raises BadRequestError or UnknownPoolError."""
@@ -271,6 +347,16 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object", code="invalid_request")
     return body
+
+
+def peer_credentials(request: web.Request) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process on the other end of the Unix socket."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return (-1, -1, -1)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
 
 
 def result_outcome(result: RunResult) -> str:

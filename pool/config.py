@@ -93,13 +93,19 @@ class ServerConfig:
     max_request_bytes: int = 1024 * 1024
     max_concurrent_requests: int = 256
     shutdown_timeout_s: float = 30.0
+    body_timeout_s: float = 10.0  # a client that stalls mid-body gets 408
+    # Besides the socket's file mode, SO_PEERCRED must show one of these uids or
+    # gids (root is always allowed); both empty means the file mode decides alone.
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if not self.socket.startswith("/"):
             raise ConfigError("server.socket must be an absolute path")
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError("server.socket_mode must be a file mode such as 0o660")
-        for key in ("max_request_bytes", "max_concurrent_requests", "shutdown_timeout_s"):
+        for key in ("max_request_bytes", "max_concurrent_requests", "shutdown_timeout_s",
+                    "body_timeout_s"):
             _positive(f"server.{key}", getattr(self, key))
         if self.metrics_address != "off":
             parse_address(self.metrics_address, "server.metrics_address")
@@ -195,6 +201,13 @@ def _fields(
     for key, value in table.items():
         default = hints[key].default
         expected: tuple[type, ...]
+        if isinstance(default, tuple):  # lists of ids
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+            ):
+                raise ConfigError(f"{where}.{key} must be a list of non-negative integers")
+            values[key] = tuple(value)
+            continue
         if isinstance(default, bool):
             expected = (bool,)
         elif isinstance(default, float):

@@ -36,6 +36,13 @@ class BadRequestError(SandpoolError):
     status = 400
 
 
+class ForbiddenError(SandpoolError):
+    """The peer's credentials are not allowed to run code."""
+
+    code = "forbidden"
+    status = 403
+
+
 class UnknownPoolError(SandpoolError):
     code = "unknown_pool"
     status = 404
