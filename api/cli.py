@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show pools and sandbox counts")
     status.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET)
 
+    config = commands.add_parser("config", help="check a configuration file")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_commands.add_parser(
+        "check", help="validate FILE and print the effective configuration (defaults filled in)"
+    )
+    check.add_argument("file", nargs="?", metavar="FILE", help="TOML file (default: no file)")
+
     image = commands.add_parser("image", help="manage the sandbox image")
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_commands.add_parser(
@@ -89,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_run(args)
         if args.command == "status":
             return command_status(args)
+        if args.command == "config":
+            return command_config_check(args)
         return command_image_build(args)
     except (SandpoolError, ApiError) as e:
         print(f"sandpool: {e.message}", file=sys.stderr)
@@ -163,6 +172,13 @@ def command_status(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return 0
+
+
+def command_config_check(args: argparse.Namespace) -> int:
+    from pool.config import load_config, to_toml
+
+    sys.stdout.write(to_toml(load_config(args.file)))
     return 0
 
 

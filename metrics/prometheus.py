@@ -141,8 +141,12 @@ class Metrics:
         """Create every labelled series at zero so a scrape shows them before traffic."""
         for outcome in OUTCOMES:
             self.requests.labels(pool, outcome)
-        for counter in (self.oom_kills, self.timeouts, self.start_failures):
-            counter.labels(pool)
+            self.request_duration.labels(pool, outcome)
+        for metric in (
+            self.oom_kills, self.timeouts, self.start_failures, self.acquire_wait,
+            self.execution_duration, self.start_duration, self.destroy_duration,
+        ):
+            metric.labels(pool)
 
     def request_finished(self, pool: str, outcome: str, duration_s: float) -> None:
         self.requests.labels(pool, outcome).inc()

@@ -9,6 +9,7 @@ unknown key and bad value is rejected at load with the key's dotted name.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -232,3 +233,35 @@ def _choice(key: str, value: str, choices: Any) -> None:
     allowed = get_args(choices)
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration, defaults filled in, as a TOML document."""
+    lines = ["[server]"]
+    lines += _toml_fields(config.server)
+    for pool in config.pools:
+        lines += ["", f"[pools.{pool.name}]"]
+        lines += _toml_fields(pool, skip={"name"})
+    return "\n".join(lines) + "\n"
+
+
+def _toml_fields(table: Any, skip: set[str] | None = None) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(table):
+        value = getattr(table, f.name)
+        if value is None or f.name in (skip or set()):
+            continue
+        lines.append(f"{f.name} = {_toml_value(f.name, value)}")
+    return lines
+
+
+def _toml_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if key == "socket_mode":
+        return f"0o{value:o}"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    return json.dumps(value)  # a TOML basic string is a JSON string

@@ -94,7 +94,9 @@ def wait_ready(daemon: Daemon, timeout_s: float = 120) -> None:
     raise AssertionError("daemon did not become ready")
 
 
-def start_daemon(tmp: Path, config: str = DAEMON_CONFIG) -> Daemon:
+def start_daemon(
+    tmp: Path, config: str = DAEMON_CONFIG, env: dict[str, str] | None = None
+) -> Daemon:
     config_path = tmp / "sandpool.toml"
     config_path.write_text(textwrap.dedent(config))
     socket_path = tmp / "sandpool.sock"
@@ -103,7 +105,7 @@ def start_daemon(tmp: Path, config: str = DAEMON_CONFIG) -> Daemon:
         process = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--config", str(config_path),
              "--socket", str(socket_path), "--log-format", "json"],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
     daemon = Daemon(process, str(socket_path), log_path, instance_id="")
     deadline = time.monotonic() + 60

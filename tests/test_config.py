@@ -1,0 +1,97 @@
+"""Config validation, `sandpool config check`, and the README's reference kept true."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pool.config import (
+    Config,
+    PoolConfig,
+    ServerConfig,
+    _toml_value,
+    load_config,
+    parse_config,
+    to_toml,
+)
+from pool.errors import ConfigError
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ({"nope": 1}, "unknown key nope"),
+    ({"server": {"sockt": "/x"}}, "unknown key server.sockt"),
+    ({"server": {"socket": "relative"}}, "server.socket must be an absolute path"),
+    ({"server": {"metrics_address": "nowhere"}}, "server.metrics_address must be HOST:PORT"),
+    ({"server": {"allowed_uids": [-1]}}, "server.allowed_uids must be a list"),
+    ({"pools": {"p": {"min_idle": 3, "max_size": 2}}}, "pools.p.min_idle must be between"),
+    ({"pools": {"p": {"backend": "vm"}}}, "pools.p.backend must be one of"),
+    ({"pools": {"p": {"memory_mb": "1g"}}}, "pools.p.memory_mb must be of type int"),
+    ({"pools": {"p": {"timeout_s": 0}}}, "pools.p.timeout_s must be greater than 0"),
+    ({"pools": {"p": {"timeout_s": 90}}}, "pools.p.timeout_s must not exceed max_timeout_s"),
+    ({"pools": {"p": {"cpus": True}}}, "pools.p.cpus must be of type int or float, not bool"),
+    ({"pools": {"Bad Name": {}}}, "pools.Bad Name: pool names are"),
+    ({"pools": {"p": {"colour": 1}}}, "unknown key pools.p.colour"),
+])
+def test_bad_values_name_the_key(document: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document)
+    assert message in caught.value.message
+
+
+def test_defaults_and_overrides() -> None:
+    config = parse_config({"pools": {"fast": {"min_idle": 4, "cpus": 1}}})
+    assert [p.name for p in config.pools] == ["fast"]
+    assert config.pools[0].cpus == 1.0
+    assert config.pools[0].max_size == 8
+    assert {p.name for p in load_config(None).pools} >= {"python", "shell"}
+
+
+def test_effective_config_round_trips(tmp_path: Path) -> None:
+    config = load_config(None)
+    path = tmp_path / "effective.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+def test_config_check_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[pools.python]\nmin_idle = 1\n")
+    done = subprocess.run([sys.executable, "-m", "api.cli", "config", "check", str(good)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    assert "[pools.python]\nbackend = \"docker\"" in done.stdout
+    assert "min_idle = 1\n" in done.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pools.python]\nmin_idle = 'two'\n")
+    done = subprocess.run([sys.executable, "-m", "api.cli", "config", "check", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr == "sandpool: pools.python.min_idle must be of type int, not str\n"
+
+
+@pytest.mark.parametrize(("marker", "table"), [("server", ServerConfig),
+                                               ("pool", PoolConfig)])
+def test_readme_reference_matches_the_code(marker: str, table: type) -> None:
+    text = README.read_text()
+    section = text.split(f"<!-- config-reference:{marker} -->")[1].split("<!-- end -->")[0]
+    rows = re.findall(r"^\| `(\w+)` \| (.+?) \|", section, re.M)
+    documented = dict(rows)
+    fields = {f.name: f.default for f in dataclasses.fields(table) if f.name != "name"}
+    assert list(documented) == list(fields)
+    for key, default in fields.items():
+        expected = "none" if default is None else f"`{_toml_value(key, default)}`"
+        assert documented[key] == expected, key
+
+
+def test_default_config_is_valid() -> None:
+    config = Config(pools=(PoolConfig(name="x"),))
+    for pool in config.pools:
+        pool.validate()
+    config.server.validate()
