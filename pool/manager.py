@@ -27,6 +27,10 @@ log = structlog.get_logger("sandpool.pool")
 HANDOUT_ATTEMPTS = 3  # a sandbox that died parked is replaced transparently, this often
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+# After this many starts in a row failed, the backend counts as down: requests
+# that would wait for a start fail fast with 503 instead. One failure (a
+# container killed while starting) only delays the next start.
+FAILING_AFTER = 3
 # Refills wait for a moment with no request in flight, at most this long: on 2
 # cores a container start beside a hand-out raises its latency several-fold.
 QUIET_WAIT_MAX_S = 1.0
@@ -194,7 +198,7 @@ class Pool(Generic[SandboxT]):
         sandbox = self._take_idle()
         if sandbox is not None:
             return sandbox
-        if self._backing_off():
+        if self._failing():
             raise UnavailableError(
                 f"pool {self.name!r} cannot start sandboxes: its backend is failing",
                 code="backend_unavailable",
@@ -275,6 +279,9 @@ class Pool(Generic[SandboxT]):
     def _backing_off(self) -> bool:
         return time.monotonic() < self._backoff_until
 
+    def _failing(self) -> bool:
+        return self._consecutive_failures >= FAILING_AFTER and self._backing_off()
+
     def _backoff_over(self) -> None:
         self._backoff_timer = None
         self._maintain()
@@ -317,7 +324,7 @@ class Pool(Generic[SandboxT]):
             consecutive_failures=self._consecutive_failures,
             backoff_s=backoff_s,
         )
-        if self._consecutive_failures >= 2 and not self._idle and not self._starting:
+        if self._consecutive_failures >= FAILING_AFTER and not self._idle and not self._starting:
             # Nothing is coming for the queue: fail it now instead of at its timeout.
             unavailable = UnavailableError(
                 f"pool {self.name!r} cannot start sandboxes: {error}",

@@ -1,0 +1,330 @@
+"""Faults and lifecycle: drain, disconnects, dead sandboxes, crashed daemons, access control.
+
+Each test starts its own daemon (tests/conftest.py's start_daemon) so it can
+kill, signal or starve it without touching the shared one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.client import ApiError
+from tests.conftest import Daemon, docker_containers, start_daemon, stop_daemon
+
+ONE_POOL = """
+[server]
+metrics_address = "off"
+shutdown_timeout_s = {shutdown}
+body_timeout_s = 1
+socket_mode = 0o666
+allowed_uids = [4242]
+[pools.p]
+min_idle = {min_idle}
+max_size = 2
+timeout_s = 30
+"""
+
+
+def one_pool(min_idle: int = 1, shutdown: float = 10) -> str:
+    return ONE_POOL.format(min_idle=min_idle, shutdown=shutdown)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+        time.sleep(0.05)
+
+
+def pool_containers(daemon: Daemon) -> list[str]:
+    return docker_containers(f"sandpool.instance={daemon.instance_id}")
+
+
+def send_run(daemon: Daemon, body: dict[str, Any]) -> socket.socket:
+    """Send a run request on a raw connection and return it without reading."""
+    payload = json.dumps({"pool": "p", **body}).encode()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(daemon.socket)
+    conn.sendall(
+        b"POST /v1/run HTTP/1.1\r\nHost: sandpool\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+    )
+    return conn
+
+
+def read_response(conn: socket.socket, timeout_s: float = 60) -> tuple[int, dict[str, Any]]:
+    conn.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < content_length(data):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    conn.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def content_length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 1 << 30
+
+
+def busy(daemon: Daemon) -> int:
+    with daemon.client() as client:
+        return int(next(p for p in client.pools() if p["name"] == "p")["busy"])
+
+
+def test_drain_lets_a_run_in_flight_finish(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, one_pool())
+    conn = send_run(daemon, {"code": "import time; time.sleep(1.5); print('done')"})
+    wait_for(lambda: busy(daemon) == 1, what="the run to start")
+    daemon.process.send_signal(signal.SIGTERM)
+    status, body = read_response(conn)
+    assert (status, body["stdout"]) == (200, "done\n")
+    stop_daemon(daemon)  # exit 0, no container, no socket file
+
+
+def test_drain_timeout_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, one_pool(shutdown=1))
+    conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
+    wait_for(lambda: busy(daemon) == 1, what="the run to start")
+    daemon.process.send_signal(signal.SIGTERM)
+    status, body = read_response(conn)
+    assert (status, body["error"]["code"]) == (503, "shutting_down")
+    assert daemon.process.wait(timeout=30) == 0
+    stop_daemon(daemon)
+
+
+def test_second_signal_skips_the_drain(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, one_pool(shutdown=60))
+    conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
+    wait_for(lambda: busy(daemon) == 1, what="the run to start")
+    daemon.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    daemon.process.send_signal(signal.SIGINT)
+    status, body = read_response(conn, timeout_s=20)
+    assert (status, body["error"]["code"]) == (503, "shutting_down")
+    assert daemon.process.wait(timeout=20) == 0
+    stop_daemon(daemon)
+
+
+def test_client_gone_mid_run_destroys_the_sandbox(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, one_pool(min_idle=0))
+    try:
+        conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
+        wait_for(lambda: busy(daemon) == 1, what="the run to start")
+        assert len(pool_containers(daemon)) == 1
+        conn.close()
+        # min_idle is 0: once the abandoned sandbox is destroyed, nothing is left.
+        wait_for(lambda: pool_containers(daemon) == [], timeout_s=15, what="destruction")
+        with daemon.client() as client:
+            assert client.run("print('next')", pool="p")["stdout"] == "next\n"
+    finally:
+        stop_daemon(daemon)
+
+
+def test_sigkilled_daemon_leaves_nothing_after_the_next_start(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    crashed = start_daemon(tmp_path / "a", one_pool(min_idle=2))
+    orphans = pool_containers(crashed)
+    assert orphans, "a warm daemon has containers"
+    crashed.process.kill()
+    crashed.process.wait()
+    assert pool_containers(crashed) == orphans  # SIGKILL ran no clean-up
+    successor = start_daemon(tmp_path / "b", one_pool())
+    try:
+        assert pool_containers(crashed) == []  # reaped at start-up
+    finally:
+        stop_daemon(successor)
+    os.unlink(crashed.socket)  # what a SIGKILLed daemon leaves; the successor used another
+
+
+def test_another_live_daemon_is_not_reaped(daemon: Daemon, tmp_path: Path) -> None:
+    before = set(pool_containers(daemon))
+    assert before
+    other = start_daemon(tmp_path, one_pool())
+    try:
+        assert before <= set(pool_containers(daemon)) | set(docker_containers("sandpool.pool"))
+        with daemon.client() as client:
+            assert client.run("print('alive')")["stdout"] == "alive\n"
+    finally:
+        stop_daemon(other)
+
+
+def test_killed_idle_containers_are_replaced_never_handed_out(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, one_pool(min_idle=2))
+    try:
+        victims = pool_containers(daemon)
+        subprocess.run(["docker", "kill", *victims], check=True, capture_output=True, timeout=60)
+        with daemon.client() as client:
+            for _ in range(4):
+                result = client.run("print('fresh')", pool="p")
+                assert result["stdout"] == "fresh\n"
+        wait_for(lambda: len(set(pool_containers(daemon)) - set(victims)) >= 2,
+                 what="replacements")
+    finally:
+        stop_daemon(daemon)
+
+
+def test_random_kills_under_load_every_request_answered(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, one_pool(min_idle=2))
+    stop = False
+
+    def killer() -> int:
+        kills = 0
+        while not stop:
+            time.sleep(1.0)
+            running = subprocess.run(
+                ["docker", "ps", "-q", "--filter", f"label=sandpool.instance={daemon.instance_id}"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout.split()
+            if running:
+                subprocess.run(["docker", "kill", random.choice(running)], capture_output=True,
+                               timeout=30)
+                kills += 1
+        return kills
+
+    def load(i: int) -> dict[str, Any]:
+        with daemon.client() as client:
+            try:
+                return client.run(f"import time; time.sleep(0.1); print({i})", pool="p")
+            except ApiError as e:
+                return {"error": e.code, "status": e.status}
+
+    try:
+        with ThreadPoolExecutor(3) as executor:
+            killing = executor.submit(killer)
+            results = list(executor.map(load, range(30)))
+            stop = True
+            assert killing.result() > 0
+        for i, result in enumerate(results):
+            # A request whose sandbox was killed mid-run gets a result saying so, or a
+            # clean 503; never a hang, a 500 or someone else's output.
+            if "error" in result:
+                assert result["status"] == 503, result
+            else:
+                assert result["stdout"] in (f"{i}\n", ""), result
+        assert sum("error" not in r and r["stdout"] == f"{i}\n"
+                   for i, r in enumerate(results)) >= 20, " ".join(
+            str(r.get("error") or (r["stdout"].strip(), r["exit_code"])) for r in results)
+    finally:
+        stop = True
+        stop_daemon(daemon)
+
+
+def test_peer_not_in_allowed_uids_gets_403() -> None:
+    # The socket must be reachable by uid 65534, so not under pytest's private tmp.
+    shared = Path(tempfile.mkdtemp(prefix="sandpool-peer-"))
+    shared.chmod(0o755)
+    daemon = start_daemon(shared, one_pool())
+    try:
+        code = textwrap.dedent(f"""
+            import os, sys
+            sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+            from api.client import ApiError, Client
+            os.setgid(65534); os.setuid(65534)  # after the imports: root's home is private
+            try:
+                Client({daemon.socket!r}).run("print(1)")
+            except ApiError as e:
+                print(e.status, e.code)
+        """)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60)
+        assert done.stdout == "403 forbidden\n", done.stderr
+        denied = [e for e in daemon.log_events() if e["event"] == "peer_denied"]
+        assert denied[-1]["uid"] == 65534
+        assert denied[-1]["gid"] == 65534
+        assert isinstance(denied[-1]["pid"], int)
+        with daemon.client() as client:  # root is always allowed
+            assert client.run("print(1)", pool="p")["stdout"] == "1\n"
+    finally:
+        stop_daemon(daemon)
+        shutil.rmtree(shared)
+
+
+def test_a_client_stalling_mid_body_does_not_block_others(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, one_pool())
+    try:
+        stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stalled.connect(daemon.socket)
+        stalled.sendall(b"POST /v1/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"code\": ")
+        with daemon.client() as client:
+            assert client.run("print('not blocked')", pool="p")["stdout"] == "not blocked\n"
+        status, body = read_response(stalled, timeout_s=10)  # body_timeout_s = 1
+        assert (status, body["error"]["code"]) == (400, "body_timeout")
+    finally:
+        stop_daemon(daemon)
+
+
+@pytest.mark.timeout(300)
+def test_docker_restart_fails_fast_then_recovers(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, one_pool(min_idle=1))
+    try:
+        restart_dockerd(during=lambda: assert_fails_fast(daemon))
+        with daemon.client() as client:
+            wait_for(lambda: recovered(client), timeout_s=120, what="the pool to recover")
+            assert client.request("GET", "/readyz")["ready"] is True
+    finally:
+        stop_daemon(daemon)
+
+
+def assert_fails_fast(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        for _ in range(3):
+            began = time.monotonic()
+            with pytest.raises(ApiError) as caught:
+                client.run("print(1)", pool="p")
+            assert caught.value.status == 503, caught.value.message
+            assert time.monotonic() - began < 15  # fails, not hangs to acquire_timeout_s
+        with pytest.raises(ApiError) as caught:
+            client.request("GET", "/readyz")
+        assert caught.value.status == 503
+
+
+def recovered(client: Any) -> bool:
+    try:
+        return bool(client.run("print('back')", pool="p")["stdout"] == "back\n")
+    except ApiError:
+        return False
+
+
+def restart_dockerd(during: Callable[[], None]) -> None:
+    """Stop the engine, run ``during``, start it again the way `make` does."""
+    repo = Path(__file__).parent.parent
+    pids = subprocess.run(["pidof", "dockerd"], capture_output=True, text=True).stdout.split()
+    assert pids, "dockerd is not running"
+    systemd = Path("/proc/1/comm").read_text().strip() == "systemd"
+    try:
+        if systemd:
+            subprocess.run(["systemctl", "stop", "docker.socket", "docker"], check=True,
+                           timeout=120)
+        else:
+            for pid in pids:
+                os.kill(int(pid), signal.SIGTERM)
+            wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in pids),
+                     timeout_s=60, what="dockerd to stop")
+        during()
+    finally:
+        subprocess.run(["bash", str(repo / "scripts" / "ensure-docker.sh")], check=True,
+                       timeout=180, cwd=repo)
