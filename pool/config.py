@@ -131,6 +131,8 @@ def default_pools() -> tuple[PoolConfig, ...]:
     return (
         PoolConfig(name="python", language="python"),
         PoolConfig(name="shell", language="shell"),
+        # wasmtime and the CPython WASI build are runtime dependencies (issue 7).
+        PoolConfig(name="python-wasm", backend="wasm", min_idle=2, max_size=4),
     )
 
 

@@ -15,7 +15,15 @@ import pytest
 from api.client import Client
 from tests.conftest import Daemon
 
-PYTHON_POOLS = ["python"]
+PYTHON_POOLS = ["python", "python-wasm"]
+# CPython on WASI preview 1 has no processes and no signals (issue 7): tests that
+# need them cannot apply there; test_wasm_backend.py covers that tier's containment.
+WASI_POOLS = frozenset({"python-wasm"})
+
+
+def skip_on_wasi(pool: str, why: str) -> None:
+    if pool in WASI_POOLS:
+        pytest.skip(f"{pool}: {why}")
 
 
 @pytest.fixture(params=PYTHON_POOLS)
@@ -56,6 +64,8 @@ def test_no_stdin_reads_empty(client: Client, pool: str) -> None:
     ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 128 + 15),
 ])
 def test_exit_codes(client: Client, pool: str, code: str, status: int) -> None:
+    if "signal" in code:
+        skip_on_wasi(pool, "WASI has no signals, so os.kill does not exist")
     assert run(client, code, pool)["exit_code"] == status
 
 
@@ -105,12 +115,21 @@ def test_timeout_of_a_sleep_keeps_earlier_output(client: Client, pool: str) -> N
 def test_memory_bomb_is_an_oom_kill_not_a_timeout(client: Client, pool: str) -> None:
     result = run(client, "blocks = []\nwhile True: blocks.append(bytearray(16 * 2**20))", pool,
                  timeout_s=15)
-    assert result["oom_killed"] is True
     assert result["timed_out"] is False
+    if pool in WASI_POOLS:
+        # The store's memory limit refuses the growth inside the guest, and the
+        # host cannot see that refusal (issue 7): the bomb ends as the program's
+        # own MemoryError, contained at memory_mb, not as a kill.
+        assert result["oom_killed"] is False
+        assert result["exit_code"] == 1
+        assert str(result["stderr"]).rstrip().endswith("MemoryError")
+        return
+    assert result["oom_killed"] is True
     assert result["exit_code"] == 137
 
 
 def test_fork_bomb_is_contained(client: Client, pool: str) -> None:
+    skip_on_wasi(pool, "WASI has no processes, so os.fork does not exist")
     result = run(client, """
         import os
         forks = 0

@@ -1,0 +1,327 @@
+"""The wasm backend's containment, compile cache and module pin.
+
+What any sandbox must do runs from test_behaviour.py against the
+``python-wasm`` pool too; here is what is specific to wasmtime: the isolation
+as seen from inside (through the real daemon), the host's side of a sandbox
+(against the backend directly, which knows its scratch directory), and the
+compiled-module cache (against the cache functions, with a tiny module so a
+test does not spend seconds compiling CPython).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from api.client import Client
+from pool.backends import wasm
+from pool.backends.base import RunRequest
+from pool.backends.wasm import WasmBackend
+from pool.config import PoolConfig
+from pool.errors import BackendError
+
+POOL = "python-wasm"
+
+
+def run(client: Client, code: str, **options: object) -> dict[str, object]:
+    return client.run(textwrap.dedent(code), pool=POOL, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def sandboxed(client: Client) -> Iterator[Client]:
+    """The daemon's client; after the test, the wasm pool must still answer."""
+    yield client
+    assert run(client, "print('serving')")["stdout"] == "serving\n"
+
+
+# --- seen from inside, through the daemon -----------------------------------
+
+
+def test_no_network(sandboxed: Client) -> None:
+    result = run(sandboxed, """
+        import socket
+        for attempt in (
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM),
+            lambda: socket.create_connection(("1.1.1.1", 53), timeout=2),
+            lambda: socket.getaddrinfo("deb.debian.org", 80),
+        ):
+            try:
+                attempt()
+                print("reached")
+            except (OSError, AttributeError):
+                print("refused")
+    """)
+    assert result["stdout"] == "refused\n" * 3
+    assert result["exit_code"] == 0
+
+
+def test_no_host_filesystem(sandboxed: Client) -> None:
+    result = run(sandboxed, """
+        import os
+        def attempt(action):
+            try:
+                action()
+                return "allowed"
+            except OSError:
+                return "denied"
+        print(attempt(lambda: open("/etc/passwd")))
+        print(attempt(lambda: os.listdir("/")))
+        print(attempt(lambda: open("/sandbox/../etc/passwd")))
+        print(attempt(lambda: os.listdir("/sandbox/..")))
+        print(attempt(lambda: os.symlink("/etc/passwd", "link")))
+        os.symlink("../../../../etc", "up")  # a name may point anywhere; following it may not
+        print(attempt(lambda: os.listdir("up")))
+        print(attempt(lambda: open("up/passwd")))
+        print(os.getcwd(), sorted(os.listdir(".")))
+    """)
+    assert str(result["stdout"]).splitlines() == [
+        "denied", "denied", "denied", "denied", "denied", "denied", "denied",
+        "/sandbox ['up']",
+    ]
+
+
+def test_environment_is_not_the_hosts(sandboxed: Client) -> None:
+    result = run(sandboxed, "import os; print(sorted(os.environ))")
+    assert result["stdout"] == "['HOME', 'LANG', 'PYTHONDONTWRITEBYTECODE']\n"
+
+
+def test_sleep_sleeps_its_full_time(sandboxed: Client) -> None:
+    # poll_oneoff is the backend's own: it must never wake a sleeper early.
+    result = run(sandboxed, """
+        import select, time
+        began = time.monotonic()
+        time.sleep(0.2)
+        slept = time.monotonic() - began
+        began = time.time()
+        select.select([], [], [], 0.1)
+        waited = time.time() - began
+        print(slept >= 0.2, waited >= 0.1)
+    """)
+    assert result["stdout"] == "True True\n"
+
+
+@pytest.mark.parametrize("code", [
+    "import select\nselect.select([], [], [], 60)",
+    # A program that catches the interruption of its sleep is still stopped.
+    "import time\nwhile True:\n    try:\n        time.sleep(60)\n"
+    "    except BaseException:\n        pass",
+    "def f():\n    f()\nwhile True:\n    try:\n        f()\n"
+    "    except RecursionError:\n        pass",
+])
+def test_blocking_and_stubborn_code_times_out(sandboxed: Client, code: str) -> None:
+    result = run(sandboxed, code, timeout_s=1)
+    assert result["timed_out"] is True
+    assert result["exit_code"] is None
+
+
+def test_one_allocation_past_the_limit_is_a_memory_error(sandboxed: Client) -> None:
+    result = run(sandboxed, """
+        try:
+            block = bytearray(512 * 2**20)
+        except MemoryError:
+            print("refused")
+        print(len(bytearray(16 * 2**20)))
+    """)
+    assert result["stdout"] == f"refused\n{16 * 2**20}\n"
+    assert result["oom_killed"] is False
+
+
+def test_raw_fd_flood_is_capped(sandboxed: Client) -> None:
+    result = run(sandboxed, "import os\nwhile True: os.write(1, b'z' * 65536)", timeout_s=10)
+    assert result["stdout_truncated"] is True
+    assert result["timed_out"] is False
+    assert result["exit_code"] is None
+    assert result["stdout"] == "z" * 1024 * 1024
+
+
+def test_large_stdin_and_code_arrive_whole(sandboxed: Client) -> None:
+    # Both over one 64 KiB pipe buffer, together under the daemon's 256 KiB request cap.
+    data = "".join(f"{i:07d}\n" for i in range(15_000))
+    padding = "#" + "p" * 80_000 + "\n"
+    result = run(sandboxed, padding + "import sys\ndata = sys.stdin.read()\n"
+                 "print(len(data), data.splitlines()[-1])", stdin=data)
+    assert result["stdout"] == f"{len(data)} 0014999\n"
+
+
+@pytest.mark.parametrize(("code", "status"), [
+    ("import sys; sys.exit(200)", 200),
+    ("import sys; sys.exit(-1)", 255),
+    ("import os; os._exit(130)", 130),
+    ("import sys; sys.exit(125)", 125),
+])
+def test_exit_statuses_above_wasis_range(sandboxed: Client, code: str, status: int) -> None:
+    assert run(sandboxed, code)["exit_code"] == status
+
+
+def test_interpreter_state_does_not_carry_over(sandboxed: Client) -> None:
+    first = run(sandboxed, """
+        import builtins, sys
+        builtins.leak = 1
+        sys.modules["leaked"] = sys
+        print("set")
+    """)
+    assert first["stdout"] == "set\n"
+    second = run(sandboxed, """
+        import builtins, sys
+        print(hasattr(builtins, "leak"), "leaked" in sys.modules)
+    """)
+    assert second["stdout"] == "False False\n"
+    assert second["sandbox_id"] != first["sandbox_id"]
+
+
+# --- the host's side, against the backend directly --------------------------
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[WasmBackend]:
+    config = PoolConfig(name="wasm-test", backend="wasm", min_idle=0, max_size=2,
+                        max_output_bytes=4096)
+    started = WasmBackend(config, "test")
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+async def test_scratch_directory_is_removed_with_the_sandbox(backend: WasmBackend) -> None:
+    sandbox = await backend.start_sandbox()
+    try:
+        code = "open('kept', 'w').write('x' * 1000)\nopen('/tmp/t', 'w').write('y')\nprint('ok')"
+        result = await backend.run(sandbox, RunRequest(code=code, stdin="", timeout_s=5))
+        assert result.stdout == b"ok\n"
+        assert (sandbox.scratch / "sandbox" / "kept").stat().st_size == 1000
+        assert stat.S_IMODE(sandbox.scratch.stat().st_mode) == 0o700
+    finally:
+        await backend.destroy_sandbox(sandbox)
+    assert not sandbox.scratch.exists()
+
+
+async def test_destroying_a_parked_sandbox_stops_its_thread(backend: WasmBackend) -> None:
+    sandbox = await backend.start_sandbox()
+    assert sandbox.worker is not None
+    assert not sandbox.worker.done()
+    await backend.destroy_sandbox(sandbox)
+    assert sandbox.worker.done()
+    assert not sandbox.scratch.exists()
+
+
+async def test_close_stops_parked_and_running_guests(backend: WasmBackend) -> None:
+    parked = await backend.start_sandbox()
+    busy = await backend.start_sandbox()
+    request = RunRequest(code="while True: pass", stdin="", timeout_s=60)
+    running = asyncio.ensure_future(backend.run(busy, request))
+    await asyncio.sleep(0.2)
+    await backend.close()
+    result = await running
+    assert result.exit_code is None
+    assert result.timed_out is False
+    for sandbox in (parked, busy):
+        assert sandbox.worker is not None
+        assert sandbox.worker.done()
+
+
+async def test_a_wrong_module_hash_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wasm, "PINNED_MODULE_SHA256", "0" * 64)
+    refused = WasmBackend(PoolConfig(name="wasm-pin", backend="wasm"), "test")
+    with pytest.raises(BackendError) as caught:
+        await refused.start()
+    await refused.close()
+    assert caught.value.code == "wasm_module_mismatch"
+    assert "not the pinned " + "0" * 64 in caught.value.message
+    assert "refusing to run it" in caught.value.message
+
+
+def test_verify_module_names_both_hashes(tmp_path: Path) -> None:
+    module = tmp_path / "m.wasm"
+    module.write_bytes(wasmtime.wat2wasm("(module)"))
+    actual = wasm.file_sha256(module)
+    assert wasm.verify_module(module, actual) == actual
+    with pytest.raises(BackendError, match=f"has sha256 {actual}, not the pinned {'1' * 64}"):
+        wasm.verify_module(module, "1" * 64)
+    with pytest.raises(BackendError, match="cannot read the wasm module"):
+        wasm.verify_module(tmp_path / "missing.wasm", None)
+
+
+# --- the compiled-module cache ------------------------------------------------
+
+
+@pytest.fixture
+def tiny_module(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "tiny.wasm"
+    path.write_bytes(wasmtime.wat2wasm('(module (func (export "_start")))'))
+    return path, wasm.file_sha256(path)
+
+
+def compile_counting(module: tuple[Path, str], directory: Path) -> tuple[Path, int]:
+    compiles = 0
+
+    def on_compile() -> None:
+        nonlocal compiles
+        compiles += 1
+
+    artifact = wasm.compiled_module(module[0], module[1], directory, on_compile=on_compile)
+    return artifact, compiles
+
+
+def test_cache_compiles_once_into_a_private_directory(
+    tiny_module: tuple[Path, str], tmp_path: Path
+) -> None:
+    directory = tmp_path / "cache" / "sandpool"
+    artifact, compiles = compile_counting(tiny_module, directory)
+    assert compiles == 1
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert wasm.wasmtime_version() in artifact.name
+    assert compile_counting(tiny_module, directory) == (artifact, 0)
+    wasmtime.Module.deserialize_file(wasmtime.Engine(wasm.engine_config()), str(artifact))
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "garbage", "remove the record"])
+def test_a_damaged_cache_is_recompiled_not_trusted(
+    tiny_module: tuple[Path, str], tmp_path: Path, damage: str
+) -> None:
+    directory = tmp_path / "cache"
+    artifact, _ = compile_counting(tiny_module, directory)
+    original = artifact.read_bytes()
+    if damage == "flip a byte":
+        data = bytearray(original)
+        data[len(data) // 2] ^= 0xFF  # wasmtime's own checks may not notice
+        artifact.write_bytes(bytes(data))
+    elif damage == "truncate":
+        artifact.write_bytes(original[: len(original) // 2])
+    elif damage == "garbage":
+        artifact.write_bytes(b"not a module")
+    else:
+        artifact.with_suffix(".sha256").unlink()
+    assert compile_counting(tiny_module, directory) == (artifact, 1)
+    assert artifact.read_bytes() == original
+
+
+def test_a_cache_directory_of_another_user_is_refused(
+    tiny_module: tuple[Path, str], tmp_path: Path
+) -> None:
+    directory = tmp_path / "theirs"
+    directory.mkdir()
+    os.chown(directory, 12345, 12345)
+    if directory.stat().st_uid != 12345:
+        pytest.skip("cannot chown here (not root)")
+    with pytest.raises(BackendError, match="refusing to trust it"):
+        compile_counting(tiny_module, directory)
+
+
+def test_cache_dir_follows_xdg_then_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert wasm.cache_dir() == Path("/somewhere/sandpool")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(wasm.os, "geteuid", lambda: 0)
+    assert wasm.cache_dir() == Path("/var/cache/sandpool")
+    monkeypatch.setattr(wasm.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert wasm.cache_dir() == Path("/home/someone/.cache/sandpool")
