@@ -107,6 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SANDPOOL_ERROR if args.command == "run" else 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug: one line for the user, the traceback in the log
+        if args.command == "serve":
+            import structlog
+
+            structlog.get_logger("sandpool").exception("crashed")
+        print(f"sandpool: internal error ({type(e).__name__}: {e}); please report it",
+              file=sys.stderr)
+        return EXIT_SANDPOOL_ERROR if args.command == "run" else 1
 
 
 def command_serve(args: argparse.Namespace) -> int:

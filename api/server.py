@@ -341,8 +341,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
             "the request body is not valid UTF-8", code="invalid_encoding"
         ) from None
     try:
-        body = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+        body = json.loads(text, parse_int=_parse_int)
+    except (ValueError, RecursionError):
         raise BadRequestError("the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object", code="invalid_request")
@@ -357,6 +357,15 @@ def peer_credentials(request: web.Request) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
+
+
+def _parse_int(literal: str) -> int | float:
+    # Python refuses int() of more than 4300 digits; such a number is valid JSON
+    # and only ever out of range here, so let it become a float (inf if need be).
+    try:
+        return int(literal)
+    except ValueError:
+        return float(literal)
 
 
 def result_outcome(result: RunResult) -> str:
@@ -431,10 +440,14 @@ def _require_str(body: Mapping[str, Any], key: str) -> str:
 def _timeout(value: Any, pool: PoolConfig) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequestError("the field 'timeout_s' must be a number", code="invalid_timeout")
-    if not math.isfinite(value) or not 0 < value <= pool.max_timeout_s:
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond the float range
+        seconds = math.inf
+    if not math.isfinite(seconds) or not 0 < seconds <= pool.max_timeout_s:
         raise BadRequestError(
             f"timeout_s must be greater than 0 and at most {pool.max_timeout_s:g} "
             f"for pool {pool.name!r}",
             code="invalid_timeout",
         )
-    return float(value)
+    return seconds
