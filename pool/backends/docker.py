@@ -57,6 +57,7 @@ LABEL_INSTANCE = "sandpool.instance"
 # never reap each other's sandboxes.
 LABEL_OWNER = "sandpool.owner"
 SWEEP_INTERVAL_S = 10.0
+DOCKER_SOCKET_URL = "unix:///var/run/docker.sock"
 _DOCKER_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError)
 
 
@@ -88,6 +89,7 @@ class DockerBackend:
         self._oom: dict[str, asyncio.Event] = {}  # container id -> set on its oom event
         self._tasks: list[asyncio.Task[None]] = []  # event follower and leak sweeper
         self._creating: set[str] = set()  # names of containers not yet in _sandboxes
+        self._leak_suspects: set[str] = set()  # untracked at the last sweep
         self._server_version = "unknown"
 
     # --- lifecycle ---------------------------------------------------------
@@ -104,7 +106,9 @@ class DockerBackend:
         Raises BackendError when the image is missing. An unreachable Docker
         engine is not fatal: the pool backs off and rebuilds when it answers.
         """
-        self._docker = aiodocker.Docker()
+        # An explicit URL: aiodocker's own discovery asserts when no socket exists
+        # yet, and a daemon started before dockerd must wait for it, not crash.
+        self._docker = aiodocker.Docker(url=os.environ.get("DOCKER_HOST") or DOCKER_SOCKET_URL)
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 version = await self._docker.version()
@@ -391,6 +395,7 @@ class DockerBackend:
 
     async def sweep(self) -> None:
         """Remove this pool's containers the backend does not track; drop dead idle ones."""
+        untracked: set[str] = set()
         for info in await self._list(f"{LABEL_INSTANCE}={self.instance_id}"):
             labels = info["Labels"] or {}
             if labels.get(LABEL_POOL) != self.config.name:
@@ -399,11 +404,16 @@ class DockerBackend:
             names = [n.lstrip("/") for n in info["Names"] or []]
             sandbox = self._sandboxes.get(container_id)
             if sandbox is None and not self._creating.intersection(names):
-                log.warning("leaked_container_removed", pool=self.config.name,
-                            container=container_id[:12])
-                await self._remove(container_id)
+                # The listing is a snapshot: a container being destroyed right now
+                # looks untracked too. Only one untracked in two sweeps is a leak.
+                untracked.add(container_id)
+                if container_id in self._leak_suspects:
+                    log.warning("leaked_container_removed", pool=self.config.name,
+                                container=container_id[:12])
+                    await self._remove(container_id)
             elif sandbox is not None and info["State"] != "running" and sandbox.alive:
                 self._sandbox_died(sandbox)
+        self._leak_suspects = untracked
 
     async def _sweep(self) -> None:
         while True:
@@ -440,7 +450,7 @@ class DockerBackend:
                     method="GET",
                     params={"filters": filters},
                     timeout=aiohttp.ClientTimeout(total=None, sock_read=None, connect=5.0),
-                ) as response:
+                ) as response, response:  # the inner `with` releases the stream
                     async for line in response.content:
                         if line.strip():
                             self._on_event(json.loads(line))
