@@ -141,6 +141,19 @@ def test_raw_fd_flood_is_capped(sandboxed: Client) -> None:
     assert result["stdout"] == "z" * 1024 * 1024
 
 
+def test_output_written_right_before_exit_is_complete(sandboxed: Client) -> None:
+    # The result is taken when the guest exits, before its Store is dropped.
+    result = run(sandboxed, """
+        import sys
+        sys.stdout.write("o" * 200_000)
+        sys.stderr.write("e" * 100_000)
+        sys.exit(4)
+    """)
+    assert result["stdout"] == "o" * 200_000
+    assert result["stderr"] == "e" * 100_000
+    assert result["exit_code"] == 4
+
+
 def test_large_stdin_and_code_arrive_whole(sandboxed: Client) -> None:
     # Both over one 64 KiB pipe buffer, together under the daemon's 256 KiB request cap.
     data = "".join(f"{i:07d}\n" for i in range(15_000))
