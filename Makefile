@@ -18,6 +18,7 @@ test: setup lint
 
 setup: $(STAMP)
 	bash scripts/ensure-docker.sh
+	bash scripts/ensure-tools.sh
 	$(IMAGE_BUILD)
 
 lint: $(STAMP)
