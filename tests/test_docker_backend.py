@@ -51,17 +51,25 @@ async def backend() -> AsyncIterator[DockerBackend]:
 
 
 async def test_reaper_removes_containers_of_dead_daemons_only(backend: DockerBackend) -> None:
-    host, pid, _ = owner_label().split(":")
-    dead = stray_container(backend.config.name, "crashed", f"{host}:{pid}:0")  # pid reused
-    alive = stray_container(backend.config.name, "other-live-daemon", owner_label())
-    foreign = stray_container(backend.config.name, "other-host", "elsewhere:1:1")
+    host, boot, pidns, pid, _ = owner_label().split(":")
+    dead = [
+        stray_container(backend.config.name, "crashed", f"{host}:{boot}:{pidns}:{pid}:0"),
+        stray_container(backend.config.name, "before-reboot", f"{host}:old-boot:{pidns}:1:1"),
+        stray_container(backend.config.name, "unlabelled", ""),
+    ]
+    alive = [
+        stray_container(backend.config.name, "other-live-daemon", owner_label()),
+        stray_container(backend.config.name, "other-host", "elsewhere:b:1:1:1"),
+        # Another pid namespace (a daemon in a container): its pids mean nothing here.
+        stray_container(backend.config.name, "in-a-container", f"{host}:{boot}:1:{pid}:0"),
+    ]
     try:
-        assert await backend.reap_orphans() >= 1
+        assert await backend.reap_orphans() >= 3
         remaining = set(docker_containers(f"{LABEL_POOL}={backend.config.name}"))
-        assert dead not in remaining
-        assert {alive, foreign} <= remaining
+        assert remaining.isdisjoint(dead)
+        assert set(alive) <= remaining
     finally:
-        docker("rm", "-f", alive, foreign)
+        docker("rm", "-f", *alive)
 
 
 async def test_sweep_removes_an_untracked_container_on_the_second_look(

@@ -116,13 +116,13 @@ class DockerBackend:
                 await self._docker.images.inspect(self.config.image)
             await self.reap_orphans()
         except aiodocker.DockerError as e:
-            await self.close()
             if e.status == 404:
+                await self.close()
                 raise BackendError(
                     f"image {self.config.image} not found: build it with `sandpool image build`",
                     code="image_missing",
                 ) from None
-            raise BackendError(f"Docker refused: {e.message}") from None
+            log.warning("docker_refused", pool=self.config.name, error=_describe(e))
         except (aiohttp.ClientError, OSError, TimeoutError, BackendError) as e:
             log.warning("docker_unreachable", pool=self.config.name, error=_describe(e))
         loop = asyncio.get_running_loop()
@@ -479,18 +479,51 @@ def _process_start_time(pid: int) -> str | None:
         return None
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").rstrip("]")
+    except OSError:
+        return ""
+
+
 def owner_label() -> str:
-    """This daemon process as host:pid:start-time (the start time guards against pid reuse)."""
+    """This daemon as host:boot-id:pid-namespace:pid:start-time.
+
+    The start time guards against pid reuse, the boot id against a reboot, and
+    the namespace against a daemon in a container that shares dockerd and the
+    hostname, whose pids mean nothing here.
+    """
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start_time(pid)}"
+    return ":".join(
+        (socket.gethostname(), _boot_id(), _pid_namespace(), str(pid),
+         str(_process_start_time(pid)))
+    )
 
 
 def owner_alive(label: str) -> bool:
-    """Whether the daemon named by an owner label still runs (always True for other hosts)."""
-    host, _, rest = label.partition(":")
-    pid, _, start_time = rest.partition(":")
+    """Whether the daemon named by an owner label may still run.
+
+    True when it cannot be judged from here (another host or pid namespace);
+    False for a label from before this boot, a gone process, or no label.
+    """
+    parts = label.split(":")
+    if len(parts) != 5:
+        return False  # no owner label or an unknown format: nobody claims it
+    host, boot_id, pid_namespace, pid, start_time = parts
     if host != socket.gethostname():
-        return bool(host)  # another host's daemon, or no owner label: not ours to judge
+        return True
+    if boot_id != _boot_id():
+        return False  # the host rebooted since: that daemon is gone
+    if pid_namespace != _pid_namespace():
+        return True
     return pid.isdigit() and _process_start_time(int(pid)) == start_time
 
 
