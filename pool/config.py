@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,12 +129,15 @@ class Config:
 
 
 def default_pools() -> tuple[PoolConfig, ...]:
-    return (
+    pools: tuple[PoolConfig, ...] = (
         PoolConfig(name="python", language="python"),
         PoolConfig(name="shell", language="shell"),
-        # wasmtime and the CPython WASI build are runtime dependencies (issue 7).
-        PoolConfig(name="python-wasm", backend="wasm", min_idle=2, max_size=4),
     )
+    if shutil.which("bwrap"):  # the process tier needs bubblewrap (issue 6)
+        pools += (PoolConfig(name="python-process", backend="process", min_idle=2, max_size=8),)
+    # wasmtime and the CPython WASI build are runtime dependencies (issue 7).
+    pools += (PoolConfig(name="python-wasm", backend="wasm", min_idle=2, max_size=4),)
+    return pools
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -41,6 +41,13 @@ min_idle = 1
 max_size = 2
 timeout_s = 5
 
+[pools.python-process]
+backend = "process"
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
 [pools.python-wasm]
 backend = "wasm"
 min_idle = 2

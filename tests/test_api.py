@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from api.client import ApiError, Client
-from tests.conftest import Daemon, start_daemon, stop_daemon
+from tests.conftest import DAEMON_CONFIG, Daemon, start_daemon, stop_daemon
 
 
 class Raw(http.client.HTTPConnection):
@@ -120,8 +121,10 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 20) -> None:
 
 def test_pools_health_and_readiness(client: Client) -> None:
     pools = {p["name"]: p for p in client.pools()}
-    assert set(pools) == {"python", "shell", "tiny"}
+    # Exactly the configured pools; each backend's engineer adds one to DAEMON_CONFIG.
+    assert set(pools) == set(tomllib.loads(DAEMON_CONFIG)["pools"])
     assert pools["python"]["backend"] == "docker"
+    assert pools["python-process"]["backend"] == "process"
     assert pools["shell"]["language"] == "shell"
     assert set(pools["python"]) == {"name", "backend", "language", "idle", "busy", "starting",
                                     "min_idle", "max_size"}

@@ -15,7 +15,7 @@ import pytest
 from api.client import Client
 from tests.conftest import Daemon
 
-PYTHON_POOLS = ["python", "python-wasm"]
+PYTHON_POOLS = ["python", "python-process", "python-wasm"]
 # CPython on WASI preview 1 has no processes and no signals (issue 7): tests that
 # need them cannot apply there; test_wasm_backend.py covers that tier's containment.
 WASI_POOLS = frozenset({"python-wasm"})

@@ -11,6 +11,7 @@ from pool.config import PoolConfig
 BACKENDS = {
     "docker": "pool.backends.docker:DockerBackend",
     "fake": "pool.backends.fake:FakeBackend",
+    "process": "pool.backends.process:ProcessBackend",
     "wasm": "pool.backends.wasm:WasmBackend",
 }
 

@@ -1,0 +1,407 @@
+"""The process backend's lock-down and process hygiene.
+
+What any sandbox must do runs from test_behaviour.py against the
+``python-process`` pool too; here is what is specific to bubblewrap: the
+isolation as seen from inside (through the real daemon), and the host's view of
+the process trees (against the backend directly, which knows their pids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from api.client import Client
+from pool.backends import process
+from pool.backends.base import RunRequest, Sandbox, SandboxEvent
+from pool.backends.process import ProcessBackend, ProcessSandbox
+from pool.config import PoolConfig
+from pool.errors import BackendError, SandboxLostError
+from tests.conftest import start_daemon, stop_daemon
+
+POOL = "python-process"
+
+
+def run(client: Client, code: str, **options: object) -> dict[str, object]:
+    return client.run(textwrap.dedent(code), pool=POOL, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def sandboxed(client: Client) -> Iterator[Client]:
+    """The daemon's client; after the test, the process pool must still answer."""
+    yield client
+    assert run(client, "print('serving')")["stdout"] == "serving\n"
+
+
+# --- seen from inside, through the daemon -----------------------------------
+
+
+def test_no_network_but_loopback(sandboxed: Client) -> None:
+    result = run(sandboxed, """
+        import socket
+        print(sorted(name for _, name in socket.if_nameindex()))
+        try:
+            socket.create_connection(("1.1.1.1", 53), timeout=2)
+            print("tcp connected")
+        except OSError:
+            print("tcp blocked")
+        try:
+            socket.getaddrinfo("deb.debian.org", 80)
+            print("dns resolved")
+        except OSError:
+            print("dns blocked")
+    """)
+    assert result["stdout"] == "['lo']\ntcp blocked\ndns blocked\n"
+
+
+def test_host_filesystem_is_invisible_or_read_only(sandboxed: Client) -> None:
+    result = run(sandboxed, """
+        import os
+        print(sorted(os.listdir("/etc")))
+        hidden = ("/root", "/home", "/work", "/var", "/run", "/var/run/docker.sock", "/sys")
+        print([path for path in hidden if os.path.exists(path)])
+        for path in ("/evil", "/etc/evil", "/usr/bin/evil", "/dev/evil"):
+            try:
+                open(path, "w")
+                print("wrote", path)
+            except OSError as e:
+                print(e.errno)
+    """)
+    etc, visible, *errors = str(result["stdout"]).splitlines()
+    assert etc == "['ld.so.cache']"
+    assert visible == "[]"
+    assert errors == ["30"] * 4  # EROFS everywhere but the tmpfs mounts
+
+
+@pytest.mark.parametrize("directory", ["/tmp", "/dev/shm", "/sandbox"])
+def test_scratch_space_is_writable_and_bounded(sandboxed: Client, directory: str) -> None:
+    result = run(sandboxed, f"""
+        import errno
+        written = 0
+        try:
+            with open("{directory}/big", "wb") as f:
+                while True:
+                    f.write(b"x" * 2**20)
+                    f.flush()
+                    written += 1
+        except OSError as e:
+            print(e.errno in (errno.ENOSPC, errno.EFBIG), written)
+    """, timeout_s=15)
+    full, mib = str(result["stdout"]).split()
+    assert full == "True"
+    assert 1 <= int(mib) <= 16  # tmpfs_mb
+
+
+def test_runs_as_nobody_without_privileges(sandboxed: Client) -> None:
+    result = run(sandboxed, """
+        import os
+        print(os.getuid(), os.getgid(), os.getgroups())
+        wanted = ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp:")
+        print("".join(line for line in open("/proc/self/status") if line.startswith(wanted)))
+    """)
+    lines = str(result["stdout"]).splitlines()
+    assert lines[0] == "65534 65534 []"
+    assert "CapEff:\t0000000000000000" in lines
+    assert "CapPrm:\t0000000000000000" in lines
+    assert "CapBnd:\t0000000000000000" in lines
+    assert "NoNewPrivs:\t1" in lines
+    assert "Seccomp:\t2" in lines  # a filter is installed
+
+
+def test_seccomp_blocks_what_a_sandbox_never_needs(sandboxed: Client) -> None:
+    result = run(sandboxed, """
+        import ctypes, errno, os, subprocess, threading
+        libc = ctypes.CDLL(None, use_errno=True)
+        def err(rc):
+            return errno.errorcode.get(ctypes.get_errno(), "?") if rc == -1 else "allowed"
+        print("ptrace", err(libc.ptrace(0, 0, None, None)))  # PTRACE_TRACEME: no capability needed
+        print("mount", err(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)))
+        print("unshare", err(libc.unshare(0)))  # a no-op the kernel allows anyone
+        print("userns", err(libc.unshare(0x10000000)))
+        print("clone3", err(libc.syscall(435, None, 0)))
+        # What ordinary programs do still works: threads and subprocesses.
+        t = threading.Thread(target=print, args=("thread ok",)); t.start(); t.join()
+        echo = subprocess.run(["echo", "subprocess ok"], capture_output=True, text=True)
+        print(echo.stdout, end="")
+    """)
+    assert str(result["stdout"]).splitlines() == [
+        "ptrace EPERM",
+        "mount EPERM",
+        "unshare EPERM",
+        "userns EPERM",
+        "clone3 ENOSYS",  # so glibc falls back to clone(), whose flags the filter sees
+        "thread ok",
+        "subprocess ok",
+    ]
+
+
+def test_rlimits_come_from_the_pool_config(sandboxed: Client) -> None:
+    result = run(sandboxed, """
+        import resource as r
+        for name in ("NPROC", "NOFILE", "CORE", "CPU", "FSIZE"):
+            print(name, *r.getrlimit(getattr(r, "RLIMIT_" + name)))
+    """)
+    assert str(result["stdout"]).splitlines() == [
+        "NPROC 64 64",  # pids_limit
+        "NOFILE 1024 1024",
+        "CORE 0 0",
+        "CPU 21 22",  # max_timeout_s + 1: the daemon's clock always comes first
+        f"FSIZE {16 * 2**20} {16 * 2**20}",  # tmpfs_mb
+    ]
+
+
+def test_a_detached_process_does_not_survive_the_request(sandboxed: Client) -> None:
+    marker = f"sandpool-test-{uuid.uuid4().hex}"
+    result = run(sandboxed, f"""
+        import subprocess
+        subprocess.Popen(["sh", "-c", "exec sleep 1000 {marker}"], start_new_session=True)
+        print("started")
+    """)
+    assert result["stdout"] == "started\n"
+    # The result is back; the pool destroys the sandbox right after. The
+    # sleeper must disappear from the host's process list (zombies are checked
+    # against the backend below: their command line is empty).
+    wait_until(lambda: not host_processes_matching(marker))
+
+
+def test_a_killed_daemon_takes_its_sandboxes_along(tmp_path: Path) -> None:
+    config = """
+        [server]
+        metrics_address = "off"
+
+        [pools.python-process]
+        backend = "process"
+        min_idle = 2
+    """
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "successor").mkdir()
+    crashed = start_daemon(tmp_path / "crashed", config)
+    sandboxes = process_tree(crashed.process.pid) - process_tree_root(crashed.process.pid)
+    assert len(sandboxes) >= 4  # two parked sandboxes: bwrap and the runner each
+    cgroups = daemon_cgroups(crashed.process.pid)
+    crashed.process.kill()
+    crashed.process.wait()
+    # --die-with-parent: nothing of the sandboxes outlives the daemon.
+    wait_until(lambda: not sandboxes & host_processes())
+    # The next daemon sweeps the cgroups the killed one could not remove.
+    successor = start_daemon(tmp_path / "successor", config)
+    try:
+        assert [path for path in cgroups if path.exists()] == []
+    finally:
+        stop_daemon(successor)
+
+
+# --- seen from the host, against the backend --------------------------------
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[ProcessBackend]:
+    name = f"t{uuid.uuid4().hex[:8]}"
+    config = PoolConfig(name=name, backend="process", timeout_s=5, max_timeout_s=20)
+    started = ProcessBackend(config, instance_id=uuid.uuid4().hex[:12])
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+async def sandbox(backend: ProcessBackend) -> AsyncIterator[ProcessSandbox]:
+    started = await backend.start_sandbox()
+    try:
+        yield started
+    finally:
+        await backend.destroy_sandbox(started)
+
+
+def request(code: str, timeout_s: float = 5.0) -> RunRequest:
+    return RunRequest(code=textwrap.dedent(code), stdin="", timeout_s=timeout_s)
+
+
+LEAVE_PROCESSES_BEHIND = textwrap.dedent("""
+    import os, subprocess, time
+    subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    if os.fork() == 0:  # a double-forked daemon, orphaned inside the sandbox
+        if os.fork() == 0:
+            time.sleep(1000)
+        os._exit(0)
+    time.sleep(0.2)
+    print("left", flush=True)
+""")
+
+
+async def test_sandbox_is_not_root_on_the_host(sandbox: ProcessSandbox) -> None:
+    # The kernel exempts real uid 0 from RLIMIT_NPROC, so the tree must not run as it.
+    assert sandbox.runner_pid is not None
+    expected = str(65534 if os.geteuid() == 0 else os.geteuid())
+    for pid in (sandbox.bwrap_pid, sandbox.runner_pid):
+        assert host_uids(pid) == [expected] * 4  # real, effective, saved, filesystem
+
+
+async def test_destroy_leaves_nothing_in_the_host_process_list(
+    backend: ProcessBackend, sandbox: ProcessSandbox
+) -> None:
+    result = await backend.run(sandbox, request(LEAVE_PROCESSES_BEHIND))
+    assert result.stdout == b"left\n"
+    tree = process_tree(sandbox.bwrap_pid)
+    assert len(tree) >= 5  # bwrap, runner, the code, the sleeper, the orphan
+    await backend.destroy_sandbox(sandbox)
+    assert tree & host_processes() == set()  # gone by the time destroy returns, zombies too
+
+
+async def test_timeout_kills_the_whole_tree_at_once(
+    backend: ProcessBackend, sandbox: ProcessSandbox
+) -> None:
+    code = LEAVE_PROCESSES_BEHIND + "\nwhile True: pass\n"
+    result = await backend.run(sandbox, request(code, timeout_s=1))
+    assert result.timed_out is True
+    assert result.exit_code is None
+    assert result.stdout == b"left\n"
+    # Not waiting for the pool's destroy: run() itself killed the tree.
+    tree = {p for p in process_tree(sandbox.bwrap_pid) if p[0] != sandbox.bwrap_pid}
+    await async_wait_until(lambda: not tree & host_processes())
+
+
+async def test_a_sandbox_that_dies_idle_is_reported_and_never_used(
+    backend: ProcessBackend, sandbox: ProcessSandbox
+) -> None:
+    events: list[tuple[Sandbox, SandboxEvent]] = []
+    backend.listener = lambda box, event: events.append((box, event))
+    assert sandbox.runner_pid is not None
+    os.kill(sandbox.runner_pid, signal.SIGKILL)
+    await async_wait_until(lambda: events == [(sandbox, "died")])
+    assert sandbox.alive is False
+    with pytest.raises(SandboxLostError):
+        await backend.run(sandbox, request("print(1)"))
+
+
+async def test_destroy_is_idempotent(backend: ProcessBackend, sandbox: ProcessSandbox) -> None:
+    tree = process_tree(sandbox.bwrap_pid)
+    await asyncio.gather(backend.destroy_sandbox(sandbox), backend.destroy_sandbox(sandbox))
+    await backend.destroy_sandbox(sandbox)
+    assert tree & host_processes() == set()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon creates cgroups only as root")
+async def test_cgroup_holds_the_tree_with_the_pool_limits(
+    backend: ProcessBackend, sandbox: ProcessSandbox
+) -> None:
+    assert sandbox.cgroup is not None
+    directories = list(sandbox.cgroup.dirs)
+    limits = {
+        name: path.read_text().strip()
+        for directory in directories
+        for name in ("memory.limit_in_bytes", "memory.max", "pids.max")
+        if (path := directory / name).exists()
+    }
+    assert limits.get("memory.limit_in_bytes", limits.get("memory.max")) == str(128 * 2**20)
+    if "pids.max" in limits:
+        assert limits["pids.max"] == "64"
+    procs = {int(pid) for pid in (directories[0] / "cgroup.procs").read_text().split()}
+    assert {sandbox.bwrap_pid, sandbox.runner_pid} <= procs  # born inside, not moved later
+    await backend.destroy_sandbox(sandbox)
+    assert [d for d in directories if d.exists()] == []
+
+
+async def test_missing_interpreter_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(process, "INTERPRETER", "/usr/bin/no-such-python3")
+    backend = ProcessBackend(PoolConfig(name="broken", backend="process"), "broken")
+    with pytest.raises(BackendError, match="install python3"):
+        await backend.start()
+
+
+# --- the host's process list ------------------------------------------------
+
+Process = tuple[int, int]  # pid and start time: a pid alone may be reused
+
+
+def host_processes() -> set[Process]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = read_stat(int(entry))
+            if stat is not None:
+                found.add((int(entry), int(stat[19])))
+    return found
+
+
+def host_uids(pid: int) -> list[str]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(line.split()[1:] for line in status if line.startswith("Uid:"))
+
+
+def read_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state is [0], ppid [1])."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> set[Process]:
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := read_stat(int(entry))) is not None:
+            children.setdefault(int(stat[1]), []).append(int(entry))
+            starts[int(entry)] = int(stat[19])
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in starts:
+            tree.add((pid, starts[pid]))
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def process_tree_root(pid: int) -> set[Process]:
+    stat = read_stat(pid)
+    return set() if stat is None else {(pid, int(stat[19]))}
+
+
+def daemon_cgroups(daemon_pid: int) -> list[Path]:
+    """The cgroup directories a daemon made for its process pools (root only)."""
+    return [
+        path
+        for controller, own in process.own_cgroups().items()
+        if controller
+        for path in (process.CGROUP_ROOT / controller / own.lstrip("/")).glob(
+            f"sandpool-{daemon_pid}-*"
+        )
+    ]
+
+
+def host_processes_matching(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if marker.encode() in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+async def async_wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
