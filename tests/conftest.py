@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +158,22 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     try:
         yield running
     finally:
+        stop_daemon(running)
+
+
+@pytest.fixture
+def spawn_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start dedicated daemons; each is stopped (and checked for leaks) even if the test fails."""
+    started: list[Daemon] = []
+
+    def spawn(config: str = DAEMON_CONFIG, env: dict[str, str] | None = None) -> Daemon:
+        directory = tmp_path / f"daemon{len(started)}"
+        directory.mkdir()
+        started.append(start_daemon(directory, config, env))
+        return started[-1]
+
+    yield spawn
+    for running in started:
         stop_daemon(running)
 
 

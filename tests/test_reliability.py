@@ -1,6 +1,6 @@
 """Faults and lifecycle: drain, disconnects, dead sandboxes, crashed daemons, access control.
 
-Each test starts its own daemon (tests/conftest.py's start_daemon) so it can
+Each test starts its own daemon (conftest's spawn_daemon stops it even on failure) so it can
 kill, signal or starve it without touching the shared one.
 """
 
@@ -26,6 +26,8 @@ import pytest
 
 from api.client import ApiError
 from tests.conftest import Daemon, docker_containers, start_daemon, stop_daemon
+
+Spawn = Callable[..., Daemon]
 
 ONE_POOL = """
 [server]
@@ -93,8 +95,8 @@ def busy(daemon: Daemon) -> int:
         return int(next(p for p in client.pools() if p["name"] == "p")["busy"])
 
 
-def test_drain_lets_a_run_in_flight_finish(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, one_pool())
+def test_drain_lets_a_run_in_flight_finish(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(one_pool())
     conn = send_run(daemon, {"code": "import time; time.sleep(1.5); print('done')"})
     wait_for(lambda: busy(daemon) == 1, what="the run to start")
     daemon.process.send_signal(signal.SIGTERM)
@@ -103,8 +105,8 @@ def test_drain_lets_a_run_in_flight_finish(tmp_path: Path) -> None:
     stop_daemon(daemon)  # exit 0, no container, no socket file
 
 
-def test_drain_timeout_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, one_pool(shutdown=1))
+def test_drain_timeout_stops_the_run_with_a_clear_error(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(one_pool(shutdown=1))
     conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
     wait_for(lambda: busy(daemon) == 1, what="the run to start")
     daemon.process.send_signal(signal.SIGTERM)
@@ -114,8 +116,8 @@ def test_drain_timeout_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
     stop_daemon(daemon)
 
 
-def test_second_signal_skips_the_drain(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, one_pool(shutdown=60))
+def test_second_signal_skips_the_drain(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(one_pool(shutdown=60))
     conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
     wait_for(lambda: busy(daemon) == 1, what="the run to start")
     daemon.process.send_signal(signal.SIGTERM)
@@ -127,8 +129,8 @@ def test_second_signal_skips_the_drain(tmp_path: Path) -> None:
     stop_daemon(daemon)
 
 
-def test_client_gone_mid_run_destroys_the_sandbox(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, one_pool(min_idle=0))
+def test_client_gone_mid_run_destroys_the_sandbox(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(one_pool(min_idle=0))
     try:
         conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
         wait_for(lambda: busy(daemon) == 1, what="the run to start")
@@ -142,16 +144,14 @@ def test_client_gone_mid_run_destroys_the_sandbox(tmp_path: Path) -> None:
         stop_daemon(daemon)
 
 
-def test_sigkilled_daemon_leaves_nothing_after_the_next_start(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    crashed = start_daemon(tmp_path / "a", one_pool(min_idle=2))
+def test_sigkilled_daemon_leaves_nothing_after_the_next_start(spawn_daemon: Spawn) -> None:
+    crashed = spawn_daemon(one_pool(min_idle=2))
     orphans = pool_containers(crashed)
     assert orphans, "a warm daemon has containers"
     crashed.process.kill()
     crashed.process.wait()
     assert pool_containers(crashed) == orphans  # SIGKILL ran no clean-up
-    successor = start_daemon(tmp_path / "b", one_pool())
+    successor = spawn_daemon(one_pool())
     try:
         assert pool_containers(crashed) == []  # reaped at start-up
     finally:
@@ -159,10 +159,10 @@ def test_sigkilled_daemon_leaves_nothing_after_the_next_start(tmp_path: Path) ->
     os.unlink(crashed.socket)  # what a SIGKILLed daemon leaves; the successor used another
 
 
-def test_another_live_daemon_is_not_reaped(daemon: Daemon, tmp_path: Path) -> None:
+def test_another_live_daemon_is_not_reaped(daemon: Daemon, spawn_daemon: Spawn) -> None:
     before = set(pool_containers(daemon))
     assert before
-    other = start_daemon(tmp_path, one_pool())
+    other = spawn_daemon(one_pool())
     try:
         assert before <= set(pool_containers(daemon)) | set(docker_containers("sandpool.pool"))
         with daemon.client() as client:
@@ -171,8 +171,8 @@ def test_another_live_daemon_is_not_reaped(daemon: Daemon, tmp_path: Path) -> No
         stop_daemon(other)
 
 
-def test_killed_idle_containers_are_replaced_never_handed_out(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, one_pool(min_idle=2))
+def test_killed_idle_containers_are_replaced_never_handed_out(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(one_pool(min_idle=2))
     try:
         victims = pool_containers(daemon)
         subprocess.run(["docker", "kill", *victims], check=True, capture_output=True, timeout=60)
@@ -186,20 +186,24 @@ def test_killed_idle_containers_are_replaced_never_handed_out(tmp_path: Path) ->
         stop_daemon(daemon)
 
 
-def test_random_kills_under_load_every_request_answered(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, one_pool(min_idle=2))
+def test_random_kills_under_load_every_request_answered(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(one_pool(min_idle=2))
     stop = False
 
     def killer() -> int:
-        kills = 0
+        # Kills pooled containers: ones already running a second ago, so mostly
+        # idle and busy ones rather than ones still starting.
+        kills, seen_before = 0, set[str]()
         while not stop:
             time.sleep(1.0)
-            running = subprocess.run(
+            running = set(subprocess.run(
                 ["docker", "ps", "-q", "--filter", f"label=sandpool.instance={daemon.instance_id}"],
                 capture_output=True, text=True, timeout=30,
-            ).stdout.split()
-            if running:
-                subprocess.run(["docker", "kill", random.choice(running)], capture_output=True,
+            ).stdout.split())
+            pooled = sorted(running & seen_before)
+            seen_before = running
+            if pooled:
+                subprocess.run(["docker", "kill", random.choice(pooled)], capture_output=True,
                                timeout=30)
                 kills += 1
         return kills
@@ -232,7 +236,7 @@ def test_random_kills_under_load_every_request_answered(tmp_path: Path) -> None:
         stop_daemon(daemon)
 
 
-def test_peer_not_in_allowed_uids_gets_403() -> None:
+def test_peer_not_in_allowed_uids_gets_403() -> None:  # its own socket dir, see below
     # The socket must be reachable by uid 65534, so not under pytest's private tmp.
     shared = Path(tempfile.mkdtemp(prefix="sandpool-peer-"))
     shared.chmod(0o755)
@@ -262,8 +266,8 @@ def test_peer_not_in_allowed_uids_gets_403() -> None:
         shutil.rmtree(shared)
 
 
-def test_a_client_stalling_mid_body_does_not_block_others(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, one_pool())
+def test_a_client_stalling_mid_body_does_not_block_others(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(one_pool())
     try:
         stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stalled.connect(daemon.socket)
@@ -278,8 +282,8 @@ def test_a_client_stalling_mid_body_does_not_block_others(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(300)
-def test_docker_restart_fails_fast_then_recovers(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, one_pool(min_idle=1))
+def test_docker_restart_fails_fast_then_recovers(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(one_pool(min_idle=1))
     try:
         restart_dockerd(during=lambda: assert_fails_fast(daemon))
         with daemon.client() as client:
