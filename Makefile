@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 IMAGE_BUILD := $(VENV)/bin/sandpool image build
 
-.PHONY: run test setup lint
+.PHONY: run test setup lint soak
 
 run: setup
 	exec $(VENV)/bin/sandpool serve
@@ -15,6 +15,11 @@ test: setup lint
 	$(VENV)/bin/pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "sandpool: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
+
+# Mixed load plus faults (killed containers, a SIGKILLed daemon, a dockerd
+# restart) for about 5 minutes; then no leaked container and RSS growth < 10 %.
+soak: setup
+	$(VENV)/bin/python -m tests.soak
 
 setup: $(STAMP)
 	bash scripts/ensure-docker.sh
