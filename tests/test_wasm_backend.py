@@ -217,6 +217,26 @@ async def test_scratch_directory_is_removed_with_the_sandbox(backend: WasmBacken
     assert not sandbox.scratch.exists()
 
 
+async def test_stopping_one_guest_leaves_its_neighbours_running(backend: WasmBackend) -> None:
+    # All guests of a pool share one engine and its epoch: a kill must stop only its own.
+    worker, looper = await backend.start_sandbox(), await backend.start_sandbox()
+    try:
+        # Busy in wasm code for a second, so the neighbour's kill lands meanwhile.
+        busy = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1: pass\n"
+        work = RunRequest(code=busy + "print('done')", stdin="", timeout_s=60)
+        working = asyncio.ensure_future(backend.run(worker, work))
+        spin = RunRequest(code="while True: pass", stdin="", timeout_s=0.3)
+        stopped = await backend.run(looper, spin)
+        finished = await working
+    finally:
+        await backend.destroy_sandbox(worker)
+        await backend.destroy_sandbox(looper)
+    assert stopped.timed_out is True
+    assert finished.timed_out is False
+    assert finished.exit_code == 0
+    assert finished.stdout == b"done\n"
+
+
 async def test_destroying_a_parked_sandbox_stops_its_thread(backend: WasmBackend) -> None:
     sandbox = await backend.start_sandbox()
     assert sandbox.worker is not None

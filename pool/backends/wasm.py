@@ -21,15 +21,18 @@ How a sandbox lives, and why (all measured on the target host, issue 7):
   pipes the event loop reads, counting against the cap as Docker's attach
   stream does; after the cap it keeps draining (discarding) so the guest
   never blocks on a full pipe while it is being stopped.
-- Each sandbox has its own ``Engine`` with epoch interruption and a deadline
-  of one tick, so stopping one guest is one thread-safe
-  ``engine.increment_epoch()`` at the moment of the timeout, the output cap or
-  a destroy: no shared ticker whose ticks the GIL could delay, and the clock
-  starts at hand-out, not at pre-start. The price, measured: ~16 MiB RSS per
-  parked instance instead of ~5 MiB, because each engine's module has its own
-  copy-on-write memory image. Epochs only stop wasm code, so
-  ``poll_oneoff`` (``time.sleep``, ``select``) is a host function here that
-  waits on the sandbox's kill event instead of sleeping blindly.
+- All sandboxes of a pool share one ``Engine`` and ``Module``, so their
+  linear memories share one copy-on-write image: ~5 MiB RSS per parked
+  instance, against ~16 MiB measured with an engine per sandbox. The timeout
+  is the event loop's (armed at hand-out, not at pre-start); it sets the
+  sandbox's kill event and bumps the epoch. Every store's epoch deadline is one
+  tick away and its deadline callback traps the guest only if its own kill
+  event is set, else extends by one tick; a ticker thread bumps the epoch
+  every ``EPOCH_TICK_S`` so a kill lost to a race still lands within a tick,
+  and a tick the GIL delays costs nothing since the deadline is not counted
+  in ticks. Epochs only stop wasm code, so ``poll_oneoff`` (``time.sleep``,
+  ``select``) is a host function here that waits on the kill event instead
+  of sleeping blindly.
 - Host functions never raise: wasmtime-py passes a host function's exception
   to the caller through one module-global, which two guests on two threads
   would mix up. Output uses pipes rather than ``stdout_custom`` for the same
@@ -44,8 +47,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import importlib.metadata
+import itertools
 import os
 import platform
 import shutil
@@ -65,6 +70,7 @@ from typing import Any
 
 import structlog
 import wasmtime
+from wasmtime import _bindings as wasmtime_bindings
 
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
 from pool.config import PoolConfig
@@ -84,6 +90,9 @@ READY_FRAME = struct.pack(">cI", b"R", 0)  # what pool/wasm_runner.py writes whe
 READY_TIMEOUT_S = 20.0  # pre-start measured ~65 ms; generous for a loaded 2-core host
 JOIN_TIMEOUT_S = 10.0  # a stopped guest returns within one host call; this is a bug bound
 COMPILE_PROGRESS_S = 2.0
+# How often every running guest's deadline callback runs (a Python call of
+# ~60 us each): bounds how late a kill lands if it raced a store's creation.
+EPOCH_TICK_S = 0.05
 CHUNK = 256 * 1024
 WASI_MAX_STATUS = 125  # statuses above it travel through the status file
 TRAP_EXIT_CODE = 128 + 6  # a wasm trap (abort, stack overflow): reported like SIGABRT
@@ -101,6 +110,7 @@ _ERRNO_SUCCESS, _ERRNO_FAULT, _ERRNO_INTR, _ERRNO_INVAL, _ERRNO_NOTSUP = 0, 21, 
 
 _compile_lock = threading.Lock()  # two pools with a cold cache compile once
 _live_sandboxes: weakref.WeakSet[WasmSandbox] = weakref.WeakSet()
+_guest_keys = itertools.count(1)  # never 0: the callback reads a null key as "none"
 
 
 # --- the module and its compile cache ---------------------------------------
@@ -296,17 +306,18 @@ class _Outcome:
 class _Guest:
     """What a guest's worker thread shares with the event loop. Holds no Store."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: wasmtime.Engine) -> None:
         self.killed = threading.Event()
-        self.engine: wasmtime.Engine | None = None  # published once the deadline is armed
+        self.engine = engine
         self.clock_origin_ns = 0  # host monotonic time when WASI's monotonic clock read 0
+        self.key = next(_guest_keys)  # how the epoch callback finds this guest
 
     def kill(self) -> None:
         """Stop the guest at its next wasm instruction or host wait. Thread-safe, idempotent."""
         self.killed.set()
-        engine = self.engine
-        if engine is not None:
-            engine.increment_epoch()
+        # Every running guest of the engine reaches its deadline callback now;
+        # only this one's says stop.
+        self.engine.increment_epoch()
 
     def poll_oneoff(
         self, caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int, nevents_ptr: int
@@ -358,13 +369,66 @@ class _Guest:
             return _ERRNO_FAULT
 
 
+# wasmtime-py does not wrap the C API's per-store epoch deadline callback, so it
+# is reached through the package's own ctypes bindings; the tests' timeouts
+# fail if a wasmtime-py release changes them.
+_EpochCallback: Any = wasmtime_bindings._wasmtime_store_epoch_deadline_callback.argtypes[1]
+_UPDATE_DEADLINE_CONTINUE = 0
+_epoch_guests: dict[int, _Guest] = {}  # key -> guest whose Store is alive
+
+
+def _on_epoch_deadline(context: Any, key: Any, delta: Any, kind: Any) -> int:
+    """Trap the guest if it was killed, else run one more tick. Never raises."""
+    try:
+        guest = _epoch_guests.get(key or 0)
+        if guest is not None and not guest.killed.is_set():
+            delta[0] = 1
+            kind[0] = _UPDATE_DEADLINE_CONTINUE
+            return 0
+    except Exception:
+        pass  # an unknown state is a stop, below
+    error = wasmtime_bindings.wasmtime_error_new(b"stopped by sandpool")
+    return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+
+# The C function pointer wasmtime calls; a module global, so it outlives every Store.
+_EPOCH_DEADLINE_CALLBACK = _EpochCallback(_on_epoch_deadline)
+_NO_FINALIZER = wasmtime_bindings._wasmtime_store_epoch_deadline_callback.argtypes[3](
+    lambda key: None
+)
+
+
+class _Ticker:
+    """Bumps an engine's epoch every EPOCH_TICK_S so every kill lands within a tick."""
+
+    def __init__(self, engine: wasmtime.Engine, name: str) -> None:
+        self._engine = engine
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name=name, daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        while not self._stopped.wait(EPOCH_TICK_S):
+            self._engine.increment_epoch()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
 class WasmSandbox(Sandbox):
     """One parked instance; the event loop owns its pipe ends, the worker its Store."""
 
-    def __init__(self, sandbox_id: str, scratch: Path, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        sandbox_id: str,
+        scratch: Path,
+        loop: asyncio.AbstractEventLoop,
+        engine: wasmtime.Engine,
+    ) -> None:
         super().__init__(sandbox_id)
         self.scratch = scratch
-        self.guest = _Guest()
+        self.guest = _Guest(engine)
         self._loop = loop
         # Set as soon as _start returns, before the worker drops the Store.
         self.exited: asyncio.Future[_Outcome] = loop.create_future()
@@ -403,7 +467,9 @@ class WasmBackend:
         self._executor = ThreadPoolExecutor(
             max_workers=config.max_size, thread_name_prefix=f"sandpool-wasm-{config.name}"
         )
-        self._artifact: Path | None = None
+        self._engine: wasmtime.Engine | None = None
+        self._module: wasmtime.Module | None = None
+        self._ticker: _Ticker | None = None
         self._run_dir: Path | None = None
         self._sandboxes: set[WasmSandbox] = set()
 
@@ -444,14 +510,20 @@ class WasmBackend:
                     elapsed_s=round(time.monotonic() - began, 1),
                     note="first start only: the compiled module is cached",
                 )
-        self._artifact = job.result()
+        artifact = job.result()
         if compiling.is_set():
             log.info(
                 "wasm_compiled",
                 pool=self.config.name,
                 seconds=round(time.monotonic() - began, 1),
-                cache=str(self._artifact),
+                cache=str(artifact),
             )
+        engine = wasmtime.Engine(engine_config())
+        self._module = await loop.run_in_executor(
+            self._executor, wasmtime.Module.deserialize_file, engine, str(artifact)
+        )
+        self._engine = engine
+        self._ticker = _Ticker(engine, name=f"sandpool-wasm-{self.config.name}-epoch")
         self._run_dir = Path(tempfile.mkdtemp(prefix=f"sandpool-wasm-{self.config.name}-"))
 
     async def close(self) -> None:
@@ -463,6 +535,10 @@ class WasmBackend:
         for sandbox in list(self._sandboxes):
             self._kill(sandbox)
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+        if self._ticker is not None:
+            await asyncio.to_thread(self._ticker.stop)
+            self._ticker = None
+        self._module = self._engine = None
         if self._run_dir is not None:
             await asyncio.to_thread(shutil.rmtree, self._run_dir, ignore_errors=True)
             self._run_dir = None
@@ -472,16 +548,16 @@ class WasmBackend:
 
     async def ping(self) -> bool:
         # wasmtime runs in this process: it answers whenever the module is loaded.
-        return self._artifact is not None and self._run_dir is not None
+        return self._module is not None and self._run_dir is not None
 
     # --- sandboxes ---------------------------------------------------------
 
     async def start_sandbox(self) -> WasmSandbox:
-        if self._artifact is None or self._run_dir is None:
+        if self._engine is None or self._run_dir is None:
             raise BackendError("the wasm backend is not started")
         sandbox_id = new_sandbox_id()
         loop = asyncio.get_running_loop()
-        sandbox = WasmSandbox(sandbox_id, self._run_dir / sandbox_id, loop)
+        sandbox = WasmSandbox(sandbox_id, self._run_dir / sandbox_id, loop, self._engine)
         # The loop keeps one end of each pipe; the worker hands the other to
         # wasmtime by its /proc path (no name in the filesystem, no blocking open).
         stdin_r, sandbox.stdin_w = os.pipe()
@@ -563,6 +639,9 @@ class WasmBackend:
         guest = sandbox.guest
         try:
             store, instance = self._instantiate(sandbox, guest_fds)
+        except BaseException:
+            _epoch_guests.pop(guest.key, None)
+            raise
         finally:
             for fd in guest_fds:
                 os.close(fd)  # wasmtime opened its own
@@ -572,22 +651,26 @@ class WasmBackend:
         finally:
             # The frame may outlive this call in a traceback: keep no Store in it.
             del store, instance
+            _epoch_guests.pop(guest.key, None)
         return outcome
 
     def _instantiate(
         self, sandbox: WasmSandbox, guest_fds: tuple[int, int, int]
     ) -> tuple[wasmtime.Store, wasmtime.Instance]:
-        if self._artifact is None:
+        if self._engine is None or self._module is None:
             raise BackendError("the wasm backend is not started")
+        engine, module = self._engine, self._module
         guest = sandbox.guest
         scratch = sandbox.scratch
         scratch.mkdir(mode=0o700)
         for sub in ("sandbox", "tmp", "status"):
             (scratch / sub).mkdir(mode=0o700)
-        engine = wasmtime.Engine(engine_config())
-        module = wasmtime.Module.deserialize_file(engine, str(self._artifact))
         store = wasmtime.Store(engine)
-        store.set_epoch_deadline(1)  # the first increment_epoch() is the kill
+        store.set_epoch_deadline(1)
+        _epoch_guests[guest.key] = guest
+        wasmtime_bindings.wasmtime_store_epoch_deadline_callback(
+            store.ptr(), _EPOCH_DEADLINE_CALLBACK, guest.key, _NO_FINALIZER
+        )
         store.set_limits(memory_size=self.config.memory_mb * 1024 * 1024)
         linker = wasmtime.Linker(engine)
         linker.define_wasi()
@@ -616,9 +699,6 @@ class WasmBackend:
         # set_wasi: reading the host clock after it errs towards longer sleeps.
         guest.clock_origin_ns = time.monotonic_ns()
         instance = linker.instantiate(store, module)
-        # Published only now that the deadline is armed: an earlier increment
-        # would move the epoch before set_epoch_deadline and be lost.
-        guest.engine = engine
         return store, instance
 
     def _worker_ended(self, sandbox: WasmSandbox) -> None:
