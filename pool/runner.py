@@ -27,6 +27,7 @@ Protocol, chosen from measurements on the target host (issue 3):
 import atexit
 import builtins
 import contextlib
+import ctypes
 import gc
 import json
 import linecache
@@ -45,6 +46,8 @@ REQUEST = struct.Struct(">I")
 STATUS = struct.Struct(">i")
 CHUNK = 65536
 DRAIN_READS = 64  # after the child is done, read at most this many chunks of leftovers
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
@@ -117,7 +120,17 @@ def run_python(code: str, status_w: int) -> NoReturn:
     park()
 
 
-def child(language: str, out_w: int, err_w: int, status_w: int) -> NoReturn:
+def prctl(option: int, value: int) -> None:
+    # Without libc or prctl the sandbox's own isolation still holds.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def child(runner: int, language: str, out_w: int, err_w: int, status_w: int) -> NoReturn:
+    # Die with the runner: a killed runner must never leave the code running.
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != runner:
+        os._exit(70)  # the runner died before the line above took effect
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")  # under memory pressure the kernel kills the code, not the runner
     (size,) = REQUEST.unpack(read_exact(0, REQUEST.size))
@@ -194,14 +207,7 @@ def protect_runner() -> None:
     ignore it (as PID 1 the runner ignores SIGTERM and SIGKILL from inside anyway).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_dumpable = 4
-        libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # no libc or no prctl: the sandbox's own isolation still holds
+    prctl(PR_SET_DUMPABLE, 0)
 
 
 def main() -> None:
@@ -215,12 +221,13 @@ def main() -> None:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     status_r, status_w = os.pipe()
+    runner = os.getpid()
     pid = os.fork()
     if pid == 0:
         for fd in (out_r, err_r, status_r):
             os.close(fd)
         try:
-            child(language, out_w, err_w, status_w)
+            child(runner, language, out_w, err_w, status_w)
         finally:
             os._exit(70)  # only reached if the runner itself failed
     for fd in (out_w, err_w, status_w):
