@@ -11,6 +11,7 @@ test does not spend seconds compiling CPython).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import textwrap
@@ -204,17 +205,55 @@ async def backend() -> AsyncIterator[WasmBackend]:
         await started.close()
 
 
-async def test_scratch_directory_is_removed_with_the_sandbox(backend: WasmBackend) -> None:
+def open_devices() -> set[int]:
+    """The filesystems this process holds an fd into."""
+    devices = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            devices.add(os.stat(f"/proc/self/fd/{fd}").st_dev)
+    return devices
+
+
+async def test_scratch_is_a_private_tmpfs_freed_with_the_sandbox(backend: WasmBackend) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN")
     sandbox = await backend.start_sandbox()
     try:
         code = "open('kept', 'w').write('x' * 1000)\nopen('/tmp/t', 'w').write('y')\nprint('ok')"
         result = await backend.run(sandbox, RunRequest(code=code, stdin="", timeout_s=5))
         assert result.stdout == b"ok\n"
-        assert (sandbox.scratch / "sandbox" / "kept").stat().st_size == 1000
-        assert stat.S_IMODE(sandbox.scratch.stat().st_mode) == 0o700
+        assert sandbox.scratch is not None
+        workdir = sandbox.scratch.paths["sandbox"]
+        assert os.stat(f"{workdir}/kept").st_size == 1000
+        assert stat.S_IMODE(os.stat(workdir).st_mode) == 0o700
+        devices = {os.stat(path).st_dev for path in sandbox.scratch.paths.values()}
+        assert len(devices) == 3  # three filesystems of their own
     finally:
         await backend.destroy_sandbox(sandbox)
-    assert not sandbox.scratch.exists()
+    assert not devices & open_devices()  # no fd left: the kernel frees them
+
+
+async def test_without_mount_rights_scratch_is_plain_directories_removed_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(size: str, inodes: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(wasm, "mount_tmpfs", refuse)
+    plain = WasmBackend(PoolConfig(name="wasm-plain", backend="wasm", max_size=1), "test")
+    await plain.start()
+    try:
+        sandbox = await plain.start_sandbox()
+        try:
+            code = "open('kept', 'w').write('x')\nimport sys; sys.exit(201)"
+            result = await plain.run(sandbox, RunRequest(code=code, stdin="", timeout_s=5))
+            assert result.exit_code == 201
+            assert (sandbox.scratch_root / "sandbox" / "kept").read_text() == "x"
+        finally:
+            await plain.destroy_sandbox(sandbox)
+        assert not sandbox.scratch_root.exists()
+    finally:
+        await plain.close()
 
 
 async def test_stopping_one_guest_leaves_its_neighbours_running(backend: WasmBackend) -> None:
@@ -243,7 +282,6 @@ async def test_destroying_a_parked_sandbox_stops_its_thread(backend: WasmBackend
     assert not sandbox.worker.done()
     await backend.destroy_sandbox(sandbox)
     assert sandbox.worker.done()
-    assert not sandbox.scratch.exists()
 
 
 async def test_close_stops_parked_and_running_guests(backend: WasmBackend) -> None:

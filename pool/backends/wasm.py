@@ -292,6 +292,110 @@ def guest_runner_source() -> str:
     return resources.files("pool").joinpath("wasm_runner.py").read_text(encoding="utf-8")
 
 
+# --- scratch directories -----------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# The new mount API (Linux 5.2+), the same numbers on every architecture.
+_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 430, 431, 432
+_FSOPEN_CLOEXEC = _FSMOUNT_CLOEXEC = 1
+_FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 1, 6
+_MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV, _MOUNT_ATTR_NOEXEC = 0x2, 0x4, 0x8
+STATUS_LIMIT_KB = 64  # the status tmpfs holds one small file
+SCRATCH_INODES = 4096  # files and directories per tmpfs: each costs kernel memory
+
+
+def _syscall(number: int, *args: object) -> int:
+    result = int(_libc.syscall(number, *args))
+    if result < 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return result
+
+
+def mount_tmpfs(size: str, inodes: int) -> int:
+    """A fresh tmpfs of ``size`` attached nowhere; returns an O_PATH fd to its root.
+
+    Nothing appears in the mount table and nothing needs unmounting: the
+    filesystem is freed when the last fd into it closes. Needs CAP_SYS_ADMIN;
+    raises OSError (EPERM, ENOSYS) where it is not allowed.
+    """
+    context = _syscall(_SYS_FSOPEN, b"tmpfs", _FSOPEN_CLOEXEC)
+    try:
+        for key, value in ((b"size", size), (b"nr_inodes", str(inodes)), (b"mode", "0700")):
+            _syscall(_SYS_FSCONFIG, context, _FSCONFIG_SET_STRING, key, value.encode(), 0)
+        _syscall(_SYS_FSCONFIG, context, _FSCONFIG_CMD_CREATE, None, None, 0)
+        attributes = _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOEXEC
+        return _syscall(_SYS_FSMOUNT, context, _FSMOUNT_CLOEXEC, attributes)
+    finally:
+        os.close(context)
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        os.close(mount_tmpfs(f"{STATUS_LIMIT_KB}k", 16))
+    except OSError:
+        return False
+    return True
+
+
+class Scratch:
+    """A sandbox's writable directories: ``sandbox`` (its workdir), ``tmp``, ``status``.
+
+    Where the daemon may mount (root), each is its own tmpfs of ``tmpfs_mb``
+    (the status one of 64 KiB), so a full one says ENOSPC as Docker's tmpfs
+    does and nothing reaches the host's disk. Elsewhere they are plain
+    directories under the run directory, with no size limit (logged at start).
+    """
+
+    NAMES = ("sandbox", "tmp", "status")
+
+    def __init__(self, root: Path, tmpfs_mb: int | None) -> None:
+        self.root: Path | None = root  # plain directories only; None for tmpfs mounts
+        self.paths: dict[str, str] = {}  # name -> the path wasmtime opens
+        self._fds: list[int] = []
+        self._status_dir = -1
+        try:
+            if tmpfs_mb is None:
+                root.mkdir(mode=0o700)
+                for name in self.NAMES:
+                    (root / name).mkdir(mode=0o700)
+                    self.paths[name] = str(root / name)
+            else:
+                self.root = None
+                for name in self.NAMES:
+                    size = f"{STATUS_LIMIT_KB}k" if name == "status" else f"{tmpfs_mb}m"
+                    fd = mount_tmpfs(size, SCRATCH_INODES)
+                    self._fds.append(fd)
+                    self.paths[name] = f"/proc/self/fd/{fd}"
+            self._status_dir = os.open(
+                self.paths["status"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def read_status(self) -> bytes:
+        """The runner's status file, at most 16 bytes; never follows a link the guest made."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open("status", flags, dir_fd=self._status_dir)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file")
+            return os.read(fd, 16)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Free the tmpfs mounts (once wasmtime's fds are closed too) or remove the dirs."""
+        for fd in (*self._fds, self._status_dir):
+            if fd >= 0:
+                os.close(fd)
+        self._fds.clear()
+        self._status_dir = -1
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 # --- one guest ----------------------------------------------------------------
 
 
@@ -422,12 +526,13 @@ class WasmSandbox(Sandbox):
     def __init__(
         self,
         sandbox_id: str,
-        scratch: Path,
+        scratch_root: Path,
         loop: asyncio.AbstractEventLoop,
         engine: wasmtime.Engine,
     ) -> None:
         super().__init__(sandbox_id)
-        self.scratch = scratch
+        self.scratch_root = scratch_root
+        self.scratch: Scratch | None = None  # made by the worker thread
         self.guest = _Guest(engine)
         self._loop = loop
         # Set as soon as _start returns, before the worker drops the Store.
@@ -471,6 +576,7 @@ class WasmBackend:
         self._module: wasmtime.Module | None = None
         self._ticker: _Ticker | None = None
         self._run_dir: Path | None = None
+        self._tmpfs = False  # scratch directories are size-limited tmpfs mounts
         self._sandboxes: set[WasmSandbox] = set()
 
     # --- lifecycle ---------------------------------------------------------
@@ -524,6 +630,14 @@ class WasmBackend:
         )
         self._engine = engine
         self._ticker = _Ticker(engine, name=f"sandpool-wasm-{self.config.name}-epoch")
+        self._tmpfs = await loop.run_in_executor(self._executor, _can_mount_tmpfs)
+        if not self._tmpfs:
+            log.warning(
+                "wasm_scratch_unlimited",
+                pool=self.config.name,
+                reason="cannot mount tmpfs (needs CAP_SYS_ADMIN): /sandbox and /tmp are "
+                "plain directories without a size limit",
+            )
         self._run_dir = Path(tempfile.mkdtemp(prefix=f"sandpool-wasm-{self.config.name}-"))
 
     async def close(self) -> None:
@@ -661,10 +775,8 @@ class WasmBackend:
             raise BackendError("the wasm backend is not started")
         engine, module = self._engine, self._module
         guest = sandbox.guest
-        scratch = sandbox.scratch
-        scratch.mkdir(mode=0o700)
-        for sub in ("sandbox", "tmp", "status"):
-            (scratch / sub).mkdir(mode=0o700)
+        tmpfs_mb = self.config.tmpfs_mb if self._tmpfs else None
+        sandbox.scratch = scratch = Scratch(sandbox.scratch_root, tmpfs_mb)
         store = wasmtime.Store(engine)
         store.set_epoch_deadline(1)
         _epoch_guests[guest.key] = guest
@@ -691,9 +803,9 @@ class WasmBackend:
         wasi.stdin_file = f"/proc/self/fd/{stdin_r}"
         wasi.stdout_file = f"/proc/self/fd/{stdout_w}"
         wasi.stderr_file = f"/proc/self/fd/{stderr_w}"
-        wasi.preopen_dir(str(scratch / "sandbox"), GUEST_WORKDIR)
-        wasi.preopen_dir(str(scratch / "tmp"), "/tmp")
-        wasi.preopen_dir(str(scratch / "status"), "/.sandpool")
+        wasi.preopen_dir(scratch.paths["sandbox"], GUEST_WORKDIR)
+        wasi.preopen_dir(scratch.paths["tmp"], "/tmp")
+        wasi.preopen_dir(scratch.paths["status"], "/.sandpool")
         store.set_wasi(wasi)
         # WASI's monotonic clock counts from the context's creation inside
         # set_wasi: reading the host clock after it errs towards longer sleeps.
@@ -775,9 +887,11 @@ class WasmBackend:
             return TRAP_EXIT_CODE
         if outcome.status != WASI_MAX_STATUS:
             return outcome.status
-        status_file = sandbox.scratch / "status" / "status"
+        if sandbox.scratch is None:
+            return WASI_MAX_STATUS
         with contextlib.suppress(OSError, ValueError):
-            claimed = int(await asyncio.to_thread(status_file.read_text))
+            # At most 16 bytes from a tmpfs or a local disk: not worth a thread.
+            claimed = int(sandbox.scratch.read_status())
             if WASI_MAX_STATUS < claimed < 256:
                 return claimed
         return WASI_MAX_STATUS
@@ -850,7 +964,8 @@ class WasmBackend:
                     os.close(fd)
             sandbox.stdout_r = sandbox.stderr_r = -1
             self._sandboxes.discard(sandbox)
-            await asyncio.to_thread(shutil.rmtree, sandbox.scratch, ignore_errors=True)
+            if sandbox.scratch is not None:
+                await asyncio.to_thread(sandbox.scratch.close)
 
 
 class _OutputPipes:
