@@ -9,6 +9,7 @@ the process trees (against the backend directly, which knows their pids).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import textwrap
@@ -312,6 +313,20 @@ async def test_cgroup_holds_the_tree_with_the_pool_limits(
     assert [d for d in directories if d.exists()] == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="finds the tree by its cgroup, made only as root")
+@pytest.mark.parametrize("delay_s", [0, 0.0002, 0.0005, 0.001, 0.003, 0.01, 0.03, 0.06, 0.12, 0.25])
+async def test_a_cancelled_start_leaves_nothing(backend: ProcessBackend, delay_s: float) -> None:
+    starting = asyncio.ensure_future(backend.start_sandbox())
+    await asyncio.sleep(delay_s)  # somewhere in cgroup creation, spawn or readiness
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):  # we cancelled it ourselves
+        await backend.destroy_sandbox(await starting)  # or it won the race: fine too
+    # A cgroup leaked by an abandoned worker thread would appear within this.
+    await asyncio.sleep(0.2)
+    assert backend_cgroup_members(backend) == []
+    assert sandbox_cgroups(backend) == []
+
+
 async def test_missing_interpreter_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process, "INTERPRETER", "/usr/bin/no-such-python3")
     backend = ProcessBackend(PoolConfig(name="broken", backend="process"), "broken")
@@ -378,6 +393,34 @@ def daemon_cgroups(daemon_pid: int) -> list[Path]:
         for path in (process.CGROUP_ROOT / controller / own.lstrip("/")).glob(
             f"sandpool-{daemon_pid}-*"
         )
+    ]
+
+
+def backend_cgroup_members(backend: ProcessBackend) -> list[int]:
+    """Host pids whose cgroup is one of this backend's, by /proc/PID/cgroup."""
+    name = process.cgroup_dir_name(backend.config.name, backend.instance_id)
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cgroups = Path(f"/proc/{entry}/cgroup").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if f"/{name}/" in cgroups:
+                members.append(int(entry))
+    return members
+
+
+def sandbox_cgroups(backend: ProcessBackend) -> list[Path]:
+    """The sandbox cgroup directories below this backend's pool directories."""
+    name = process.cgroup_dir_name(backend.config.name, backend.instance_id)
+    return [
+        sandbox_dir
+        for controller, own in process.own_cgroups().items()
+        if controller
+        for pool_dir in (process.CGROUP_ROOT / controller / own.lstrip("/")).glob(name)
+        for sandbox_dir in pool_dir.iterdir()
+        if sandbox_dir.is_dir()
     ]
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -296,16 +296,34 @@ def remove_sandbox_cgroup(cgroup: SandboxCgroup) -> None:
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise BackendError(f"cannot remove cgroup {directory}: {e}") from None
+                # Normally empty once bwrap is reaped; anything still inside
+                # (a child bwrap lost in a failed start) dies now.
+                _kill_members(directory)
                 time.sleep(0.01)  # a worker thread, not the event loop
         else:
             raise BackendError(f"cgroup {directory} still has processes")
     cgroup.dirs.clear()
 
 
+def _kill_members(directory: Path) -> None:
+    try:
+        members = (directory / "cgroup.procs").read_text().split()
+    except OSError:
+        return
+    for pid in members:  # listed, hence alive and ours: the pid is not reused
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def remove_pool_cgroups(tree: CgroupTree) -> None:
+    """Remove this pool's directories; one still busy is left to the next daemon's sweep."""
     for directory in tree.pool_dirs.values():
-        with contextlib.suppress(FileNotFoundError):
+        try:
             directory.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cgroup_not_removed", path=str(directory), error=e.strerror)
 
 
 # --- the runner's process -------------------------------------------------
@@ -331,6 +349,8 @@ class _RunnerProtocol(asyncio.SubprocessProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.decoder = FrameDecoder()
         self.ready: asyncio.Future[None] = loop.create_future()
+        # A start cancelled before it awaited readiness never reads the failure.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.exited: asyncio.Future[int] = loop.create_future()
         self.transport: asyncio.SubprocessTransport | None = None
         self.run: _Run | None = None
@@ -655,20 +675,37 @@ class ProcessBackend:
         sandbox_id = new_sandbox_id()
         cgroup: SandboxCgroup | None = None
         if self._cgroups is not None:
-            cgroup = await asyncio.to_thread(
-                create_sandbox_cgroup, self._cgroups, sandbox_id, self.config
+            creating = asyncio.ensure_future(
+                asyncio.to_thread(create_sandbox_cgroup, self._cgroups, sandbox_id, self.config)
             )
-        try:
-            sandbox = await self._spawn(sandbox_id, cgroup)
-        except BaseException:
-            if cgroup is not None:
-                # The spawn's own error (or cancellation) is what the caller must see.
+            try:
+                cgroup = await asyncio.shield(creating)
+            except asyncio.CancelledError:
+                # The thread finishes the cgroup anyway: remove what it made.
                 with contextlib.suppress(BackendError):
-                    await asyncio.shield(asyncio.to_thread(remove_sandbox_cgroup, cgroup))
+                    await asyncio.to_thread(remove_sandbox_cgroup, await creating)
+                raise
+        # Shielded: cancelling the spawn halfway would have asyncio kill bwrap
+        # between its clone and --die-with-parent, orphaning the half-made child.
+        spawning = asyncio.ensure_future(self._spawn(sandbox_id, cgroup))
+        try:
+            sandbox = await asyncio.shield(spawning)
+        except BaseException as e:
+            made = None
+            if isinstance(e, asyncio.CancelledError):
+                with contextlib.suppress(BackendError):
+                    made = await spawning
+            if made is not None:
+                with contextlib.suppress(BackendError):
+                    await self.destroy_sandbox(made)  # removes the cgroup too
+            elif cgroup is not None:
+                with contextlib.suppress(BackendError):
+                    await asyncio.to_thread(remove_sandbox_cgroup, cgroup)
             raise
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
-                await sandbox.protocol.ready
+                # Shielded so that the destroy below can still wait for it.
+                await asyncio.shield(sandbox.protocol.ready)
             sandbox.learn_runner()
         except BaseException as e:
             with contextlib.suppress(BackendError):
@@ -817,6 +854,14 @@ class ProcessBackend:
 
     async def _reap(self, sandbox: ProcessSandbox) -> None:
         """Kill the tree and wait until bwrap is reaped, hence every process in it gone."""
+        protocol = sandbox.protocol
+        if sandbox.runner_pidfd is None and not protocol.exited.done():
+            # A start cut short. bwrap names the runner only once it has cloned
+            # it; killing bwrap before could orphan the child mid-setup.
+            either: list[asyncio.Future[Any]] = [protocol.ready, protocol.exited]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         sandbox.kill()
         try:
             async with asyncio.timeout(EXIT_TIMEOUT_S):
