@@ -310,6 +310,22 @@ async def test_a_wrong_module_hash_is_refused(monkeypatch: pytest.MonkeyPatch) -
     assert "refusing to run it" in caught.value.message
 
 
+async def test_a_module_that_is_not_the_runner_fails_to_start_with_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    module = tmp_path / "not-python.wasm"
+    module.write_bytes(wasmtime.wat2wasm('(module (func (export "_start")))'))
+    config = PoolConfig(name="wasm-other", backend="wasm", max_size=1, wasm_module=str(module))
+    other = WasmBackend(config, "test")
+    await other.start()  # another build is the operator's choice: not pinned
+    try:
+        with pytest.raises(BackendError, match=r"did not report ready \(exit status 0\)"):
+            await other.start_sandbox()
+    finally:
+        await other.close()
+
+
 def test_verify_module_names_both_hashes(tmp_path: Path) -> None:
     module = tmp_path / "m.wasm"
     module.write_bytes(wasmtime.wat2wasm("(module)"))

@@ -727,6 +727,8 @@ class WasmBackend:
                 raise BackendError(
                     f"the guest runner was not ready within {READY_TIMEOUT_S:g} s"
                 ) from None
+            if isinstance(e, BackendError):  # the worker has been joined: say why it ended
+                raise BackendError(f"{e.message} ({self._ended(sandbox)})") from None
             raise
         return sandbox
 
