@@ -129,11 +129,22 @@ class DockerBackend:
         self._tasks = [loop.create_task(self._watch_events()), loop.create_task(self._sweep())]
 
     async def close(self) -> None:
+        """Stop following events; remove whatever of this pool is still there; disconnect.
+
+        The pool has destroyed its sandboxes by now, but a removal that failed
+        while dockerd was down left a container behind: labels find it.
+        """
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         if self._docker is not None:
+            try:
+                for container in await self._list(f"{LABEL_INSTANCE}={self.instance_id}"):
+                    if container["Labels"].get(LABEL_POOL) == self.config.name:
+                        await self._remove(str(container["Id"]))
+            except (*_DOCKER_ERRORS, BackendError) as e:
+                log.error("containers_not_removed", pool=self.config.name, error=_describe(e))
             await self._docker.close()
             self._docker = None
 
