@@ -292,6 +292,9 @@ async def test_destroy_is_idempotent(backend: ProcessBackend, sandbox: ProcessSa
     assert tree & host_processes() == set()
 
 
+LIMIT_FILES = ("memory.limit_in_bytes", "memory.max", "pids.max", "cpu.cfs_quota_us", "cpu.max")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon creates cgroups only as root")
 async def test_cgroup_holds_the_tree_with_the_pool_limits(
     backend: ProcessBackend, sandbox: ProcessSandbox
@@ -301,12 +304,17 @@ async def test_cgroup_holds_the_tree_with_the_pool_limits(
     limits = {
         name: path.read_text().strip()
         for directory in directories
-        for name in ("memory.limit_in_bytes", "memory.max", "pids.max")
+        for name in LIMIT_FILES
         if (path := directory / name).exists()
     }
     assert limits.get("memory.limit_in_bytes", limits.get("memory.max")) == str(128 * 2**20)
     if "pids.max" in limits:
         assert limits["pids.max"] == "64"
+    # cpus = 0.5, in force by hand-out (not during the runner's own start-up)
+    if "cpu.cfs_quota_us" in limits:
+        assert limits["cpu.cfs_quota_us"] == "50000"
+    if "cpu.max" in limits:
+        assert limits["cpu.max"] == "50000 100000"
     procs = {int(pid) for pid in (directories[0] / "cgroup.procs").read_text().split()}
     assert {sandbox.bwrap_pid, sandbox.runner_pid} <= procs  # born inside, not moved later
     await backend.destroy_sandbox(sandbox)
