@@ -131,10 +131,9 @@ def test_counters_and_histograms_follow_requests(observed: Observed) -> None:
 
 def test_metrics_on_the_socket_match(observed: Observed) -> None:
     with observed.daemon.client() as client:
-        client._connection.request("GET", "/metrics")
-        response = client._connection.getresponse()
-        text = response.read().decode()
-    assert response.status == 200
+        status, raw = client.request_raw("GET", "/metrics")
+        text = raw.decode()
+    assert status == 200
     assert "sandpool_requests_total" in text
 
 
