@@ -27,8 +27,24 @@ setup: $(STAMP)
 	$(IMAGE_BUILD)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pool api metrics tests
+	$(VENV)/bin/ruff check pool api metrics tests bench
 	$(VENV)/bin/mypy
+
+# Benchmarks (issue 8; README, "Benchmarks"): never part of `make test`.
+# `make bench` takes under 10 minutes and writes bench/results/<date>.{json,md,png}.
+.PHONY: bench bench-quick
+BENCH_STAMP := $(VENV)/.bench-installed
+
+bench: setup $(BENCH_STAMP)
+	$(VENV)/bin/python -m bench
+
+bench-quick: setup $(BENCH_STAMP)
+	$(VENV)/bin/python -m bench --quick
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-e '.[test,bench]' -c constraints.txt
+	touch $@
 
 # Reinstalls only when the dependencies change.
 $(STAMP): pyproject.toml constraints.txt

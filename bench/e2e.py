@@ -5,6 +5,10 @@
 Requests are paced (open loop at --rate per second) so a single-use pool has
 time to refill between them: this measures hand-out latency at low load, not
 refill throughput.
+
+Kept for the backend authors' quick checks against a daemon they started; the
+benchmark itself (every path side by side, the load test, the result files) is
+``python -m bench`` / ``make bench``.
 """
 
 from __future__ import annotations

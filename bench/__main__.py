@@ -1,0 +1,429 @@
+"""``python -m bench [--quick]``: the whole benchmark in one run, results in bench/results/.
+
+Order: machine description, churn ceiling, the cold paths (seed docker-py,
+aiodocker, llm-sandbox), then a dedicated sandpool daemon (idle CPU, low-load
+latency per pool, open-loop load per pool), then a Docker-only daemon with 16
+warm sandboxes (RSS, idle CPU). Each section has a time budget so the full run
+stays under 10 minutes; a section that runs out records fewer samples (``n``).
+Every container and daemon the run starts is gone when it ends, or it fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import docker_paths, peers, report, sandpool_paths
+from bench.daemon import BenchDaemon, DaemonFailed
+from bench.machine import CpuMeter, describe_machine, dockerd_pid
+from bench.workloads import Workload, build_workloads
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Quick runs (make bench-quick, the test suite) must not litter bench/results/.
+QUICK_RESULTS = Path(__file__).resolve().parent.parent / ".state" / "bench-quick"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    budget_s: float
+    churn_s: float
+    cold_samples: int
+    seed_budget_s: float
+    aiodocker_budget_s: float
+    llm_session_budget_s: float
+    llm_pool_budget_s: float
+    latency_samples: int
+    latency_budget_s: float  # per pool and workload, scaled by the backend's pacing
+    idle_window_s: float
+    load_step_s: dict[str, float]  # per backend
+    load_steps: int
+    load_budget_s: dict[str, float]  # per backend
+    rss_warm: int
+    docker_rate_fractions: tuple[float, ...]
+    pool_sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+
+FULL = Mode(
+    name="full", budget_s=570, churn_s=8.0, cold_samples=30, seed_budget_s=45,
+    aiodocker_budget_s=40, llm_session_budget_s=55, llm_pool_budget_s=25,
+    latency_samples=200, latency_budget_s=45, idle_window_s=10.0,
+    # Docker rates are a few per second: longer steps, so each counts enough arrivals.
+    load_step_s={"docker": 10.0, "process": 6.0, "wasm": 6.0}, load_steps=8,
+    load_budget_s={"docker": 85.0, "process": 50.0, "wasm": 50.0}, rss_warm=16,
+    docker_rate_fractions=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5),
+)
+QUICK = Mode(
+    name="quick", budget_s=55, churn_s=0.8, cold_samples=1, seed_budget_s=4,
+    aiodocker_budget_s=4, llm_session_budget_s=3, llm_pool_budget_s=3,
+    latency_samples=6, latency_budget_s=2, idle_window_s=1.0,
+    load_step_s={"docker": 1.5, "process": 1.5, "wasm": 1.5}, load_steps=2,
+    load_budget_s={"docker": 6.0, "process": 6.0, "wasm": 6.0}, rss_warm=4,
+    docker_rate_fractions=(0.25, 0.5),
+    pool_sizes={"docker": (2, 4, 2), "process": (2, 4, 2), "wasm": (2, 4, 1)},
+)
+GEOMETRIC_STEP = 1.6  # process and wasm: rates rise by this factor per step
+
+
+class Clock:
+    """The run's global deadline, and per-section budgets inside it."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.began = time.monotonic()
+        self.deadline = self.began + budget_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.began
+
+    def section(self, budget_s: float) -> Callable[[], float]:
+        end = min(time.monotonic() + budget_s, self.deadline)
+        return lambda: end - time.monotonic()
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _section(doc: dict[str, Any], name: str, run: Callable[[], Any]) -> Any:
+    """Run one section; an exception becomes an ``error`` entry and a line in ``errors``."""
+    began = time.monotonic()
+    print(f"bench: {name} ...", file=sys.stderr, flush=True)
+    try:
+        result = run()
+    except Exception as e:  # one failed section must not lose the others' numbers
+        message = f"{name}: {type(e).__name__}: {e}"
+        doc["errors"].append(message)
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+        result = {"error": f"{type(e).__name__}: {e}"}
+    if isinstance(result, dict):
+        result.setdefault("section_s", round(time.monotonic() - began, 1))
+    print(f"bench: {name} done in {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def _part(doc: dict[str, Any], name: str, run: Callable[..., dict[str, Any]], *args: Any,
+          **kwargs: Any) -> dict[str, Any]:
+    """``run(*args, **kwargs)`` inside a section: a failure is recorded and the section goes on."""
+    try:
+        return run(*args, **kwargs)
+    except Exception as e:  # the other pools' numbers are still worth having
+        message = f"{name}: {type(e).__name__}: {e}"
+        doc["errors"].append(message)
+        _say(message)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _idle_cpu(daemon: BenchDaemon, window_s: float) -> dict[str, Any]:
+    cpu_before, wall_before = daemon.cpu_s(), time.monotonic()
+    time.sleep(window_s)
+    cpu_s, wall_s = daemon.cpu_s() - cpu_before, time.monotonic() - wall_before
+    return {"window_s": round(wall_s, 2), "cpu_s": round(cpu_s, 3),
+            "cpu_percent_of_one_core": round(cpu_s / wall_s * 100, 3)}
+
+
+def _load_rates(plan: sandpool_paths.PoolPlan, mode: Mode, ceiling: float | None) -> list[float]:
+    if plan.backend == "docker" and ceiling:
+        # Quick mode only checks the mechanics: enough arrivals to count.
+        floor = 2.0 if mode is QUICK else 0.0
+        return [max(floor, round(ceiling * f, 2)) for f in mode.docker_rate_fractions]
+    return [round(plan.first_load_rate_per_s * GEOMETRIC_STEP**i, 2)
+            for i in range(mode.load_steps)]
+
+
+def run_sandpool(doc: dict[str, Any], mode: Mode, clock: Clock, workloads: tuple[Workload, ...],
+                 workdir: Path, daemons: list[BenchDaemon]) -> dict[str, Any]:
+    """The benchmark daemon: idle CPU, low-load latency and the load test per pool."""
+    plans = sandpool_paths.plan_pools(mode.pool_sizes or None)
+    if mode.pool_sizes:
+        plans = [sandpool_paths.PoolPlan(
+            p.name, p.backend, *mode.pool_sizes.get(p.backend, (2, 4, 2)),
+            low_load_rate_per_s=p.low_load_rate_per_s,
+            first_load_rate_per_s=p.first_load_rate_per_s) for p in plans]
+    out: dict[str, Any] = {"config": sandpool_paths.daemon_config(plans)}
+    daemon = BenchDaemon(workdir / "daemon", out["config"])
+    daemons.append(daemon)
+    out["pools_not_started"] = {}
+    while True:
+        try:
+            daemon.start()
+            break
+        except DaemonFailed as e:
+            # A default pool whose backend cannot start on this host (a missing
+            # library, no bwrap) is recorded and left out; the others are measured.
+            others = [p for p in plans if p.backend != "docker"]
+            if not others:
+                raise
+            failed = [p for p in others if f"{p.backend} backend" in str(e)
+                      or f"backends/{p.backend}.py" in str(e)] or others
+            out["pools_not_started"].update({p.name: str(e)[-600:] for p in failed})
+            _say(f"left out {', '.join(p.name for p in failed)}: the daemon failed to start")
+            daemon.stop()
+            plans = [p for p in plans if p not in failed]
+            out["config"] = sandpool_paths.daemon_config(plans)
+            daemon = BenchDaemon(workdir / f"daemon-{len(daemons)}", out["config"])
+            daemons.append(daemon)
+    _say(f"daemon {daemon.instance_id} ready after {daemon.ready_after_s:.1f} s")
+    out["instance"] = daemon.instance_id
+    out["ready_after_s"] = round(daemon.ready_after_s, 2)
+    served = {p["name"]: p for p in daemon.pools()}  # what the daemon really serves
+    out["pools"] = list(served.values())
+    plans = [p for p in plans if p.name in served]
+    time.sleep(min(2.0, mode.idle_window_s))  # let the last starts' bookkeeping settle
+    out["rss_warm_mib"] = round(daemon.rss_kib() / 1024, 1)
+    out["idle_cpu"] = _idle_cpu(daemon, mode.idle_window_s)
+    out["api_floor"] = sandpool_paths.api_floor(daemon.socket, mode.latency_samples)
+
+    out["latency"] = {}
+    for plan in plans:
+        entry: dict[str, Any] = {"backend": plan.backend}
+        rate = plan.low_load_rate_per_s
+        for workload in workloads:
+            daemon.wait_idle(plan.name, plan.min_idle)
+            budget = clock.section(mode.latency_budget_s * (5.0 / rate if rate < 5 else 1.0))
+            entry[workload.name] = _part(
+                doc, f"{plan.name} {workload.name} latency", sandpool_paths.low_load_latency,
+                daemon.socket, plan.name, workload, mode.latency_samples, rate, budget)
+            _say(f"{plan.name} {workload.name}: e2e {entry[workload.name].get('e2e')}")
+        out["latency"][plan.name] = entry
+
+    ceiling = doc["churn_ceiling"].get("ceiling_ops_per_s")
+    out["load"] = {}
+    print1 = workloads[0]
+    for plan in plans:
+        budget = clock.section(mode.load_budget_s.get(plan.backend, 50.0))
+        load = _part(
+            doc, f"{plan.name} load", sandpool_paths.load_test,
+            daemon.socket, plan.name, print1, _load_rates(plan, mode, ceiling),
+            mode.load_step_s.get(plan.backend, 6.0), budget,
+            settle=lambda name=plan.name, floor=plan.min_idle: daemon.wait_idle(name, floor),
+            meter=CpuMeter(daemon.pid),
+        )
+        load["backend"] = plan.backend
+        load["pool_settings"] = {"min_idle": plan.min_idle, "max_size": plan.max_size,
+                                 "start_concurrency": plan.start_concurrency}
+        out["load"][plan.name] = load
+        _say(f"{plan.name} load: sustained {load.get('sustained_ok_per_s')}/s, "
+             f"peak {load.get('peak_ok_per_s')}/s, {load.get('stopped')}")
+    out["rss_after_load_mib"] = round(daemon.rss_kib() / 1024, 1)
+    out["peak_rss_mib"] = round(daemon.hwm_kib() / 1024, 1)
+    docker_load = next((v for v in out["load"].values() if v["backend"] == "docker"), None)
+    if docker_load and ceiling and docker_load.get("peak_ok_per_s"):
+        out["docker_vs_ceiling"] = {
+            "ceiling_ops_per_s": ceiling,
+            "peak_ok_per_s": docker_load["peak_ok_per_s"],
+            "peak_fraction": round(docker_load["peak_ok_per_s"] / ceiling, 3),
+            "sustained_ok_per_s": docker_load["sustained_ok_per_s"],
+            "sustained_fraction": round((docker_load["sustained_ok_per_s"] or 0) / ceiling, 3),
+        }
+    out["stop_status"] = daemon.stop()
+    out["leftover_containers"] = len(asyncio.run(
+        docker_paths.list_labelled(f"sandpool.instance={daemon.instance_id}")))
+    return out
+
+
+def run_rss(mode: Mode, workdir: Path, daemons: list[BenchDaemon]) -> dict[str, Any]:
+    """A Docker-only daemon with ``rss_warm`` warm sandboxes: its RSS and idle CPU."""
+    warm = mode.rss_warm
+    config = (
+        "# Written by bench/: RSS with warm Docker sandboxes (issue 8).\n[server]\n"
+        'metrics_address = "off"\n\n[pools.python]\nbackend = "docker"\n'
+        f'image = "{docker_paths.IMAGE}"\nmin_idle = {warm}\nmax_size = {warm}\n'
+        "start_concurrency = 4\n"
+    )
+    daemon = BenchDaemon(workdir / "rss-daemon", config)
+    daemons.append(daemon)
+    daemon.start()
+    daemon.wait_idle("python", warm)
+    time.sleep(min(2.0, mode.idle_window_s))
+    pools = daemon.pools()
+    out = {
+        "warm_docker_sandboxes": pools[0]["idle"],
+        "rss_mib": round(daemon.rss_kib() / 1024, 2),
+        "threads": daemon.threads(),
+        "ready_after_s": round(daemon.ready_after_s, 2),
+        "config": config,
+        "idle_cpu": _idle_cpu(daemon, mode.idle_window_s),
+    }
+    out["stop_status"] = daemon.stop()
+    out["leftover_containers"] = len(asyncio.run(
+        docker_paths.list_labelled(f"sandpool.instance={daemon.instance_id}")))
+    return out
+
+
+def _get(doc: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
+def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 8's targets against this run's numbers (met is None when not measured)."""
+    sp = doc["sandpool"]
+    pools = {entry["backend"]: (name, entry) for name, entry in (sp.get("latency") or {}).items()}
+    rows: list[dict[str, Any]] = []
+
+    def add(target: str, value: float | None, limit: float, unit: str, *, at_least: bool = False,
+            detail: str = "") -> None:
+        if value is None:
+            rows.append({"target": target, "measured": "not measured", "value": None,
+                         "met": None})
+            return
+        met = value >= limit if at_least else value <= limit
+        shown = f"{value:.3g}{unit}" + (f" ({detail})" if detail else "")
+        rows.append({"target": target, "measured": shown, "value": value, "met": met})
+
+    docker = pools.get("docker", (None, {}))[1]
+    add("docker pool p50 ≤ 3 ms (print(1), low load)", _get(docker, "print1", "e2e", "p50_ms"),
+        3.0, " ms")
+    add("docker pool p99 ≤ 10 ms (print(1), low load)", _get(docker, "print1", "e2e", "p99_ms"),
+        10.0, " ms")
+    seed = _get(doc, "cold_paths", "seed_docker_py", "print1", "result", "p50_ms")
+    ours = _get(docker, "print1", "e2e", "p50_ms")
+    add("docker pool ≥ 50x faster than the seed's path (p50, print(1))",
+        round(seed / ours, 1) if seed and ours else None, 50.0, "x", at_least=True,
+        detail=f"seed {seed:.0f} ms" if seed else "")
+    add("hand-out p99 ≤ 1 ms (docker, idle sandbox)",
+        _get(docker, "print1", "handout_idle", "p99_ms"), 1.0, " ms")
+    versus = sp.get("docker_vs_ceiling") or {}
+    add("sustained single-use throughput ≥ 90 % of the churn ceiling",
+        versus.get("peak_fraction"), 0.9, "", at_least=True,
+        detail=f"{versus.get('peak_ok_per_s')}/s of {versus.get('ceiling_ops_per_s')}/s"
+        if versus else "")
+    add("process pool p50 ≤ 1.5 ms", _get(pools.get("process", (None, {}))[1],
+                                          "print1", "e2e", "p50_ms"), 1.5, " ms")
+    add("wasm pool p50 ≤ 3 ms", _get(pools.get("wasm", (None, {}))[1],
+                                     "print1", "e2e", "p50_ms"), 3.0, " ms")
+    rss = sp.get("rss") or {}
+    add(f"daemon RSS ≤ 80 MB with {rss.get('warm_docker_sandboxes', 16)} warm Docker sandboxes",
+        rss.get("rss_mib"), 80 * 1000**2 / 1024**2, " MiB")
+    idle = rss.get("idle_cpu") or sp.get("idle_cpu") or {}
+    add("idle CPU ≈ 0 (≤ 1 % of one core)", idle.get("cpu_percent_of_one_core"), 1.0, " %")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a few samples of every section (< 60 s), for `make test`")
+    parser.add_argument("--out", type=Path, help="directory for the results (default: "
+                        "bench/results, or .state/bench-quick with --quick)")
+    parser.add_argument("--name", help="base name of the result files (default: the date)")
+    parser.add_argument("--note", default="", help="a line printed at the top of the markdown")
+    parser.add_argument("--docker-pool", metavar="MIN_IDLE,MAX_SIZE,START_CONCURRENCY",
+                        default="8,16,4", help="the Docker pool's sizes (default 8,16,4)")
+    parser.add_argument("--image", default=docker_paths.IMAGE,
+                        help="the image of every Docker path (default %(default)s); "
+                        "for A/B runs of an image change")
+    args = parser.parse_args(argv)
+    docker_paths.IMAGE = args.image
+    mode = QUICK if args.quick else FULL
+    if not args.quick:
+        sizes = tuple(int(x) for x in args.docker_pool.split(","))
+        if len(sizes) != 3:
+            parser.error("--docker-pool takes MIN_IDLE,MAX_SIZE,START_CONCURRENCY")
+        mode = Mode(**{**mode.__dict__, "pool_sizes": {}})
+        sandpool_paths.POOL_SIZES["docker"] = sizes  # type: ignore[assignment]
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops daemons and removes containers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    clock = Clock(mode.budget_s)
+    run_id = uuid.uuid4().hex[:12]
+    workloads = build_workloads()
+    date = time.strftime("%Y-%m-%d")
+    doc: dict[str, Any] = {
+        "schema": report.SCHEMA,
+        "name": args.name or (date if mode is not QUICK else f"{date}-quick"),
+        "mode": mode.name,
+        "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_id": run_id,
+        "note": args.note,
+        "image": docker_paths.IMAGE,
+        "errors": [],
+    }
+    version, info = asyncio.run(docker_paths.docker_description())
+    doc["machine"] = describe_machine(version, info)
+    doc["workloads"] = {
+        "print1": {"code": workloads[0].code, "expected_stdout": workloads[0].expected_stdout},
+        "realistic": {
+            "description": f"parse an embedded {len(workloads[1].code) // 1000} KB JSON document "
+                           "of 120 orders, total revenue per customer, print one JSON line",
+            "code_bytes": len(workloads[1].code),
+            "expected_stdout": workloads[1].expected_stdout,
+        },
+    }
+    doc["churn_ceiling"] = {}
+    doc["cold_paths"] = {}
+    doc["sandpool"] = {}
+    daemons: list[BenchDaemon] = []
+    exit_status = 0
+    with tempfile.TemporaryDirectory(prefix="sandpool-bench-") as tmp:
+        try:
+            doc["churn_ceiling"] = _section(doc, "churn ceiling", lambda: asyncio.run(
+                docker_paths.churn_ceiling(run_id, (1, 2, 4), mode.churn_s)))
+            cold = doc["cold_paths"]
+            cold["seed_docker_py"] = _section(doc, "seed docker-py path", lambda: (
+                docker_paths.seed_docker_py(run_id, workloads, mode.cold_samples,
+                                            clock.section(mode.seed_budget_s))))
+            cold["aiodocker_cold"] = _section(doc, "aiodocker cold", lambda: asyncio.run(
+                docker_paths.aiodocker_cold(run_id, workloads, mode.cold_samples,
+                                            clock.section(mode.aiodocker_budget_s))))
+            cold["llm_sandbox"] = _section(doc, "llm-sandbox", lambda: peers.llm_sandbox(
+                run_id, workloads, mode.cold_samples, clock.section(mode.llm_session_budget_s),
+                lambda: clock.section(mode.llm_pool_budget_s)))
+            doc["sandpool"] = _section(doc, "sandpool daemon", lambda: run_sandpool(
+                doc, mode, clock, workloads, Path(tmp), daemons))
+            doc["sandpool"]["rss"] = _section(doc, "daemon RSS", lambda: run_rss(
+                mode, Path(tmp), daemons))
+        except KeyboardInterrupt:
+            doc["errors"].append("interrupted")
+            exit_status = 130
+        finally:
+            for daemon in daemons:
+                status = daemon.stop()
+                if status not in (0, None) and not daemon.failed_start:
+                    doc["errors"].append(f"daemon {daemon.instance_id} exited with {status}: "
+                                         f"{daemon.log_tail(800)}")
+            run_label = f"{docker_paths.LABEL_RUN}={run_id}"
+            leftovers = asyncio.run(docker_paths.list_labelled(run_label))
+            for daemon in daemons:
+                if daemon.instance_id:
+                    leftovers += asyncio.run(docker_paths.list_labelled(
+                        f"sandpool.instance={daemon.instance_id}"))
+            doc["cleanup"] = {"leftover_containers": len(leftovers),
+                              "daemons_started": len(daemons)}
+            if leftovers:
+                asyncio.run(docker_paths.remove_labelled(run_label))
+                for daemon in daemons:
+                    if daemon.instance_id:
+                        asyncio.run(docker_paths.remove_labelled(
+                            f"sandpool.instance={daemon.instance_id}"))
+                doc["errors"].append(f"{len(leftovers)} containers were left behind (removed)")
+    doc["targets"] = targets(doc)
+    doc["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    doc["dockerd_restarted_during_run"] = dockerd_pid() != doc["machine"]["dockerd_pid_at_start"]
+    doc["duration_s"] = round(clock.elapsed(), 1)
+    paths = report.write(doc, args.out or (QUICK_RESULTS if mode is QUICK else RESULTS))
+    print(report.markdown(doc))
+    print(f"bench: wrote {', '.join(paths.values())} in {doc['duration_s']:.0f} s",
+          file=sys.stderr)
+    if doc["errors"] and not exit_status:
+        exit_status = 1
+    return exit_status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

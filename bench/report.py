@@ -1,0 +1,243 @@
+"""The result files: JSON (machine-readable), markdown tables, and a PNG of latency against load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "sandpool-bench/1"
+WORKLOADS = ("print1", "realistic")
+# Every result carries these top-level sections, in quick mode too.
+SECTIONS = ("machine", "workloads", "churn_ceiling", "cold_paths", "sandpool", "targets", "cleanup")
+COLD_PATHS = ("seed_docker_py", "aiodocker_cold", "llm_sandbox")
+
+
+def _ms(stats: dict[str, Any] | None, key: str) -> str:
+    if not stats or not stats.get("n"):
+        return "-"
+    value = stats[key]
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def _stats_cells(stats: dict[str, Any] | None) -> list[str]:
+    return [_ms(stats, "p50_ms"), _ms(stats, "p95_ms"), _ms(stats, "p99_ms"),
+            str(stats.get("n", 0)) if stats else "0"]
+
+
+def headline_rows(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None,
+                                                      dict[str, Any] | None, str]]:
+    """(path, print1 stats, realistic stats, note) for the headline table."""
+    rows: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None, str]] = []
+    cold = doc["cold_paths"]
+
+    def add(label: str, section: dict[str, Any], note: str) -> None:
+        if "skipped" in section or "error" in section:
+            rows.append((label, None, None, section.get("skipped") or section.get("error", "")))
+            return
+        rows.append((label, section["print1"]["result"], section["realistic"]["result"], note))
+
+    add("seed: docker-py run+wait+logs+remove", cold["seed_docker_py"],
+        "result read, before remove")
+    add("aiodocker cold: create+start+wait+delete", cold["aiodocker_cold"],
+        "result read, before delete")
+    peer = cold["llm_sandbox"]
+    if "skipped" in peer:
+        rows.append(("llm-sandbox", None, None, peer["skipped"]))
+    else:
+        add(f"llm-sandbox {peer['version']} session per request", peer["session"],
+            "needs root, writable rootfs, skip_environment_setup")
+        add(f"llm-sandbox {peer['version']} pool", peer["pool"],
+            "containers reused (not single-use); same needs")
+    for name, pool in doc["sandpool"].get("latency", {}).items():
+        print1, realistic = pool.get("print1", {}), pool.get("realistic", {})
+        rate = print1.get("rate_per_s")
+        note = f"paced {rate:g}/s, warm pool" if rate else ""
+        errors = [part["error"] for part in (print1, realistic) if "error" in part]
+        rows.append((f"sandpool `{name}` ({pool['backend']}) via socket", print1.get("e2e"),
+                     realistic.get("e2e"), "; ".join([note, *errors]).strip("; ")))
+    return rows
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The whole result as markdown tables."""
+    m = doc["machine"]
+    lines = [
+        f"# sandpool benchmark {doc['name']} ({doc['mode']})",
+        "",
+        f"`{doc['command']}` — {doc['duration_s']:.0f} s, started {doc['started_at']}.",
+        "",
+        f"Machine: {m.get('cores')} cores ({m.get('cpu_model')}), {m.get('memory_mib')} MiB, "
+        f"kernel {m.get('kernel')}, {m.get('os')}, Docker {m.get('docker_server')} "
+        f"({m.get('docker_runtime')}, {m.get('storage_driver')}, cgroup {m.get('cgroup')}), "
+        f"Python {m.get('python')}; load average at start {m.get('loadavg_at_start')}, "
+        f"at end {doc.get('loadavg_at_end')}; image `{doc['image']}`.",
+        "",
+    ]
+    if doc.get("note"):
+        lines += [f"**{doc['note']}**", ""]
+    if doc.get("dockerd_restarted_during_run"):
+        lines += ["**dockerd restarted during this run (another process restarted it): "
+                  "the Docker figures are disturbed.**", ""]
+    lines += [
+        "## Latency per request (ms)",
+        "",
+        "| path | print(1) p50 | p95 | p99 | n | realistic p50 | p95 | p99 | n | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, print1, realistic, note in headline_rows(doc):
+        lines.append(f"| {label} | " + " | ".join(_stats_cells(print1) + _stats_cells(realistic))
+                     + f" | {note} |")
+    lines += ["", "Realistic script: " + doc["workloads"]["realistic"]["description"], ""]
+
+    churn = doc["churn_ceiling"]
+    lines += ["## Churn ceiling (raw create + start + delete, sandpool's container settings)", ""]
+    if "workers" in churn:
+        lines += ["| workers | containers/s | create+start p50 ms | delete p50 ms | cycles |",
+                  "|---:|---:|---:|---:|---:|"]
+        for workers, level in churn["workers"].items():
+            lines.append(f"| {workers} | {level['ops_per_s']:.2f} | "
+                         f"{_ms(level['create_start'], 'p50_ms')} | "
+                         f"{_ms(level['delete'], 'p50_ms')} | {level['cycles']} |")
+        lines += ["", f"Ceiling: **{churn['ceiling_ops_per_s']:.2f}/s** "
+                      f"({churn['best_workers']} workers).", ""]
+    else:
+        lines += [f"Not measured: {churn.get('skipped') or churn.get('error')}", ""]
+
+    sandpool = doc["sandpool"]
+    lines += ["## sandpool open-loop load (Poisson arrivals, `print(1)`)", ""]
+    for name, why in sandpool.get("pools_not_started", {}).items():
+        lines += [f"Pool `{name}` of the default configuration was not measured: its "
+                  f"backend did not start here (`{why.strip().splitlines()[-1]}`).", ""]
+    if sandpool.get("config"):
+        lines += ["Daemon configuration:", "", "```toml", sandpool["config"].rstrip(), "```", ""]
+    for name, load in sandpool.get("load", {}).items():
+        if "steps" not in load:
+            lines += [f"### `{name}`", "", f"Not measured: {load.get('error')}", ""]
+            continue
+        lines += [
+            f"### `{name}`", "",
+            "| offered/s | arrived/s | completed/s | rejected | failed | p50 ms | p95 ms | p99 ms "
+            "| hand-out p99 ms | drain s | CPU: daemon / dockerd / host | daemon CPU ms/req "
+            "| saturated |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        ]
+        for step in load["steps"]:
+            cpu = step.get("cpu") or {}
+            cpu_cell = " / ".join(
+                f"{cpu[k]:g} %" if cpu.get(k) is not None else "-"
+                for k in ("daemon_cpu_percent", "dockerd_cpu_percent", "host_busy_percent")
+            )
+            lines.append(
+                f"| {step['offered_per_s']:g} | {step['arrived_per_s']:g} | "
+                f"{step['achieved_ok_per_s']:g} | {step['rejected']} | {step['failed']} | "
+                f"{_ms(step['e2e'], 'p50_ms')} | {_ms(step['e2e'], 'p95_ms')} | "
+                f"{_ms(step['e2e'], 'p99_ms')} | {_ms(step['handout'], 'p99_ms')} | "
+                f"{step['drain_s']:g} | {cpu_cell} | "
+                f"{step.get('daemon_cpu_ms_per_request') or '-'} | {step['saturated'] or 'no'} |"
+            )
+        lines += ["", f"Sustained (highest completed/s of an unsaturated step): "
+                      f"{load['sustained_ok_per_s']}/s; peak completed/s: "
+                      f"{load['peak_ok_per_s']}/s; stopped: {load['stopped']}.", ""]
+    versus = sandpool.get("docker_vs_ceiling")
+    if versus:
+        lines += [f"Docker pool peak single-use throughput {versus['peak_ok_per_s']}/s = "
+                  f"**{versus['peak_fraction']:.0%}** of the churn ceiling "
+                  f"{versus['ceiling_ops_per_s']}/s (sustained unsaturated: "
+                  f"{versus['sustained_fraction']:.0%}).", ""]
+
+    lines += ["## Daemon", ""]
+    rss = sandpool.get("rss", {})
+    if rss.get("rss_mib") is not None:
+        lines.append(f"- RSS with {rss['warm_docker_sandboxes']} warm Docker sandboxes: "
+                     f"**{rss['rss_mib']:.1f} MiB** (VmRSS of the daemon process).")
+    for label, idle in (("benchmark daemon, all pools warm", sandpool.get("idle_cpu")),
+                        ("Docker-only daemon, 16 warm", rss.get("idle_cpu"))):
+        if idle:
+            lines.append(f"- Idle CPU ({label}): {idle['cpu_percent_of_one_core']:.2f} % of one "
+                         f"core over {idle['window_s']:g} s.")
+    if sandpool.get("api_floor"):
+        lines.append(f"- HTTP floor (GET /healthz round trip, same client): p50 "
+                     f"{_ms(sandpool['api_floor'], 'p50_ms')} ms, p99 "
+                     f"{_ms(sandpool['api_floor'], 'p99_ms')} ms.")
+    for name, pool in sandpool.get("latency", {}).items():
+        if "handout_idle" not in pool.get("print1", {}):
+            continue
+        print1 = pool["print1"]
+        lines.append(f"- `{name}` `print(1)`: hand-out (`queued_ms`, idle sandbox) p99 "
+                     f"{_ms(print1['handout_idle'], 'p99_ms')} ms; hand-out to result "
+                     f"(`duration_ms`) p50 {_ms(print1['execution'], 'p50_ms')} ms; e2e minus "
+                     f"both p50 {_ms(print1.get('outside_backend'), 'p50_ms')} ms.")
+    lines += ["", "## Targets (issue 8)", "", "| target | measured | met |", "|---|---|---|"]
+    for target in doc["targets"]:
+        met = {True: "yes", False: "**no**", None: "n/a"}[target["met"]]
+        lines.append(f"| {target['target']} | {target['measured']} | {met} |")
+    cleanup = doc["cleanup"]
+    lines += ["", f"Cleanup: {cleanup.get('leftover_containers', '?')} containers "
+                  "left after the run."]
+    if doc.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in doc["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> str | None:
+    """Latency against offered load, one panel per backend.
+
+    Returns None when the PNG was written, else why not (matplotlib absent, no load test).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no plot"
+    loads = {k: v for k, v in doc["sandpool"].get("load", {}).items() if "steps" in v}
+    if not loads:
+        return "no load test ran: no plot"
+    fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 4), squeeze=False)
+    for ax, (name, load) in zip(axes[0], loads.items(), strict=True):
+        steps = [s for s in load["steps"] if s["e2e"].get("n")]
+        rates = [s["offered_per_s"] for s in steps]
+        for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^-")):
+            ax.plot(rates, [s["e2e"][key] for s in steps], style, label=key.split("_")[0])
+        for s in steps:
+            if s["saturated"]:
+                ax.axvspan(s["offered_per_s"] * 0.97, s["offered_per_s"] * 1.03, color="red",
+                           alpha=0.15)
+        if load.get("backend") == "docker" and "ceiling_ops_per_s" in doc["churn_ceiling"]:
+            ax.axvline(doc["churn_ceiling"]["ceiling_ops_per_s"], color="grey", linestyle=":",
+                       label="churn ceiling")
+        if any(s["e2e"]["p50_ms"] > 0 for s in steps):
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no request completed", transform=ax.transAxes, ha="center")
+        ax.set_xlabel("offered load (requests/s, Poisson)")
+        ax.set_ylabel("e2e latency from scheduled arrival (ms)")
+        ax.set_title(f"{name} ({load.get('backend')})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"sandpool {doc['name']}: latency vs offered load (print(1)); "
+                 "red = saturated step", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write(doc: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write <name>.json, <name>.md and <name>.png (when possible); their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / doc["name"]
+    paths = {"json": str(base.with_suffix(".json")), "markdown": str(base.with_suffix(".md"))}
+    try:
+        note = plot(doc, base.with_suffix(".png"))
+    except Exception as e:  # a failed plot must not lose the measurements
+        note = f"plot failed: {type(e).__name__}: {e}"
+    if note is None:
+        paths["png"] = str(base.with_suffix(".png"))
+    doc["plot"] = {"path": paths.get("png"), "note": note}
+    doc["files"] = paths
+    Path(paths["markdown"]).write_text(markdown(doc))
+    Path(paths["json"]).write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+    return paths

@@ -1,0 +1,352 @@
+"""sandpool through its Unix socket: low-load latency per backend, and an open-loop load test.
+
+Low load: requests one at a time at a fixed rate (the stdlib client users use,
+one keep-alive connection), so the pool refills between them; just before each
+request ``GET /v1/pools`` records whether a sandbox was idle, so the hand-out
+figure (``queued_ms``) counts only hand-outs of an idle sandbox.
+
+Open loop: arrivals follow a Poisson process at a fixed rate on their own
+schedule, whatever the daemon does (a closed loop would slow down with the
+daemon and hide its queue). Latency is measured from each request's *scheduled*
+arrival, so a late client cannot hide queueing either. Rates rise step by step
+until the queue grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from api.client import ApiError, Client
+from bench import docker_paths
+from bench.machine import CpuMeter
+from bench.stats import percentile, summarize
+from bench.workloads import Workload
+from pool.config import default_pools
+
+# A step counts as saturated ("the queue grows") when any of these holds:
+MAX_ERROR_FRACTION = 0.01  # rejections (503) or failures above 1 % of arrivals
+MIN_ACHIEVED_FRACTION = 0.9  # completions fall below 90 % of the offered rate
+P99_GROWTH = 10.0  # p99 above 10x the first step's p99 ...
+P99_FLOOR_MS = 100.0  # ... and above 100 ms
+DRAIN_FLOOR_S = 1.0  # or the last answer comes over 1 s after the last arrival (a backlog)
+REFILL_WAIT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    """A pool the benchmark daemon serves, with the settings the run used."""
+
+    name: str
+    backend: str
+    min_idle: int
+    max_size: int
+    start_concurrency: int
+    low_load_rate_per_s: float
+    first_load_rate_per_s: float  # docker: replaced by a fraction of the churn ceiling
+
+    def toml(self) -> str:
+        image = f'image = "{docker_paths.IMAGE}"\n' if self.backend == "docker" else ""
+        return (
+            f'[pools.{self.name}]\nbackend = "{self.backend}"\nlanguage = "python"\n{image}'
+            f"min_idle = {self.min_idle}\nmax_size = {self.max_size}\n"
+            f"start_concurrency = {self.start_concurrency}\n"
+            # Deep queue and long acquire timeout: overload shows as latency and
+            # completions first, and as 503s only when the queue is really full.
+            "max_queue = 256\nacquire_timeout_s = 20.0\ntimeout_s = 10.0\n"
+        )
+
+
+# Low-load pacing per backend: slow enough that the pool is back at min_idle
+# before the next request (a Docker refill is ~150-300 ms of dockerd work here).
+LOW_LOAD_RATE = {"docker": 5.0, "process": 25.0, "wasm": 10.0}
+FIRST_LOAD_RATE = {"docker": 2.0, "process": 10.0, "wasm": 4.0}
+POOL_SIZES = {"docker": (8, 16, 4), "process": (8, 16, 4), "wasm": (4, 8, 2)}
+
+
+def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPlan]:
+    """One benchmark pool per Python pool of sandpool's default configuration.
+
+    ``docker_sizes`` is (min_idle, max_size, start_concurrency) of the Docker pool.
+    """
+    plans = []
+    for pool in default_pools():
+        if pool.language != "python":
+            continue
+        min_idle, max_size, concurrency = POOL_SIZES.get(pool.backend, (4, 8, 2))
+        if pool.backend == "docker" and docker_sizes is not None:
+            min_idle, max_size, concurrency = docker_sizes
+        plans.append(PoolPlan(
+            name=pool.name, backend=pool.backend, min_idle=min_idle, max_size=max_size,
+            start_concurrency=concurrency,
+            low_load_rate_per_s=LOW_LOAD_RATE.get(pool.backend, 5.0),
+            first_load_rate_per_s=FIRST_LOAD_RATE.get(pool.backend, 4.0),
+        ))
+    return plans
+
+
+def daemon_config(plans: list[PoolPlan]) -> str:
+    header = (
+        "# Written by bench/ for one benchmark run (issue 8).\n[server]\n"
+        'metrics_address = "off"\nmax_concurrent_requests = 1024\nshutdown_timeout_s = 20.0\n'
+    )
+    return header + "".join("\n" + plan.toml() for plan in plans)
+
+
+def low_load_latency(
+    socket_path: str,
+    pool: str,
+    workload: Workload,
+    samples: int,
+    rate_per_s: float,
+    time_left: Callable[[], float],
+) -> dict[str, Any]:
+    """Sequential requests, each once the pool is back at ``min_idle``, at most ``rate_per_s``.
+
+    Returns e2e, hand-out (idle sandbox only) and execution summaries. At low
+    load a refill has long finished when the next request comes; waiting for
+    it (at most REFILL_WAIT_S) makes that so on a busy host too.
+    """
+    e2e_ms: list[float] = []
+    outside_ms: list[float] = []  # e2e minus the daemon's queued_ms and duration_ms
+    handout_idle_ms: list[float] = []
+    handout_all_ms: list[float] = []
+    execution_ms: list[float] = []
+    not_idle = 0
+    failures: dict[str, int] = {}
+    with Client(socket_path, timeout_s=60) as client:
+        for _ in range(3):  # connect, and warm the daemon's code paths
+            client.run(workload.code, pool=pool)
+        next_send = time.perf_counter()
+        for _ in range(samples):
+            if time_left() <= 0 and len(e2e_ms) >= 10:
+                break
+            refill_deadline = time.perf_counter() + REFILL_WAIT_S
+            while True:
+                summary = next(p for p in client.pools() if p["name"] == pool)
+                refilled = summary["idle"] >= summary["min_idle"] and not summary["starting"]
+                if refilled or time.perf_counter() > refill_deadline:
+                    break
+                time.sleep(0.02)
+            time.sleep(max(0.0, next_send - time.perf_counter()))
+            sent = time.perf_counter()
+            next_send = sent + 1 / rate_per_s
+            try:
+                result = client.run(workload.code, pool=pool)
+            except ApiError as e:  # counted, not fatal: dockerd may restart under us
+                failures[e.code] = failures.get(e.code, 0) + 1
+                if sum(failures.values()) > max(5, samples // 10):
+                    break
+                continue
+            e2e_ms.append((time.perf_counter() - sent) * 1000)
+            if result["exit_code"] != 0 or result["stdout"] != workload.expected_stdout:
+                raise RuntimeError(f"sandpool {pool}: wrong result {result!r:.300}")
+            handout_all_ms.append(float(result["queued_ms"]))
+            execution_ms.append(float(result["duration_ms"]))
+            outside_ms.append(e2e_ms[-1] - handout_all_ms[-1] - execution_ms[-1])
+            if summary["idle"] >= 1:
+                handout_idle_ms.append(float(result["queued_ms"]))
+            else:
+                not_idle += 1
+    return {
+        "rate_per_s": rate_per_s,
+        "e2e": summarize(e2e_ms),
+        "handout_idle": summarize(handout_idle_ms),
+        "handout_all": summarize(handout_all_ms),
+        "execution": summarize(execution_ms),
+        "outside_backend": summarize(outside_ms),
+        "requests_without_idle_sandbox": not_idle,
+        "failed": failures,
+    }
+
+
+def api_floor(socket_path: str, samples: int) -> dict[str, Any]:
+    """Round trips of GET /healthz on one keep-alive connection: the HTTP floor under every run.
+
+    A run's e2e minus its ``duration_ms`` and ``queued_ms``, compared with this,
+    shows what the daemon adds around the backend beyond HTTP itself.
+    """
+    floor_ms: list[float] = []
+    with Client(socket_path, timeout_s=10) as client:
+        client.request("GET", "/healthz")
+        for _ in range(samples):
+            sent = time.perf_counter()
+            client.request("GET", "/healthz")
+            floor_ms.append((time.perf_counter() - sent) * 1000)
+            time.sleep(0.002)
+    return summarize(floor_ms)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    scheduled: float
+    sent: float = 0.0
+    done: float = 0.0
+    status: int = 0
+    code: str = ""
+    queued_ms: float = 0.0
+    duration_ms: float = 0.0
+    correct: bool = False
+
+
+async def _one(
+    session: aiohttp.ClientSession, body: dict[str, Any], expected: str, outcome: _Outcome,
+    timeout_s: float,
+) -> None:
+    loop = asyncio.get_running_loop()
+    outcome.sent = loop.time()
+    try:
+        async with asyncio.timeout(timeout_s), session.post(
+            "http://sandpool/v1/run", json=body
+        ) as response:
+            document = await response.json()
+            outcome.status = response.status
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        outcome.code = f"client:{type(e).__name__}"
+    else:
+        if outcome.status == 200:
+            outcome.queued_ms = float(document["queued_ms"])
+            outcome.duration_ms = float(document["duration_ms"])
+            outcome.correct = document["exit_code"] == 0 and document["stdout"] == expected
+            if not outcome.correct:
+                outcome.code = "wrong_result"
+        else:
+            outcome.code = str(document.get("error", {}).get("code", outcome.status))
+    outcome.done = loop.time()
+
+
+async def open_loop_step(
+    socket_path: str, pool: str, workload: Workload, rate_per_s: float, duration_s: float,
+    seed: int, request_timeout_s: float = 40.0,
+) -> dict[str, Any]:
+    """Poisson arrivals at ``rate_per_s`` for ``duration_s``; waits for every answer."""
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    body = {"code": workload.code, "pool": pool}
+    outcomes: list[_Outcome] = []
+    connector = aiohttp.UnixConnector(path=socket_path, limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # One warm connection, so the first arrivals do not pay for connecting.
+        async with session.get("http://sandpool/v1/pools") as response:
+            await response.read()
+        start = loop.time() + 0.05
+        arrival = start
+        async with asyncio.TaskGroup() as group:
+            while True:
+                arrival += rng.expovariate(rate_per_s)
+                if arrival >= start + duration_s:
+                    break
+                delay = arrival - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                outcome = _Outcome(scheduled=arrival)
+                outcomes.append(outcome)
+                group.create_task(
+                    _one(session, body, workload.expected_stdout, outcome, request_timeout_s)
+                )
+    ok = [o for o in outcomes if o.correct]
+    rejected = [o for o in outcomes if o.status == 503]
+    failed = [o for o in outcomes if not o.correct and o.status != 503]
+    last_done = max((o.done for o in outcomes), default=start)
+    # Rates are counted inside one window that skips the ramp-up, so boundary
+    # effects cancel: under load, completions in the window equal arrivals in
+    # it; past capacity, they are the capacity.
+    window_start = start + min(1.0, duration_s * 0.2)
+    window_end = start + duration_s
+    window_s = window_end - window_start
+    arrived = sum(window_start <= o.scheduled < window_end for o in outcomes)
+    completed = sum(window_start <= o.done < window_end for o in ok)
+    e2e_ms = [(o.done - o.scheduled) * 1000 for o in ok]
+    lag_ms = [(o.sent - o.scheduled) * 1000 for o in outcomes]
+    return {
+        "offered_per_s": rate_per_s,
+        "duration_s": duration_s,
+        "arrivals": len(outcomes),
+        "ok": len(ok),
+        "rejected": len(rejected),
+        "failed": len(failed),
+        "error_codes": sorted({o.code for o in (*rejected, *failed)}),
+        "window_s": round(window_s, 3),
+        "arrived_per_s": round(arrived / window_s, 2),
+        "achieved_ok_per_s": round(completed / window_s, 2),
+        "drain_s": round(max(0.0, last_done - window_end), 3),
+        "e2e": summarize(e2e_ms),
+        "handout": summarize([o.queued_ms for o in ok]),
+        "execution": summarize([o.duration_ms for o in ok]),
+        "client_lag_p99_ms": round(percentile(lag_ms, 99), 3) if lag_ms else None,
+    }
+
+
+def saturation(step: dict[str, Any], first: dict[str, Any] | None) -> str | None:
+    """Why this step counts as saturated (the queue grows), or None."""
+    arrivals = max(step["arrivals"], 1)
+    if (step["rejected"] + step["failed"]) / arrivals > MAX_ERROR_FRACTION:
+        return f"{step['rejected']} rejected and {step['failed']} failed of {arrivals}"
+    if step["achieved_ok_per_s"] < MIN_ACHIEVED_FRACTION * step["arrived_per_s"]:
+        return (f"completed {step['achieved_ok_per_s']}/s of {step['arrived_per_s']}/s arrived "
+                f"(< {MIN_ACHIEVED_FRACTION:.0%})")
+    if first is not None and step["e2e"].get("n") and first["e2e"].get("n"):
+        p99, base = step["e2e"]["p99_ms"], first["e2e"]["p99_ms"]
+        if p99 > P99_GROWTH * base and p99 > P99_FLOOR_MS:
+            return f"p99 {p99:.1f} ms > {P99_GROWTH:g}x the first step's {base:.1f} ms"
+        if step["drain_s"] > DRAIN_FLOOR_S and step["drain_s"] * 1000 > P99_GROWTH * base:
+            return f"backlog: last answer {step['drain_s']:.2f} s after the last arrival"
+    return None
+
+
+def load_test(
+    socket_path: str,
+    pool: str,
+    workload: Workload,
+    rates: list[float],
+    step_s: float,
+    time_left: Callable[[], float],
+    settle: Callable[[], None],
+    meter: CpuMeter | None = None,
+) -> dict[str, Any]:
+    """Open-loop steps at rising rates, until two have saturated (or time runs out).
+
+    The step after the first saturated one shows the pool's capacity under
+    overload (completions per second while the queue grows).
+    """
+    steps: list[dict[str, Any]] = []
+    stopped = "all rates run"
+    saturated_steps = 0
+    for index, rate in enumerate(rates):
+        if steps and time_left() < step_s * 2:
+            stopped = "time budget"
+            break
+        settle()
+        if meter is not None:
+            meter.start()
+        step = asyncio.run(open_loop_step(socket_path, pool, workload, rate, step_s, seed=index))
+        if meter is not None:
+            step["cpu"] = meter.stop()
+            # Everything the daemon did for these requests: HTTP, hand-out, run,
+            # destroy and refill (settling between steps is outside the meter).
+            daemon_s = step["cpu"].pop("daemon_cpu_s", None)
+            step["daemon_cpu_ms_per_request"] = (
+                round(daemon_s * 1000 / step["ok"], 3) if daemon_s and step["ok"] else None
+            )
+        step["saturated"] = saturation(step, steps[0] if steps else None)
+        steps.append(step)
+        saturated_steps += bool(step["saturated"])
+        if saturated_steps >= 2:
+            stopped = "saturated"
+            break
+    healthy = [s for s in steps if not s["saturated"]]
+    return {
+        "workload": workload.name,
+        "step_s": step_s,
+        "steps": steps,
+        "stopped": stopped,
+        "max_unsaturated_offered_per_s": max((s["offered_per_s"] for s in healthy), default=None),
+        "sustained_ok_per_s": max((s["achieved_ok_per_s"] for s in healthy), default=None),
+        "peak_ok_per_s": max((s["achieved_ok_per_s"] for s in steps), default=None),
+    }

@@ -1,0 +1,140 @@
+"""The benchmark harness keeps working: ``python -m bench --quick`` writes a well-formed result.
+
+No timing is asserted here (timings belong to ``make bench``); only that every
+section is present, that the numbers are self-consistent (p50 <= p95 <= p99,
+completions never exceed arrivals, ...), and that the run left nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(400)]
+
+
+def assert_stats(stats: dict[str, Any], where: str) -> None:
+    assert stats["n"] >= 1, where
+    values = [stats[k] for k in ("min_ms", "p50_ms", "p95_ms", "p99_ms", "max_ms")]
+    assert values == sorted(values), f"{where}: percentiles out of order {stats}"
+    assert stats["min_ms"] >= 0, where
+    assert stats["min_ms"] <= stats["mean_ms"] <= stats["max_ms"], where
+
+
+def assert_path(section: dict[str, Any], where: str, key: str = "result") -> None:
+    """A measured path has both workloads; a skipped one says which package is missing."""
+    if "skipped" in section:
+        assert "pip install" in section["skipped"], where
+        return
+    assert "error" not in section, f"{where}: {section['error']}"
+    for workload in report.WORKLOADS:
+        assert_stats(section[workload][key], f"{where} {workload}")
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--name", "quick"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=380,
+    )
+    result_path = out / "quick.json"
+    assert result_path.exists(), process.stderr[-4000:]
+    doc: dict[str, Any] = json.loads(result_path.read_text())
+    if doc.get("dockerd_restarted_during_run"):
+        pytest.skip("another process restarted dockerd during the quick benchmark")
+    assert process.returncode == 0, process.stderr[-4000:]
+    doc["_out"] = str(out)
+    return doc
+
+
+def test_every_section_is_present(quick_result: dict[str, Any]) -> None:
+    assert quick_result["schema"] == report.SCHEMA
+    assert quick_result["mode"] == "quick"
+    for section in report.SECTIONS:
+        assert section in quick_result, section
+    assert quick_result["errors"] == []
+    machine = quick_result["machine"]
+    assert machine["cores"] >= 1
+    assert machine["memory_mib"] > 0
+    assert machine["kernel"]
+    assert machine["python"]
+    assert machine["docker_server"]
+
+
+def test_cold_paths_and_churn_ceiling_are_sane(quick_result: dict[str, Any]) -> None:
+    cold = quick_result["cold_paths"]
+    assert set(report.COLD_PATHS) <= set(cold)
+    assert_path(cold["seed_docker_py"], "seed")
+    assert_path(cold["aiodocker_cold"], "aiodocker")
+    peer = cold["llm_sandbox"]
+    if "skipped" not in peer:
+        assert peer["requirements"], "llm-sandbox's figures must say what it needed"
+        assert_path(peer["session"], "llm-sandbox session")
+        assert_path(peer["pool"], "llm-sandbox pool")
+    churn = quick_result["churn_ceiling"]
+    assert set(churn["workers"]) == {"1", "2", "4"}
+    for workers, level in churn["workers"].items():
+        assert level["cycles"] >= 1, workers
+        assert level["ops_per_s"] > 0, workers
+        assert_stats(level["create_start"], f"churn {workers}")
+    assert churn["ceiling_ops_per_s"] == max(v["ops_per_s"] for v in churn["workers"].values())
+
+
+def test_sandpool_sections_are_sane(quick_result: dict[str, Any]) -> None:
+    sandpool = quick_result["sandpool"]
+    served = {p["name"]: p["backend"] for p in sandpool["pools"]}
+    assert served.get("python") == "docker"
+    assert set(sandpool["latency"]) == set(served)
+    for name, entry in sandpool["latency"].items():
+        for workload in report.WORKLOADS:
+            measured = entry[workload]
+            for key in ("e2e", "handout_all", "execution"):
+                assert_stats(measured[key], f"{name} {workload} {key}")
+            # The daemon's own hand-out and execution times fit inside the client's e2e.
+            assert measured["execution"]["min_ms"] <= measured["e2e"]["max_ms"]
+    assert set(sandpool["load"]) == set(served)
+    for name, load in sandpool["load"].items():
+        assert load["steps"], name
+        for step in load["steps"]:
+            assert step["ok"] + step["rejected"] + step["failed"] == step["arrivals"], step
+            assert step["achieved_ok_per_s"] >= 0
+            assert step["drain_s"] >= 0
+            if step["ok"]:
+                assert_stats(step["e2e"], f"{name} load {step['offered_per_s']}")
+    assert 0 <= sandpool["idle_cpu"]["cpu_percent_of_one_core"] <= 200
+    rss = sandpool["rss"]
+    assert rss["warm_docker_sandboxes"] >= 1
+    assert 10 < rss["rss_mib"] < 4096
+    assert rss["stop_status"] == 0
+    assert rss["leftover_containers"] == 0
+    assert sandpool["stop_status"] == 0
+    assert sandpool["leftover_containers"] == 0
+
+
+def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
+    targets = quick_result["targets"]
+    assert len(targets) == 9
+    for target in targets:
+        assert target["met"] in (True, False, None)
+        assert target["measured"]
+    assert quick_result["cleanup"]["leftover_containers"] == 0
+    out = Path(quick_result["_out"])
+    markdown = (out / "quick.md").read_text()
+    assert "## Latency per request (ms)" in markdown
+    assert "## Targets (issue 8)" in markdown
+    if quick_result["plot"]["path"] is not None:
+        assert (out / "quick.png").read_bytes().startswith(b"\x89PNG")
+    else:
+        assert quick_result["plot"]["note"]
