@@ -42,7 +42,7 @@ from pool.errors import ImageBuildError
 
 # Bump whenever the recipe below changes what ends up in the image: image_is_current()
 # compares it with the image's label, so every host rebuilds on its next `make`.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 RECIPE_LABEL = "sandpool.recipe"
 SOURCE_LABEL = "sandpool.source"
 
@@ -250,6 +250,7 @@ async def _import_from_debootstrap(mirror: str | None, clock: _Clock) -> str:
         await _debootstrap(mirror, rootfs, clock)
         clock.phase("stripping docs, man pages, translations, apt lists and caches")
         await asyncio.to_thread(_strip_rootfs, rootfs)
+        await _compile_stdlib(rootfs)
         await _check_python(rootfs)
         clock.phase(f"importing {rootfs} into Docker")
         return await _tar_into_docker(
@@ -371,6 +372,27 @@ def _strip_rootfs(rootfs: Path) -> None:
     sandbox = rootfs / SANDBOX_DIR.lstrip("/")
     sandbox.mkdir(exist_ok=True)
     sandbox.chmod(0o1777)
+
+
+async def _compile_stdlib(rootfs: Path) -> None:
+    """Byte-compile the standard library into the image (+~12 MB).
+
+    The root file system is read-only in a sandbox, so without .pyc files every
+    runner compiles json, re, enum, traceback... from source: measured 206-256 ms
+    of container CPU to ready against 83-98 ms with them, which halved the Docker
+    pool's single-use throughput (issue 8).
+    """
+    stdlib = sorted((rootfs / "usr/lib").glob("python3.*"))
+    targets = [f"/{path.relative_to(rootfs)}" for path in stdlib] or ["/usr/lib/python3"]
+    argv = ["chroot", str(rootfs), "/usr/bin/python3", "-I", "-m", "compileall", "-q", "-j", "0",
+            *targets]
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    result = await _run(argv, timeout_s=SMOKE_TEST_TIMEOUT_S, env=env, what="compileall")
+    if result.returncode != 0:
+        raise ImageBuildError(
+            "cannot byte-compile the standard library in the new root file system: "
+            f"{result.last_error_line or f'exit status {result.returncode}'}"
+        )
 
 
 async def _check_python(rootfs: Path) -> None:
