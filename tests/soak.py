@@ -109,7 +109,10 @@ class Soak:
 
     def kill_random_containers(self) -> None:
         while not self.stop.wait(15):
-            running = docker_containers(f"sandpool.instance={self.daemon.instance_id}")
+            try:
+                running = docker_containers(f"sandpool.instance={self.daemon.instance_id}")
+            except subprocess.CalledProcessError:
+                continue  # dockerd is restarting: that fault is the other thread's
             if running:
                 victim = random.choice(running)
                 subprocess.run(["docker", "kill", victim], capture_output=True, timeout=30)
