@@ -64,7 +64,9 @@ async def test_reaper_removes_containers_of_dead_daemons_only(backend: DockerBac
         stray_container(backend.config.name, "in-a-container", f"{host}:{boot}:1:{pid}:0"),
     ]
     try:
-        assert await backend.reap_orphans() >= 3
+        # No count: a daemon running beside this test (the suite's shared one)
+        # sweeps every 10 s with the same rule and may reap them first.
+        await backend.reap_orphans()
         remaining = set(docker_containers(f"{LABEL_POOL}={backend.config.name}"))
         assert remaining.isdisjoint(dead)
         assert set(alive) <= remaining
