@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import structlog
@@ -208,8 +209,10 @@ class ApiServer:
             raise UnavailableError(
                 "sandpool is at its limit of concurrent requests", code="server_busy"
             )
+        # A body that came with the headers (the usual case) needs no timer.
+        body_timeout_s = None if request.content.is_eof() else self.config.server.body_timeout_s
         try:
-            async with asyncio.timeout(self.config.server.body_timeout_s):
+            async with asyncio.timeout(body_timeout_s):
                 body = await read_json_object(request)
         except TimeoutError:
             raise BadRequestError(
@@ -241,11 +244,10 @@ class ApiServer:
             duration_s = time.monotonic() - received
             self.metrics.request_finished(pool.name, outcome, duration_s)
             if outcome in ("error", "rejected"):
-                log.info("request", pool=pool.name, outcome=outcome,
-                         duration_ms=round(duration_s * 1000, 3))
+                log_after_response(pool=pool.name, outcome=outcome,
+                                   duration_ms=round(duration_s * 1000, 3))
         result = run.result
-        log.info(
-            "request",
+        log_after_response(
             pool=pool.name,
             sandbox=run.sandbox_id,
             outcome=outcome,
@@ -326,6 +328,15 @@ class ApiServer:
     async def handle_metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def log_after_response(**fields: Any) -> None:
+    """Log the ``request`` event once the response is on its way, not before.
+
+    Rendering the line costs ~0.1 ms; run as a callback after the handler's
+    step (in which aiohttp writes the response), it stays off the latency path.
+    """
+    asyncio.get_running_loop().call_soon(partial(log.info, "request", **fields))
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -71,6 +72,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # (metric, *label values) -> child: ``labels()`` validates and locks on
+        # every call, and the request path records four series per request.
+        self._children: dict[tuple[object, ...], Any] = {}
         r = self.registry
         self.request_duration = Histogram(
             "sandpool_request_duration_seconds",
@@ -149,25 +153,32 @@ class Metrics:
             metric.labels(pool)
 
     def request_finished(self, pool: str, outcome: str, duration_s: float) -> None:
-        self.requests.labels(pool, outcome).inc()
-        self.request_duration.labels(pool, outcome).observe(duration_s)
+        self._series(self.requests, pool, outcome).inc()
+        self._series(self.request_duration, pool, outcome).observe(duration_s)
         if outcome == "timeout":
-            self.timeouts.labels(pool).inc()
+            self._series(self.timeouts, pool).inc()
 
     def sandbox_acquired(self, pool: str, wait_s: float) -> None:
-        self.acquire_wait.labels(pool).observe(wait_s)
+        self._series(self.acquire_wait, pool).observe(wait_s)
 
     def sandbox_ran(self, pool: str, execution_s: float) -> None:
-        self.execution_duration.labels(pool).observe(execution_s)
+        self._series(self.execution_duration, pool).observe(execution_s)
 
     def sandbox_started(self, pool: str, duration_s: float) -> None:
-        self.start_duration.labels(pool).observe(duration_s)
+        self._series(self.start_duration, pool).observe(duration_s)
 
     def sandbox_start_failed(self, pool: str) -> None:
-        self.start_failures.labels(pool).inc()
+        self._series(self.start_failures, pool).inc()
 
     def sandbox_destroyed(self, pool: str, duration_s: float) -> None:
-        self.destroy_duration.labels(pool).observe(duration_s)
+        self._series(self.destroy_duration, pool).observe(duration_s)
 
     def oom_killed(self, pool: str) -> None:
-        self.oom_kills.labels(pool).inc()
+        self._series(self.oom_kills, pool).inc()
+
+    def _series(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
