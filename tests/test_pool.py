@@ -233,3 +233,29 @@ async def test_lost_error_after_retries_surfaces() -> None:
         with pytest.raises(SandboxLostError):
             await pool.run(request())
         backend.run = original  # type: ignore[method-assign]
+
+
+async def test_refill_waits_until_the_run_in_flight_has_ended() -> None:
+    # min_idle 2 with one idle sandbox left: the refill is not urgent, so it
+    # waits for the quiet moment instead of competing with the run for CPU.
+    async with make_pool() as (pool, backend):
+        await settle(pool, idle=2, starting=0)
+        run = asyncio.create_task(pool.run(request("sleep 0.3")))
+        await asyncio.sleep(0.15)
+        assert len(backend.started) == 2  # the refill has not begun during the run
+        await run
+        await settle(pool, idle=2, starting=0, destroying=0)
+        assert len(backend.started) == 3
+
+
+async def test_destroy_waits_briefly_for_quiet_but_not_for_long() -> None:
+    async with make_pool(min_idle=1) as (pool, backend):
+        await settle(pool, idle=1, starting=0)
+        first = await pool.run(request())
+        # Another run keeps the pool busy: the used sandbox is destroyed anyway,
+        # after at most DESTROY_QUIET_WAIT_MAX_S.
+        busy = asyncio.create_task(pool.run(request("sleep 0.5")))
+        await settle(pool, destroying=0)
+        assert first.sandbox_id in backend.destroyed
+        assert not busy.done()
+        await busy
