@@ -123,10 +123,12 @@ def main() -> None:
         raise ValueError("warm")
     except ValueError as e:
         traceback.format_exception(e)
+    # Measured in the guest: the first chdir costs 0.3 ms, the first json.loads 0.15 ms.
+    os.chdir(WORKDIR)
+    json.loads('{"code": "print(1)", "stdin": ""}')
     os.write(1, READY_FRAME)
     (size,) = REQUEST.unpack(read_exact(0, REQUEST.size))
     request = json.loads(read_exact(0, size))
-    os.chdir(WORKDIR)
     os._exit = exit_process  # so the code's own os._exit(200) reports 200 too
     run_python(request["code"])
 
