@@ -60,9 +60,11 @@ FULL = Mode(
     aiodocker_budget_s=40, llm_session_budget_s=55, llm_pool_budget_s=25,
     latency_samples=200, latency_budget_s=45, idle_window_s=10.0,
     # Docker rates are a few per second: longer steps, so each counts enough arrivals.
-    load_step_s={"docker": 10.0, "process": 6.0, "wasm": 6.0}, load_steps=8,
-    load_budget_s={"docker": 85.0, "process": 50.0, "wasm": 50.0}, rss_warm=16,
-    docker_rate_fractions=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5),
+    # Docker steps are long enough that the 8 warm sandboxes a step starts
+    # with cannot hide a refill rate below the arrival rate (a backlog shows).
+    load_step_s={"docker": 15.0, "process": 6.0, "wasm": 6.0}, load_steps=8,
+    load_budget_s={"docker": 120.0, "process": 50.0, "wasm": 50.0}, rss_warm=16,
+    docker_rate_fractions=(0.5, 0.75, 0.9, 1.0, 1.1, 1.25),
 )
 QUICK = Mode(
     name="quick", budget_s=55, churn_s=0.8, cold_samples=1, seed_budget_s=4,
@@ -218,7 +220,7 @@ def run_sandpool(doc: dict[str, Any], mode: Mode, clock: Clock, workloads: tuple
     out["rss_after_load_mib"] = round(daemon.rss_kib() / 1024, 1)
     out["peak_rss_mib"] = round(daemon.hwm_kib() / 1024, 1)
     docker_load = next((v for v in out["load"].values() if v["backend"] == "docker"), None)
-    if docker_load and ceiling and docker_load.get("peak_ok_per_s"):
+    if docker_load and ceiling and docker_load.get("steps"):
         out["docker_vs_ceiling"] = {
             "ceiling_ops_per_s": ceiling,
             "peak_ok_per_s": docker_load["peak_ok_per_s"],
@@ -299,8 +301,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         _get(docker, "print1", "handout_idle", "p99_ms"), 1.0, " ms")
     versus = sp.get("docker_vs_ceiling") or {}
     add("sustained single-use throughput ≥ 90 % of the churn ceiling",
-        versus.get("peak_fraction"), 0.9, "", at_least=True,
-        detail=f"{versus.get('peak_ok_per_s')}/s of {versus.get('ceiling_ops_per_s')}/s"
+        versus.get("sustained_fraction"), 0.9, "", at_least=True,
+        detail=f"{versus.get('sustained_ok_per_s')}/s of {versus.get('ceiling_ops_per_s')}/s"
         if versus else "")
     add("process pool p50 ≤ 1.5 ms", _get(pools.get("process", (None, {}))[1],
                                           "print1", "e2e", "p50_ms"), 1.5, " ms")
