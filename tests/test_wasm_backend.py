@@ -412,3 +412,34 @@ def test_cache_dir_follows_xdg_then_root(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(wasm.os, "geteuid", lambda: 1000)
     monkeypatch.setenv("HOME", "/home/someone")
     assert wasm.cache_dir() == Path("/home/someone/.cache/sandpool")
+
+
+class CountingEngine:
+    """Stands in for a wasmtime.Engine: counts the ticker's epoch bumps."""
+
+    def __init__(self) -> None:
+        self.bumps = 0
+
+    def increment_epoch(self) -> None:
+        self.bumps += 1
+
+
+async def test_the_epoch_ticker_sleeps_unless_a_killed_guest_holds_a_store() -> None:
+    engine = CountingEngine()
+    ticker = wasm._Ticker(engine, name="test-ticker")  # type: ignore[arg-type]
+    guest = wasm._Guest(engine, ticker.nudge)  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        assert engine.bumps == 0  # idle: no wake-ups at all
+        wasm._epoch_guests[guest.key] = guest  # a live Store
+        guest.kill()  # one bump of its own, then the ticker's
+        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        assert engine.bumps >= 3
+        del wasm._epoch_guests[guest.key]  # the Store was dropped: the kill has landed
+        await asyncio.sleep(2 * wasm.EPOCH_TICK_S)
+        settled = engine.bumps
+        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        assert engine.bumps == settled
+    finally:
+        wasm._epoch_guests.pop(guest.key, None)
+        await asyncio.to_thread(ticker.stop)

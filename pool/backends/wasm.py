@@ -27,8 +27,9 @@ How a sandbox lives, and why (all measured on the target host, issue 7):
   is the event loop's (armed at hand-out, not at pre-start); it sets the
   sandbox's kill event and bumps the epoch. Every store's epoch deadline is one
   tick away and its deadline callback traps the guest only if its own kill
-  event is set, else extends by one tick; a ticker thread bumps the epoch
-  every ``EPOCH_TICK_S`` so a kill lost to a race still lands within a tick,
+  event is set, else extends by one tick; while a killed guest still holds
+  its Store, a ticker thread bumps the epoch every ``EPOCH_TICK_S`` so a kill
+  lost to a race still lands within a tick (it sleeps otherwise: no idle wake-ups),
   and a tick the GIL delays costs nothing since the deadline is not counted
   in ticks. Epochs only stop wasm code, so ``poll_oneoff`` (``time.sleep``,
   ``select``) is a host function here that waits on the kill event instead
@@ -90,8 +91,9 @@ READY_FRAME = struct.pack(">cI", b"R", 0)  # what pool/wasm_runner.py writes whe
 READY_TIMEOUT_S = 20.0  # pre-start measured ~65 ms; generous for a loaded 2-core host
 JOIN_TIMEOUT_S = 10.0  # a stopped guest returns within one host call; this is a bug bound
 COMPILE_PROGRESS_S = 2.0
-# How often every running guest's deadline callback runs (a Python call of
-# ~60 us each): bounds how late a kill lands if it raced a store's creation.
+# While a kill is pending, how often every running guest's deadline callback
+# runs (a Python call of ~60 us each): bounds how late a kill lands if it raced
+# a callback that was extending the deadline.
 EPOCH_TICK_S = 0.05
 CHUNK = 256 * 1024
 WASI_MAX_STATUS = 125  # statuses above it travel through the status file
@@ -410,9 +412,10 @@ class _Outcome:
 class _Guest:
     """What a guest's worker thread shares with the event loop. Holds no Store."""
 
-    def __init__(self, engine: wasmtime.Engine) -> None:
+    def __init__(self, engine: wasmtime.Engine, nudge_ticker: Callable[[], None]) -> None:
         self.killed = threading.Event()
         self.engine = engine
+        self.nudge_ticker = nudge_ticker
         self.clock_origin_ns = 0  # host monotonic time when WASI's monotonic clock read 0
         self.key = next(_guest_keys)  # how the epoch callback finds this guest
 
@@ -422,6 +425,7 @@ class _Guest:
         # Every running guest of the engine reaches its deadline callback now;
         # only this one's says stop.
         self.engine.increment_epoch()
+        self.nudge_ticker()
 
     def poll_oneoff(
         self, caller: wasmtime.Caller, in_ptr: int, out_ptr: int, count: int, nevents_ptr: int
@@ -503,20 +507,44 @@ _NO_FINALIZER = wasmtime_bindings._wasmtime_store_epoch_deadline_callback.argtyp
 
 
 class _Ticker:
-    """Bumps an engine's epoch every EPOCH_TICK_S so every kill lands within a tick."""
+    """Bumps an engine's epoch every EPOCH_TICK_S while a killed guest still holds a Store.
+
+    Asleep otherwise: 20 wake-ups a second, each taking the GIL from the event
+    loop, were most of the daemon's idle CPU with a warm wasm pool.
+    """
 
     def __init__(self, engine: wasmtime.Engine, name: str) -> None:
         self._engine = engine
         self._stopped = threading.Event()
+        self._nudged = threading.Event()
         self._thread = threading.Thread(target=self._tick, name=name, daemon=True)
         self._thread.start()
 
+    def nudge(self) -> None:
+        """A guest was killed, or a killed guest got its Store: tick until none is left."""
+        self._nudged.set()
+
+    def _kill_pending(self) -> bool:
+        return any(
+            guest.killed.is_set() and guest.engine is self._engine
+            for guest in list(_epoch_guests.values())
+        )
+
     def _tick(self) -> None:
-        while not self._stopped.wait(EPOCH_TICK_S):
-            self._engine.increment_epoch()
+        while True:
+            self._nudged.wait()
+            if self._stopped.is_set():
+                return
+            # Cleared before looking: a kill after the look nudges again.
+            self._nudged.clear()
+            while self._kill_pending():
+                self._engine.increment_epoch()
+                if self._stopped.wait(EPOCH_TICK_S):
+                    return
 
     def stop(self) -> None:
         self._stopped.set()
+        self._nudged.set()
         self._thread.join()
 
 
@@ -529,11 +557,12 @@ class WasmSandbox(Sandbox):
         scratch_root: Path,
         loop: asyncio.AbstractEventLoop,
         engine: wasmtime.Engine,
+        ticker: _Ticker,
     ) -> None:
         super().__init__(sandbox_id)
         self.scratch_root = scratch_root
         self.scratch: Scratch | None = None  # made by the worker thread
-        self.guest = _Guest(engine)
+        self.guest = _Guest(engine, ticker.nudge)
         self._loop = loop
         # Set as soon as _start returns, before the worker drops the Store.
         self.exited: asyncio.Future[_Outcome] = loop.create_future()
@@ -667,11 +696,13 @@ class WasmBackend:
     # --- sandboxes ---------------------------------------------------------
 
     async def start_sandbox(self) -> WasmSandbox:
-        if self._engine is None or self._run_dir is None:
+        if self._engine is None or self._run_dir is None or self._ticker is None:
             raise BackendError("the wasm backend is not started")
         sandbox_id = new_sandbox_id()
         loop = asyncio.get_running_loop()
-        sandbox = WasmSandbox(sandbox_id, self._run_dir / sandbox_id, loop, self._engine)
+        sandbox = WasmSandbox(
+            sandbox_id, self._run_dir / sandbox_id, loop, self._engine, self._ticker
+        )
         # The loop keeps one end of each pipe; the worker hands the other to
         # wasmtime by its /proc path (no name in the filesystem, no blocking open).
         stdin_r, sandbox.stdin_w = os.pipe()
@@ -782,6 +813,8 @@ class WasmBackend:
         store = wasmtime.Store(engine)
         store.set_epoch_deadline(1)
         _epoch_guests[guest.key] = guest
+        if guest.killed.is_set():
+            guest.nudge_ticker()  # killed before it was registered: the ticker must see it
         wasmtime_bindings.wasmtime_store_epoch_deadline_callback(
             store.ptr(), _EPOCH_DEADLINE_CALLBACK, guest.key, _NO_FINALIZER
         )
