@@ -184,7 +184,9 @@ def run_sandpool(doc: dict[str, Any], mode: Mode, clock: Clock, workloads: tuple
     time.sleep(min(2.0, mode.idle_window_s))  # let the last starts' bookkeeping settle
     out["rss_warm_mib"] = round(daemon.rss_kib() / 1024, 1)
     out["idle_cpu"] = _idle_cpu(daemon, mode.idle_window_s)
-    out["api_floor"] = sandpool_paths.api_floor(daemon.socket, mode.latency_samples)
+    out["api_floor"] = sandpool_paths.api_floor(daemon.socket, mode.latency_samples, 0.002)
+    out["api_floor_paced"] = sandpool_paths.api_floor(
+        daemon.socket, mode.latency_samples, 1 / sandpool_paths.LOW_LOAD_RATE["process"])
 
     out["latency"] = {}
     for plan in plans:

@@ -158,10 +158,11 @@ def markdown(doc: dict[str, Any]) -> str:
         if idle:
             lines.append(f"- Idle CPU ({label}): {idle['cpu_percent_of_one_core']:.2f} % of one "
                          f"core over {idle['window_s']:g} s.")
-    if sandpool.get("api_floor"):
-        lines.append(f"- HTTP floor (GET /healthz round trip, same client): p50 "
-                     f"{_ms(sandpool['api_floor'], 'p50_ms')} ms, p99 "
-                     f"{_ms(sandpool['api_floor'], 'p99_ms')} ms.")
+    for key, label in (("api_floor", "back to back"), ("api_floor_paced", "paced 25/s")):
+        if sandpool.get(key):
+            lines.append(f"- HTTP floor (GET /healthz round trip, same client, {label}): p50 "
+                         f"{_ms(sandpool[key], 'p50_ms')} ms, p99 "
+                         f"{_ms(sandpool[key], 'p99_ms')} ms.")
     for name, pool in sandpool.get("latency", {}).items():
         if "handout_idle" not in pool.get("print1", {}):
             continue
