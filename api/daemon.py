@@ -9,6 +9,7 @@ event loop (a stuck loop stops them, and systemd restarts the service).
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import uuid
 from collections.abc import Iterable
@@ -105,6 +106,11 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
                 metrics=config.server.metrics_address,
                 instance=instance_id,
             )
+            # What start-up allocated (~50k objects) lives as long as the daemon:
+            # frozen, a full collection no longer walks it (28 ms here, on
+            # whichever request happens to trigger it).
+            gc.collect()
+            gc.freeze()
             notifier.notify("READY=1", f"STATUS={status_line(pools.values())}")
             async with asyncio.TaskGroup() as tasks:
                 beating = tasks.create_task(heartbeat(notifier, pools.values()))
