@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
 
+from bench.machine import CpuMeter
 from bench.stats import summarize
 from bench.workloads import Workload
 from pool.backends.docker import DockerBackend
@@ -186,15 +189,19 @@ async def churn_ceiling(
             await asyncio.gather(*(cycle(warm, []) for _ in range(count)))
             create_start_ms: list[float] = []
             delete_ms: list[float] = []
+            meter = CpuMeter(os.getpid())
+            meter.start()
             began = time.perf_counter()
             async with asyncio.TaskGroup() as group:
                 for _ in range(count):
                     group.create_task(worker(began + duration_s, create_start_ms, delete_ms))
             elapsed = time.perf_counter() - began  # includes the cycles in flight at the deadline
+            host_cpu_s = meter.stop()["host_cpu_s"] or 0.0
             results[str(count)] = {
                 "cycles": len(delete_ms),
                 "elapsed_s": round(elapsed, 3),
                 "ops_per_s": round(len(delete_ms) / elapsed, 2),
+                "host_cpu_ms_per_cycle": round(host_cpu_s * 1000 / max(len(delete_ms), 1), 1),
                 "create_start": summarize(create_start_ms),
                 "delete": summarize(delete_ms),
             }
@@ -207,6 +214,72 @@ async def churn_ceiling(
         "ceiling_ops_per_s": results[best]["ops_per_s"],
         "best_workers": int(best),
     }
+
+
+def container_cpu_ms(container_id: str) -> float | None:
+    """CPU the container's processes have used, from its cgroup (v1 or v2), or None."""
+    for path, scale in (
+        (f"/sys/fs/cgroup/cpuacct/docker/{container_id}/cpuacct.usage", 1e-6),
+        (f"/sys/fs/cgroup/cpuacct/system.slice/docker-{container_id}.scope/cpuacct.usage", 1e-6),
+        (f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/cpu.stat", 1e-3),
+        (f"/sys/fs/cgroup/docker/{container_id}/cpu.stat", 1e-3),
+    ):
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        if path.endswith("cpu.stat"):
+            fields = dict(line.split() for line in text.splitlines() if line.strip())
+            return int(fields["usage_usec"]) * scale
+        return int(text) * scale
+    return None
+
+
+async def sandbox_start_cpu(run_id: str, samples: int) -> dict[str, Any]:
+    """CPU inside one container until its runner is parked, against a bare interpreter.
+
+    The churn ceiling deletes each container before anything in it runs; a
+    pool sandbox also starts Python and the runner. Both waits read stdin, with
+    sandpool's container definition; CPU comes from the container's cgroup
+    once it stops growing.
+    """
+    variants = {
+        "runner": sandpool_container_config(run_id),
+        "bare_python": {**sandpool_container_config(run_id),
+                        "Cmd": ["python3", "-I", "-c", "import sys; sys.stdin.read()"]},
+    }
+    out: dict[str, Any] = {}
+    async with aiodocker.Docker(url=DOCKER_URL) as docker:
+        for name, config in variants.items():
+            used_ms: list[float] = []
+            for _ in range(samples):
+                async with asyncio.timeout(CALL_TIMEOUT_S):
+                    container = await docker.containers.create(config)
+                    try:
+                        await container.start()
+                        used = await _settled_cpu_ms(container.id)
+                    finally:
+                        await container.delete(force=True)
+                if used is None:
+                    return {"skipped": "no readable cgroup CPU counter for containers here"}
+                used_ms.append(used)
+            out[name] = summarize(used_ms)
+    return out
+
+
+async def _settled_cpu_ms(container_id: str) -> float | None:
+    """The container's CPU once it has not grown for 0.3 s (at most 10 s)."""
+    last, unchanged = None, 0
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        now = container_cpu_ms(container_id)
+        if now is None:
+            return None
+        unchanged = unchanged + 1 if now == last else 0
+        if unchanged == 3:
+            break
+        last = now
+    return last
 
 
 async def _when_engine_answers(query: Callable[[aiodocker.Docker], Awaitable[T]]) -> T:

@@ -98,7 +98,10 @@ class CpuMeter:
                 out["daemon_cpu_s"] = used
         busy, total = self._host_ticks()
         spent = max(total - self._host[1], 1)
-        out["host_busy_percent"] = round((busy - self._host[0]) / spent * 100, 1)
+        busy_share = (busy - self._host[0]) / spent
+        out["host_busy_percent"] = round(busy_share * 100, 1)
+        # Every core's busy time in the window, whoever spent it.
+        out["host_cpu_s"] = round(busy_share * (os.cpu_count() or 1) * wall, 3)
         return out
 
 

@@ -100,7 +100,16 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"{_ms(level['create_start'], 'p50_ms')} | "
                          f"{_ms(level['delete'], 'p50_ms')} | {level['cycles']} |")
         lines += ["", f"Ceiling: **{churn['ceiling_ops_per_s']:.2f}/s** "
-                      f"({churn['best_workers']} workers).", ""]
+                      f"({churn['best_workers']} workers), "
+                      f"{churn['workers'][str(churn['best_workers'])]['host_cpu_ms_per_cycle']} "
+                      "ms of host CPU per cycle.", ""]
+        start_cpu = churn.get("sandbox_start_cpu") or {}
+        if "runner" in start_cpu:
+            lines += ["A churn cycle deletes its container before anything runs in it. A pool "
+                      "sandbox also starts Python: CPU inside one container until it waits on "
+                      f"stdin, p50: sandpool's runner {_ms(start_cpu['runner'], 'p50_ms')} ms, "
+                      f"a bare `python3 -I` {_ms(start_cpu['bare_python'], 'p50_ms')} ms "
+                      "(cgroup CPU counter).", ""]
     else:
         lines += [f"Not measured: {churn.get('skipped') or churn.get('error')}", ""]
 
@@ -118,9 +127,9 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [
             f"### `{name}`", "",
             "| offered/s | arrived/s | completed/s | rejected | failed | p50 ms | p95 ms | p99 ms "
-            "| hand-out p99 ms | drain s | CPU: daemon / dockerd / host | daemon CPU ms/req "
-            "| saturated (queue grows) | latency knee |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
+            "| hand-out p99 ms | drain s | CPU: daemon / dockerd / host "
+            "| CPU ms/req: daemon / host | saturated (queue grows) | latency knee |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
         ]
         for step in load["steps"]:
             cpu = step.get("cpu") or {}
@@ -134,7 +143,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{_ms(step['e2e'], 'p50_ms')} | {_ms(step['e2e'], 'p95_ms')} | "
                 f"{_ms(step['e2e'], 'p99_ms')} | {_ms(step['handout'], 'p99_ms')} | "
                 f"{step['drain_s']:g} | {cpu_cell} | "
-                f"{step.get('daemon_cpu_ms_per_request') or '-'} | {step['saturated'] or 'no'} | "
+                f"{step.get('daemon_cpu_ms_per_request') or '-'} / "
+                f"{step.get('host_cpu_ms_per_request') or '-'} | {step['saturated'] or 'no'} | "
                 f"{step.get('latency_knee') or 'no'} |"
             )
         lines += ["", f"Sustained (highest completed/s of an unsaturated step): "
@@ -147,6 +157,12 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"**{versus['sustained_fraction']:.0%}** of the churn ceiling "
                   f"{versus['ceiling_ops_per_s']}/s; peak completed/s "
                   f"{versus['peak_ok_per_s']}/s ({versus['peak_fraction']:.0%}).", ""]
+        if versus.get("cpu_bound_fraction"):
+            lines += [f"Host CPU per single-use request at the pool's peak: "
+                      f"{versus['sandbox_host_cpu_ms_per_request']} ms, against "
+                      f"{versus['churn_host_cpu_ms_per_cycle']} ms per churn cycle: where the "
+                      f"host is CPU-bound, single-use work can reach at most "
+                      f"**{versus['cpu_bound_fraction']:.0%}** of the ceiling.", ""]
 
     lines += ["## Daemon", ""]
     rss = sandpool.get("rss", {})

@@ -348,8 +348,12 @@ def load_test(
             # Everything the daemon did for these requests: HTTP, hand-out, run,
             # destroy and refill (settling between steps is outside the meter).
             daemon_s = step["cpu"].pop("daemon_cpu_s", None)
+            host_s = step["cpu"].pop("host_cpu_s", None)
             step["daemon_cpu_ms_per_request"] = (
                 round(daemon_s * 1000 / step["ok"], 3) if daemon_s and step["ok"] else None
+            )
+            step["host_cpu_ms_per_request"] = (
+                round(host_s * 1000 / step["ok"], 1) if host_s and step["ok"] else None
             )
         step["saturated"] = saturation(step)
         step["latency_knee"] = latency_knee(step, steps[0] if steps else None)

@@ -89,7 +89,12 @@ def test_cold_paths_and_churn_ceiling_are_sane(quick_result: dict[str, Any]) -> 
         assert level["cycles"] >= 1, workers
         assert level["ops_per_s"] > 0, workers
         assert_stats(level["create_start"], f"churn {workers}")
+        assert level["host_cpu_ms_per_cycle"] > 0, workers
     assert churn["ceiling_ops_per_s"] == max(v["ops_per_s"] for v in churn["workers"].values())
+    start_cpu = churn["sandbox_start_cpu"]
+    if "skipped" not in start_cpu:  # a cgroup layout without a readable CPU counter
+        for variant in ("runner", "bare_python"):
+            assert_stats(start_cpu[variant], f"sandbox start CPU, {variant}")
 
 
 def test_sandpool_sections_are_sane(quick_result: dict[str, Any]) -> None:
