@@ -20,6 +20,12 @@ Protocol, chosen from measurements on the target host (issue 3):
   program's claim about itself.
 - The runner then parks until the daemon destroys the sandbox: its own exit
   would cost ~20 ms of dockerd CPU on the daemon's critical path.
+- Direct mode (the process backend, which can hand a sandbox more than one
+  pipe): argv names three write ends the daemon holds the read ends of. The
+  child's stdout, stderr and status go there as raw bytes, with no relay hop
+  (measured: request to status 0.92 -> 0.63 ms). The runner only writes ``R``,
+  and ``X`` if the child dies without reporting. Nothing on those pipes is
+  framed, so nothing the code writes there can pass for the runner's frames.
 """
 
 # Everything the child needs is imported before the fork: an import after
@@ -267,21 +273,35 @@ def protect_runner() -> None:
     prctl(PR_SET_DUMPABLE, 0)
 
 
+def watch_child(pid: int) -> None:
+    """Direct mode: report the child's status only if it dies without reporting it."""
+    _, wait_status = os.waitpid(pid, 0)
+    status = os.waitstatus_to_exitcode(wait_status)
+    write_all(1, frame(b"X", STATUS.pack(128 - status if status < 0 else status)))
+
+
 def main() -> None:
     language = sys.argv[1] if len(sys.argv) > 1 else "python"
+    direct = len(sys.argv) == 5
     # One throw-away compile saves ~0.8 ms on the first real one.
     compile("warm = [i * 2 for i in range(3)]", "<warm>", "exec")
     # No collection may walk the heap after the fork: it would copy every page.
     gc.collect()
     gc.freeze()
     gc.disable()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    status_r, status_w = os.pipe()
+    if direct:
+        out_w, err_w, status_w = (int(fd) for fd in sys.argv[2:5])
+        os.set_inheritable(status_w, False)  # as a pipe of our own would be: not for sh
+        read_ends: tuple[int, ...] = ()
+    else:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        status_r, status_w = os.pipe()
+        read_ends = (out_r, err_r, status_r)
     runner = os.getpid()
     pid = os.fork()
     if pid == 0:
-        for fd in (out_r, err_r, status_r):
+        for fd in read_ends:
             os.close(fd)
         try:
             child(runner, language, out_w, err_w, status_w)
@@ -290,9 +310,13 @@ def main() -> None:
     for fd in (out_w, err_w, status_w):
         os.close(fd)
     protect_runner()
-    rehearse_relay()
-    write_all(1, frame(b"R"))
-    relay(pid, out_r, err_r, status_r)
+    if direct:
+        write_all(1, frame(b"R"))
+        watch_child(pid)
+    else:
+        rehearse_relay()
+        write_all(1, frame(b"R"))
+        relay(pid, out_r, err_r, status_r)
     park()
 
 

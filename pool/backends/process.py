@@ -3,8 +3,11 @@
 Each sandbox is one ``bwrap`` process tree started ahead of demand, running the
 same runner as the Docker backend (``python3 -I -c <runner>``) with the host's
 own ``/usr`` mounted read-only. A request is one frame written on the runner's
-stdin; the result comes back as frames on its stdout, read by an asyncio
-subprocess protocol, so a hand-out costs about a pipe write each way (issue 6).
+stdin. The runner runs in its direct mode: the code's stdout, stderr and exit
+status come back on three pipes of the sandbox's own, read by the event loop,
+and the runner's stdout (an asyncio subprocess protocol) carries only its
+ready frame and, if the code dies without reporting, its exit frame. A
+hand-out costs about a pipe write each way (issue 6).
 
 Isolation (see README, "The process tier"): new user, PID, network, IPC, UTS
 and cgroup namespaces; no capabilities; uid 65534 inside *and* outside (the
@@ -58,6 +61,11 @@ WORKDIR = "/sandbox"
 SANDBOX_UID = 65534  # nobody, inside the sandbox and, for a root daemon, outside too
 READY_TIMEOUT_S = 10.0  # spawn to the runner's ready frame; measured 20-110 ms
 EXIT_TIMEOUT_S = 5.0  # SIGKILL to bwrap reaped; measured ~1 ms
+CHUNK = 65536
+STATUS_BYTES = 4  # the child's status on its status pipe: a signed 32-bit big-endian int
+# Once the status is in, output already written is in the pipes; a process the
+# code left behind may keep writing, so read at most this many chunks more.
+DRAIN_READS = 64
 # The OOM killer counts its kill before the victim dies, so the counter is
 # normally current when the exit frame arrives; allow a little slack.
 OOM_COUNTER_GRACE_S = 0.05
@@ -346,12 +354,92 @@ class _Run:
 
     capture: OutputCapture
     done: asyncio.Future[None]
+    pipes: _OutputPipes
     exit_code: int | None = None
-    frames: int = 0
+    answered: bool = False  # a status, an exit frame or output came back
     ended: bool = False  # stdout closed before an exit frame
     over_cap: bool = False
     violation: bool = False
     request_refused: bool = False  # writing the request failed: the runner was gone
+
+    def finish(self) -> None:
+        """The code has ended: take what it wrote before, and the run is done."""
+        if not self.done.done():
+            self.pipes.drain(self)
+            self.done.set_result(None)
+
+    def add_output(self, kind: bytes, data: bytes) -> None:
+        self.answered = True
+        if not self.capture.add(kind, data) and not self.done.done():
+            self.over_cap = True
+            self.done.set_result(None)
+
+
+class _OutputPipes:
+    """A sandbox's stdout, stderr and status pipes: the runner's direct mode."""
+
+    def __init__(self) -> None:
+        self.stdout_r, stdout_w = os.pipe()
+        self.stderr_r, stderr_w = os.pipe()
+        self.status_r, status_w = os.pipe()
+        self.write_ends: tuple[int, ...] = (stdout_w, stderr_w, status_w)
+        for fd in (self.stdout_r, self.stderr_r, self.status_r):
+            os.set_blocking(fd, False)
+        self.kinds = {self.stdout_r: STDOUT, self.stderr_r: STDERR}
+
+    def close_write_ends(self) -> None:
+        for fd in self.write_ends:
+            os.close(fd)
+        self.write_ends = ()
+
+    def watch(self, loop: asyncio.AbstractEventLoop, run: _Run) -> None:
+        for fd in self.kinds:
+            loop.add_reader(fd, self._on_output, loop, fd, run)
+        loop.add_reader(self.status_r, self._on_status, loop, run)
+
+    def unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        for fd in (*self.kinds, self.status_r):
+            loop.remove_reader(fd)
+
+    def _on_output(self, loop: asyncio.AbstractEventLoop, fd: int, run: _Run) -> None:
+        data = _read_nonblocking(fd)
+        if data == b"":
+            loop.remove_reader(fd)  # every writer is gone
+        elif data is not None and not run.done.done():
+            run.add_output(self.kinds[fd], data)
+
+    def _on_status(self, loop: asyncio.AbstractEventLoop, run: _Run) -> None:
+        data = _read_nonblocking(self.status_r, STATUS_BYTES)
+        if data is None:
+            return
+        loop.remove_reader(self.status_r)
+        if len(data) != STATUS_BYTES:
+            return  # closed by exec, or garbage: the runner reports the exit instead
+        run.exit_code = decode_exit(data)
+        run.answered = True
+        run.finish()
+
+    def drain(self, run: _Run) -> None:
+        for fd, kind in self.kinds.items():
+            for _ in range(DRAIN_READS):
+                data = _read_nonblocking(fd)
+                if not data or run.done.done():
+                    break
+                run.add_output(kind, data)
+
+    def close(self) -> None:
+        for fd in (*self.write_ends, self.stdout_r, self.stderr_r, self.status_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.write_ends = ()
+
+
+def _read_nonblocking(fd: int, size: int = CHUNK) -> bytes | None:
+    """Up to ``size`` bytes, ``b""`` at EOF, None when nothing is there yet."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
 
 
 class _RunnerProtocol(asyncio.SubprocessProtocol):
@@ -397,17 +485,16 @@ class _RunnerProtocol(asyncio.SubprocessProtocol):
             return
         run = self.run
         if run is None or run.done.done():
-            return  # after the exit frame, or while parked: nothing the verdict needs
-        run.frames += 1
+            return  # after the status, or while parked: nothing the verdict needs
         if kind == EXIT:
+            run.answered = True
             try:
                 run.exit_code = decode_exit(payload)
             except ProtocolViolation:
                 run.violation = True
-            run.done.set_result(None)
-        elif kind in (STDOUT, STDERR) and not run.capture.add(kind, payload):
-            run.over_cap = True
-            run.done.set_result(None)
+            run.finish()
+        else:  # the runner's direct mode sends nothing else after its ready frame
+            self._fail(ProtocolViolation(f"unexpected frame {kind!r} from the runner"))
 
     def _fail(self, error: ProtocolViolation) -> None:
         if not self.ready.done():
@@ -426,7 +513,7 @@ class _RunnerProtocol(asyncio.SubprocessProtocol):
             self.ready.set_exception(BackendError("bubblewrap exited before the runner was ready"))
         elif run is not None and not run.done.done():
             run.ended = True
-            run.done.set_result(None)
+            run.finish()
         elif run is None and self.on_idle_death is not None:
             self.on_idle_death()
 
@@ -449,10 +536,12 @@ class ProcessSandbox(Sandbox):
         info_fd: int,
         stderr_fd: int,
         cgroup: SandboxCgroup | None,
+        pipes: _OutputPipes,
     ) -> None:
         super().__init__(sandbox_id)
         self.transport = transport
         self.protocol = protocol
+        self.pipes = pipes
         self.info_fd: int | None = info_fd  # bwrap's --info-fd: the runner's host pid
         self.stderr_fd = stderr_fd  # bwrap's and the runner's own stderr, read on failure
         self.stderr_text = ""  # what was on it when the sandbox was destroyed
@@ -520,6 +609,7 @@ class ProcessSandbox(Sandbox):
                     os.close(fd)
         self.info_fd = self.runner_pidfd = None
         self.stderr_fd = -1
+        self.pipes.close()
 
 
 # --- the backend ----------------------------------------------------------
@@ -614,7 +704,8 @@ class ProcessBackend:
     # --- sandboxes ---------------------------------------------------------
 
     def sandbox_command(
-        self, seccomp_fd: int, info_fd: int, cgroup: SandboxCgroup | None
+        self, seccomp_fd: int, info_fd: int, cgroup: SandboxCgroup | None,
+        output_fds: tuple[int, ...] = (),
     ) -> list[str]:
         """The full command line of one sandbox; every limit comes from the pool config."""
         c = self.config
@@ -652,6 +743,7 @@ class ProcessBackend:
             "--info-fd", str(info_fd),
             "--",
             INTERPRETER, "-I", "-c", self._python_code, c.language,
+            *(str(fd) for fd in output_fds),  # the runner's direct mode
         ]  # fmt: skip
         return command
 
@@ -742,7 +834,8 @@ class ProcessBackend:
         stderr_r, stderr_w = os.pipe()
         for fd in (info_r, stderr_r):
             os.set_blocking(fd, False)
-        command = self.sandbox_command(seccomp_fd, info_w, cgroup)
+        pipes = _OutputPipes()
+        command = self.sandbox_command(seccomp_fd, info_w, cgroup, pipes.write_ends)
         try:
             transport, protocol = await loop.subprocess_exec(
                 lambda: _RunnerProtocol(loop),
@@ -750,7 +843,7 @@ class ProcessBackend:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr_w,
-                pass_fds=(seccomp_fd, info_w),
+                pass_fds=(seccomp_fd, info_w, *pipes.write_ends),
                 # Out of the daemon's process group: a Ctrl-C meant for the
                 # daemon must not kill sandboxes it is draining.
                 start_new_session=True,
@@ -759,13 +852,17 @@ class ProcessBackend:
         except BaseException as e:
             os.close(info_r)
             os.close(stderr_r)
+            pipes.close()
             if isinstance(e, OSError):
                 raise BackendError(f"cannot run bubblewrap: {e}") from None
             raise
         finally:
             for fd in (seccomp_fd, info_w, stderr_w):
                 os.close(fd)
-        sandbox = ProcessSandbox(sandbox_id, transport, protocol, info_r, stderr_r, cgroup)
+        pipes.close_write_ends()  # the sandbox holds them now: EOF means its writers are gone
+        sandbox = ProcessSandbox(
+            sandbox_id, transport, protocol, info_r, stderr_r, cgroup, pipes
+        )
         self._sandboxes.add(sandbox)
         return sandbox
 
@@ -794,8 +891,13 @@ class ProcessBackend:
             raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
         loop = asyncio.get_running_loop()
         began = time.monotonic()
-        run = _Run(OutputCapture.with_limit(self.config.max_output_bytes), loop.create_future())
+        run = _Run(
+            OutputCapture.with_limit(self.config.max_output_bytes),
+            loop.create_future(),
+            sandbox.pipes,
+        )
         protocol.run = run
+        sandbox.pipes.watch(loop, run)
         stdin.write(encode_request(request.code, request.stdin))
         timed_out = False
         try:
@@ -803,6 +905,8 @@ class ProcessBackend:
                 await run.done
         except TimeoutError:
             timed_out = True
+        finally:
+            sandbox.pipes.unwatch(loop)
         execution_s = time.monotonic() - began
         if timed_out or run.over_cap or run.violation:
             sandbox.kill()  # now, not at destroy: the code may be burning CPU
@@ -810,7 +914,7 @@ class ProcessBackend:
             log.warning("sandbox_protocol_violation", sandbox=sandbox.id)
         exit_code = run.exit_code
         if run.ended:
-            if run.request_refused and run.frames == 0:
+            if run.request_refused and not run.answered:
                 raise SandboxLostError(f"sandbox {sandbox.id} did not take its request")
             exit_code = await self._exit_status(sandbox)
         oom_killed = await self._oom_verdict(sandbox, wait=run.ended or exit_code == 137)
