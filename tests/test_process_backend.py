@@ -456,3 +456,39 @@ async def async_wait_until(condition: Callable[[], bool], timeout_s: float = 10.
     async with asyncio.timeout(timeout_s):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+async def test_garbage_on_the_status_pipe_falls_back_to_the_runners_exit_frame(
+    backend: ProcessBackend, sandbox: ProcessSandbox
+) -> None:
+    # The code can find its status pipe; a short write there is not a status,
+    # so the verdict waits for the runner, which reports how the code exited.
+    result = await backend.run(sandbox, request("""
+        import os, sys
+        print("out", flush=True)
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            if fd > 2:
+                try:
+                    os.write(fd, b"xy")
+                except OSError:
+                    pass
+        os._exit(7)
+    """))
+    assert (result.exit_code, result.stdout) == (7, b"out\n")
+
+
+async def test_a_run_ends_at_the_status_while_a_leftover_keeps_writing(
+    backend: ProcessBackend, sandbox: ProcessSandbox
+) -> None:
+    # The stdout pipe never reaches EOF (a process the code left behind holds
+    # it and keeps writing): the run still ends at the code's status.
+    result = await backend.run(sandbox, request("""
+        import os, time
+        if os.fork() == 0:
+            while True:
+                os.write(1, b"x" * 100)
+                time.sleep(0.001)
+        print("done", flush=True)
+    """))
+    assert result.exit_code == 0
+    assert b"done\n" in result.stdout
