@@ -43,13 +43,13 @@ from pool.errors import BackendError, SandboxLostError
 from pool.protocol import (
     EXIT,
     READY,
-    STDERR,
-    STDOUT,
     FrameDecoder,
     OutputCapture,
+    PipeReader,
     ProtocolViolation,
     decode_exit,
     encode_request,
+    read_nonblocking,
     runner_source,
 )
 from pool.seccomp import build_filter
@@ -61,7 +61,6 @@ WORKDIR = "/sandbox"
 SANDBOX_UID = 65534  # nobody, inside the sandbox and, for a root daemon, outside too
 READY_TIMEOUT_S = 10.0  # spawn to the runner's ready frame; measured 20-110 ms
 EXIT_TIMEOUT_S = 5.0  # SIGKILL to bwrap reaped; measured ~1 ms
-CHUNK = 65536
 STATUS_BYTES = 4  # the child's status on its status pipe: a signed 32-bit big-endian int
 # Once the status is in, output already written is in the pipes; a process the
 # code left behind may keep writing, so read at most this many chunks more.
@@ -354,9 +353,9 @@ class _Run:
 
     capture: OutputCapture
     done: asyncio.Future[None]
-    pipes: _OutputPipes
+    output: PipeReader | None = None  # the code's stdout and stderr, once watched
     exit_code: int | None = None
-    answered: bool = False  # a status, an exit frame or output came back
+    answered: bool = False  # a status or an exit frame came back
     ended: bool = False  # stdout closed before an exit frame
     over_cap: bool = False
     violation: bool = False
@@ -364,19 +363,21 @@ class _Run:
 
     def finish(self) -> None:
         """The code has ended: take what it wrote before, and the run is done."""
-        if not self.done.done():
-            self.pipes.drain(self)
+        if self.done.done():
+            return
+        if self.output is not None:
+            self.output.drain(DRAIN_READS)
+        if not self.done.done():  # the drain may have found the cap
             self.done.set_result(None)
 
-    def add_output(self, kind: bytes, data: bytes) -> None:
-        self.answered = True
-        if not self.capture.add(kind, data) and not self.done.done():
+    def stop_at_cap(self) -> None:
+        if not self.done.done():
             self.over_cap = True
             self.done.set_result(None)
 
 
 class _OutputPipes:
-    """A sandbox's stdout, stderr and status pipes: the runner's direct mode."""
+    """A sandbox's stdout, stderr and status pipes (the runner's direct mode): read ends here."""
 
     def __init__(self) -> None:
         self.stdout_r, stdout_w = os.pipe()
@@ -385,7 +386,6 @@ class _OutputPipes:
         self.write_ends: tuple[int, ...] = (stdout_w, stderr_w, status_w)
         for fd in (self.stdout_r, self.stderr_r, self.status_r):
             os.set_blocking(fd, False)
-        self.kinds = {self.stdout_r: STDOUT, self.stderr_r: STDERR}
 
     def close_write_ends(self) -> None:
         for fd in self.write_ends:
@@ -393,23 +393,16 @@ class _OutputPipes:
         self.write_ends = ()
 
     def watch(self, loop: asyncio.AbstractEventLoop, run: _Run) -> None:
-        for fd in self.kinds:
-            loop.add_reader(fd, self._on_output, loop, fd, run)
+        run.output = PipeReader(loop, self.stdout_r, self.stderr_r, run.capture, run.stop_at_cap)
         loop.add_reader(self.status_r, self._on_status, loop, run)
 
-    def unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
-        for fd in (*self.kinds, self.status_r):
-            loop.remove_reader(fd)
-
-    def _on_output(self, loop: asyncio.AbstractEventLoop, fd: int, run: _Run) -> None:
-        data = _read_nonblocking(fd)
-        if data == b"":
-            loop.remove_reader(fd)  # every writer is gone
-        elif data is not None and not run.done.done():
-            run.add_output(self.kinds[fd], data)
+    def unwatch(self, loop: asyncio.AbstractEventLoop, run: _Run) -> None:
+        if run.output is not None:
+            run.output.stop()
+        loop.remove_reader(self.status_r)
 
     def _on_status(self, loop: asyncio.AbstractEventLoop, run: _Run) -> None:
-        data = _read_nonblocking(self.status_r, STATUS_BYTES)
+        data = read_nonblocking(self.status_r, STATUS_BYTES)
         if data is None:
             return
         loop.remove_reader(self.status_r)
@@ -419,27 +412,11 @@ class _OutputPipes:
         run.answered = True
         run.finish()
 
-    def drain(self, run: _Run) -> None:
-        for fd, kind in self.kinds.items():
-            for _ in range(DRAIN_READS):
-                data = _read_nonblocking(fd)
-                if not data or run.done.done():
-                    break
-                run.add_output(kind, data)
-
     def close(self) -> None:
         for fd in (*self.write_ends, self.stdout_r, self.stderr_r, self.status_r):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.write_ends = ()
-
-
-def _read_nonblocking(fd: int, size: int = CHUNK) -> bytes | None:
-    """Up to ``size`` bytes, ``b""`` at EOF, None when nothing is there yet."""
-    try:
-        return os.read(fd, size)
-    except BlockingIOError:
-        return None
 
 
 class _RunnerProtocol(asyncio.SubprocessProtocol):
@@ -891,11 +868,7 @@ class ProcessBackend:
             raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
         loop = asyncio.get_running_loop()
         began = time.monotonic()
-        run = _Run(
-            OutputCapture.with_limit(self.config.max_output_bytes),
-            loop.create_future(),
-            sandbox.pipes,
-        )
+        run = _Run(OutputCapture.with_limit(self.config.max_output_bytes), loop.create_future())
         protocol.run = run
         sandbox.pipes.watch(loop, run)
         stdin.write(encode_request(request.code, request.stdin))
@@ -906,7 +879,7 @@ class ProcessBackend:
         except TimeoutError:
             timed_out = True
         finally:
-            sandbox.pipes.unwatch(loop)
+            sandbox.pipes.unwatch(loop, run)
         execution_s = time.monotonic() - began
         if timed_out or run.over_cap or run.violation:
             sandbox.kill()  # now, not at destroy: the code may be burning CPU
@@ -914,7 +887,7 @@ class ProcessBackend:
             log.warning("sandbox_protocol_violation", sandbox=sandbox.id)
         exit_code = run.exit_code
         if run.ended:
-            if run.request_refused and not run.answered:
+            if run.request_refused and not (run.answered or (run.output and run.output.received)):
                 raise SandboxLostError(f"sandbox {sandbox.id} did not take its request")
             exit_code = await self._exit_status(sandbox)
         oom_killed = await self._oom_verdict(sandbox, wait=run.ended or exit_code == 137)

@@ -76,7 +76,7 @@ from wasmtime import _bindings as wasmtime_bindings
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
-from pool.protocol import STDERR, STDOUT, OutputCapture, encode_request
+from pool.protocol import OutputCapture, PipeReader, encode_request, read_nonblocking
 
 log = structlog.get_logger("sandpool.wasm")
 
@@ -95,7 +95,6 @@ COMPILE_PROGRESS_S = 2.0
 # runs (a Python call of ~60 us each): bounds how late a kill lands if it raced
 # a callback that was extending the deadline.
 EPOCH_TICK_S = 0.05
-CHUNK = 256 * 1024
 WASI_MAX_STATUS = 125  # statuses above it travel through the status file
 TRAP_EXIT_CODE = 128 + 6  # a wasm trap (abort, stack overflow): reported like SIGABRT
 GUEST_WORKDIR = "/sandbox"
@@ -716,7 +715,7 @@ class WasmBackend:
         handshake = bytearray()
 
         def on_ready_bytes() -> None:
-            data = _read_nonblocking(sandbox.stdout_r, len(READY_FRAME) - len(handshake))
+            data = read_nonblocking(sandbox.stdout_r, len(READY_FRAME) - len(handshake))
             if data is None:
                 return
             handshake.extend(data)
@@ -879,7 +878,7 @@ class WasmBackend:
                 over_cap = True
                 self._kill(sandbox)
 
-        output = _OutputPipes(loop, sandbox, capture, stop_at_cap)
+        output = PipeReader(loop, sandbox.stdout_r, sandbox.stderr_r, capture, stop_at_cap)
         ended = {sandbox.exited, worker}
         timed_out = False
         try:
@@ -1001,59 +1000,6 @@ class WasmBackend:
             self._sandboxes.discard(sandbox)
             if sandbox.scratch is not None:
                 await asyncio.to_thread(sandbox.scratch.close)
-
-
-class _OutputPipes:
-    """Reads a running guest's stdout and stderr pipes into a capped capture until EOF."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sandbox: WasmSandbox,
-        capture: OutputCapture,
-        on_over_cap: Callable[[], None],
-    ) -> None:
-        self._loop = loop
-        self._capture = capture
-        self._on_over_cap = on_over_cap
-        self._open = {sandbox.stdout_r: STDOUT, sandbox.stderr_r: STDERR}
-        for fd in self._open:
-            loop.add_reader(fd, self._on_readable, fd)
-
-    def _on_readable(self, fd: int) -> bool:
-        """Read one chunk; False when nothing more is there now (or ever)."""
-        try:
-            data = _read_nonblocking(fd, CHUNK)
-        except OSError:
-            data = b""
-        if data is None:
-            return False
-        if not data:
-            self._loop.remove_reader(fd)
-            del self._open[fd]
-            return False
-        if not self._capture.add(self._open[fd], data):
-            self._on_over_cap()  # keep draining: the guest must not block while stopping
-        return True
-
-    def drain(self) -> None:
-        """Read what is buffered; call only once no writer can add more (at most 2 pipes' worth)."""
-        for fd in list(self._open):
-            while fd in self._open and self._on_readable(fd):
-                pass
-
-    def stop(self) -> None:
-        for fd in self._open:
-            self._loop.remove_reader(fd)
-        self._open.clear()
-
-
-def _read_nonblocking(fd: int, size: int) -> bytes | None:
-    """None when nothing is there yet, b"" at EOF."""
-    try:
-        return os.read(fd, size)
-    except BlockingIOError:
-        return None
 
 
 def _write_nonblocking(fd: int, data: memoryview) -> int:
