@@ -216,6 +216,13 @@ def child(runner: int, language: str, out_w: int, err_w: int, status_w: int) -> 
     run_python(code, status_w)
 
 
+def reap(pid: int) -> int:
+    """Wait for the child; its exit status as a shell reports it (``128 + signal``)."""
+    _, wait_status = os.waitpid(pid, 0)
+    status = os.waitstatus_to_exitcode(wait_status)
+    return 128 - status if status < 0 else status
+
+
 def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
     kinds = {out_r: b"O", err_r: b"E"}
     pidfd = os.pidfd_open(pid)
@@ -239,10 +246,7 @@ def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
                 else:  # closed by exec, or garbage: wait for the process instead
                     poller.unregister(status_r)
             else:
-                _, wait_status = os.waitpid(pid, 0)
-                status = os.waitstatus_to_exitcode(wait_status)
-                if status < 0:
-                    status = 128 - status
+                status = reap(pid)
         if frames and status is None:
             write_all(1, b"".join(frames))
     # Output the child wrote before it finished is in the pipes; a process it
@@ -275,9 +279,7 @@ def protect_runner() -> None:
 
 def watch_child(pid: int) -> None:
     """Direct mode: report the child's status only if it dies without reporting it."""
-    _, wait_status = os.waitpid(pid, 0)
-    status = os.waitstatus_to_exitcode(wait_status)
-    write_all(1, frame(b"X", STATUS.pack(128 - status if status < 0 else status)))
+    write_all(1, frame(b"X", STATUS.pack(reap(pid))))
 
 
 def main() -> None:
