@@ -243,10 +243,10 @@ async def sandbox_start_cpu(run_id: str, samples: int) -> dict[str, Any]:
     sandpool's container definition; CPU comes from the container's cgroup
     once it stops growing.
     """
+    runner = sandpool_container_config(run_id)
     variants = {
-        "runner": sandpool_container_config(run_id),
-        "bare_python": {**sandpool_container_config(run_id),
-                        "Cmd": ["python3", "-I", "-c", "import sys; sys.stdin.read()"]},
+        "runner": runner,
+        "bare_python": {**runner, "Cmd": ["python3", "-I", "-c", "import sys; sys.stdin.read()"]},
     }
     out: dict[str, Any] = {}
     async with aiodocker.Docker(url=DOCKER_URL) as docker:
