@@ -181,3 +181,11 @@ def spawn_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def client(daemon: Daemon) -> Iterator[Client]:
     with daemon.client() as c:
         yield c
+
+
+@pytest.fixture
+def sandboxed(client: Client, request: pytest.FixtureRequest) -> Iterator[Client]:
+    """The daemon's client; after the test, the test module's ``POOL`` must still answer."""
+    yield client
+    answer = client.run("print('serving')", pool=request.module.POOL)
+    assert answer["stdout"] == "serving\n"

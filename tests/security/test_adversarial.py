@@ -38,7 +38,7 @@ import pytest
 from api.client import Client
 from pool.config import PoolConfig
 from tests.conftest import DAEMON_CONFIG, Daemon, start_daemon, stop_daemon
-from tests.test_behaviour import PYTHON_POOLS, WASI_POOLS
+from tests.test_behaviour import PYTHON_POOLS, WASI_POOLS, assert_out_of_memory
 
 pytestmark = pytest.mark.docker
 
@@ -325,13 +325,7 @@ def test_memory_bomb_is_an_oom_verdict(api: Client, pool: str) -> None:
             blocks.append(b"\\x01" * (16 << 20))
     """, pool, timeout_s=15)
     assert result["timed_out"] is False
-    if pool in WASI_POOLS:
-        # The store refuses the growth inside the guest (issue 7): the program's
-        # own MemoryError, contained at memory_mb.
-        assert (result["exit_code"], result["oom_killed"]) == (1, False)
-        assert str(result["stderr"]).rstrip().endswith("MemoryError")
-    else:
-        assert (result["exit_code"], result["oom_killed"]) == (137, True)
+    assert_out_of_memory(result, pool)
     assert_serves_a_clean_sandbox(api, pool, result)
 
 
@@ -348,11 +342,8 @@ def test_slowly_growing_memory_ends_in_oom_or_timeout(api: Client, pool: str) ->
     assert str(result["stdout"]).startswith("growing\n")
     if result["timed_out"]:
         assert result["exit_code"] is None
-    elif pool in WASI_POOLS:
-        assert (result["exit_code"], result["oom_killed"]) == (1, False)
-        assert str(result["stderr"]).rstrip().endswith("MemoryError")
     else:
-        assert (result["exit_code"], result["oom_killed"]) == (137, True)
+        assert_out_of_memory(result, pool)
     assert_serves_a_clean_sandbox(api, pool, result)
 
 
