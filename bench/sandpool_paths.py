@@ -71,8 +71,9 @@ class PoolPlan:
 LOW_LOAD_RATE = {"docker": 5.0, "process": 25.0, "wasm": 10.0}
 FIRST_LOAD_RATE = {"docker": 2.0, "process": 10.0, "wasm": 4.0}
 # Docker: 6 starts at once keep dockerd as busy as the ceiling's 4 workers do,
-# since a pool start also waits for the runner (measured on 2 cores: capacity
-# 5.4-5.6/s with 4, 6.4/s with 6 or 8, against a ceiling of 6.3/s).
+# since a pool start also waits for the runner (one overload measurement on 2
+# cores: 5.4-5.6/s with 4, 6.4/s with 6 or 8, ceiling 6.3/s; later, with the
+# host CPU-bound, 5.4/s with 2 and 5.6/s with 4).
 POOL_SIZES = {"docker": (8, 16, 6), "process": (8, 16, 4), "wasm": (4, 8, 2)}
 
 
