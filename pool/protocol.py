@@ -44,10 +44,21 @@ def encode_request(code: str, stdin: str) -> bytes:
     return REQUEST.pack(len(body)) + body
 
 
+MAX_EXIT_CODE = 255  # what a process status can be: 0-255, 128 + N for signal N
+
+
 def decode_exit(payload: bytes) -> int:
+    """An exit status from the sandbox's status channel: always 0-255.
+
+    The sandboxed code can write to that channel too, so anything else (a
+    negative or 32-bit value, a short write) is a forgery: ProtocolViolation.
+    """
     if len(payload) != 4:
         raise ProtocolViolation("malformed exit frame from the sandbox")
-    return int.from_bytes(payload, "big", signed=True)
+    code = int.from_bytes(payload, "big", signed=True)
+    if not 0 <= code <= MAX_EXIT_CODE:
+        raise ProtocolViolation(f"impossible exit status {code} from the sandbox")
+    return code
 
 
 class FrameDecoder:

@@ -408,7 +408,10 @@ class _OutputPipes:
         loop.remove_reader(self.status_r)
         if len(data) != STATUS_BYTES:
             return  # closed by exec, or garbage: the runner reports the exit instead
-        run.exit_code = decode_exit(data)
+        try:
+            run.exit_code = decode_exit(data)
+        except ProtocolViolation:
+            run.violation = True  # a forged status: no exit code, the sandbox is killed
         run.answered = True
         run.finish()
 
