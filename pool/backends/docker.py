@@ -92,6 +92,7 @@ class DockerBackend:
         self._creating: set[str] = set()  # names of containers not yet in _sandboxes
         self._leak_suspects: set[str] = set()  # untracked at the last sweep
         self._server_version = "unknown"
+        self._owner = ""  # owner_label(), read once at start
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -107,6 +108,13 @@ class DockerBackend:
         Raises BackendError when the image is missing. An unreachable Docker
         engine is not fatal: the pool backs off and rebuilds when it answers.
         """
+        try:
+            self._owner = owner_label()
+        except OSError as e:
+            raise BackendError(
+                f"cannot read this daemon's own identity for container labels: {e}",
+                code="identity_unreadable",
+            ) from None
         # An explicit URL: aiodocker's own discovery asserts when no socket exists
         # yet, and a daemon started before dockerd must wait for it, not crash.
         self._docker = aiodocker.Docker(url=os.environ.get("DOCKER_HOST") or DOCKER_SOCKET_URL)
@@ -167,6 +175,8 @@ class DockerBackend:
     def container_config(self) -> dict[str, Any]:
         """The hardened container definition; every limit comes from the pool config."""
         c = self.config
+        if not self._owner:  # a definition built before start() (the benchmarks)
+            self._owner = owner_label()
         memory = c.memory_mb * 1024 * 1024
         tmpfs_opts = f"rw,nosuid,nodev,noexec,size={c.tmpfs_mb}m"
         host_config: dict[str, Any] = {
@@ -216,7 +226,7 @@ class DockerBackend:
             "Labels": {
                 LABEL_POOL: c.name,
                 LABEL_INSTANCE: self.instance_id,
-                LABEL_OWNER: owner_label(),
+                LABEL_OWNER: self._owner,
             },
             "HostConfig": host_config,
         }
@@ -499,27 +509,35 @@ class DockerBackend:
 
 
 def _process_start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot; None if it is gone.
+
+    Raises OSError when the answer cannot be read (EMFILE, EACCES): that proves
+    nothing about the process, so callers must not take it for "gone".
+    """
     try:
         with open(f"/proc/{pid}/stat") as f:
-            # Field 22, counted after the parenthesised command name, which may hold spaces.
-            return f.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
+            stat_line = f.read()
+    except (FileNotFoundError, ProcessLookupError):
         return None
+    # Field 22, counted after the parenthesised command name, which may hold spaces.
+    fields = stat_line.rpartition(")")[2].split()
+    if len(fields) < 20:
+        raise OSError(f"cannot parse /proc/{pid}/stat")
+    return fields[19]
 
 
 def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    """This boot's id. Raises OSError when it cannot be read."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot_id = f.read().strip()
+    if not boot_id:
+        raise OSError("empty /proc/sys/kernel/random/boot_id")
+    return boot_id
 
 
 def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").rstrip("]")
-    except OSError:
-        return ""
+    """This process's pid namespace inode (readlink: needs no file descriptor)."""
+    return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").rstrip("]")
 
 
 def owner_label() -> str:
@@ -527,20 +545,26 @@ def owner_label() -> str:
 
     The start time guards against pid reuse, the boot id against a reboot, and
     the namespace against a daemon in a container that shares dockerd and the
-    hostname, whose pids mean nothing here.
+    hostname, whose pids mean nothing here. Raises OSError when part of the
+    identity cannot be read: a container must never carry a label that a
+    reaper could later misjudge.
     """
     pid = os.getpid()
-    return ":".join(
-        (socket.gethostname(), _boot_id(), _pid_namespace(), str(pid),
-         str(_process_start_time(pid)))
-    )
+    start_time = _process_start_time(pid)
+    if start_time is None:
+        raise OSError("cannot read this process's own start time")
+    return ":".join((socket.gethostname(), _boot_id(), _pid_namespace(), str(pid), start_time))
 
 
 def owner_alive(label: str) -> bool:
     """Whether the daemon named by an owner label may still run.
 
-    True when it cannot be judged from here (another host or pid namespace);
-    False for a label from before this boot, a gone process, or no label.
+    False only when its death is proven: a label from before this boot, or a
+    pid that is gone or now belongs to a process started at another time (and
+    a container no daemon ever claimed: no or a malformed label). True for
+    another host or pid namespace, and whenever the proof fails (EMFILE, an
+    unreadable /proc): a reaper that guessed "dead" would delete a live
+    daemon's sandboxes.
     """
     parts = label.split(":")
     if len(parts) != 5:
@@ -548,11 +572,17 @@ def owner_alive(label: str) -> bool:
     host, boot_id, pid_namespace, pid, start_time = parts
     if host != socket.gethostname():
         return True
-    if boot_id != _boot_id():
-        return False  # the host rebooted since: that daemon is gone
-    if pid_namespace != _pid_namespace():
+    try:
+        if boot_id != _boot_id():
+            return False  # the host rebooted since: that daemon is gone
+        if pid_namespace != _pid_namespace():
+            return True
+        if not pid.isdigit():
+            return False  # not a label any daemon wrote
+        return _process_start_time(int(pid)) == start_time
+    except OSError as e:
+        log.warning("owner_unknown", owner=label, error=str(e), verdict="alive")
         return True
-    return pid.isdigit() and _process_start_time(int(pid)) == start_time
 
 
 def _describe(error: BaseException) -> str:
