@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import tomllib
@@ -38,6 +39,8 @@ class PoolConfig:
     image: str = DEFAULT_IMAGE
     runtime: str | None = None  # e.g. "runsc" where gVisor is installed
     wasm_module: str | None = None  # wasm backend: another CPython WASI build than the pinned one
+    # wasm backend: files and directories one guest may hold open (each costs the daemon an fd).
+    wasm_max_open_files: int = 256
     min_idle: int = 2
     max_size: int = 8
     max_queue: int = 64
@@ -69,6 +72,7 @@ class PoolConfig:
             "pids_limit",
             "tmpfs_mb",
             "max_output_bytes",
+            "wasm_max_open_files",
             "acquire_timeout_s",
             "cpus",
             "timeout_s",
@@ -133,7 +137,9 @@ def default_pools() -> tuple[PoolConfig, ...]:
         PoolConfig(name="python", language="python"),
         PoolConfig(name="shell", language="shell"),
     )
-    if shutil.which("bwrap"):  # the process tier needs bubblewrap (issue 6)
+    # The process tier needs bubblewrap, and a memory cgroup for its limit, which
+    # a daemon without a config file (`make run`) can make when it runs as root.
+    if shutil.which("bwrap") and os.geteuid() == 0:
         pools += (PoolConfig(name="python-process", backend="process", min_idle=2, max_size=8),)
     # wasmtime and the CPython WASI build are runtime dependencies (issue 7).
     pools += (PoolConfig(name="python-wasm", backend="wasm", min_idle=2, max_size=4),)

@@ -13,9 +13,10 @@ Isolation (see README, "The process tier"): new user, PID, network, IPC, UTS
 and cgroup namespaces; no capabilities; uid 65534 inside *and* outside (the
 daemon drops to it with ``setpriv`` before bwrap when it runs as root, because
 the kernel exempts real uid 0 from RLIMIT_NPROC); a seccomp filter
-(``pool/seccomp.py``); rlimits set by a few lines run before the runner; and,
-where the daemon may create cgroups, a per-sandbox memory, pids and cpu cgroup
-whose ``oom_kill`` counter gives the OOM verdict the way Docker's events do.
+(``pool/seccomp.py``); rlimits set by a few lines run before the runner; and a
+per-sandbox memory, pids and cpu cgroup whose ``oom_kill`` counter gives the
+OOM verdict the way Docker's events do. The cgroup is required: without it
+memory_mb would bound only the address space, not shared memory.
 """
 
 from __future__ import annotations
@@ -73,9 +74,8 @@ CGROUP_DAEMON_LEAF = "sandpool-daemon"  # cgroup v2: where the daemon moves itse
 CPU_PERIOD_US = 100_000
 RMDIR_ATTEMPTS = 50  # x 10 ms: a cgroup is busy until the kernel has freed its last task
 STDERR_LOG_BYTES = 4096
-# The fallback rlimit when there is no memory cgroup; with one, the cgroup
-# decides and the address-space limit is only a backstop this many times larger
-# (threads reserve far more address space than they use).
+# The memory cgroup decides; the address-space limit is only a backstop this
+# many times larger (threads reserve far more address space than they use).
 ADDRESS_SPACE_FACTOR = 8
 
 # Run by /bin/sh with the daemon's rights (root, or the owner of a delegated
@@ -636,11 +636,14 @@ class ProcessBackend:
         dir_name = cgroup_dir_name(self.config.name, self.instance_id)
         self._cgroups, reason = await asyncio.to_thread(prepare_cgroups, dir_name)
         if self._cgroups is None:
-            log.warning(
-                "process_backend_without_cgroups",
-                pool=self.config.name,
-                reason=reason,
-                consequence="memory bounded by RLIMIT_AS only, oom_killed never reported",
+            # RLIMIT_AS does not count shared memory (memfds, tmpfs, SysV and POSIX
+            # shm), so without a memory cgroup one request held 1.5 GiB at
+            # memory_mb = 128: refuse rather than promise a limit that is not there.
+            raise BackendError(
+                f"the process tier enforces memory_mb only with a memory cgroup, and this "
+                f"daemon cannot create one ({reason}): run it as root, or under systemd with "
+                "Delegate=yes on a cgroup v2 host (see README, 'The process tier')",
+                code="process_needs_cgroups",
             )
         self._python_code = self._limits_prelude() + runner_source()
         self._started = True
@@ -737,7 +740,7 @@ class ProcessBackend:
         memory = c.memory_mb * 1024 * 1024
         cpu_s = math.ceil(c.max_timeout_s) + 1  # the daemon's timeout always comes first
         limits = {
-            "RLIMIT_AS": memory * ADDRESS_SPACE_FACTOR if self._cgroups else memory,
+            "RLIMIT_AS": memory * ADDRESS_SPACE_FACTOR,
             "RLIMIT_CPU": (cpu_s, cpu_s + 1),
             # Also bounds memfds, which no tmpfs size covers; the request's stdin is one.
             "RLIMIT_FSIZE": c.tmpfs_mb * 1024 * 1024,
