@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import resource
 import signal
 import uuid
 from collections.abc import Iterable
@@ -19,12 +20,14 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
+from api.connections import ThrottledLog, loop_exception_handler
 from api.notify import Notifier, watchdog_interval_s
 from api.server import ApiServer
 from metrics import Metrics
 from pool.backends import create_backend
 from pool.config import Config
 from pool.manager import Activity, Pool
+from pool.uids import SandboxUids
 
 log = structlog.get_logger("sandpool.daemon")
 
@@ -70,6 +73,7 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
     the socket is taken.
     """
     instance_id = instance_id or uuid.uuid4().hex[:12]
+    raise_fd_limit()
     metrics = build_metrics()
     activity = Activity()
     stop, force_exit = asyncio.Event(), asyncio.Event()
@@ -84,11 +88,16 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
+    # asyncio's default handler writes a traceback for every failed accept()
+    # (once a second per listener while descriptors are short): this one writes
+    # a line per kind of error per 10 s.
+    loop.set_exception_handler(loop_exception_handler(ThrottledLog()))
     try:
         async with AsyncExitStack() as stack:
             pools: dict[str, Pool[Any]] = {}
+            uids = SandboxUids(config.server.sandbox_uid_base, config.server.sandbox_uid_count)
             for pool_config in config.pools:
-                backend = create_backend(pool_config, instance_id)
+                backend = create_backend(pool_config, instance_id, uids)
                 pool: Pool[Any] = Pool(pool_config, backend, metrics, activity)
                 pools[pool.name] = await stack.enter_async_context(pool)
             metrics.watch_pools(lambda: [(p.name, p.counts(), p.waiters) for p in pools.values()])
@@ -121,8 +130,18 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        loop.set_exception_handler(None)
         notifier.close()
     log.info("stopped")
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: every fd the daemon may use is budgeted
+    (wasm pools check theirs against the soft limit when they start)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("fd_limit_raised", soft=soft, now=hard)
 
 
 async def wait_warm(pools: Iterable[Pool[Any]], stop: asyncio.Event) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pool.errors import ConfigError
+from pool.uids import DEFAULT_BASE as DEFAULT_UID_BASE
+from pool.uids import DEFAULT_COUNT as DEFAULT_UID_COUNT
 
 BackendName = Literal["docker", "process", "wasm", "fake"]
 Language = Literal["python", "shell"]
@@ -104,6 +106,24 @@ class ServerConfig:
     # gids (root is always allowed); both empty means the file mode decides alone.
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
+    # Host uids for Docker and process sandboxes, one per live sandbox (pool/uids.py).
+    sandbox_uid_base: int = DEFAULT_UID_BASE
+    sandbox_uid_count: int = DEFAULT_UID_COUNT
+    # Every open connection costs the daemon a file descriptor: these caps bound
+    # them. A peer is a uid on the socket (SO_PEERCRED), an IP address on TCP.
+    # Half the socket's cap per uid by default, so one local user can never take
+    # every slot; max_concurrent_requests runs still fit in one uid's share.
+    max_connections: int = 512
+    max_connections_per_peer: int = 256
+    # The metrics port is open to every local user (all of them are 127.0.0.1):
+    # a small cap of its own keeps it from costing the API anything.
+    metrics_max_connections: int = 16
+    metrics_max_connections_per_peer: int = 8
+    # A new connection must deliver a complete request head this soon; between
+    # requests a keep-alive connection may idle keepalive_timeout_s (the next
+    # head included), on both listeners.
+    header_timeout_s: float = 5.0
+    keepalive_timeout_s: float = 15.0
 
     def validate(self) -> None:
         if not self.socket.startswith("/"):
@@ -111,16 +131,45 @@ class ServerConfig:
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError("server.socket_mode must be a file mode such as 0o660")
         for key in ("max_request_bytes", "max_concurrent_requests", "shutdown_timeout_s",
-                    "body_timeout_s"):
+                    "body_timeout_s", "max_connections", "max_connections_per_peer",
+                    "metrics_max_connections", "metrics_max_connections_per_peer",
+                    "header_timeout_s", "keepalive_timeout_s"):
             _positive(f"server.{key}", getattr(self, key))
+        for prefix in ("", "metrics_"):
+            if getattr(self, f"{prefix}max_connections_per_peer") > getattr(
+                self, f"{prefix}max_connections"
+            ):
+                raise ConfigError(
+                    f"server.{prefix}max_connections_per_peer must not exceed "
+                    f"{prefix}max_connections"
+                )
+        # aiohttp's keep-alive timer also runs from the moment of connection,
+        # so a longer header timeout would never be reached.
+        if self.header_timeout_s > self.keepalive_timeout_s:
+            raise ConfigError("server.header_timeout_s must not exceed keepalive_timeout_s")
         if self.metrics_address != "off":
             parse_address(self.metrics_address, "server.metrics_address")
+        if self.sandbox_uid_base < 65536:
+            raise ConfigError("server.sandbox_uid_base must be at least 65536 (above login users)")
+        if self.sandbox_uid_count < 1 or self.sandbox_uid_base + self.sandbox_uid_count > 2**31:
+            raise ConfigError(
+                "server.sandbox_uid_count must be at least 1 and keep uids below 2^31"
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     pools: tuple[PoolConfig, ...] = ()
+
+    def validate(self) -> None:
+        """Checks across tables: each live Docker or process sandbox holds a uid of its own."""
+        needed = sum(p.max_size for p in self.pools if p.backend in ("docker", "process"))
+        if needed > self.server.sandbox_uid_count:
+            raise ConfigError(
+                f"server.sandbox_uid_count ({self.server.sandbox_uid_count}) is below the "
+                f"{needed} sandboxes the docker and process pools may hold at once"
+            )
 
     def pool(self, name: str) -> PoolConfig | None:
         return next((p for p in self.pools if p.name == name), None)
@@ -177,7 +226,9 @@ def parse_config(document: Mapping[str, Any]) -> Config:
         pool = PoolConfig(name=name, **_fields(PoolConfig, table, f"pools.{name}", skip={"name"}))
         pool.validate()
         pools.append(pool)
-    return Config(server=server, pools=tuple(pools) or default_pools())
+    config = Config(server=server, pools=tuple(pools) or default_pools())
+    config.validate()
+    return config
 
 
 def parse_address(value: str, key: str) -> tuple[str, int]:

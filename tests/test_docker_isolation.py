@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import subprocess
 import textwrap
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from api.client import Client
+from pool.uids import SandboxUids
+from tests.conftest import Daemon, docker_containers
 
 
 def run(client: Client, code: str, **options: object) -> dict[str, object]:
@@ -80,7 +89,9 @@ def test_runs_unprivileged_without_capabilities(client: Client) -> None:
         print("".join(caps), end="")
     """)
     lines = str(result["stdout"]).splitlines()
-    assert lines[0] == "65534 65534"
+    uid, gid = (int(v) for v in lines[0].split())
+    assert uid == gid
+    assert uid in SandboxUids()  # a host uid of the sandbox's own, never root
     assert "CapPrm:\t0000000000000000" in lines
     assert "CapEff:\t0000000000000000" in lines
     assert "NoNewPrivs:\t1" in lines
@@ -104,18 +115,70 @@ def test_shell_pool(client: Client) -> None:
     assert result["exit_code"] == 4
 
 
+def host_processes_with(marker: str) -> list[int]:
+    """Host pids whose command line contains the marker (sandboxed ones included)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue  # exited while we looked
+    return found
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout_s:g} s: {what}")
+        time.sleep(0.05)
+
+
 def test_process_left_behind_dies_with_the_sandbox(client: Client) -> None:
-    result = run(client, """
-        import subprocess
-        p = subprocess.Popen(["sleep", "1000"], start_new_session=True)
-        print(p.pid)
-    """)
+    # A number below one second, so `sleep 1000 <marker>` accepts it, and an
+    # argument no other process on the host has.
+    marker = f"0.{secrets.randbelow(10**15):015d}"
+    with ThreadPoolExecutor(1) as executor:
+        running = executor.submit(run, client, f"""
+            import subprocess, time
+            subprocess.Popen(["sleep", "1000", "{marker}"], start_new_session=True)
+            time.sleep(2)  # the host sees the sleeper while the code still runs
+        """)
+        # Seen from the host first, so the check below cannot pass vacuously.
+        wait_until(lambda: bool(host_processes_with(marker)), "the sleeper runs on the host")
+        result = running.result(timeout=60)
     assert result["exit_code"] == 0
-    # The result arrived while the sleeper still ran; the next request is a
-    # different sandbox and cannot see it.
-    other = run(client, """
-        import os
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-        print(any(open(f"/proc/{p}/cmdline").read().startswith("sleep") for p in pids))
+    # The result arrived while the sleeper still ran; destroying the sandbox ends it.
+    wait_until(lambda: not host_processes_with(marker), "no host process left with the marker")
+
+
+def test_no_network_is_attached_and_nothing_of_the_hosts_shows(
+    client: Client, daemon: Daemon
+) -> None:
+    result = run(client, """
+        import json, socket
+        print(json.dumps({
+            "interfaces": sorted(n for _, n in socket.if_nameindex()),
+            "resolv.conf": open("/etc/resolv.conf").read(),
+            "hosts": open("/etc/hosts").read(),
+        }))
     """)
-    assert other["stdout"] == "False\n"
+    # With networking disabled the engine writes no resolver or hosts file; with it
+    # enabled (even on the "none" network) the host's nameservers appear here.
+    assert json.loads(str(result["stdout"])) == {
+        "interfaces": ["lo"], "resolv.conf": "", "hosts": ""}
+    # While networking is disabled, the "none" network mode changes nothing inside;
+    # it is what keeps the container off every network if networking ever comes
+    # back (dockerd refuses to connect a "none" container): so its record is read.
+    (name, *_) = docker_containers(f"sandpool.instance={daemon.instance_id}")
+    inspected = subprocess.run(
+        ["docker", "inspect", "--format",
+         "{{json .HostConfig.NetworkMode}} {{json .Config.NetworkDisabled}} "
+         "{{json .NetworkSettings.Networks}}", name],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout.split()
+    assert inspected == ['"none"', "true", "{}"], inspected

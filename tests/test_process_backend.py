@@ -26,6 +26,7 @@ from pool.backends.base import RunRequest, Sandbox, SandboxEvent
 from pool.backends.process import ProcessBackend, ProcessSandbox
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
+from pool.uids import SandboxUids
 from tests.conftest import start_daemon, stop_daemon
 
 POOL = "python-process"
@@ -236,7 +237,10 @@ LEAVE_PROCESSES_BEHIND = textwrap.dedent("""
 async def test_sandbox_is_not_root_on_the_host(sandbox: ProcessSandbox) -> None:
     # The kernel exempts real uid 0 from RLIMIT_NPROC, so the tree must not run as it.
     assert sandbox.runner_pid is not None
-    expected = str(65534 if os.geteuid() == 0 else os.geteuid())
+    # As root, a uid of the sandbox's own from the range; else the daemon's.
+    expected = str(sandbox.host_uid if os.geteuid() == 0 else os.geteuid())
+    if os.geteuid() == 0:
+        assert sandbox.host_uid in SandboxUids()
     for pid in (sandbox.bwrap_pid, sandbox.runner_pid):
         assert host_uids(pid) == [expected] * 4  # real, effective, saved, filesystem
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from pool.backends.base import Backend
 from pool.config import PoolConfig
+from pool.uids import SandboxUids
 
 BACKENDS = {
     "docker": "pool.backends.docker:DockerBackend",
@@ -16,9 +17,17 @@ BACKENDS = {
 }
 
 
-def create_backend(config: PoolConfig, instance_id: str) -> Backend[Any]:
+# Backends whose sandboxes are host processes, each run as a uid of its own;
+# wasm guests run inside the daemon's process and have no uid.
+HOST_UID_BACKENDS = frozenset({"docker", "process"})
+
+
+def create_backend(config: PoolConfig, instance_id: str, uids: SandboxUids) -> Backend[Any]:
     """Build the backend named by ``config.backend`` for one pool."""
     module_name, _, class_name = BACKENDS[config.backend].partition(":")
     backend_class = getattr(importlib.import_module(module_name), class_name)
-    backend: Backend[Any] = backend_class(config, instance_id)
+    if config.backend in HOST_UID_BACKENDS:
+        backend: Backend[Any] = backend_class(config, instance_id, uids=uids)
+    else:
+        backend = backend_class(config, instance_id)
     return backend

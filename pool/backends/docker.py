@@ -40,6 +40,8 @@ from pool.protocol import (
     encode_request,
     runner_source,
 )
+from pool.seccomp import docker_profile
+from pool.uids import SandboxUids, default_uids
 
 log = structlog.get_logger("sandpool.docker")
 
@@ -50,7 +52,6 @@ READY_TIMEOUT_S = 20.0  # container start to the runner's ready frame
 OOM_EVENT_GRACE_S = 0.25
 EVENTS_RETRY_S = 1.0
 WORKDIR = "/sandbox"
-SANDBOX_USER = "65534:65534"
 LABEL_POOL = "sandpool.pool"
 LABEL_INSTANCE = "sandpool.instance"
 # host:pid:start-time of the daemon that made the container: the reaper removes
@@ -63,8 +64,11 @@ _DOCKER_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutEr
 
 
 class DockerSandbox(Sandbox):
-    def __init__(self, sandbox_id: str, container: DockerContainer, stream: Stream) -> None:
+    def __init__(
+        self, sandbox_id: str, container: DockerContainer, stream: Stream, uid: int
+    ) -> None:
         super().__init__(sandbox_id)
+        self.uid = uid  # host uid and gid of every process in the container
         self.container = container
         self.stream = stream
         self.decoder = FrameDecoder()
@@ -80,9 +84,12 @@ class DockerBackend:
 
     name = "docker"
 
-    def __init__(self, config: PoolConfig, instance_id: str) -> None:
+    def __init__(
+        self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None
+    ) -> None:
         self.config = config
         self.instance_id = instance_id
+        self._uids = uids or default_uids()
         self.listener: EventListener | None = None
         self._docker: aiodocker.Docker | None = None
         self._runner = runner_source()
@@ -115,6 +122,9 @@ class DockerBackend:
                 f"cannot read this daemon's own identity for container labels: {e}",
                 code="identity_unreadable",
             ) from None
+        # The seccomp profile needs libseccomp's syscall table: read it once,
+        # off the event loop, and fail here rather than at every container.
+        await asyncio.to_thread(docker_profile)
         # An explicit URL: aiodocker's own discovery asserts when no socket exists
         # yet, and a daemon started before dockerd must wait for it, not crash.
         self._docker = aiodocker.Docker(url=os.environ.get("DOCKER_HOST") or DOCKER_SOCKET_URL)
@@ -172,9 +182,15 @@ class DockerBackend:
 
     # --- sandboxes ---------------------------------------------------------
 
-    def container_config(self) -> dict[str, Any]:
-        """The hardened container definition; every limit comes from the pool config."""
+    def container_config(self, uid: int | None = None) -> dict[str, Any]:
+        """The hardened container definition; every limit comes from the pool config.
+
+        ``uid`` is the sandbox's own host uid (and gid); without one, the first
+        of the range (a definition for the benchmarks).
+        """
         c = self.config
+        if uid is None:
+            uid = self._uids.base
         if not self._owner:  # a definition built before start() (the benchmarks)
             self._owner = owner_label()
         memory = c.memory_mb * 1024 * 1024
@@ -188,10 +204,15 @@ class DockerBackend:
             "ReadonlyRootfs": True,
             "Tmpfs": {
                 "/tmp": f"{tmpfs_opts},mode=1777",
-                WORKDIR: f"{tmpfs_opts},uid=65534,gid=65534,mode=0700",
+                WORKDIR: f"{tmpfs_opts},uid={uid},gid={uid},mode=0700",
             },
             "CapDrop": ["ALL"],
-            "SecurityOpt": ["no-new-privileges"],
+            # sandpool's own seccomp allowlist, the one the process tier
+            # compiles, instead of the engine's default; Docker takes it inline.
+            "SecurityOpt": ["no-new-privileges", f"seccomp={docker_profile()}"],
+            # The private IPC namespace's /dev/shm (nosuid, nodev, noexec): Docker's
+            # own 64 MiB otherwise, whatever tmpfs_mb says.
+            "ShmSize": c.tmpfs_mb * 1024 * 1024,
             "IpcMode": "private",
             "Ulimits": [
                 {"Name": "core", "Soft": 0, "Hard": 0},
@@ -207,7 +228,9 @@ class DockerBackend:
         return {
             "Image": c.image,
             "Cmd": ["python3", "-I", "-c", self._runner, c.language],
-            "User": SANDBOX_USER,
+            # No user namespace: the uid is the host's, one per sandbox, so no
+            # two sandboxes share a per-user kernel quota (pool/uids.py).
+            "User": f"{uid}:{uid}",
             "WorkingDir": WORKDIR,
             "Env": [
                 "PATH=/usr/local/bin:/usr/bin:/bin",
@@ -234,23 +257,30 @@ class DockerBackend:
     async def start_sandbox(self) -> DockerSandbox:
         sandbox_id = new_sandbox_id()
         name = f"sandpool-{self.config.name}-{sandbox_id}"
+        uid = self._uids.acquire()
         self._creating.add(name)
         try:
-            sandbox = await self._start_container(sandbox_id, name)
+            sandbox = await self._start_container(sandbox_id, name, uid)
         finally:
             self._creating.discard(name)
         self._sandboxes[sandbox.container_id] = sandbox
         return sandbox
 
-    async def _start_container(self, sandbox_id: str, name: str) -> DockerSandbox:
-        creating = asyncio.ensure_future(self._create_container(name))
+    async def _start_container(self, sandbox_id: str, name: str, uid: int) -> DockerSandbox:
+        """Create, attach, start, wait for the runner.
+
+        On failure the container is removed and the uid released; a removal
+        that fails raises BackendError and keeps the uid held, since the
+        container's processes may still run as it.
+        """
+        creating = asyncio.ensure_future(self._create_container(name, uid))
         try:
             container = await asyncio.shield(creating)
         except asyncio.CancelledError:
             # dockerd finishes a create whose request was abandoned, so removing
             # by name now could miss it: let it finish, then remove what it made.
             with contextlib.suppress(BackendError):
-                await self._remove((await creating).id)
+                await self._remove_and_release((await creating).id, uid)
             raise
         stream: Stream | None = None
         try:
@@ -258,13 +288,13 @@ class DockerBackend:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 await stream.__aenter__()
                 await container.start()
-            sandbox = DockerSandbox(sandbox_id, container, stream)
+            sandbox = DockerSandbox(sandbox_id, container, stream, uid)
             async with asyncio.timeout(READY_TIMEOUT_S):
                 await self._wait_ready(sandbox)
         except BaseException as e:
             if stream is not None:
                 await stream.close()
-            await asyncio.shield(self._remove(container.id))
+            await asyncio.shield(self._remove_and_release(container.id, uid))
             if isinstance(e, (*_DOCKER_ERRORS, ProtocolViolation)):
                 raise BackendError(f"cannot start a container: {_describe(e)}") from None
             raise
@@ -286,13 +316,13 @@ class DockerBackend:
 
         return Stream(self.docker, setup, aiohttp.ClientTimeout(connect=CALL_TIMEOUT_S))
 
-    async def _create_container(self, name: str) -> DockerContainer:
+    async def _create_container(self, name: str, uid: int) -> DockerContainer:
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                return await self.docker.containers.create(self.container_config(), name=name)
+                return await self.docker.containers.create(self.container_config(uid), name=name)
         except _DOCKER_ERRORS as e:
             # A create that timed out may still have made the container.
-            await self._remove(name)
+            await self._remove_and_release(name, uid)
             raise BackendError(f"cannot create a container: {_describe(e)}") from None
 
     async def _wait_ready(self, sandbox: DockerSandbox) -> None:
@@ -391,9 +421,14 @@ class DockerBackend:
         sandbox.alive = False
         await sandbox.stream.close()
         try:
-            await self._remove(sandbox.container_id)
+            await self._remove_and_release(sandbox.container_id, sandbox.uid)
         finally:
             self._oom.pop(sandbox.container_id, None)
+
+    async def _remove_and_release(self, name_or_id: str, uid: int) -> None:
+        """Remove the container, then free its uid: no process of it runs any more."""
+        await self._remove(name_or_id)
+        self._uids.release(uid)
 
     async def _remove(self, name_or_id: str) -> None:
         """Force-remove a container; one that is already gone is fine."""

@@ -54,12 +54,13 @@ from pool.protocol import (
     runner_source,
 )
 from pool.seccomp import build_filter
+from pool.uids import SandboxUids, default_uids
 
 log = structlog.get_logger("sandpool.process")
 
 INTERPRETER = "/usr/bin/python3"  # the host's; /usr is all the sandbox sees of it
 WORKDIR = "/sandbox"
-SANDBOX_UID = 65534  # nobody, inside the sandbox and, for a root daemon, outside too
+SANDBOX_UID = 65534  # nobody, as the code sees itself inside the sandbox
 READY_TIMEOUT_S = 10.0  # spawn to the runner's ready frame; measured 20-110 ms
 EXIT_TIMEOUT_S = 5.0  # SIGKILL to bwrap reaped; measured ~1 ms
 STATUS_BYTES = 4  # the child's status on its status pipe: a signed 32-bit big-endian int
@@ -528,6 +529,7 @@ class ProcessSandbox(Sandbox):
         self.cgroup = cgroup
         self.runner_pid: int | None = None  # host pid of the runner, PID 1 of its namespace
         self.runner_pidfd: int | None = None
+        self.host_uid: int | None = None  # held from the range until the cgroup is empty
         self.destroyed = False
 
     @property
@@ -600,9 +602,12 @@ class ProcessBackend:
 
     name = "process"
 
-    def __init__(self, config: PoolConfig, instance_id: str) -> None:
+    def __init__(
+        self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None
+    ) -> None:
         self.config = config
         self.instance_id = instance_id
+        self._uids = uids or default_uids()
         self.listener: EventListener | None = None
         self._bwrap = ""
         self._setpriv: str | None = None
@@ -667,7 +672,7 @@ class ProcessBackend:
             pool=self.config.name,
             bwrap=self._version,
             cgroups=self._cgroups.controllers if self._cgroups else [],
-            drops_to_uid=SANDBOX_UID if self._setpriv else os.geteuid(),
+            host_uids=repr(self._uids) if self._setpriv else os.geteuid(),
         )
 
     async def close(self) -> None:
@@ -688,16 +693,20 @@ class ProcessBackend:
 
     def sandbox_command(
         self, seccomp_fd: int, info_fd: int, cgroup: SandboxCgroup | None,
-        output_fds: tuple[int, ...] = (),
+        output_fds: tuple[int, ...] = (), host_uid: int | None = None,
     ) -> list[str]:
-        """The full command line of one sandbox; every limit comes from the pool config."""
+        """The full command line of one sandbox; every limit comes from the pool config.
+
+        ``host_uid``: what a root daemon drops to before bwrap, the sandbox's own
+        uid of the range (inside, the code still sees 65534).
+        """
         c = self.config
         tmpfs_bytes = str(c.tmpfs_mb * 1024 * 1024)
         command: list[str] = []
         if cgroup is not None and cgroup.procs_files:
             command += ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *cgroup.procs_files, "--"]
         if self._setpriv is not None:
-            uid = str(SANDBOX_UID)
+            uid = str(host_uid if host_uid is not None else self._uids.base)
             command += [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         command += [
             self._bwrap,
@@ -818,7 +827,10 @@ class ProcessBackend:
         for fd in (info_r, stderr_r):
             os.set_blocking(fd, False)
         pipes = _OutputPipes()
-        command = self.sandbox_command(seccomp_fd, info_w, cgroup, pipes.write_ends)
+        # As root, each sandbox runs as a host uid of its own (pool/uids.py); a
+        # non-root daemon's sandboxes can only be its own uid outside.
+        host_uid = self._uids.acquire() if self._setpriv is not None else None
+        command = self.sandbox_command(seccomp_fd, info_w, cgroup, pipes.write_ends, host_uid)
         try:
             transport, protocol = await loop.subprocess_exec(
                 lambda: _RunnerProtocol(loop),
@@ -836,6 +848,8 @@ class ProcessBackend:
             os.close(info_r)
             os.close(stderr_r)
             pipes.close()
+            if host_uid is not None:  # nothing was started as it
+                self._uids.release(host_uid)
             if isinstance(e, OSError):
                 raise BackendError(f"cannot run bubblewrap: {e}") from None
             raise
@@ -846,6 +860,7 @@ class ProcessBackend:
         sandbox = ProcessSandbox(
             sandbox_id, transport, protocol, info_r, stderr_r, cgroup, pipes
         )
+        sandbox.host_uid = host_uid
         self._sandboxes.add(sandbox)
         return sandbox
 
@@ -947,6 +962,10 @@ class ProcessBackend:
             sandbox.close_fds()
             if sandbox.cgroup is not None:
                 await asyncio.to_thread(remove_sandbox_cgroup, sandbox.cgroup)
+            # Only now is the uid free: the cgroup was empty, so no process runs as it.
+            if sandbox.host_uid is not None:
+                self._uids.release(sandbox.host_uid)
+                sandbox.host_uid = None
 
     async def _reap(self, sandbox: ProcessSandbox) -> None:
         """Kill the tree and wait until bwrap is reaped, hence every process in it gone."""
