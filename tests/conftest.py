@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,16 +109,25 @@ def wait_ready(daemon: Daemon, timeout_s: float = 120) -> None:
 
 
 def start_daemon(
-    tmp: Path, config: str = DAEMON_CONFIG, env: dict[str, str] | None = None
+    tmp: Path,
+    config: str = DAEMON_CONFIG,
+    env: dict[str, str] | None = None,
+    command_prefix: Sequence[str] = (),
 ) -> Daemon:
+    """Start ``python -m api.cli serve`` in ``tmp`` and wait until its pools are warm.
+
+    ``command_prefix`` runs the daemon under another command (e.g. ``setpriv``
+    to run it as another user); ``process.pid`` is then that command's, which
+    must exec the daemon.
+    """
     config_path = tmp / "sandpool.toml"
     config_path.write_text(textwrap.dedent(config))
     socket_path = tmp / "sandpool.sock"
     log_path = tmp / "daemon.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(config_path),
-             "--socket", str(socket_path), "--log-format", "json"],
+            [*command_prefix, sys.executable, "-m", "api.cli", "serve",
+             "--config", str(config_path), "--socket", str(socket_path), "--log-format", "json"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
     daemon = Daemon(process, str(socket_path), log_path, instance_id="")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import stat
 import textwrap
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ import pytest
 import wasmtime
 
 from api.client import Client
-from pool.backends import wasm
+from pool.backends import wasm, wasm_scratch
 from pool.backends.base import RunRequest
 from pool.backends.wasm import WasmBackend
 from pool.config import PoolConfig
@@ -208,8 +209,7 @@ def open_devices() -> set[int]:
 
 
 async def test_scratch_is_a_private_tmpfs_freed_with_the_sandbox(backend: WasmBackend) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN")
+    # Root mounts by itself, anyone else through the user-namespace helper.
     sandbox = await backend.start_sandbox()
     try:
         code = "open('kept', 'w').write('x' * 1000)\nopen('/tmp/t', 'w').write('y')\nprint('ok')"
@@ -226,27 +226,72 @@ async def test_scratch_is_a_private_tmpfs_freed_with_the_sandbox(backend: WasmBa
     assert not devices & open_devices()  # no fd left: the kernel frees them
 
 
-async def test_without_mount_rights_scratch_is_plain_directories_removed_after(
+async def test_without_a_bounded_tmpfs_the_tier_refuses_to_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # No CAP_SYS_ADMIN and a helper that cannot mount (user namespaces off):
+    # never fall back to unbounded host directories.
     def refuse(size: str, inodes: int) -> int:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(wasm, "mount_tmpfs", refuse)
-    plain = WasmBackend(PoolConfig(name="wasm-plain", backend="wasm", max_size=1), "test")
-    await plain.start()
+    monkeypatch.setattr(wasm_scratch, "mount_tmpfs", refuse)
+    monkeypatch.setattr(wasm_scratch, "helper_command", lambda fd: ["false"])
+    refused = WasmBackend(PoolConfig(name="wasm-unbounded", backend="wasm", max_size=1), "test")
+    with pytest.raises(BackendError) as caught:
+        await refused.start()
+    await refused.close()
+    assert caught.value.code == "wasm_scratch_unbounded"
+    assert "Operation not permitted" in caught.value.message
+    assert "unprivileged user namespace" in caught.value.message
+
+
+async def test_a_guest_gets_emfile_at_its_cap_and_closing_frees_room() -> None:
+    config = PoolConfig(name="wasm-fds", backend="wasm", max_size=1, wasm_max_open_files=20)
+    capped = WasmBackend(config, "test")
+    await capped.start()
     try:
-        sandbox = await plain.start_sandbox()
+        sandbox = await capped.start_sandbox()
+        before = len(os.listdir("/proc/self/fd"))
+        code = textwrap.dedent("""
+            import os
+            def fill():
+                held = []
+                try:
+                    while len(held) < 100:
+                        held.append(os.open(f"/tmp/{len(held)}", os.O_CREAT | os.O_WRONLY))
+                except OSError as e:
+                    return held, e.errno
+                return held, None
+            held, error = fill()
+            print(len(held), error)
+            for fd in held:
+                os.close(fd)
+            held, error = fill()
+            print(len(held), error)
+        """)
         try:
-            code = "open('kept', 'w').write('x')\nimport sys; sys.exit(201)"
-            result = await plain.run(sandbox, RunRequest(code=code, stdin="", timeout_s=5))
-            assert result.exit_code == 201
-            assert (sandbox.scratch_root / "sandbox" / "kept").read_text() == "x"
+            result = await capped.run(sandbox, RunRequest(code=code, stdin="", timeout_s=10))
         finally:
-            await plain.destroy_sandbox(sandbox)
-        assert not sandbox.scratch_root.exists()
+            await capped.destroy_sandbox(sandbox)
+        assert result.stdout == b"20 33\n20 33\n", result.stderr
+        assert len(os.listdir("/proc/self/fd")) < before  # the guest's fds went with it
     finally:
-        await plain.close()
+        await capped.close()
+
+
+async def test_a_pool_whose_fds_do_not_fit_refuses_to_start() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    greedy = PoolConfig(name="wasm-greedy", backend="wasm", max_size=64,
+                        wasm_max_open_files=soft // 64 + 1)
+    refused = WasmBackend(greedy, "test")
+    with pytest.raises(BackendError) as caught:
+        await refused.start()
+    await refused.close()
+    assert caught.value.code == "wasm_fd_budget"
+    assert f"exceeds RLIMIT_NOFILE ({soft})" in caught.value.message
+    fitting = WasmBackend(PoolConfig(name="wasm-fits", backend="wasm", max_size=1), "test")
+    await fitting.start()  # the refused pool promised nothing
+    await fitting.close()
 
 
 async def test_stopping_one_guest_leaves_its_neighbours_running(backend: WasmBackend) -> None:

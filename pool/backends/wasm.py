@@ -42,6 +42,14 @@ How a sandbox lives, and why (all measured on the target host, issue 7):
   memory. A refused ``memory.grow`` is invisible to the host (wasmtime's C
   API has no grow-failure hook), so a memory bomb ends as the guest's own
   ``MemoryError``: exit status 1 with its traceback, ``oom_killed`` false.
+- Everything else the daemon holds for a guest is bounded per guest too: one
+  worker thread (WASI preview 1 has no threads), at most
+  ``GUEST_BASE_FDS + wasm_max_open_files`` fds (``_OpenFiles``: past it the
+  guest's open fails with EMFILE), ``poll_oneoff`` at MAX_POLL_SUBSCRIPTIONS,
+  and scratch space on tmpfs mounts of ``tmpfs_mb`` that live only as long as
+  their fds (``wasm_scratch.py``: nothing on the host's disk, nothing left by
+  a killed daemon). A pool starts only if its guests' worst case and
+  DAEMON_FD_RESERVE fit under RLIMIT_NOFILE (``_FdBudget``).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ import importlib.metadata
 import itertools
 import os
 import platform
-import shutil
+import resource
 import stat
 import struct
 import tempfile
@@ -74,6 +82,7 @@ import wasmtime
 from wasmtime import _bindings as wasmtime_bindings
 
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
+from pool.backends.wasm_scratch import Scratch, TmpfsSource
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import OutputCapture, PipeReader, encode_request, read_nonblocking
@@ -108,6 +117,39 @@ _EVENTTYPE_CLOCK, _EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE = 0, 1, 2
 _CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
 _SUBCLOCKFLAGS_ABSTIME = 1
 _ERRNO_SUCCESS, _ERRNO_FAULT, _ERRNO_INTR, _ERRNO_INVAL, _ERRNO_NOTSUP = 0, 21, 27, 28, 58
+_ERRNO_MFILE = 33  # EMFILE in WASI's numbering: what a guest past its open-file cap sees
+# More than any program that holds at most wasm_max_open_files fds can mean;
+# each costs the host a copy of 48 bytes and an event.
+MAX_POLL_SUBSCRIPTIONS = 4096
+WASI_MODULE = "wasi_snapshot_preview1"
+
+# Calls wasmtime's own WASI fd functions on behalf of _OpenFiles: their caller
+# must export the guest's memory, which this instance re-exports.
+TRAMPOLINE_WAT = """
+(module
+  (import "guest" "memory" (memory 0))
+  (import "wasi" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi" "fd_close" (func $fd_close (param i32) (result i32)))
+  (import "wasi" "fd_renumber" (func $fd_renumber (param i32 i32) (result i32)))
+  (export "memory" (memory 0))
+  (func (export "path_open") (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)
+    (call $path_open (local.get 0) (local.get 1) (local.get 2) (local.get 3) (local.get 4)
+                     (local.get 5) (local.get 6) (local.get 7) (local.get 8)))
+  (func (export "fd_close") (param i32) (result i32)
+    (call $fd_close (local.get 0)))
+  (func (export "fd_renumber") (param i32 i32) (result i32)
+    (call $fd_renumber (local.get 0) (local.get 1))))
+"""
+
+# File descriptors the daemon holds for one guest before it opens anything:
+# its three pipes (both ends), the three scratch mounts and the status dir,
+# and wasmtime's own opens of stdio and of the three preopened directories.
+# Measured 13; the margin covers wasmtime's transient fds (a readdir's dup).
+GUEST_BASE_FDS = 16
+# What the daemon keeps for itself whatever the guests do: connections (the
+# API's max_concurrent_requests), the other tiers' pipes and sockets, logs.
+DAEMON_FD_RESERVE = 1024
 
 _compile_lock = threading.Lock()  # two pools with a cold cache compile once
 _live_sandboxes: weakref.WeakSet[WasmSandbox] = weakref.WeakSet()
@@ -293,110 +335,6 @@ def guest_runner_source() -> str:
     return resources.files("pool").joinpath("wasm_runner.py").read_text(encoding="utf-8")
 
 
-# --- scratch directories -----------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-# The new mount API (Linux 5.2+), the same numbers on every architecture.
-_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 430, 431, 432
-_FSOPEN_CLOEXEC = _FSMOUNT_CLOEXEC = 1
-_FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 1, 6
-_MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV, _MOUNT_ATTR_NOEXEC = 0x2, 0x4, 0x8
-STATUS_LIMIT_KB = 64  # the status tmpfs holds one small file
-SCRATCH_INODES = 4096  # files and directories per tmpfs: each costs kernel memory
-
-
-def _syscall(number: int, *args: object) -> int:
-    result = int(_libc.syscall(number, *args))
-    if result < 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    return result
-
-
-def mount_tmpfs(size: str, inodes: int) -> int:
-    """A fresh tmpfs of ``size`` attached nowhere; returns an O_PATH fd to its root.
-
-    Nothing appears in the mount table and nothing needs unmounting: the
-    filesystem is freed when the last fd into it closes. Needs CAP_SYS_ADMIN;
-    raises OSError (EPERM, ENOSYS) where it is not allowed.
-    """
-    context = _syscall(_SYS_FSOPEN, b"tmpfs", _FSOPEN_CLOEXEC)
-    try:
-        for key, value in ((b"size", size), (b"nr_inodes", str(inodes)), (b"mode", "0700")):
-            _syscall(_SYS_FSCONFIG, context, _FSCONFIG_SET_STRING, key, value.encode(), 0)
-        _syscall(_SYS_FSCONFIG, context, _FSCONFIG_CMD_CREATE, None, None, 0)
-        attributes = _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | _MOUNT_ATTR_NOEXEC
-        return _syscall(_SYS_FSMOUNT, context, _FSMOUNT_CLOEXEC, attributes)
-    finally:
-        os.close(context)
-
-
-def _can_mount_tmpfs() -> bool:
-    try:
-        os.close(mount_tmpfs(f"{STATUS_LIMIT_KB}k", 16))
-    except OSError:
-        return False
-    return True
-
-
-class Scratch:
-    """A sandbox's writable directories: ``sandbox`` (its workdir), ``tmp``, ``status``.
-
-    Where the daemon may mount (root), each is its own tmpfs of ``tmpfs_mb``
-    (the status one of 64 KiB), so a full one says ENOSPC as Docker's tmpfs
-    does and nothing reaches the host's disk. Elsewhere they are plain
-    directories under the run directory, with no size limit (logged at start).
-    """
-
-    NAMES = ("sandbox", "tmp", "status")
-
-    def __init__(self, root: Path, tmpfs_mb: int | None) -> None:
-        self.root: Path | None = root  # plain directories only; None for tmpfs mounts
-        self.paths: dict[str, str] = {}  # name -> the path wasmtime opens
-        self._fds: list[int] = []
-        self._status_dir = -1
-        try:
-            if tmpfs_mb is None:
-                root.mkdir(mode=0o700)
-                for name in self.NAMES:
-                    (root / name).mkdir(mode=0o700)
-                    self.paths[name] = str(root / name)
-            else:
-                self.root = None
-                for name in self.NAMES:
-                    size = f"{STATUS_LIMIT_KB}k" if name == "status" else f"{tmpfs_mb}m"
-                    fd = mount_tmpfs(size, SCRATCH_INODES)
-                    self._fds.append(fd)
-                    self.paths[name] = f"/proc/self/fd/{fd}"
-            self._status_dir = os.open(
-                self.paths["status"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-            )
-        except BaseException:
-            self.close()
-            raise
-
-    def read_status(self) -> bytes:
-        """The runner's status file, at most 16 bytes; never follows a link the guest made."""
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open("status", flags, dir_fd=self._status_dir)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError("not a regular file")
-            return os.read(fd, 16)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        """Free the tmpfs mounts (once wasmtime's fds are closed too) or remove the dirs."""
-        for fd in (*self._fds, self._status_dir):
-            if fd >= 0:
-                os.close(fd)
-        self._fds.clear()
-        self._status_dir = -1
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
 # --- one guest ----------------------------------------------------------------
 
 
@@ -438,7 +376,7 @@ class _Guest:
         """
         try:
             memory = caller["memory"]
-            if not isinstance(memory, wasmtime.Memory) or count <= 0:
+            if not isinstance(memory, wasmtime.Memory) or not 0 < count <= MAX_POLL_SUBSCRIPTIONS:
                 return _ERRNO_INVAL
             raw = memory.read(caller, in_ptr, in_ptr + _SUBSCRIPTION.size * count)
             now_ns = time.monotonic_ns()
@@ -474,6 +412,135 @@ class _Guest:
         except Exception:
             # Raising here would cross threads (module docstring); the guest sees EFAULT.
             return _ERRNO_FAULT
+
+
+class _OpenFiles:
+    """One guest's open-file cap, kept by shadowing WASI's fd calls with host functions.
+
+    wasmtime has no per-instance limit on descriptors, and every file or
+    directory a guest opens is a real fd of the daemon. ``path_open`` is the
+    only WASI preview 1 call that creates one (there are no sockets to
+    accept), ``fd_close`` and ``fd_renumber`` the ones that free one; each
+    shadow calls wasmtime's own function and counts what succeeded.
+    Invariant: the guest holds at most ``GUEST_BASE_FDS + limit`` of the
+    daemon's fds (closing one it started with frees room for one more, never
+    more than that). Only the guest's worker thread calls these: no lock.
+    Never raises (module docstring).
+
+    wasmtime's WASI functions find the guest's memory in their caller's
+    ``memory`` export, so called straight from the host they fail. They are
+    called through a trampoline instance in the same Store instead
+    (``TRAMPOLINE_WAT``), which re-exports the guest's memory as its own.
+    """
+
+    SHADOWED = ("path_open", "fd_close", "fd_renumber")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.opened = 0  # opened minus closed since instantiation; may go below 0
+        self._originals: list[wasmtime.Func] = []
+        self._calls: dict[str, wasmtime.Func] = {}  # the trampoline's exports, once attached
+
+    def shadow(self, linker: wasmtime.Linker, store: wasmtime.Store) -> None:
+        """Replace the linker's WASI fd calls with counting ones. Needs allow_shadowing."""
+        hosts: dict[str, Callable[..., int]] = {
+            "path_open": self.path_open, "fd_close": self.fd_close,
+            "fd_renumber": self.fd_renumber,
+        }
+        for name in self.SHADOWED:
+            original = linker.get(store, WASI_MODULE, name)
+            if not isinstance(original, wasmtime.Func):
+                raise BackendError(f"wasmtime's WASI has no function {name}")
+            self._originals.append(original)
+            linker.define_func(
+                WASI_MODULE, name, original.type(store), hosts[name], access_caller=True
+            )
+
+    def attach(
+        self, store: wasmtime.Store, guest: wasmtime.Instance, trampoline: wasmtime.Module
+    ) -> None:
+        """Instantiate the trampoline over the guest's memory; before the guest runs.
+
+        A module without a memory cannot pass WASI a path: its shadowed calls
+        then answer EFAULT, as any call they cannot make.
+        """
+        memory = guest.exports(store).get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            return
+        instance = wasmtime.Instance(store, trampoline, [memory, *self._originals])
+        exports = instance.exports(store)
+        for name in self.SHADOWED:
+            call = exports[name]
+            assert isinstance(call, wasmtime.Func)
+            self._calls[name] = call
+
+    def path_open(self, caller: wasmtime.Caller, *args: int) -> int:
+        if self.opened >= self.limit:
+            return _ERRNO_MFILE
+        errno = self._call("path_open", caller, args)
+        if errno == _ERRNO_SUCCESS:
+            self.opened += 1
+        return errno
+
+    def fd_close(self, caller: wasmtime.Caller, fd: int) -> int:
+        errno = self._call("fd_close", caller, (fd,))
+        if errno == _ERRNO_SUCCESS:
+            self.opened -= 1
+        return errno
+
+    def fd_renumber(self, caller: wasmtime.Caller, source: int, target: int) -> int:
+        # Success moves ``source`` onto ``target`` and closes what ``target`` held.
+        errno = self._call("fd_renumber", caller, (source, target))
+        if errno == _ERRNO_SUCCESS and source != target:
+            self.opened -= 1
+        return errno
+
+    def _call(self, name: str, caller: wasmtime.Caller, args: tuple[int, ...]) -> int:
+        try:
+            errno = self._calls[name](caller, *args)
+        except Exception:
+            # A trap inside wasmtime's own function (a bad pointer): raising
+            # here would cross threads, so the guest sees EFAULT instead.
+            return _ERRNO_FAULT
+        return errno if isinstance(errno, int) else _ERRNO_FAULT
+
+
+class _FdBudget:
+    """The daemon's fds promised to wasm guests, pool by pool, against RLIMIT_NOFILE.
+
+    Each wasm pool may hold ``max_size`` guests of at most ``GUEST_BASE_FDS +
+    wasm_max_open_files`` fds; together with DAEMON_FD_RESERVE that must fit
+    under the soft limit (the daemon raises it to the hard one at start), so
+    no guest can take the fds the daemon needs to answer.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[int, int] = {}  # id(backend) -> fds promised
+        self._lock = threading.Lock()
+
+    def reserve(self, owner: object, config: PoolConfig) -> None:
+        """Promise one pool's worst case; raises BackendError ``wasm_fd_budget`` if it cannot."""
+        needed = config.max_size * (GUEST_BASE_FDS + config.wasm_max_open_files)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with self._lock:
+            promised = sum(self._pools.values())
+            if soft != resource.RLIM_INFINITY and promised + needed + DAEMON_FD_RESERVE > soft:
+                raise BackendError(
+                    f"pool {config.name}: {config.max_size} wasm guests of up to "
+                    f"{GUEST_BASE_FDS + config.wasm_max_open_files} fds each need {needed} "
+                    f"file descriptors; with {promised} promised to other wasm pools and "
+                    f"{DAEMON_FD_RESERVE} kept for the daemon that exceeds RLIMIT_NOFILE "
+                    f"({soft}). Raise LimitNOFILE, or lower max_size or wasm_max_open_files",
+                    code="wasm_fd_budget",
+                )
+            self._pools[id(owner)] = needed
+
+    def release(self, owner: object) -> None:
+        with self._lock:
+            self._pools.pop(id(owner), None)
+
+
+fd_budget = _FdBudget()
 
 
 # wasmtime-py does not wrap the C API's per-store epoch deadline callback, so it
@@ -553,13 +620,11 @@ class WasmSandbox(Sandbox):
     def __init__(
         self,
         sandbox_id: str,
-        scratch_root: Path,
         loop: asyncio.AbstractEventLoop,
         engine: wasmtime.Engine,
         ticker: _Ticker,
     ) -> None:
         super().__init__(sandbox_id)
-        self.scratch_root = scratch_root
         self.scratch: Scratch | None = None  # made by the worker thread
         self.guest = _Guest(engine, ticker.nudge)
         self._loop = loop
@@ -602,18 +667,23 @@ class WasmBackend:
         )
         self._engine: wasmtime.Engine | None = None
         self._module: wasmtime.Module | None = None
+        self._trampoline: wasmtime.Module | None = None
         self._ticker: _Ticker | None = None
-        self._run_dir: Path | None = None
-        self._tmpfs = False  # scratch directories are size-limited tmpfs mounts
+        self._tmpfs = TmpfsSource()
         self._sandboxes: set[WasmSandbox] = set()
 
     # --- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Verify the module, compile it into the cache if needed (logged), make the run dir.
+        """Verify the module, compile it into the cache if needed (logged), find a way to mount.
 
-        Raises BackendError (module missing or not the pinned one, cache unusable).
+        Raises BackendError: module missing or not the pinned one, cache
+        unusable, the pool's fds do not fit under RLIMIT_NOFILE
+        (``wasm_fd_budget``), no bounded scratch space (``wasm_scratch_unbounded``).
         """
+        fd_budget.reserve(self, self.config)
+        await self._tmpfs.start()
+        log.info("wasm_scratch", pool=self.config.name, mounts=self._tmpfs.mode)
         if self.config.wasm_module is not None:
             wasm_path, expected = Path(self.config.wasm_module), None
         else:
@@ -656,20 +726,12 @@ class WasmBackend:
         self._module = await loop.run_in_executor(
             self._executor, wasmtime.Module.deserialize_file, engine, str(artifact)
         )
+        self._trampoline = wasmtime.Module(engine, TRAMPOLINE_WAT)  # ~1 ms
         self._engine = engine
         self._ticker = _Ticker(engine, name=f"sandpool-wasm-{self.config.name}-epoch")
-        self._tmpfs = await loop.run_in_executor(self._executor, _can_mount_tmpfs)
-        if not self._tmpfs:
-            log.warning(
-                "wasm_scratch_unlimited",
-                pool=self.config.name,
-                reason="cannot mount tmpfs (needs CAP_SYS_ADMIN): /sandbox and /tmp are "
-                "plain directories without a size limit",
-            )
-        self._run_dir = Path(tempfile.mkdtemp(prefix=f"sandpool-wasm-{self.config.name}-"))
 
     async def close(self) -> None:
-        """Stop every guest, join every worker thread, remove the run directory.
+        """Stop every guest, join every worker thread, stop the tmpfs helper.
 
         The host interpreter must never exit while a thread is inside wasmtime
         (Rust aborts the process), so this waits for the threads.
@@ -680,28 +742,24 @@ class WasmBackend:
         if self._ticker is not None:
             await asyncio.to_thread(self._ticker.stop)
             self._ticker = None
-        self._module = self._engine = None
-        if self._run_dir is not None:
-            await asyncio.to_thread(shutil.rmtree, self._run_dir, ignore_errors=True)
-            self._run_dir = None
+        self._module = self._engine = self._trampoline = None
+        await self._tmpfs.close()
+        fd_budget.release(self)
 
     def version(self) -> str:
         return f"wasmtime {wasmtime_version()}"
 
     async def ping(self) -> bool:
         # wasmtime runs in this process: it answers whenever the module is loaded.
-        return self._module is not None and self._run_dir is not None
+        return self._module is not None
 
     # --- sandboxes ---------------------------------------------------------
 
     async def start_sandbox(self) -> WasmSandbox:
-        if self._engine is None or self._run_dir is None or self._ticker is None:
+        if self._engine is None or self._ticker is None:
             raise BackendError("the wasm backend is not started")
-        sandbox_id = new_sandbox_id()
         loop = asyncio.get_running_loop()
-        sandbox = WasmSandbox(
-            sandbox_id, self._run_dir / sandbox_id, loop, self._engine, self._ticker
-        )
+        sandbox = WasmSandbox(new_sandbox_id(), loop, self._engine, self._ticker)
         # The loop keeps one end of each pipe; the worker hands the other to
         # wasmtime by its /proc path (no name in the filesystem, no blocking open).
         stdin_r, sandbox.stdin_w = os.pipe()
@@ -803,12 +861,11 @@ class WasmBackend:
     def _instantiate(
         self, sandbox: WasmSandbox, guest_fds: tuple[int, int, int]
     ) -> tuple[wasmtime.Store, wasmtime.Instance]:
-        if self._engine is None or self._module is None:
+        if self._engine is None or self._module is None or self._trampoline is None:
             raise BackendError("the wasm backend is not started")
         engine, module = self._engine, self._module
         guest = sandbox.guest
-        tmpfs_mb = self.config.tmpfs_mb if self._tmpfs else None
-        sandbox.scratch = scratch = Scratch(sandbox.scratch_root, tmpfs_mb)
+        sandbox.scratch = scratch = Scratch(self._tmpfs, self.config.tmpfs_mb)
         store = wasmtime.Store(engine)
         store.set_epoch_deadline(1)
         _epoch_guests[guest.key] = guest
@@ -821,6 +878,8 @@ class WasmBackend:
         linker = wasmtime.Linker(engine)
         linker.define_wasi()
         linker.allow_shadowing = True
+        open_files = _OpenFiles(self.config.wasm_max_open_files)
+        open_files.shadow(linker, store)
         i32 = wasmtime.ValType.i32()
         linker.define_func(
             "wasi_snapshot_preview1",
@@ -845,6 +904,7 @@ class WasmBackend:
         # set_wasi: reading the host clock after it errs towards longer sleeps.
         guest.clock_origin_ns = time.monotonic_ns()
         instance = linker.instantiate(store, module)
+        open_files.attach(store, instance, self._trampoline)
         return store, instance
 
     def _worker_ended(self, sandbox: WasmSandbox) -> None:
