@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,14 +96,44 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def present_sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample; AssertionError when the series is not exported."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
+            if found == labels:
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name}{labels} exported")
+
+
 def test_every_metric_is_exported_over_tcp(observed: Observed) -> None:
     with observed.daemon.client() as client:
         client.run("print(1)", pool="obs")
     text = scrape(observed.metrics_url)
     for name in METRIC_NAMES:
         assert re.search(rf"^{name}(_bucket|_count|_sum)?[{{ ]", text, re.M), name
-    assert sample(text, "sandpool_sandboxes", pool="obs", state="idle") >= 0
     assert 'backends="docker=' in text
+
+
+def test_the_sandboxes_gauge_reports_the_pools_own_counts(observed: Observed) -> None:
+    with observed.daemon.client() as client:
+        client.run("print(1)", pool="obs")
+
+        def settled() -> dict[str, object]:
+            (summary,) = [p for p in client.pools() if p["name"] == "obs"]
+            return summary
+
+        # Back at min_idle with nothing starting or busy: the counts hold still.
+        deadline = time.monotonic() + 30
+        while (summary := settled())["idle"] != 1 or summary["starting"] or summary["busy"]:
+            assert time.monotonic() < deadline, summary
+            time.sleep(0.05)
+    text = scrape(observed.metrics_url)
+    exported = {
+        state: present_sample(text, "sandpool_sandboxes", pool="obs", state=state)
+        for state in ("idle", "busy", "starting")
+    }
+    assert exported == {"idle": 1.0, "busy": 0.0, "starting": 0.0}
 
 
 def test_counters_and_histograms_follow_requests(observed: Observed) -> None:

@@ -159,11 +159,19 @@ async def test_cancelled_waiter_leaves_the_queue() -> None:
         await blocker
 
 
-async def test_timeout_is_reported_by_the_daemon_clock() -> None:
-    async with make_pool() as (pool, _):
-        run = await pool.run(request("hang", timeout_s=0.05))
-        assert run.result.timed_out
-        assert run.result.exit_code is None
+async def test_a_timed_out_sandbox_is_destroyed_never_handed_out_again() -> None:
+    # The verdict itself comes from each backend's clock (tests/test_behaviour.py runs
+    # that against the real engines); what the pool owes a timed-out run is that its
+    # sandbox, in whatever state the code left it, serves nobody after it.
+    async with make_pool(min_idle=1, max_size=1) as (pool, backend):
+        timed_out = await pool.run(request("hang", timeout_s=0.05))
+        assert timed_out.result.timed_out
+        await settle(pool, idle=1, starting=0, destroying=0)
+        assert timed_out.sandbox_id in backend.destroyed
+        after = [await pool.run(request()) for _ in range(3)]
+    assert [run.result.stdout for run in after] == [b"hello"] * 3
+    ids = [timed_out.sandbox_id] + [run.sandbox_id for run in after]
+    assert len(set(ids)) == len(ids), ids
 
 
 async def test_backoff_after_repeated_start_failures() -> None:
