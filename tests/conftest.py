@@ -175,10 +175,14 @@ def spawn_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start dedicated daemons; each is stopped (and checked for leaks) even if the test fails."""
     started: list[Daemon] = []
 
-    def spawn(config: str = DAEMON_CONFIG, env: dict[str, str] | None = None) -> Daemon:
+    def spawn(
+        config: str = DAEMON_CONFIG,
+        env: dict[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
+    ) -> Daemon:
         directory = tmp_path / f"daemon{len(started)}"
         directory.mkdir()
-        started.append(start_daemon(directory, config, env))
+        started.append(start_daemon(directory, config, env, command_prefix))
         return started[-1]
 
     yield spawn

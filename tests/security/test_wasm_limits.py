@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import resource
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -149,6 +153,28 @@ def test_a_guest_opening_files_in_a_loop_gets_emfile_while_the_daemon_serves(
     with daemon.client() as client:  # its files were the daemon's: all closed again
         assert run(client, "print(len([open(f'/tmp/{i}', 'w') for i in range(50)]))")[
             "stdout"] == "50\n"
+
+
+def test_the_daemon_raises_its_soft_fd_limit_and_refuses_a_budget_it_cannot_keep(
+    spawn_daemon: Spawn, tmp_path: Path
+) -> None:
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit (util-linux)")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # 1024 soft: the wasm pool alone (2 guests and the daemon's reserve) would not fit.
+    daemon = spawn_daemon(FD_CONFIG, command_prefix=("prlimit", f"--nofile=1024:{hard}"))
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    assert re.search(rf"Max open files\s+{hard}\s+{hard}\s", limits), limits
+    (tmp_path / "refused.toml").write_text(FD_CONFIG)
+    refused = subprocess.run(
+        ["prlimit", "--nofile=1024:1024", sys.executable, "-m", "api.cli", "serve",
+         "--config", str(tmp_path / "refused.toml"), "--socket", str(tmp_path / "refused.sock")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "exceeds RLIMIT_NOFILE (1024)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "refused.sock").exists()
 
 
 # --- scratch space, as a non-root daemon --------------------------------------------
