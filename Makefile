@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 IMAGE_BUILD := $(VENV)/bin/sandpool image build
 
-.PHONY: run test setup lint soak
+.PHONY: run test setup lint soak hostile
 
 run: setup
 	exec $(VENV)/bin/sandpool serve
@@ -21,6 +21,12 @@ test: setup lint
 soak: setup
 	$(VENV)/bin/python -m tests.soak
 
+# Tenant traffic alone, then beside attackers in pools of their own (every
+# resource attack, idle connection floods): latency of both phases, nothing
+# left behind (about 2.5 minutes; see tests/hostile.py).
+hostile: setup
+	$(VENV)/bin/python -m tests.hostile
+
 setup: $(STAMP)
 	bash scripts/ensure-docker.sh
 	bash scripts/ensure-tools.sh
@@ -29,6 +35,13 @@ setup: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pool api metrics tests bench
 	$(VENV)/bin/mypy
+
+# Removes each protection in scripts/mutations.toml in turn from a scratch copy
+# of the tree and runs the test that names it; fails if any test still passes
+# (docs/mutation.md). Never part of `make test`. MUTATE_ARGS="-k docker" selects rows.
+.PHONY: mutate
+mutate: setup
+	$(VENV)/bin/python scripts/mutate.py $(MUTATE_ARGS)
 
 # Benchmarks (issue 8; README, "Benchmarks"): never part of `make test`.
 # `make bench` takes under 10 minutes and writes bench/results/<date>.{json,md,png}.

@@ -1,0 +1,319 @@
+"""Hostile neighbours (`make hostile`, beside `make soak`, not part of `make test`).
+
+    python -m tests.hostile [--phase-s 60] [--out FILE]
+
+One daemon serves tenant pools (``python``, ``python-process``, ``python-wasm``)
+and, beside each, a pool of the same tier for an attacker. The run has two
+phases of ``--phase-s`` seconds each, with the same paced ``print('ok')``
+traffic on the tenant pools: first alone, then while attackers run, in a loop,
+every resource attack the adversarial tests know one at a time per attacker
+pool (file descriptors, per-user quotas, shared memory, scratch space, forks,
+output, CPU, forged exit codes) and hold hundreds of idle connections on the
+socket and the metrics port.
+
+It then stops the daemon and checks that nothing is left: containers of its
+instance, its cgroups, processes running as a sandbox uid, wasm run
+directories. It prints one JSON report (tenant latency per pool and phase,
+p50/p99, every failure) and exits non-zero if a tenant request failed or
+something was left. Latency is reported, never asserted: compare the phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from api.client import ApiError, Client
+from pool.uids import SandboxUids
+from tests.conftest import Daemon, docker_containers, start_daemon, stop_daemon
+
+TENANT_RATES = {"python": 1.0, "python-process": 4.0, "python-wasm": 2.0}  # requests/s
+ATTACKER_POOLS = {"python": "hostile", "python-process": "hostile-process",
+                  "python-wasm": "hostile-wasm"}
+IDLE_CONNECTIONS = 300  # on the socket and on the metrics port each
+
+
+def config(metrics_port: int) -> str:
+    tenants = """
+[pools.python]
+min_idle = 3
+max_size = 6
+timeout_s = 5
+[pools.python-process]
+backend = "process"
+min_idle = 3
+max_size = 6
+timeout_s = 5
+[pools.python-wasm]
+backend = "wasm"
+min_idle = 2
+max_size = 4
+timeout_s = 5
+"""
+    attackers = "".join(
+        f"""
+[pools.{name}]
+backend = "{backend}"
+min_idle = 1
+max_size = 2
+timeout_s = 4
+max_timeout_s = 4
+"""
+        for name, backend in (("hostile", "docker"), ("hostile-process", "process"),
+                              ("hostile-wasm", "wasm"))
+    )
+    return f"""
+[server]
+metrics_address = "127.0.0.1:{metrics_port}"
+shutdown_timeout_s = 10
+{tenants}{attackers}"""
+
+
+# Each attack as a request body; "wasm" marks the ones WASI can run at all.
+ATTACKS: list[tuple[str, str, bool]] = [  # (name, code, runs under WASI)
+    ("open_files", """
+held = []
+while True:
+    held.append(open('/tmp/f%d' % len(held), 'w'))
+""", True),
+    ("fill_scratch", """
+with open('/tmp/fill', 'wb') as f:
+    while True:
+        f.write(b'x' * (1 << 20))
+""", True),
+    ("cpu", "while True: pass", True),
+    ("memory", "b = []\nwhile True: b.append(bytearray(1 << 24))", True),
+    ("output_flood", "while True: print('x' * 65536)", True),
+    ("forged_exit", """
+with open('/.sandpool/status', 'w') as f:
+    f.write('4000000000')
+import os; os._exit(125)
+""", True),
+    ("memfd", """
+import os
+held = []
+while True:
+    fd = os.memfd_create('x')
+    for _ in range(16):
+        os.write(fd, b'x' * (1 << 20))
+    held.append(fd)
+""", False),
+    ("inotify", """
+import ctypes, time
+libc = ctypes.CDLL(None)
+while libc.inotify_init1(0) >= 0:
+    pass
+time.sleep(3)
+""", False),
+    ("fork_bomb", """
+import os, time
+while True:
+    try:
+        if os.fork() == 0:
+            time.sleep(30)
+    except OSError:
+        time.sleep(0.01)
+""", False),
+    ("status_pipe", """
+import os, stat, struct
+for name in os.listdir('/proc/self/fd'):
+    try:
+        if int(name) > 2 and stat.S_ISFIFO(os.fstat(int(name)).st_mode):
+            os.write(int(name), struct.pack('>i', -1))
+    except OSError:
+        pass
+""", False),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="sandpool-hostile-"))
+        self.metrics_port = free_port()
+        self.daemon: Daemon = start_daemon(self.tmp, config(self.metrics_port))
+        self.lock = threading.Lock()
+        self.latencies: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.failures: list[str] = []
+        self.attacks: dict[str, int] = defaultdict(int)
+        self.phase = "quiet"
+
+    def tenant(self, pool: str, stop: threading.Event) -> None:
+        interval = 1.0 / TENANT_RATES[pool]
+        with Client(self.daemon.socket, timeout_s=30) as client:
+            next_at = time.monotonic()
+            while not stop.is_set():
+                next_at += interval
+                began = time.monotonic()
+                phase = self.phase
+                try:
+                    result = client.run("print('ok')", pool=pool, timeout_s=5)
+                    if result["stdout"] != "ok\n" or result["exit_code"] != 0:
+                        self.fail(f"{pool}: wrong answer {result}")
+                except ApiError as e:
+                    self.fail(f"{pool}: {e.status} {e.code}: {e.message}")
+                with self.lock:
+                    self.latencies[phase][pool].append((time.monotonic() - began) * 1000)
+                stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def attacker(self, tenant_pool: str, stop: threading.Event) -> None:
+        pool = ATTACKER_POOLS[tenant_pool]
+        wasm = tenant_pool == "python-wasm"
+        attacks = [(name, code) for name, code, on_wasi in ATTACKS if on_wasi or not wasm]
+        with Client(self.daemon.socket, timeout_s=30) as client:
+            while not stop.is_set():
+                for name, code in attacks:
+                    if stop.is_set():
+                        break
+                    try:
+                        result = client.run(code, pool=pool, timeout_s=3)
+                    except ApiError as e:
+                        if e.status >= 500 and e.status != 503:
+                            self.fail(f"attack {name} on {pool}: {e.status} {e.code}")
+                        continue
+                    code_seen = result["exit_code"]
+                    if code_seen is not None and not 0 <= code_seen <= 255:
+                        self.fail(f"attack {name} on {pool}: exit code {code_seen}")
+                    with self.lock:
+                        self.attacks[name] += 1
+
+    def idle_connections(self, stop: threading.Event) -> None:
+        """Hundreds of connections that never send a byte, reopened when dropped."""
+        held: list[socket.socket] = []
+        try:
+            while not stop.is_set():
+                held = [s for s in held if _still_open(s)]
+                while len(held) < 2 * IDLE_CONNECTIONS and not stop.is_set():
+                    try:
+                        if len(held) % 2:
+                            s = socket.create_connection(("127.0.0.1", self.metrics_port), 2)
+                        else:
+                            s = socket.socket(socket.AF_UNIX)
+                            s.settimeout(2)
+                            s.connect(self.daemon.socket)
+                    except OSError:
+                        break  # refused or over a cap: the daemon's choice
+                    held.append(s)
+                    with self.lock:
+                        self.attacks["idle_connection"] += 1
+                stop.wait(1.0)
+        finally:
+            for s in held:
+                s.close()
+
+    def fail(self, message: str) -> None:
+        with self.lock:
+            self.failures.append(message)
+
+    def phase_run(self, name: str, *, attack: bool) -> None:
+        self.phase = name
+        stop = threading.Event()
+        workers = [threading.Thread(target=self.tenant, args=(p, stop)) for p in TENANT_RATES]
+        if attack:
+            workers += [threading.Thread(target=self.attacker, args=(p, stop))
+                        for p in ATTACKER_POOLS]
+            workers.append(threading.Thread(target=self.idle_connections, args=(stop,)))
+        for worker in workers:
+            worker.start()
+        stop.wait(self.args.phase_s)
+        stop.set()
+        for worker in workers:
+            worker.join()
+
+    def run(self) -> dict[str, Any]:
+        try:
+            self.phase_run("quiet", attack=False)
+            self.phase_run("hostile", attack=True)
+            daemon_pid = self.daemon.process.pid
+        finally:
+            stop_daemon(self.daemon)
+        leftovers = self.leftovers(daemon_pid)
+        if any(leftovers.values()):
+            self.fail(f"left behind: {leftovers}")
+        return {
+            "phase_s": self.args.phase_s,
+            "tenant_latency_ms": {
+                phase: {pool: summary(values) for pool, values in pools.items()}
+                for phase, pools in self.latencies.items()
+            },
+            "attacks_run": dict(self.attacks),
+            "leftovers": leftovers,
+            "failures": self.failures,
+        }
+
+    def leftovers(self, daemon_pid: int) -> dict[str, list[str]]:
+        uids = SandboxUids()
+        processes = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                              if ":\t" in line)
+            except OSError:
+                continue
+            if int(fields.get("Uid", "0").split()[0]) in uids:
+                processes.append(status.parent.name)
+        cgroups = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/**/sandpool-{daemon_pid}-*")]
+        run_dirs = [str(p) for p in Path(tempfile.gettempdir()).glob("sandpool-wasm-*")
+                    if f"-{daemon_pid}-" in p.name]
+        return {
+            "containers": docker_containers(f"sandpool.instance={self.daemon.instance_id}"),
+            "cgroups": cgroups,
+            "sandbox_uid_processes": processes,
+            "wasm_run_dirs": run_dirs,
+        }
+
+
+def _still_open(s: socket.socket) -> bool:
+    """Whether the daemon kept the connection (no EOF, no reset); closes it if not."""
+    try:
+        s.setblocking(False)
+        if s.recv(1, socket.MSG_PEEK) != b"":
+            return True  # it answered something (a 503, say): still open until it closes
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass
+    s.close()
+    return False
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "n": len(ordered),
+        "p50": round(statistics.median(ordered), 2) if ordered else 0.0,
+        "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2)
+        if ordered else 0.0,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase-s", type=float, default=60.0)
+    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    args = parser.parse_args()
+    report = Run(args).run()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
