@@ -10,6 +10,7 @@ a minute pays no connection set-up per call. Not thread-safe: use one per thread
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -119,10 +120,17 @@ class Client:
     def _exchange(self, message: bytes) -> tuple[int, bytes]:
         sock = self._connect()
         try:
-            sock.sendall(message)
+            # The daemon may have closed the connection: an idle keep-alive one
+            # it timed out (nothing of ours was read: stale, sent again), or a new
+            # one it refused at accept, whose answer (403, 503) waits to be read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(message)
             buffer = bytearray()
             while (end := buffer.find(b"\r\n\r\n")) < 0:
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
                 if not chunk:
                     raise _StaleConnection() if not buffer else ConnectionError("connection closed")
                 buffer += chunk

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -25,12 +24,18 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.connections import (
+    ConnectionCounter,
+    ConnectionGate,
+    PeerCredentials,
+    ThrottledLog,
+    mark_request_started,
+)
 from metrics import Metrics
 from pool.backends.base import RunRequest, RunResult
-from pool.config import Config, PoolConfig, parse_address
+from pool.config import Config, PoolConfig, ServerConfig, parse_address
 from pool.errors import (
     BadRequestError,
-    ForbiddenError,
     SandpoolError,
     UnavailableError,
     UnknownPoolError,
@@ -41,6 +46,7 @@ from pool.manager import Pool
 log = structlog.get_logger("sandpool.api")
 
 RUN_FIELDS = frozenset({"code", "language", "pool", "stdin", "timeout_s"})
+LISTEN_BACKLOG = 128  # aiohttp's default: connections the kernel queues before accept()
 _HTTP_CODES = {
     400: "invalid_request",
     404: "not_found",
@@ -91,7 +97,11 @@ class ParsedRun:
 
 
 class ApiServer:
-    """Serves the run API on the configured Unix socket."""
+    """Serves the run API on the configured Unix socket, and /metrics over TCP.
+
+    Each listener admits connections through its own ``ConnectionGate``: the
+    peer check (socket) and connection caps apply before anything is served.
+    """
 
     def __init__(
         self,
@@ -108,13 +118,16 @@ class ApiServer:
         self._runs: set[asyncio.Task[Any]] = set()  # handlers of /v1/run in flight
         self._draining = False
         self._runners: list[web.AppRunner] = []
-        self._sites: list[web.BaseSite] = []
+        self._listeners: list[asyncio.Server] = []
+        self._throttled_log = ThrottledLog()
+        self.gates: dict[str, ConnectionGate] = {}
 
     # --- lifecycle ---------------------------------------------------------
 
     def make_app(self) -> web.Application:
         app = web.Application(
-            middlewares=[json_errors], client_max_size=self.config.server.max_request_bytes
+            middlewares=[mark_request_started, json_errors],
+            client_max_size=self.config.server.max_request_bytes,
         )
         app.router.add_post("/v1/run", self.handle_run)
         app.router.add_get("/v1/pools", self.handle_pools)
@@ -124,8 +137,12 @@ class ApiServer:
         return app
 
     async def start(self) -> None:
-        """Listen on the Unix socket (and the metrics TCP address unless "off")."""
+        """Listen on the Unix socket (and the metrics TCP address unless "off").
+
+        Raises SandpoolError when the socket or the metrics address is taken.
+        """
         server = self.config.server
+        loop = asyncio.get_running_loop()
         runner = web.AppRunner(
             self.make_app(),
             handle_signals=False,
@@ -134,28 +151,66 @@ class ApiServer:
             # destroys the sandbox at once instead of letting the code run on.
             handler_cancellation=True,
             shutdown_timeout=server.shutdown_timeout_s,
+            keepalive_timeout=server.keepalive_timeout_s,
         )
         await runner.setup()
         self._runners.append(runner)
+        gate = self.make_gate("api", runner, server.max_connections,
+                              server.max_connections_per_peer, allowed=self.peer_allowed)
         prepare_socket_path(self.socket_path)
-        site = web.UnixSite(runner, self.socket_path)
-        await site.start()
-        self._sites.append(site)
+        # Our own listener instead of web.UnixSite, so that the gate, not
+        # aiohttp, is the protocol factory; runner.cleanup() still closes the
+        # connections aiohttp's web.Server tracks.
+        self._listeners.append(
+            await loop.create_unix_server(gate, self.socket_path, backlog=LISTEN_BACKLOG)
+        )
         os.chmod(self.socket_path, server.socket_mode)
         if server.metrics_address != "off":
             host, port = parse_address(server.metrics_address, "server.metrics_address")
-            metrics_app = web.Application(middlewares=[json_errors])
+            metrics_app = web.Application(middlewares=[mark_request_started, json_errors])
             metrics_app.router.add_get("/metrics", self.handle_metrics)
-            metrics_runner = web.AppRunner(metrics_app, handle_signals=False, access_log=None)
+            metrics_runner = web.AppRunner(
+                metrics_app, handle_signals=False, access_log=None,
+                keepalive_timeout=server.keepalive_timeout_s,
+            )
             await metrics_runner.setup()
             self._runners.append(metrics_runner)
+            gate = self.make_gate("metrics", metrics_runner, server.metrics_max_connections,
+                                  server.metrics_max_connections_per_peer)
             try:
-                await web.TCPSite(metrics_runner, host, port).start()
+                self._listeners.append(
+                    await loop.create_server(gate, host, port, backlog=LISTEN_BACKLOG)
+                )
             except OSError as e:
                 raise SandpoolError(
                     f"cannot listen for metrics on {server.metrics_address}: {e.strerror}",
                     code="metrics_address_in_use",
                 ) from None
+
+    def make_gate(
+        self,
+        listener: str,
+        runner: web.AppRunner,
+        max_connections: int,
+        max_per_peer: int,
+        allowed: Callable[[PeerCredentials], bool] | None = None,
+    ) -> ConnectionGate:
+        assert runner.server is not None  # set up
+        counter = ConnectionCounter(max_connections, max_per_peer)
+        self.metrics.watch_connections(listener, lambda: counter.total)
+        gate = ConnectionGate(
+            listener, runner.server, counter,
+            header_timeout_s=self.config.server.header_timeout_s,
+            throttled_log=self._throttled_log,
+            allowed=allowed,
+            on_refused=self.metrics.connection_refused,
+        )
+        self.gates[listener] = gate
+        return gate
+
+    def peer_allowed(self, peer: PeerCredentials) -> bool:
+        """allowed_uids/allowed_gids on the peer's SO_PEERCRED; root always passes."""
+        return is_peer_allowed(self.config.server, peer)
 
     async def close(self) -> None:
         """Stop accepting, let runs in flight finish, then stop the rest and unlink the socket.
@@ -165,9 +220,9 @@ class ApiServer:
         get a 503 ``shutting_down`` answer.
         """
         self._draining = True
-        for site in self._sites:
-            await site.stop()  # no new connections; keep-alive ones get 503
-        self._sites.clear()
+        for listener in self._listeners:
+            listener.close()  # no new connections; keep-alive ones get 503
+        self._listeners.clear()
         if self._runs:
             log.info("draining", in_flight=len(self._runs))
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.wait(self._runs))]
@@ -204,7 +259,6 @@ class ApiServer:
         received = time.monotonic()
         if self._draining:
             raise UnavailableError("sandpool is shutting down", code="shutting_down")
-        self.check_peer(request)
         if len(self._runs) >= self.config.server.max_concurrent_requests:
             raise UnavailableError(
                 "sandpool is at its limit of concurrent requests", code="server_busy"
@@ -260,17 +314,6 @@ class ApiServer:
         return web.json_response(
             result_body(result, pool.name, run.sandbox_id, run.acquire_wait_s)
         )
-
-    def check_peer(self, request: web.Request) -> None:
-        """Enforce allowed_uids/allowed_gids on the peer's SO_PEERCRED (root always passes)."""
-        server = self.config.server
-        if not server.allowed_uids and not server.allowed_gids:
-            return
-        pid, uid, gid = peer_credentials(request)
-        if uid == 0 or uid in server.allowed_uids or gid in server.allowed_gids:
-            return
-        log.warning("peer_denied", uid=uid, gid=gid, pid=pid)
-        raise ForbiddenError(f"uid {uid} (gid {gid}) may not run code on this sandpool")
 
     def parse_run(self, body: dict[str, Any]) -> ParsedRun:
         """Validate a /v1/run body. Raises BadRequestError or UnknownPoolError."""
@@ -360,14 +403,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def peer_credentials(request: web.Request) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process on the other end of the Unix socket."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return (-1, -1, -1)
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+def is_peer_allowed(server: ServerConfig, peer: PeerCredentials) -> bool:
+    """Both lists empty: the socket's file mode alone decides. Root always passes."""
+    if not server.allowed_uids and not server.allowed_gids:
+        return True
+    return peer.uid == 0 or peer.uid in server.allowed_uids or peer.gid in server.allowed_gids
 
 
 def _parse_int(literal: str) -> int | float:

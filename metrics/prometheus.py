@@ -132,6 +132,16 @@ class Metrics:
             ["version", "python", "backends"],
             registry=r,
         )
+        # Refusals are logged at most once per 10 s, so these count them all.
+        self.connections_open = Gauge(
+            "sandpool_connections_open", "Open connections by listener", ["listener"], registry=r
+        )
+        self.connections_refused = Counter(
+            "sandpool_connections_refused",
+            "Connections closed by the daemon at once or for a late request head",
+            ["listener", "reason"],
+            registry=r,
+        )
 
     def watch_pools(self, snapshot: PoolSnapshot) -> None:
         """Export pool depth and queue length, read from ``snapshot`` at each scrape."""
@@ -175,6 +185,13 @@ class Metrics:
 
     def oom_killed(self, pool: str) -> None:
         self._series(self.oom_kills, pool).inc()
+
+    def watch_connections(self, listener: str, open_count: Callable[[], float]) -> None:
+        """Export ``listener``'s open connections, read from ``open_count`` at each scrape."""
+        self.connections_open.labels(listener).set_function(open_count)
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        self._series(self.connections_refused, listener, reason).inc()
 
     def _series(self, metric: Counter | Histogram, *labels: str) -> Any:
         key = (metric, *labels)
