@@ -39,6 +39,7 @@ from typing import Any, Literal
 import structlog
 
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
+from pool.backends.process_scratch import SandboxScratch, ScratchMounts
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import (
@@ -530,6 +531,7 @@ class ProcessSandbox(Sandbox):
         self.runner_pid: int | None = None  # host pid of the runner, PID 1 of its namespace
         self.runner_pidfd: int | None = None
         self.host_uid: int | None = None  # held from the range until the cgroup is empty
+        self.scratch: SandboxScratch | None = None  # the host's copies, until the runner is ready
         self.destroyed = False
 
     @property
@@ -613,6 +615,7 @@ class ProcessBackend:
         self._setpriv: str | None = None
         self._seccomp = b""
         self._cgroups: CgroupTree | None = None
+        self._scratch: ScratchMounts | None = None  # a root daemon's noexec scratch mounts
         self._filesystem: list[str] = []
         self._python_code = ""  # rlimits, then the runner: what python3 -c runs
         self._version = "unknown"
@@ -650,6 +653,17 @@ class ProcessBackend:
                 "Delegate=yes on a cgroup v2 host (see README, 'The process tier')",
                 code="process_needs_cgroups",
             )
+        if self._setpriv is not None:
+            scratch = ScratchMounts(dir_name)
+            try:
+                await asyncio.to_thread(scratch.start)
+            except OSError as e:
+                await self.close()
+                raise BackendError(
+                    f"cannot prepare the noexec scratch mounts in {scratch.directory}: {e}",
+                    code="scratch_unavailable",
+                ) from None
+            self._scratch = scratch
         self._python_code = self._limits_prelude() + runner_source()
         self._started = True
         # One sandbox through its whole life now, so a host that forbids user
@@ -681,6 +695,9 @@ class ProcessBackend:
         if self._cgroups is not None:
             await asyncio.to_thread(remove_pool_cgroups, self._cgroups)
             self._cgroups = None
+        if self._scratch is not None:
+            await asyncio.to_thread(self._scratch.close)
+            self._scratch = None
         self._started = False
 
     def version(self) -> str:
@@ -694,6 +711,7 @@ class ProcessBackend:
     def sandbox_command(
         self, seccomp_fd: int, info_fd: int, cgroup: SandboxCgroup | None,
         output_fds: tuple[int, ...] = (), host_uid: int | None = None,
+        scratch: SandboxScratch | None = None,
     ) -> list[str]:
         """The full command line of one sandbox; every limit comes from the pool config.
 
@@ -725,9 +743,13 @@ class ProcessBackend:
             *self._filesystem,
             "--proc", "/proc",
             "--dev", "/dev",
-            "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/tmp",
-            "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/dev/shm",
-            "--perms", "0700", "--size", tmpfs_bytes, "--tmpfs", WORKDIR,
+            # A root daemon's own noexec tmpfs mounts (process_scratch.py);
+            # otherwise bwrap's, which it cannot make noexec.
+            *(scratch.bwrap_args() if scratch is not None else [
+                "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/tmp",
+                "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/dev/shm",
+                "--perms", "0700", "--size", tmpfs_bytes, "--tmpfs", WORKDIR,
+            ]),
             # bwrap's root and /dev are writable tmpfs without a size: make them read-only.
             "--remount-ro", "/dev", "--remount-ro", "/",
             "--chdir", WORKDIR,
@@ -802,6 +824,10 @@ class ProcessBackend:
                 # Shielded so that the destroy below can still wait for it.
                 await asyncio.shield(sandbox.protocol.ready)
             sandbox.learn_runner()
+            if sandbox.scratch is not None:
+                # bwrap bound the mounts before it started the runner: the
+                # host's copies can go, so nothing of the sandbox stays reachable.
+                await asyncio.to_thread(sandbox.scratch.detach)
             if sandbox.cgroup is not None:
                 await asyncio.to_thread(sandbox.cgroup.apply_cpu_limit)
         except BaseException as e:
@@ -830,8 +856,15 @@ class ProcessBackend:
         # As root, each sandbox runs as a host uid of its own (pool/uids.py); a
         # non-root daemon's sandboxes can only be its own uid outside.
         host_uid = self._uids.acquire() if self._setpriv is not None else None
-        command = self.sandbox_command(seccomp_fd, info_w, cgroup, pipes.write_ends, host_uid)
+        scratch: SandboxScratch | None = None
         try:
+            if self._scratch is not None and host_uid is not None:
+                scratch = await asyncio.to_thread(
+                    self._scratch.mount, sandbox_id, host_uid, self.config.tmpfs_mb * 1024 * 1024
+                )
+            command = self.sandbox_command(
+                seccomp_fd, info_w, cgroup, pipes.write_ends, host_uid, scratch
+            )
             transport, protocol = await loop.subprocess_exec(
                 lambda: _RunnerProtocol(loop),
                 *command,
@@ -850,6 +883,9 @@ class ProcessBackend:
             pipes.close()
             if host_uid is not None:  # nothing was started as it
                 self._uids.release(host_uid)
+            if scratch is not None:
+                with contextlib.suppress(BackendError):
+                    await asyncio.to_thread(scratch.detach)
             if isinstance(e, OSError):
                 raise BackendError(f"cannot run bubblewrap: {e}") from None
             raise
@@ -861,6 +897,7 @@ class ProcessBackend:
             sandbox_id, transport, protocol, info_r, stderr_r, cgroup, pipes
         )
         sandbox.host_uid = host_uid
+        sandbox.scratch = scratch
         self._sandboxes.add(sandbox)
         return sandbox
 
@@ -960,6 +997,11 @@ class ProcessBackend:
                 log.debug("runner_stderr", sandbox=sandbox.id, stderr=sandbox.stderr_text)
             sandbox.transport.close()
             sandbox.close_fds()
+            if sandbox.scratch is not None:  # a start that failed before the runner was ready
+                try:
+                    await asyncio.to_thread(sandbox.scratch.detach)
+                except BackendError as e:
+                    log.warning("scratch_not_removed", sandbox=sandbox.id, error=e.message)
             if sandbox.cgroup is not None:
                 await asyncio.to_thread(remove_sandbox_cgroup, sandbox.cgroup)
             # Only now is the uid free: the cgroup was empty, so no process runs as it.

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import platform
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from api.client import Client
+from pool.backends.process_scratch import SCRATCH_ROOT, sweep_stale_scratch
 from pool.seccomp import (
     ALLOWED_SYSCALLS,
     NAMESPACE_MASK,
@@ -349,3 +352,91 @@ def test_the_shell_pool_still_works(client: Client) -> None:
     result = client.run("echo shell ok; grep Seccomp: /proc/self/status", pool="shell")
     assert result["exit_code"] == 0, result
     assert str(result["stdout"]).split() == ["shell", "ok", "Seccomp:", "2"]
+
+
+# --- scratch space that cannot run programs -----------------------------------
+
+SCRATCH_PROBE = """
+import errno, glob, json, os, shutil, subprocess
+out = {}
+loader = (glob.glob("/lib64/ld-linux-*.so.*") + glob.glob("/lib/ld-linux-*.so.*"))[0]
+for directory in ("/tmp", os.getcwd(), "/dev/shm"):
+    binary = os.path.join(directory, "true-copy")
+    shutil.copy("/bin/true", binary)
+    script = os.path.join(directory, "script.sh")
+    with open(script, "w") as f:
+        f.write("#!/bin/sh\\necho ran\\n")
+    for path in (binary, script):
+        os.chmod(path, 0o755)
+        try:
+            subprocess.run([path], check=False)
+            out[path] = "ran"
+        except OSError as e:
+            out[path] = errno.errorcode[e.errno]
+    # The dynamic loader maps the program itself: a noexec mount refuses PROT_EXEC.
+    loaded = subprocess.run([loader, binary], capture_output=True, text=True, check=False)
+    out[binary + " via the loader"] = loaded.returncode
+    fs = os.statvfs(directory)
+    out[directory + " MiB"] = fs.f_blocks * fs.f_frsize // 2**20
+    flags = {"noexec": os.ST_NOEXEC, "nosuid": os.ST_NOSUID, "nodev": os.ST_NODEV}
+    out[directory + " flags"] = sorted(name for name, bit in flags.items() if fs.f_flag & bit)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("pool", TIERS)
+def test_scratch_directories_cannot_run_programs(client: Client, pool: str) -> None:
+    result = client.run(SCRATCH_PROBE, pool=pool, timeout_s=15)
+    assert result["exit_code"] == 0, result
+    outcome = json.loads(str(result["stdout"]).splitlines()[-1])
+    expected: dict[str, Any] = {}
+    for directory in ("/tmp", "/sandbox", "/dev/shm"):
+        expected[f"{directory}/true-copy"] = "EACCES"
+        expected[f"{directory}/script.sh"] = "EACCES"
+        expected[f"{directory}/true-copy via the loader"] = 127  # "failed to map segment"
+        expected[f"{directory} MiB"] = 16  # tmpfs_mb, /dev/shm included
+        expected[f"{directory} flags"] = ["nodev", "noexec", "nosuid"]
+    assert outcome == expected
+
+
+def scratch_mounts_of(pid: int) -> list[str]:
+    """Mount points on the host below the scratch directories of the daemon ``pid``."""
+    prefix = f"{SCRATCH_ROOT}/sandpool-{pid}-"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p.startswith(prefix) and p.count("/") > prefix.count("/")]
+
+
+@pytest.mark.docker
+def test_ready_sandboxes_leave_no_scratch_mount_on_the_host(daemon: Any) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only a root daemon makes its own scratch mounts")
+    with daemon.client() as client:
+        result = client.run("open('/tmp/marker', 'w').write('x')", pool="python-process")
+    assert result["exit_code"] == 0, result
+    # A refill may be starting: its mounts are the host's until its runner is ready.
+    deadline = time.monotonic() + 20
+    while (left := scratch_mounts_of(daemon.process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
+
+
+def test_a_dead_daemons_scratch_mounts_are_swept(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"sandpool-{gone.pid}-0123456789ab-python-process"
+    alive = tmp_path / f"sandpool-{os.getpid()}-0123456789ab-python-process"
+    for pool_dir in (stale, alive):
+        (pool_dir / "sandbox" / "tmp").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", stale / "sandbox" / "tmp"],
+                   check=True, timeout=10)  # fmt: skip
+    (stale / "sandbox" / "tmp" / "guest-data").write_text("left behind")
+    try:
+        sweep_stale_scratch(tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", stale / "sandbox" / "tmp"], capture_output=True, timeout=10)
+    assert not stale.exists()
+    assert (alive / "sandbox" / "tmp").is_dir()  # a live daemon's directory stays
