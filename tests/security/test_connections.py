@@ -419,11 +419,12 @@ def test_a_refused_uid_gets_nothing_and_holds_nothing(
     daemon = spawn_shared_daemon(REFUSING)
     run = '{"code": "leak", "pool": "f"}'
     requests = [
-        "GET /v1/pools HTTP/1.1\r\nHost: x\r\n\r\n",
-        "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
-        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-        "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
-        "POST /v1/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "GET /v1/pools HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "POST /v1/run HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        "Content-Type: application/json\r\n"
         f"Content-Length: {len(run)}\r\n\r\n{run}",
     ]
     done = subprocess.run(
