@@ -112,7 +112,8 @@ class DockerBackend:
     async def start(self) -> None:
         """Connect, check the image, reap orphans of dead daemons, follow events.
 
-        Raises BackendError when the image is missing. An unreachable Docker
+        Raises BackendError when the image is missing, or libseccomp (which
+        renders the seccomp profile: ``seccomp_unavailable``). An unreachable Docker
         engine is not fatal: the pool backs off and rebuilds when it answers.
         """
         try:
