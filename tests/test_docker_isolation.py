@@ -138,7 +138,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0
         time.sleep(0.05)
 
 
-def test_process_left_behind_dies_with_the_sandbox(client: Client) -> None:
+def test_process_left_behind_dies_with_the_sandbox(client: Client, daemon: Daemon) -> None:
     # A number below one second, so `sleep 1000 <marker>` accepts it, and an
     # argument no other process on the host has.
     marker = f"0.{secrets.randbelow(10**15):015d}"
@@ -152,8 +152,22 @@ def test_process_left_behind_dies_with_the_sandbox(client: Client) -> None:
         wait_until(lambda: bool(host_processes_with(marker)), "the sleeper runs on the host")
         result = running.result(timeout=60)
     assert result["exit_code"] == 0
-    # The result arrived while the sleeper still ran; destroying the sandbox ends it.
+    # The result arrived while the sleeper still ran: removing the container
+    # ends it (after the run, or at the sweep's second look if that failed).
     wait_until(lambda: not host_processes_with(marker), "no host process left with the marker")
+    container = f"sandpool-python-{result['sandbox_id']}"
+    wait_until(
+        lambda: container not in docker_container_names(daemon.instance_id),
+        f"container {container} removed",
+    )
+
+
+def docker_container_names(instance_id: str) -> list[str]:
+    return subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"label=sandpool.instance={instance_id}",
+         "--format", "{{.Names}}"],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout.split()
 
 
 def test_no_network_is_attached_and_nothing_of_the_hosts_shows(
