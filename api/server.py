@@ -13,6 +13,7 @@ import errno
 import json
 import math
 import os
+import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -143,6 +144,7 @@ class ApiServer:
         """
         server = self.config.server
         loop = asyncio.get_running_loop()
+        warn_if_caps_near_fd_limit(server)
         runner = web.AppRunner(
             self.make_app(),
             handle_signals=False,
@@ -401,6 +403,21 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object", code="invalid_request")
     return body
+
+
+def warn_if_caps_near_fd_limit(server: ServerConfig) -> None:
+    """Log a warning when the connection caps alone could take half the daemon's fds.
+
+    The caps bound what clients can hold only if the descriptors are there:
+    past RLIMIT_NOFILE, accept() and the sandboxes' own pipes fail alike.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    caps = server.max_connections
+    if server.metrics_address != "off":
+        caps += server.metrics_max_connections
+    if soft != resource.RLIM_INFINITY and caps > soft // 2:
+        log.warning("connection_caps_near_fd_limit", connections=caps, rlimit_nofile=soft,
+                    hint="raise LimitNOFILE or lower server.max_connections")
 
 
 def is_peer_allowed(server: ServerConfig, peer: PeerCredentials) -> bool:
