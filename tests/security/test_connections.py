@@ -34,6 +34,7 @@ from tests.conftest import Daemon, start_daemon, stop_daemon
 
 Spawn = Callable[..., Daemon]
 NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as other uids")
 # Descriptors the daemon may open on its own between two counts (a log line, a
 # /proc read by the metrics collector, a sandbox's pipes).
 FD_SLACK = 12
@@ -242,6 +243,7 @@ timeout_s = 10
 """
 
 
+@needs_root
 @pytest.mark.timeout(180)
 def test_idle_connections_of_one_uid_leave_the_api_to_others(
     spawn_shared_daemon: Callable[[str], Daemon], holders: Holders
@@ -413,6 +415,7 @@ for request in sys.argv[3:]:
 """
 
 
+@needs_root
 def test_a_refused_uid_gets_nothing_and_holds_nothing(
     spawn_shared_daemon: Callable[[str], Daemon], holders: Holders
 ) -> None:
