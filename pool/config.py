@@ -121,9 +121,11 @@ class ServerConfig:
     metrics_max_connections_per_peer: int = 8
     # A new connection must deliver a complete request head this soon; between
     # requests a keep-alive connection may idle keepalive_timeout_s (the next
-    # head included), on both listeners.
+    # head included), on both listeners. Longer than common clients' own idle
+    # timeouts (aiohttp's 15 s) and a 15 s scrape interval, so that the client,
+    # not the daemon, closes a connection it may be about to reuse.
     header_timeout_s: float = 5.0
-    keepalive_timeout_s: float = 15.0
+    keepalive_timeout_s: float = 30.0
 
     def validate(self) -> None:
         if not self.socket.startswith("/"):
