@@ -10,8 +10,9 @@ request head within ``header_timeout_s`` (aiohttp's own keep-alive timer bounds
 the idle time between requests).
 
 Repeated events that an outsider can trigger at will (refusals, accept errors
-when descriptors run out) are logged through a ``Throttle``: one line per event
-per interval, with the count of those left out, never a traceback each.
+when descriptors run out, malformed requests) are logged through a
+``Throttle``: one line per event per interval, with the count of those left
+out, never a traceback each.
 
 The pure parts (``ConnectionCounter``, ``Throttle``, ``refusal``) do no I/O and
 are tested apart in tests/test_connection_gate.py.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import socket
 import struct
 import time
@@ -32,6 +34,7 @@ from typing import Any, Literal
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = structlog.get_logger("sandpool.api")
 
@@ -306,6 +309,40 @@ async def mark_request_started(
         if isinstance(connection, GatedConnection):
             connection.request_started()
     return await handler(request)
+
+
+class _ThrottledHandler(logging.Handler):
+    """Hands stdlib log records to a ``ThrottledLog``, as one JSON line each at most."""
+
+    def __init__(self, throttled_log: ThrottledLog) -> None:
+        super().__init__(logging.WARNING)
+        self.throttled_log = throttled_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"message": record.getMessage()}
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            # The client's fault (a malformed request, answered 400): the
+            # parser's reason is enough, its traceback is the same every time.
+            fields["error"] = f"{type(error).__name__}: {error.message.strip().splitlines()[0]}"
+        elif error is not None:
+            fields["exc_info"] = error  # a handler's bug: keep its traceback
+        self.throttled_log.warning("http_error", **fields)
+
+
+def http_server_logger(throttled_log: ThrottledLog) -> logging.Logger:
+    """The logger for aiohttp's request handlers (``AppRunner(logger=...)``).
+
+    aiohttp logs every malformed request with its traceback ("Error handling
+    request"), through stdlib logging that nothing here configures, so each
+    bad request from any local user wrote ~700 bytes of plain text to stderr.
+    Through this logger they become throttled structlog lines.
+    """
+    logger = logging.getLogger("sandpool.http")
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)  # aiohttp's debug lines (non-HTTP traffic) are dropped
+    logger.handlers = [_ThrottledHandler(throttled_log)]
+    return logger
 
 
 def loop_exception_handler(

@@ -30,6 +30,7 @@ from api.connections import (
     ConnectionGate,
     PeerCredentials,
     ThrottledLog,
+    http_server_logger,
     mark_request_started,
 )
 from metrics import Metrics
@@ -121,6 +122,7 @@ class ApiServer:
         self._runners: list[web.AppRunner] = []
         self._listeners: list[asyncio.Server] = []
         self._throttled_log = ThrottledLog()
+        self._http_logger = http_server_logger(self._throttled_log)
         self.gates: dict[str, ConnectionGate] = {}
 
     # --- lifecycle ---------------------------------------------------------
@@ -154,6 +156,7 @@ class ApiServer:
             handler_cancellation=True,
             shutdown_timeout=server.shutdown_timeout_s,
             keepalive_timeout=server.keepalive_timeout_s,
+            logger=self._http_logger,
         )
         await runner.setup()
         self._runners.append(runner)
@@ -173,7 +176,7 @@ class ApiServer:
             metrics_app.router.add_get("/metrics", self.handle_metrics)
             metrics_runner = web.AppRunner(
                 metrics_app, handle_signals=False, access_log=None,
-                keepalive_timeout=server.keepalive_timeout_s,
+                keepalive_timeout=server.keepalive_timeout_s, logger=self._http_logger,
             )
             await metrics_runner.setup()
             self._runners.append(metrics_runner)

@@ -13,6 +13,7 @@ milliseconds and holds no descriptors of its own that would blur the counts.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -367,6 +368,22 @@ def test_a_dribbled_request_head_is_cut_off(spawn_daemon: Spawn) -> None:
         prompt.sendall(b'{"code": "sleep 0.1", "pool": "f"}'.ljust(50))
         prompt.settimeout(10)
         assert prompt.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+def test_malformed_requests_get_400_and_one_log_line(spawn_daemon: Spawn) -> None:
+    port = free_port()
+    daemon = spawn_daemon(HEADER.format(port=port))
+    log_lines = len(daemon.log_path.read_text().splitlines())
+    for number in range(60):  # any local user can send these to the metrics port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nBad Header\r\n\r\n" if number % 2
+                         else b"GET /metrics HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+            assert wait_closed(conn).startswith(b"HTTP/1.0 400 Bad Request")
+    new_lines = daemon.log_path.read_text().splitlines()[log_lines:]
+    assert len(new_lines) <= 2, new_lines  # not a traceback per request
+    events = [json.loads(line) for line in new_lines]  # still one JSON object a line
+    assert events[0]["event"] == "http_error"
+    assert events[0]["error"].startswith("BadHttpMessage: ")
 
 
 def test_an_idle_keepalive_connection_is_closed(spawn_daemon: Spawn) -> None:
