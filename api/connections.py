@@ -109,17 +109,18 @@ class Throttle:
 
 
 class ThrottledLog:
-    """structlog warnings through a ``Throttle`` keyed by event name.
+    """structlog warnings through a ``Throttle`` keyed by event name and listener.
 
-    The keys are the few event names in this code, so the throttle's tables
-    stay that small whatever the traffic.
+    The keys are the few event names in this code times the two listeners, so
+    the throttle's tables stay that small whatever the traffic, and a flood of
+    the metrics port does not hide the socket's refusals.
     """
 
     def __init__(self, throttle: Throttle | None = None) -> None:
         self.throttle = throttle or Throttle()
 
     def warning(self, event: str, **fields: Any) -> None:
-        held_back = self.throttle.admit(event)
+        held_back = self.throttle.admit(f"{event}:{fields.get('listener', '')}")
         if held_back is None:
             return
         if held_back:

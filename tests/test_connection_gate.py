@@ -69,6 +69,15 @@ def test_throttled_log_writes_one_line_with_the_suppressed_count() -> None:
     ]
 
 
+def test_a_flood_on_one_listener_does_not_hide_the_other() -> None:
+    throttled = ThrottledLog(Throttle(interval_s=10.0, clock=lambda: 0.0))
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(100):
+            throttled.warning("connection_refused", listener="metrics")
+        throttled.warning("connection_refused", listener="api")
+    assert [line["listener"] for line in logs] == ["metrics", "api"]
+
+
 def test_accept_errors_are_throttled_without_traceback() -> None:
     handle = loop_exception_handler(ThrottledLog())
     emfile = OSError(errno.EMFILE, "Too many open files")
