@@ -39,6 +39,8 @@ PYTHON = REPOSITORY / ".venv" / "bin" / "python"
 # Far above one row's cost (a test with its own daemon takes 10-40 s here); a
 # row that reaches it is reported as an error, never as caught.
 ROW_TIMEOUT_S = 240.0
+# How long a daemon gets to stop on SIGTERM (the tests' own stop waits 60 s).
+GROUP_GRACE_S = 60.0
 # pytest's own exit statuses (pytest.ExitCode), spelled out so that this
 # script does not import pytest.
 TESTS_FAILED = 1
@@ -118,10 +120,11 @@ def check_imports_come_from(scratch: Path) -> None:
 
 
 def run_test(scratch: Path, node_id: str, timeout_s: float) -> Outcome:
-    """Run one test by node id in the copy; the process group is ended on timeout."""
+    """Run one test by node id in the copy; whatever it leaves running is ended."""
     began = time.monotonic()
-    # A session of its own: on timeout SIGTERM reaches pytest and the daemons it
-    # started, which then remove their sandboxes as on any shutdown.
+    # A session of its own, so that pytest and the daemons it starts form one
+    # process group, apart from this script's: ending the group reaches a daemon
+    # whose pytest is gone, and SIGTERM lets it remove its sandboxes first.
     process = subprocess.Popen(
         [str(PYTEST), node_id, "-x", "-q", "-p", "no:cacheprovider", "-rf"],
         cwd=scratch, env=scratch_environment(scratch), start_new_session=True,
@@ -130,14 +133,14 @@ def run_test(scratch: Path, node_id: str, timeout_s: float) -> Outcome:
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+        end_group(process)
         return Outcome("ERROR", f"timed out after {timeout_s:g} s", time.monotonic() - began)
+    except BaseException:  # Ctrl-C or SIGTERM here: no daemon may outlive this script
+        end_group(process)
+        raise
     seconds = time.monotonic() - began
+    if end_group(process):
+        return Outcome("ERROR", "the test left processes running (ended)", seconds)
     if process.returncode == 0:
         return Outcome("NOT caught", "the test passed", seconds)
     if process.returncode == TESTS_FAILED:
@@ -145,6 +148,33 @@ def run_test(scratch: Path, node_id: str, timeout_s: float) -> Outcome:
     if process.returncode == NO_TESTS_COLLECTED:
         return Outcome("ERROR", "no test collected: is the node id right?", seconds)
     return Outcome("ERROR", f"pytest exit {process.returncode}: {last_line(output)}", seconds)
+
+
+def end_group(process: subprocess.Popen[str]) -> bool:
+    """SIGTERM what is left of the process's group, SIGKILL what outlives a grace period.
+
+    True if anything was left. A daemon killed with SIGKILL leaves its
+    containers to the next daemon's reaper.
+    """
+    group = process.pid  # start_new_session: the group id is the leader's pid
+    left = False
+    for sig, grace_s in ((signal.SIGTERM, GROUP_GRACE_S), (signal.SIGKILL, 5.0)):
+        deadline = time.monotonic() + grace_s
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            return left
+        left = True
+        while time.monotonic() < deadline:
+            if process.poll() is None:  # the leader is reaped here, never a zombie
+                time.sleep(0.1)
+                continue
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                return left
+            time.sleep(0.1)
+    return left
 
 
 def failure_reason(output: str) -> str:
@@ -212,6 +242,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy")
     parser.add_argument("--timeout-s", type=float, default=ROW_TIMEOUT_S)
     options = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the running test's daemons and the scratch
+    # copy are cleaned up on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     mutations = [
         m for m in load_table(TABLE)
