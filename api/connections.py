@@ -36,6 +36,8 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from pool.errors import ForbiddenError
+
 log = structlog.get_logger("sandpool.api")
 
 Refusal = Literal["forbidden", "too_many_connections", "too_many_connections_from_peer"]
@@ -209,7 +211,8 @@ class ConnectionGate:
                                   gid=credentials.gid, pid=credentials.pid)
                 message = (f"uid {credentials.uid} (gid {credentials.gid}) may not use "
                            "this sandpool")
-                self._refuse(transport, "forbidden", refusal(403, "forbidden", message))
+                answer = refusal(ForbiddenError.status, ForbiddenError.code, message)
+                self._refuse(transport, "forbidden", answer)
                 return False
         else:
             address = transport.get_extra_info("peername")
