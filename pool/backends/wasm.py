@@ -142,6 +142,11 @@ TRAMPOLINE_WAT = """
     (call $fd_renumber (local.get 0) (local.get 1))))
 """
 
+# A guest's worker thread runs in SCHED_IDLE at this nice value (the lowest
+# weight), so busy guests take only CPU that the event loop and the other
+# tiers' sandboxes leave idle (lower_thread_priority).
+GUEST_NICE = 19
+
 # File descriptors the daemon holds for one guest before it opens anything:
 # its three pipes (both ends), the three scratch mounts and the status dir,
 # and wasmtime's own opens of stdio and of the three preopened directories.
@@ -840,6 +845,7 @@ class WasmBackend:
         a Store kept alive by a traceback or a callback leaks ~3.5 MiB per run,
         and its drop is what closes the guest's ends of the output pipes.
         """
+        lower_thread_priority()
         guest = sandbox.guest
         try:
             store, instance = self._instantiate(sandbox, guest_fds)
@@ -1060,6 +1066,37 @@ class WasmBackend:
             self._sandboxes.discard(sandbox)
             if sandbox.scratch is not None:
                 await asyncio.to_thread(sandbox.scratch.close)
+
+
+def lower_thread_priority() -> None:
+    """Put the calling thread in SCHED_IDLE at nice GUEST_NICE; once per thread.
+
+    Guests run on the daemon's own threads, and a busy one would otherwise
+    take CPU from the event loop and the other tiers as an equal. Both are
+    per-thread attributes on Linux and lowering them needs no privilege (a
+    non-root daemon can never raise them again, which is fine: the
+    executor's threads only ever run guests). SCHED_IDLE rather than nice
+    alone: the kernel preempts a SCHED_IDLE thread at once when any other
+    thread wakes, while a nice-19 one keeps the CPU for the rest of its
+    slice (EEVDF), and that wait is on every hop of a request; see
+    docs/wasm-limits.md for both measured. Nice is set first, so a kernel
+    that refuses SCHED_IDLE still leaves the lowest weight.
+
+    A guest thread holding the GIL in a host function is rarely preempted
+    (the functions are short) and runs again as soon as a core has no other
+    work; the event loop waiting for that GIL frees its own core for it.
+    """
+    if getattr(_thread_state, "lowered", False):
+        return
+    _thread_state.lowered = True
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GUEST_NICE)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as e:
+        log.warning("wasm_priority_not_lowered", error=e.strerror)
+
+
+_thread_state = threading.local()
 
 
 def _write_nonblocking(fd: int, data: memoryview) -> int:

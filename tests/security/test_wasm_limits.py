@@ -9,7 +9,8 @@ fails if that bound is removed:
   daemon answers and another tier serves;
 - scratch on a size-limited tmpfs for a non-root daemon too (the namespace
   helper in pool/backends/wasm_scratch.py): a big write stops at ENOSPC;
-- nothing on disk: a SIGKILLed daemon leaves no guest data and no helper.
+- nothing on disk: a SIGKILLed daemon leaves no guest data and no helper;
+- CPU: a guest's worker thread runs in SCHED_IDLE, below the event loop.
 
 The non-root daemon runs as uid 65534 with CAP_DAC_READ_SEARCH as its only
 capability: the test venv's interpreter lives under root's private home,
@@ -175,6 +176,50 @@ def test_the_daemon_raises_its_soft_fd_limit_and_refuses_a_budget_it_cannot_keep
     assert "exceeds RLIMIT_NOFILE (1024)" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert not (tmp_path / "refused.sock").exists()
+
+
+# --- CPU ---------------------------------------------------------------------------
+
+
+SCHED_OTHER, SCHED_IDLE = 0, 5
+
+
+def task_stats(pid: int) -> dict[int, tuple[int, int, int]]:
+    """tid -> (policy, nice, user+system ticks) of every thread of ``pid``."""
+    stats = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
+            # proc(5) numbers fields from 1 with the name as 2: utime 14,
+            # stime 15, nice 19, policy 41; fields[0] here is field 3.
+            stats[int(task)] = (
+                int(fields[38]), int(fields[16]), int(fields[11]) + int(fields[12])
+            )
+    return stats
+
+
+def test_a_busy_guest_runs_in_sched_idle(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(FD_CONFIG)
+    pid = daemon.process.pid
+
+    def spin() -> None:
+        with daemon.client() as client:
+            run(client, "while True: pass", timeout_s=3)
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        time.sleep(1)
+        before = task_stats(pid)
+        time.sleep(1)
+        after = task_stats(pid)
+    finally:
+        spinner.join(timeout=60)
+    busiest = max(after, key=lambda tid: after[tid][2] - before.get(tid, (0, 0, 0))[2])
+    assert after[busiest][2] - before[busiest][2] > 0
+    # The guest's worker thread: preempted by any other thread that wakes.
+    assert after[busiest][:2] == (SCHED_IDLE, wasm.GUEST_NICE)
+    assert after[pid][:2] == (SCHED_OTHER, 0)  # the event loop's thread keeps its own
 
 
 # --- scratch space, as a non-root daemon --------------------------------------------
