@@ -149,14 +149,22 @@ class TmpfsSource:
                     os.close(fd)
                 raise
             return fds
-        if self._channel is None:
-            raise OSError(0, "the tmpfs helper is not running")
         request = ";".join(f"{size},{inodes}" for size, inodes in specs).encode()
         with self._lock:
-            self._channel.send(request)
-            message, ancillary, _, _ = self._channel.recvmsg(
-                256, socket.CMSG_SPACE(_MAX_MOUNTS_PER_REQUEST * 4)
-            )
+            channel = self._channel
+            if channel is None:
+                raise OSError(0, "the tmpfs helper is not running")
+            try:
+                channel.send(request)
+                message, ancillary, _, _ = channel.recvmsg(
+                    256, socket.CMSG_SPACE(_MAX_MOUNTS_PER_REQUEST * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError:
+                # A reply may still be on its way (a timeout): the next request
+                # would read it as its own, so the channel is not used again.
+                self._channel = None
+                channel.close()
+                raise
         fds = []
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
