@@ -172,9 +172,15 @@ def test_logs_are_json_with_request_fields_and_no_user_output(observed: Observed
     with observed.daemon.client() as client:
         result = client.run(f"print('{SECRET}')", pool="obs", stdin=SECRET)
     assert result["stdout"] == SECRET + "\n"
-    events = observed.daemon.log_events()  # every line parses as JSON
-    requests = [e for e in events if e["event"] == "request" and e.get("sandbox")
-                == result["sandbox_id"]]
+    # The request line is written after the response is sent: wait for it.
+    deadline = time.monotonic() + 10
+    while True:
+        events = observed.daemon.log_events()  # every line parses as JSON
+        requests = [e for e in events if e["event"] == "request" and e.get("sandbox")
+                    == result["sandbox_id"]]
+        if requests or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert len(requests) == 1
     assert {"pool", "sandbox", "outcome", "duration_ms", "queued_ms", "stdout_bytes",
             "stderr_bytes", "exit_code", "timestamp", "level"} <= set(requests[0])
