@@ -42,6 +42,7 @@ from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, ne
 from pool.backends.process_scratch import SandboxScratch, ScratchMounts
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
+from pool.procfs import pid_alive
 from pool.protocol import (
     EXIT,
     READY,
@@ -228,7 +229,7 @@ def sweep_stale_cgroups(base: Path) -> None:
     """
     for stale in base.glob("sandpool-*"):
         daemon_pid = stale.name.split("-")[1]
-        if not daemon_pid.isdigit() or _alive(int(daemon_pid)):
+        if not daemon_pid.isdigit() or pid_alive(int(daemon_pid)):
             continue
         for sandbox_dir in [d for d in stale.iterdir() if d.is_dir()]:
             with contextlib.suppress(OSError):
@@ -236,16 +237,6 @@ def sweep_stale_cgroups(base: Path) -> None:
         with contextlib.suppress(OSError):
             stale.rmdir()
             log.info("stale_cgroup_removed", path=str(stale))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def create_sandbox_cgroup(tree: CgroupTree, sandbox_id: str, config: PoolConfig) -> SandboxCgroup:

@@ -34,6 +34,7 @@ from pathlib import Path
 import structlog
 
 from pool.errors import BackendError
+from pool.procfs import pid_alive
 
 log = structlog.get_logger("sandpool.process")
 
@@ -166,7 +167,7 @@ def sweep_stale_scratch(root: Path) -> None:
     mounts = _mount_points()
     for stale in root.iterdir():
         pid = stale.name.removeprefix("sandpool-").partition("-")[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         prefix = f"{stale}/"
         # Deepest first: the sandboxes' mounts, then the pool directory's own.
@@ -190,11 +191,3 @@ def _mount_points() -> list[str]:
     return points
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
