@@ -1,21 +1,27 @@
 """Hostile neighbours (`make hostile`, beside `make soak`, not part of `make test`).
 
-    python -m tests.hostile [--phase-s 60] [--out FILE]
+    python -m tests.hostile [--phase-s 60] [--neighbour-rate 0.5] [--attacks a,b] [--out FILE]
 
 One daemon serves tenant pools (``python``, ``python-process``, ``python-wasm``)
-and, beside each, a pool of the same tier for an attacker. The run has two
-phases of ``--phase-s`` seconds each, with the same paced ``print('ok')``
-traffic on the tenant pools: first alone, then while attackers run, in a loop,
-every resource attack the adversarial tests know one at a time per attacker
-pool (file descriptors, per-user quotas, shared memory, scratch space, forks,
-output, CPU, forged exit codes) and hold hundreds of idle connections on the
-socket and the metrics port.
+and, beside each, a neighbouring pool of the same tier. Three phases of
+``--phase-s`` seconds each carry the same paced ``print('ok')`` traffic on the
+tenant pools:
 
-It then stops the daemon and checks that nothing is left: containers of its
+1. ``quiet``: the tenants alone;
+2. ``neighbours``: each neighbouring pool gets benign requests at
+   ``--neighbour-rate``: single-use sandboxes cost a start each, so this is what
+   any busy neighbour costs on this host;
+3. ``hostile``: the same pace, but each request is the next resource attack
+   (file descriptors, per-user quotas, shared memory, scratch space, forks,
+   output, CPU, forged exit codes), while hundreds of idle connections are
+   held on the socket and the metrics port.
+
+What the attacks cost the tenants is the difference between phases 2 and 3.
+Then the daemon is stopped and nothing may be left: containers of its
 instance, its cgroups, processes running as a sandbox uid, wasm run
 directories. It prints one JSON report (tenant latency per pool and phase,
 p50/p99, every failure) and exits non-zero if a tenant request failed or
-something was left. Latency is reported, never asserted: compare the phases.
+something was left. Latency is reported, never asserted.
 """
 
 from __future__ import annotations
@@ -171,14 +177,25 @@ class Run:
                     self.latencies[phase][pool].append((time.monotonic() - began) * 1000)
                 stop.wait(max(0.0, next_at - time.monotonic()))
 
-    def attacker(self, tenant_pool: str, stop: threading.Event) -> None:
+    def neighbour(self, tenant_pool: str, stop: threading.Event, *, hostile: bool) -> None:
+        """The pool beside ``tenant_pool``, at a fixed pace: benign code, or the attacks in turn.
+
+        Each request costs a sandbox start whatever it runs, so both phases
+        churn alike and the difference between them is what the attacks cost.
+        """
         pool = ATTACKER_POOLS[tenant_pool]
         wasm = tenant_pool == "python-wasm"
-        attacks = [(name, code) for name, code, on_wasi in ATTACKS if on_wasi or not wasm]
+        attacks = [(name, code) for name, code, on_wasi in ATTACKS
+                   if (on_wasi or not wasm) and name in self.args.attacks]
+        if not hostile or not attacks:
+            attacks = [("benign", "print('neighbour')")]
+        interval = 1.0 / self.args.neighbour_rate
+        next_at = time.monotonic()
         with Client(self.daemon.socket, timeout_s=30) as client:
             while not stop.is_set():
                 for name, code in attacks:
-                    if stop.is_set():
+                    next_at += interval
+                    if stop.wait(max(0.0, next_at - time.monotonic())):
                         break
                     try:
                         result = client.run(code, pool=pool, timeout_s=3)
@@ -220,13 +237,15 @@ class Run:
         with self.lock:
             self.failures.append(message)
 
-    def phase_run(self, name: str, *, attack: bool) -> None:
+    def phase_run(self, name: str, *, neighbours: bool, attack: bool) -> None:
         self.phase = name
         stop = threading.Event()
         workers = [threading.Thread(target=self.tenant, args=(p, stop)) for p in TENANT_RATES]
-        if attack:
-            workers += [threading.Thread(target=self.attacker, args=(p, stop))
+        if neighbours:
+            workers += [threading.Thread(target=self.neighbour, args=(p, stop),
+                                         kwargs={"hostile": attack})
                         for p in ATTACKER_POOLS]
+        if attack and "idle_connection" in self.args.attacks:
             workers.append(threading.Thread(target=self.idle_connections, args=(stop,)))
         for worker in workers:
             worker.start()
@@ -237,8 +256,9 @@ class Run:
 
     def run(self) -> dict[str, Any]:
         try:
-            self.phase_run("quiet", attack=False)
-            self.phase_run("hostile", attack=True)
+            self.phase_run("quiet", neighbours=False, attack=False)
+            self.phase_run("neighbours", neighbours=True, attack=False)
+            self.phase_run("hostile", neighbours=True, attack=True)
             daemon_pid = self.daemon.process.pid
         finally:
             stop_daemon(self.daemon)
@@ -306,6 +326,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase-s", type=float, default=60.0)
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    parser.add_argument("--neighbour-rate", type=float, default=0.5,
+                        help="requests per second in each neighbouring pool (both phases)")
+    every = [name for name, _, _ in ATTACKS] + ["idle_connection"]
+    parser.add_argument("--attacks", type=lambda v: v.split(","), default=every,
+                        help=f"comma-separated subset of: {','.join(every)}")
     args = parser.parse_args()
     report = Run(args).run()
     text = json.dumps(report, indent=2)
