@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import hashlib
 import importlib.metadata
 import itertools
@@ -142,9 +143,13 @@ TRAMPOLINE_WAT = """
     (call $fd_renumber (local.get 0) (local.get 1))))
 """
 
-# A guest's worker thread runs in SCHED_IDLE at this nice value (the lowest
-# weight), so busy guests take only CPU that the event loop and the other
-# tiers' sandboxes leave idle (lower_thread_priority).
+# A guest still running this long after its request is busy: its thread goes
+# to SCHED_IDLE at this nice value (the lowest weight), so it takes only CPU
+# that the event loop and the other tiers' sandboxes leave idle (demote_thread).
+# Before that, and while the interpreter starts, it runs at the daemon's own
+# priority: a thread in SCHED_IDLE that holds the GIL (start-up and host
+# functions are Python) would stall the event loop whenever the host is busy.
+BUSY_AFTER_S = 0.1
 GUEST_NICE = 19
 
 # File descriptors the daemon holds for one guest before it opens anything:
@@ -636,6 +641,7 @@ class WasmSandbox(Sandbox):
         # Set as soon as _start returns, before the worker drops the Store.
         self.exited: asyncio.Future[_Outcome] = loop.create_future()
         self.worker: asyncio.Future[_Outcome] | None = None
+        self.thread_id: int | None = None  # the worker's native id, for demote_thread
         self.stdin_w = self.stdout_r = self.stderr_r = -1
         self.busy = False
         self.destroyed = False
@@ -665,11 +671,12 @@ class WasmBackend:
         self.instance_id = instance_id
         self.listener: EventListener | None = None
         self._runner = guest_runner_source()
-        # One thread per sandbox for its whole life (parked included); the pool
-        # never holds more than max_size sandboxes in any state.
+        # Start-up jobs (hash, compile, deserialize). Guests do not run here:
+        # each has a thread of its own that ends with it (_start_worker).
         self._executor = ThreadPoolExecutor(
-            max_workers=config.max_size, thread_name_prefix=f"sandpool-wasm-{config.name}"
+            max_workers=2, thread_name_prefix=f"sandpool-wasm-{config.name}"
         )
+        self._threads: set[threading.Thread] = set()
         self._engine: wasmtime.Engine | None = None
         self._module: wasmtime.Module | None = None
         self._trampoline: wasmtime.Module | None = None
@@ -744,6 +751,8 @@ class WasmBackend:
         for sandbox in list(self._sandboxes):
             self._kill(sandbox)
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+        for thread in list(self._threads):
+            await asyncio.to_thread(thread.join)
         if self._ticker is not None:
             await asyncio.to_thread(self._ticker.stop)
             self._ticker = None
@@ -792,9 +801,7 @@ class WasmBackend:
                     ready.set_result(None)
 
         try:
-            sandbox.worker = loop.run_in_executor(
-                self._executor, self._serve, sandbox, (stdin_r, stdout_w, stderr_w)
-            )
+            sandbox.worker = self._start_worker(sandbox, (stdin_r, stdout_w, stderr_w))
         except BaseException:
             for fd in (stdin_r, stdout_w, stderr_w):
                 os.close(fd)
@@ -845,7 +852,7 @@ class WasmBackend:
         a Store kept alive by a traceback or a callback leaks ~3.5 MiB per run,
         and its drop is what closes the guest's ends of the output pipes.
         """
-        lower_thread_priority()
+        sandbox.thread_id = threading.get_native_id()
         guest = sandbox.guest
         try:
             store, instance = self._instantiate(sandbox, guest_fds)
@@ -863,6 +870,40 @@ class WasmBackend:
             del store, instance
             _epoch_guests.pop(guest.key, None)
         return outcome
+
+    def _start_worker(
+        self, sandbox: WasmSandbox, guest_fds: tuple[int, int, int]
+    ) -> asyncio.Future[_Outcome]:
+        """Run ``_serve`` on a new thread that ends with the sandbox.
+
+        Not a pool's thread: a busy guest's thread is demoted (demote_thread)
+        and a daemon that is not root can never raise it again, so it must
+        never serve the next sandbox. A thread costs ~0.1 ms to start, against
+        the interpreter's 60 ms. Bounded by max_size, like the sandboxes.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Outcome] = loop.create_future()
+
+        def body() -> None:
+            try:
+                outcome = self._serve(sandbox, guest_fds)
+            except BaseException as e:  # reported to the loop, never lost
+                _settle(loop, future, error=e)
+            else:
+                _settle(loop, future, outcome=outcome)
+            finally:
+                self._threads.discard(thread)
+
+        thread = threading.Thread(
+            target=body, name=f"sandpool-wasm-{self.config.name}-{sandbox.id}"
+        )
+        self._threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            self._threads.discard(thread)
+            raise
+        return future
 
     def _instantiate(
         self, sandbox: WasmSandbox, guest_fds: tuple[int, int, int]
@@ -947,6 +988,7 @@ class WasmBackend:
         output = PipeReader(loop, sandbox.stdout_r, sandbox.stderr_r, capture, stop_at_cap)
         ended = {sandbox.exited, worker}
         timed_out = False
+        busy = loop.call_later(BUSY_AFTER_S, demote_thread, sandbox.thread_id)
         try:
             try:
                 async with asyncio.timeout(request.timeout_s):
@@ -965,6 +1007,7 @@ class WasmBackend:
             log.error("wasm_guest_did_not_stop", sandbox=sandbox.id, waited_s=JOIN_TIMEOUT_S)
             raise BackendError(f"sandbox {sandbox.id} did not stop") from None
         finally:
+            busy.cancel()
             output.stop()
         if not sandbox.exited.done():
             raise BackendError(f"the wasm worker of sandbox {sandbox.id} failed: "
@@ -1068,35 +1111,48 @@ class WasmBackend:
                 await asyncio.to_thread(sandbox.scratch.close)
 
 
-def lower_thread_priority() -> None:
-    """Put the calling thread in SCHED_IDLE at nice GUEST_NICE; once per thread.
+def demote_thread(thread_id: int | None) -> None:
+    """Put a busy guest's thread in SCHED_IDLE at nice GUEST_NICE. Never raises.
 
     Guests run on the daemon's own threads, and a busy one would otherwise
     take CPU from the event loop and the other tiers as an equal. Both are
-    per-thread attributes on Linux and lowering them needs no privilege (a
-    non-root daemon can never raise them again, which is fine: the
-    executor's threads only ever run guests). SCHED_IDLE rather than nice
-    alone: the kernel preempts a SCHED_IDLE thread at once when any other
-    thread wakes, while a nice-19 one keeps the CPU for the rest of its
-    slice (EEVDF), and that wait is on every hop of a request; see
-    docs/wasm-limits.md for both measured. Nice is set first, so a kernel
-    that refuses SCHED_IDLE still leaves the lowest weight.
-
-    A guest thread holding the GIL in a host function is rarely preempted
-    (the functions are short) and runs again as soon as a core has no other
-    work; the event loop waiting for that GIL frees its own core for it.
+    per-thread attributes on Linux, and lowering another thread of the same
+    process needs no privilege. SCHED_IDLE rather than nice alone: the kernel
+    preempts a SCHED_IDLE thread at once when any other thread wakes, while a
+    nice-19 one keeps the CPU for the rest of its slice (EEVDF), and that wait
+    is on every hop of a request; see docs/wasm-limits.md for both measured.
+    Nice is set first, so a kernel that refuses SCHED_IDLE still leaves the
+    lowest weight. The thread ends with its sandbox (_start_worker).
     """
-    if getattr(_thread_state, "lowered", False):
+    if thread_id is None:
         return
-    _thread_state.lowered = True
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GUEST_NICE)
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError as e:
-        log.warning("wasm_priority_not_lowered", error=e.strerror)
+        os.setpriority(os.PRIO_PROCESS, thread_id, GUEST_NICE)
+        os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as e:  # the thread has just ended (ESRCH), or a kernel without it
+        if e.errno != errno.ESRCH:
+            log.warning("wasm_priority_not_lowered", error=e.strerror)
 
 
-_thread_state = threading.local()
+def _settle(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[_Outcome],
+    *,
+    outcome: _Outcome | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """From a worker thread: resolve its future on the loop (gone loop: nobody waits)."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        elif outcome is not None:
+            future.set_result(outcome)
+
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(settle)
 
 
 def _write_nonblocking(fd: int, data: memoryview) -> int:

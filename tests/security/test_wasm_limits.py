@@ -10,7 +10,8 @@ fails if that bound is removed:
 - scratch on a size-limited tmpfs for a non-root daemon too (the namespace
   helper in pool/backends/wasm_scratch.py): a big write stops at ENOSPC;
 - nothing on disk: a SIGKILLed daemon leaves no guest data and no helper;
-- CPU: a guest's worker thread runs in SCHED_IDLE, below the event loop.
+- CPU: a busy guest's worker thread runs in SCHED_IDLE, below the event loop; a
+  parked or starting one keeps the daemon's priority.
 
 The non-root daemon runs as uid 65534 with CAP_DAC_READ_SEARCH as its only
 capability: the test venv's interpreter lives under root's private home,
@@ -201,6 +202,9 @@ def task_stats(pid: int) -> dict[int, tuple[int, int, int]]:
 def test_a_busy_guest_runs_in_sched_idle(spawn_daemon: Spawn) -> None:
     daemon = spawn_daemon(FD_CONFIG)
     pid = daemon.process.pid
+    # Parked guests (and their interpreters' start) keep the daemon's priority:
+    # a SCHED_IDLE thread holding the GIL would stall the event loop on a busy host.
+    assert {stat[:2] for stat in task_stats(pid).values()} == {(SCHED_OTHER, 0)}
 
     def spin() -> None:
         with daemon.client() as client:
