@@ -9,8 +9,9 @@ tenant pools:
 
 1. ``quiet``: the tenants alone;
 2. ``neighbours``: each neighbouring pool gets benign requests at
-   ``--neighbour-rate``: single-use sandboxes cost a start each, so this is what
-   any busy neighbour costs on this host;
+   ``--neighbour-rate``, each computing for 1.5 s within its pool's ``cpus``:
+   what a busy, well-behaved neighbour costs on this host (a sandbox start per
+   request, and its CPU share);
 3. ``hostile``: the same pace, but each request is the next resource attack
    (file descriptors, per-user quotas, shared memory, scratch space, forks,
    output, CPU, forged exit codes), while hundreds of idle connections are
@@ -141,6 +142,18 @@ for name in os.listdir('/proc/self/fd'):
 ]
 
 
+# What a neighbour may legitimately do with its sandbox: compute for about as
+# long as an attack runs on average (half of them hit the 3 s timeout, half
+# end at their limit at once), within the pool's cpus.
+BUSY_NEIGHBOUR = """
+import time
+began = time.monotonic()
+while time.monotonic() - began < 1.5:
+    pass
+print('neighbour')
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -188,7 +201,7 @@ class Run:
         attacks = [(name, code) for name, code, on_wasi in ATTACKS
                    if (on_wasi or not wasm) and name in self.args.attacks]
         if not hostile or not attacks:
-            attacks = [("benign", "print('neighbour')")]
+            attacks = [("benign", BUSY_NEIGHBOUR)]
         interval = 1.0 / self.args.neighbour_rate
         next_at = time.monotonic()
         with Client(self.daemon.socket, timeout_s=30) as client:
