@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import statistics
 import sys
@@ -345,7 +346,12 @@ def main() -> int:
     parser.add_argument("--attacks", type=lambda v: v.split(","), default=every,
                         help=f"comma-separated subset of: {','.join(every)}")
     args = parser.parse_args()
-    report = Run(args).run()
+    run = Run(args)
+    report = run.run()
+    if report["failures"]:
+        report["daemon_directory"] = str(run.tmp)  # its log, kept for a look
+    else:
+        shutil.rmtree(run.tmp, ignore_errors=True)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out is not None:
