@@ -59,8 +59,6 @@ LABEL_INSTANCE = "sandpool.instance"
 # never reap each other's sandboxes.
 LABEL_OWNER = "sandpool.owner"
 SWEEP_INTERVAL_S = 10.0
-REMOVE_BUSY_RETRIES = 60
-REMOVE_BUSY_DELAY_S = 0.5
 DOCKER_SOCKET_URL = "unix:///var/run/docker.sock"
 _DOCKER_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError)
 
@@ -434,29 +432,16 @@ class DockerBackend:
         self._uids.release(uid)
 
     async def _remove(self, name_or_id: str) -> None:
-        """Force-remove a container; one that is already gone is fine.
-
-        A root filesystem still busy is retried for up to REMOVE_BUSY_RETRIES
-        x REMOVE_BUSY_DELAY_S: after a dockerd restart, a container whose start
-        it cut short keeps its overlay mount busy for a while (seen for ~20 s),
-        and giving up would leak it.
-        """
-        for attempt in range(REMOVE_BUSY_RETRIES + 1):
-            try:
-                async with asyncio.timeout(CALL_TIMEOUT_S):
-                    await self.docker.containers.container(name_or_id).delete(force=True, v=True)
+        """Force-remove a container; one that is already gone is fine."""
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                await self.docker.containers.container(name_or_id).delete(force=True, v=True)
+        except aiodocker.DockerError as e:
+            if e.status == 404 or e.status == 409:  # gone, or removal already in progress
                 return
-            except aiodocker.DockerError as e:
-                if e.status == 404 or e.status == 409:  # gone, or removal already in progress
-                    return
-                if "device or resource busy" in str(e.message) and attempt < REMOVE_BUSY_RETRIES:
-                    await asyncio.sleep(REMOVE_BUSY_DELAY_S)
-                    continue
-                raise BackendError(f"cannot remove container {name_or_id}: {e.message}") from None
-            except (aiohttp.ClientError, OSError, TimeoutError) as e:
-                raise BackendError(
-                    f"cannot remove container {name_or_id}: {_describe(e)}"
-                ) from None
+            raise BackendError(f"cannot remove container {name_or_id}: {e.message}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise BackendError(f"cannot remove container {name_or_id}: {_describe(e)}") from None
 
     # --- reaping -----------------------------------------------------------
 
