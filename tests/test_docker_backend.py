@@ -16,6 +16,7 @@ from pool.backends.docker import (
     owner_label,
 )
 from pool.config import PoolConfig
+from pool.errors import BackendError
 from tests.conftest import docker_containers
 
 
@@ -97,3 +98,28 @@ async def test_sweep_marks_a_dead_idle_sandbox(backend: DockerBackend) -> None:
     assert sandbox.alive is False
     assert "died" in died
     await backend.destroy_sandbox(sandbox)
+
+
+async def test_reaper_skips_a_container_dockerd_cannot_remove(
+    backend: DockerBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, boot, pidns, pid, _ = owner_label().split(":")
+    dead_owner = f"{host}:{boot}:{pidns}:{pid}:0"
+    stuck = stray_container(backend.config.name, "crashed-stuck", dead_owner)
+    other = stray_container(backend.config.name, "crashed-other", dead_owner)
+    remove = backend._remove
+
+    async def refuse_stuck(name_or_id: str) -> None:
+        # What dockerd answers for a root filesystem a restart left mounted.
+        if name_or_id.startswith(stuck):
+            raise BackendError(f"cannot remove container {name_or_id}: device or resource busy")
+        await remove(name_or_id)
+
+    monkeypatch.setattr(backend, "_remove", refuse_stuck)
+    try:
+        await backend.reap_orphans()  # no exception: the stuck one is skipped
+        remaining = set(docker_containers(f"{LABEL_POOL}={backend.config.name}"))
+        assert other not in remaining
+        assert stuck in remaining
+    finally:
+        docker("rm", "-f", stuck)

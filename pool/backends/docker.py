@@ -100,6 +100,7 @@ class DockerBackend:
         self._leak_suspects: set[str] = set()  # untracked at the last sweep
         self._server_version = "unknown"
         self._owner = ""  # owner_label(), read once at start
+        self._unremovable_logged: set[str] = set()  # orphans dockerd refused to remove
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -453,18 +454,33 @@ class DockerBackend:
         return containers
 
     async def reap_orphans(self) -> int:
-        """Remove sandpool containers whose daemon is gone (crashed or SIGKILLed)."""
+        """Remove sandpool containers whose daemon is gone (crashed or SIGKILLed).
+
+        One that dockerd cannot remove (a root filesystem left busy by a dockerd
+        restart stays so until reboot) is logged and skipped: it must not keep
+        the others. Returns how many were removed; raises BackendError only
+        when the containers cannot be listed.
+        """
         reaped = 0
+        unremovable: dict[str, str] = {}
         for info in await self._list(LABEL_POOL):
             labels = info["Labels"] or {}
             if labels.get(LABEL_INSTANCE) == self.instance_id or owner_alive(
                 labels.get(LABEL_OWNER, "")
             ):
                 continue
-            await self._remove(str(info["Id"]))
+            try:
+                await self._remove(str(info["Id"]))
+            except BackendError as e:
+                unremovable[str(info["Id"])[:12]] = e.message
+                continue
             reaped += 1
         if reaped:
             log.info("reaped_orphans", pool=self.config.name, containers=reaped)
+        if unremovable and unremovable.keys() != self._unremovable_logged:
+            # Once per set, not at every sweep: dockerd says the same each time.
+            log.warning("orphans_not_removed", pool=self.config.name, containers=unremovable)
+        self._unremovable_logged = set(unremovable)
         return reaped
 
     async def sweep(self) -> None:
