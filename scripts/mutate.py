@@ -254,6 +254,8 @@ def main() -> int:
         print(f"mutate: no row of {TABLE.name} matches {options.select!r}", file=sys.stderr)
         return 2
     scratch = Path(tempfile.mkdtemp(prefix="sandpool-mutate-"))
+    # Readable like a checkout: tests that drop to another uid import the copy too.
+    scratch.chmod(0o755)
     try:
         if options.ref:
             export_commit(REPOSITORY, options.ref, scratch)

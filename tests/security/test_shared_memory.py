@@ -70,7 +70,7 @@ def test_a_daemon_that_cannot_make_a_memory_cgroup_refuses_the_process_tier() ->
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
          sys.executable, "-c", NON_ROOT_START],
         capture_output=True, text=True, timeout=60, cwd=REPOSITORY,
-        env={"PATH": os.environ["PATH"], "HOME": "/tmp"},
+        env={"PATH": os.environ["PATH"], "HOME": "/tmp", "PYTHONPATH": str(REPOSITORY)},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "refused: process_needs_cgroups", done.stdout + done.stderr
