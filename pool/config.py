@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 from pool.errors import ConfigError
 from pool.uids import DEFAULT_BASE as DEFAULT_UID_BASE
 from pool.uids import DEFAULT_COUNT as DEFAULT_UID_COUNT
+from pool.uids import HOST_UID_BACKENDS
 
 BackendName = Literal["docker", "process", "wasm", "fake"]
 Language = Literal["python", "shell"]
@@ -166,7 +167,7 @@ class Config:
 
     def validate(self) -> None:
         """Checks across tables: each live Docker or process sandbox holds a uid of its own."""
-        needed = sum(p.max_size for p in self.pools if p.backend in ("docker", "process"))
+        needed = sum(p.max_size for p in self.pools if p.backend in HOST_UID_BACKENDS)
         if needed > self.server.sandbox_uid_count:
             raise ConfigError(
                 f"server.sandbox_uid_count ({self.server.sandbox_uid_count}) is below the "

@@ -21,6 +21,9 @@ from pool.errors import BackendError
 # Above the subordinate-id ranges useradd hands out (100000 + 65536 n), the
 # dynamic users of systemd (61184-65519) and 16-bit uids; below 2^31, which
 # some tools still read as a signed number.
+# The backends whose sandboxes are host processes, each run as a uid of its
+# own; wasm guests run inside the daemon's process and have no uid.
+HOST_UID_BACKENDS = frozenset({"docker", "process"})
 DEFAULT_BASE = 1_900_000_000
 DEFAULT_COUNT = 65536
 MAX_UID = 2**31 - 1

@@ -7,7 +7,7 @@ from typing import Any
 
 from pool.backends.base import Backend
 from pool.config import PoolConfig
-from pool.uids import SandboxUids
+from pool.uids import HOST_UID_BACKENDS, SandboxUids
 
 BACKENDS = {
     "docker": "pool.backends.docker:DockerBackend",
@@ -15,11 +15,6 @@ BACKENDS = {
     "process": "pool.backends.process:ProcessBackend",
     "wasm": "pool.backends.wasm:WasmBackend",
 }
-
-
-# Backends whose sandboxes are host processes, each run as a uid of its own;
-# wasm guests run inside the daemon's process and have no uid.
-HOST_UID_BACKENDS = frozenset({"docker", "process"})
 
 
 def create_backend(config: PoolConfig, instance_id: str, uids: SandboxUids) -> Backend[Any]:

@@ -10,9 +10,10 @@ ready frame and, if the code dies without reporting, its exit frame. A
 hand-out costs about a pipe write each way (issue 6).
 
 Isolation (see README, "The process tier"): new user, PID, network, IPC, UTS
-and cgroup namespaces; no capabilities; uid 65534 inside *and* outside (the
-daemon drops to it with ``setpriv`` before bwrap when it runs as root, because
-the kernel exempts real uid 0 from RLIMIT_NPROC); a seccomp filter
+and cgroup namespaces; no capabilities; uid 65534 inside and, for a root
+daemon, a host uid of the sandbox's own outside (``pool/uids.py``; the daemon
+drops to it with ``setpriv`` before bwrap, also because the kernel exempts
+real uid 0 from RLIMIT_NPROC); a seccomp filter
 (``pool/seccomp.py``); rlimits set by a few lines run before the runner; and a
 per-sandbox memory, pids and cpu cgroup whose ``oom_kill`` counter gives the
 OOM verdict the way Docker's events do. The cgroup is required: without it

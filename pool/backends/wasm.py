@@ -487,32 +487,32 @@ class _OpenFiles:
     def path_open(self, caller: wasmtime.Caller, *args: int) -> int:
         if self.opened >= self.limit:
             return _ERRNO_MFILE
-        errno = self._call("path_open", caller, args)
-        if errno == _ERRNO_SUCCESS:
+        result = self._call("path_open", caller, args)
+        if result == _ERRNO_SUCCESS:
             self.opened += 1
-        return errno
+        return result
 
     def fd_close(self, caller: wasmtime.Caller, fd: int) -> int:
-        errno = self._call("fd_close", caller, (fd,))
-        if errno == _ERRNO_SUCCESS:
+        result = self._call("fd_close", caller, (fd,))
+        if result == _ERRNO_SUCCESS:
             self.opened -= 1
-        return errno
+        return result
 
     def fd_renumber(self, caller: wasmtime.Caller, source: int, target: int) -> int:
         # Success moves ``source`` onto ``target`` and closes what ``target`` held.
-        errno = self._call("fd_renumber", caller, (source, target))
-        if errno == _ERRNO_SUCCESS and source != target:
+        result = self._call("fd_renumber", caller, (source, target))
+        if result == _ERRNO_SUCCESS and source != target:
             self.opened -= 1
-        return errno
+        return result
 
     def _call(self, name: str, caller: wasmtime.Caller, args: tuple[int, ...]) -> int:
         try:
-            errno = self._calls[name](caller, *args)
+            result = self._calls[name](caller, *args)
         except Exception:
             # A trap inside wasmtime's own function (a bad pointer): raising
             # here would cross threads, so the guest sees EFAULT instead.
             return _ERRNO_FAULT
-        return errno if isinstance(errno, int) else _ERRNO_FAULT
+        return result if isinstance(result, int) else _ERRNO_FAULT
 
 
 class _FdBudget:
