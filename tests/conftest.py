@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -202,3 +203,34 @@ def sandboxed(client: Client, request: pytest.FixtureRequest) -> Iterator[Client
     yield client
     answer = client.run("print('serving')", pool=request.module.POOL)
     assert answer["stdout"] == "serving\n"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout_s:g} s: {what}")
+        time.sleep(0.05)
+
+
+def host_processes_with(marker: str) -> list[int]:
+    """Host pids whose command line contains the marker (sandboxed ones included)."""
+    needle = marker.encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue  # exited while we looked
+    return found

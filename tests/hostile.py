@@ -42,7 +42,7 @@ from typing import Any
 
 from api.client import ApiError, Client
 from pool.uids import SandboxUids
-from tests.conftest import Daemon, docker_containers, start_daemon, stop_daemon
+from tests.conftest import Daemon, docker_containers, free_port, start_daemon, stop_daemon
 
 TENANT_RATES = {"python": 1.0, "python-process": 4.0, "python-wasm": 2.0}  # requests/s
 ATTACKER_POOLS = {"python": "hostile", "python-process": "hostile-process",
@@ -155,10 +155,6 @@ print('neighbour')
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Run:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import textwrap
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from api.client import Client
 from pool.uids import SandboxUids
-from tests.conftest import Daemon, docker_containers
+from tests.conftest import Daemon, docker_containers, host_processes_with, wait_until
 
 
 def run(client: Client, code: str, **options: object) -> dict[str, object]:
@@ -113,29 +110,6 @@ def test_shell_pool(client: Client) -> None:
     assert result["stdout"] == "hi\ngot data\n"
     assert result["stderr"] == "err\n"
     assert result["exit_code"] == 4
-
-
-def host_processes_with(marker: str) -> list[int]:
-    """Host pids whose command line contains the marker (sandboxed ones included)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue  # exited while we looked
-    return found
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout_s:g} s: {what}")
-        time.sleep(0.05)
 
 
 def test_process_left_behind_dies_with_the_sandbox(client: Client, daemon: Daemon) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, start_daemon, stop_daemon
+from tests.conftest import Daemon, free_port, start_daemon, stop_daemon
 
 METRIC_NAMES = [
     "sandpool_request_duration_seconds",
@@ -39,10 +39,6 @@ class Observed:
     notify_socket: socket.socket
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,8 @@ import socket
 import struct
 import subprocess
 import textwrap
-import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,14 @@ from api.client import Client
 from pool.config import PoolConfig
 from pool.seccomp import POLICY
 from pool.uids import SandboxUids
-from tests.conftest import DAEMON_CONFIG, Daemon, start_daemon, stop_daemon
+from tests.conftest import (
+    DAEMON_CONFIG,
+    Daemon,
+    host_processes_with,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+)
 from tests.test_behaviour import PYTHON_POOLS, WASI_POOLS, assert_out_of_memory
 
 pytestmark = pytest.mark.docker
@@ -174,36 +180,12 @@ def assert_serves_a_clean_sandbox(client: Client, pool: str, after: dict[str, An
         assert state["procs"] == [1, state["pid"]], state
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = CLEANUP_WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout_s:g} s: {what}")
-        time.sleep(0.1)
-
-
 def unique_marker() -> str:
     """A command-line argument no other process on the host has.
 
     Shaped as a number below one second, so ``sleep 30 <marker>`` accepts it.
     """
     return f"0.{secrets.randbelow(10**15):015d}"
-
-
-def host_processes_with(marker: str) -> list[int]:
-    """Host pids whose command line contains the marker (sandboxed ones included)."""
-    needle = marker.encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue  # exited while we looked
-    return found
 
 
 def instance_containers(daemon: Daemon) -> list[str] | None:
@@ -228,10 +210,10 @@ def assert_sandbox_gone(
             names = instance_containers(daemon)
             return names is not None and name not in names
 
-        wait_until(removed, f"container {name} removed")
+        wait_until(removed, f"container {name} removed", CLEANUP_WAIT_S)
     if marker is not None:
         wait_until(lambda: not host_processes_with(marker),
-                   f"no host process with {marker} in its command line")
+                   f"no host process with {marker} in its command line", CLEANUP_WAIT_S)
 
 
 def wait_pool_settled(client: Client, pool: str) -> dict[str, Any]:
@@ -239,7 +221,7 @@ def wait_pool_settled(client: Client, pool: str) -> dict[str, Any]:
         (summary,) = [p for p in client.pools() if p["name"] == pool]
         return bool(summary["idle"] == summary["min_idle"] and summary["starting"] == 0)
 
-    wait_until(settled, f"pool {pool} back at min_idle")
+    wait_until(settled, f"pool {pool} back at min_idle", CLEANUP_WAIT_S)
     (summary,) = [p for p in client.pools() if p["name"] == pool]
     return summary
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from api.client import Client
-from tests.conftest import Daemon, start_daemon, stop_daemon
+from tests.conftest import Daemon, free_port, start_daemon, stop_daemon
 
 Spawn = Callable[..., Daemon]
 NOBODY = 65534
@@ -80,10 +80,6 @@ sys.stdin.read()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def open_fds(daemon: Daemon) -> int:
