@@ -211,13 +211,21 @@ def raw_exchange(address: str, request: bytes, timeout_s: float = 10) -> bytes:
         conn.connect(address)
         with contextlib.suppress(BrokenPipeError):  # closed at accept: its answer is readable
             conn.sendall(request)
-        answer = b""
-        try:
-            while chunk := conn.recv(65536):
-                answer += chunk
-        except ConnectionResetError:
-            pass
-        return answer
+        return wait_closed(conn, timeout_s)
+
+
+def wait_closed(conn: socket.socket, timeout_s: float = 10) -> bytes:
+    """What the daemon sent before closing ``conn``; fails if it is still open after timeout_s."""
+    conn.settimeout(timeout_s)
+    received = b""
+    try:
+        while chunk := conn.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the daemon kept the connection open {timeout_s} s")
+    return received
 
 
 CAPS = """
@@ -307,20 +315,6 @@ header_timeout_s = 1
 # Far beyond the tests' waits: only the header timeout can close these.
 keepalive_timeout_s = 60
 """ + FAKE_POOL
-
-
-def wait_closed(conn: socket.socket, timeout_s: float = 10) -> bytes:
-    """What the daemon sent before closing ``conn``; fails if it is still open after timeout_s."""
-    conn.settimeout(timeout_s)
-    received = b""
-    try:
-        while chunk := conn.recv(65536):
-            received += chunk
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        pytest.fail(f"the daemon kept the connection open {timeout_s} s")
-    return received
 
 
 def test_a_silent_connection_is_closed_after_the_header_timeout(spawn_daemon: Spawn) -> None:
