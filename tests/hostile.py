@@ -155,8 +155,6 @@ print('neighbour')
 """
 
 
-
-
 class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
