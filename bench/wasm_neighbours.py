@@ -1,11 +1,12 @@
 """Process-tier latency with and without four CPU-busy wasm guests in the same daemon.
 
-    .venv/bin/python -m bench.wasm_neighbours [--seconds 20] [--rate 10]
+    .venv/bin/python -m bench.wasm_neighbours [--seconds 20] [--rate 10] [--wasm-cpus 0.5]
 
 Starts its own daemon (a process pool and a wasm pool of four), sends
 ``print(1)`` to the process pool at a fixed rate and reports p50/p99 of the
 round trip, first on a quiet daemon, then while four wasm guests spin in
-``while True: pass``. Method and results: docs/wasm-limits.md.
+``while True: pass`` (each held to ``--wasm-cpus``; 1 leaves them unmetered).
+Method and results: docs/wasm-limits.md.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ max_size = 4
 backend = "wasm"
 min_idle = 4
 max_size = 4
+cpus = {wasm_cpus}
 timeout_s = 60
 max_timeout_s = 600
 """
@@ -73,6 +75,12 @@ def measure(socket: str, seconds: float, rate: float) -> list[float]:
     return latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU of the process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def spin(socket: str, seconds: float) -> None:
     with contextlib.suppress(ApiError, OSError), Client(socket, timeout_s=seconds + 60) as client:
         client.run("while True: pass", pool="wasm", timeout_s=seconds)
@@ -93,10 +101,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=10.0)
+    parser.add_argument("--wasm-cpus", type=float, default=0.5, help="the wasm pool's cpus")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sandpool-neighbours-") as directory:
         config = Path(directory) / "sandpool.toml"
-        config.write_text(CONFIG)
+        config.write_text(CONFIG.format(wasm_cpus=args.wasm_cpus))
         socket = str(Path(directory) / "sandpool.sock")
         with open(Path(directory) / "daemon.log", "wb") as log:
             daemon = subprocess.Popen(
@@ -114,14 +123,17 @@ def main() -> None:
             for spinner in spinners:
                 spinner.start()
             time.sleep(1)  # the four guests are running
+            cpu_before, began = cpu_seconds(daemon.pid), time.monotonic()
             busy = measure(socket, args.seconds, args.rate)
+            daemon_cores = (cpu_seconds(daemon.pid) - cpu_before) / (time.monotonic() - began)
             for spinner in spinners:
                 spinner.join()
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=60)
-    for row in (summary("quiet", quiet), summary("4 busy wasm guests", busy)):
-        print(json.dumps(row))
+    busy_row = summary("4 busy wasm guests", busy) | {"daemon_cores": round(daemon_cores, 2)}
+    for row in (summary("quiet", quiet), busy_row):
+        print(json.dumps({"wasm_cpus": args.wasm_cpus} | row))
 
 
 if __name__ == "__main__":

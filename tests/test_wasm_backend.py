@@ -462,14 +462,18 @@ class CountingEngine:
         self.bumps += 1
 
 
-async def test_the_epoch_ticker_sleeps_unless_a_killed_guest_holds_a_store() -> None:
+async def test_the_epoch_ticker_sleeps_unless_a_killed_or_metered_guest_holds_a_store() -> None:
     engine = CountingEngine()
     ticker = wasm._Ticker(engine, name="test-ticker")  # type: ignore[arg-type]
-    guest = wasm._Guest(engine, ticker.nudge)  # type: ignore[arg-type]
+    guest = wasm._Guest(engine, ticker.nudge, cpus=1)  # type: ignore[arg-type]
+    metered = wasm._Guest(engine, ticker.nudge, cpus=0.5)  # type: ignore[arg-type]
     try:
         await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
         assert engine.bumps == 0  # idle: no wake-ups at all
         wasm._epoch_guests[guest.key] = guest  # a live Store
+        guest.meter()  # cpus 1: nothing to meter, so no ticks
+        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        assert engine.bumps == 0
         guest.kill()  # one bump of its own, then the ticker's
         await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
         assert engine.bumps >= 3
@@ -478,6 +482,16 @@ async def test_the_epoch_ticker_sleeps_unless_a_killed_guest_holds_a_store() -> 
         settled = engine.bumps
         await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
         assert engine.bumps == settled
+        wasm._epoch_guests[metered.key] = metered
+        metered.meter()  # its request runs: ticks without any kill
+        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        assert engine.bumps >= settled + 2
+        del wasm._epoch_guests[metered.key]  # its Store was dropped
+        await asyncio.sleep(2 * wasm.EPOCH_TICK_S)
+        settled = engine.bumps
+        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        assert engine.bumps == settled
     finally:
         wasm._epoch_guests.pop(guest.key, None)
+        wasm._epoch_guests.pop(metered.key, None)
         await asyncio.to_thread(ticker.stop)

@@ -151,6 +151,10 @@ TRAMPOLINE_WAT = """
 # functions are Python) would stall the event loop whenever the host is busy.
 BUSY_AFTER_S = 0.1
 GUEST_NICE = 19
+# A guest with cpus < 1 is held (CpuMeter) once it has used more CPU than
+# cpus x the wall time of its run; unused share saved while it waits (on
+# sleep or I/O) buys at most this much wall time of full speed later.
+CPU_BURST_S = 0.1
 
 # File descriptors the daemon holds for one guest before it opens anything:
 # its three pipes (both ends), the three scratch mounts and the status dir,
@@ -356,15 +360,60 @@ class _Outcome:
     trap: str | None = None
 
 
+class CpuMeter:
+    """The pool's ``cpus`` for one guest thread: a share of one core, kept on average.
+
+    Linux has no per-thread CPU quota outside cgroup v2's threaded mode, and a
+    guest is a thread of the daemon. So the guest holds itself: from the epoch
+    deadline callback, which runs on the guest's own thread at every tick,
+    ``check`` compares the thread's CPU time with ``share`` x the wall time
+    since the last check and, once the guest is ahead, waits out the
+    difference. Like a CFS quota it is an average, exact to one tick: the
+    ticker ticks every EPOCH_TICK_S while a metered guest runs, and the CPU
+    used between two ticks is paid back at the next.
+    Invariant: ``credit`` (seconds of CPU the guest may still use at full
+    speed) is at most share x CPU_BURST_S, so a guest that slept gains no more.
+    """
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.credit = 0.0
+        self._last: tuple[float, float] | None = None  # (monotonic, thread CPU) at the last check
+
+    def check(self, wait: Callable[[float], object]) -> None:
+        """On the guest's thread: wait (``wait(seconds)``) until the guest is within its share."""
+        now, used = time.monotonic(), time.thread_time()
+        if self._last is not None:
+            wall_before, cpu_before = self._last
+            earned = self.share * (now - wall_before) - (used - cpu_before)
+            self.credit = min(self.credit + earned, self.share * CPU_BURST_S)
+            if self.credit < 0:
+                wait(-self.credit / self.share)
+                self.credit = 0.0  # the wait earned exactly the debt back
+                now = time.monotonic()
+        self._last = (now, time.thread_time())
+
+
 class _Guest:
     """What a guest's worker thread shares with the event loop. Holds no Store."""
 
-    def __init__(self, engine: wasmtime.Engine, nudge_ticker: Callable[[], None]) -> None:
+    def __init__(
+        self, engine: wasmtime.Engine, nudge_ticker: Callable[[], None], cpus: float
+    ) -> None:
         self.killed = threading.Event()
         self.engine = engine
         self.nudge_ticker = nudge_ticker
         self.clock_origin_ns = 0  # host monotonic time when WASI's monotonic clock read 0
         self.key = next(_guest_keys)  # how the epoch callback finds this guest
+        # One thread cannot use more than a core: only a smaller share is metered.
+        self.cpu_meter = CpuMeter(cpus) if cpus < 1 else None
+        self.metered = False  # True while its request runs under cpu_meter; the ticker ticks
+
+    def meter(self) -> None:
+        """The request was sent: hold the guest to its CPU share from now on."""
+        if self.cpu_meter is not None:
+            self.metered = True
+            self.nudge_ticker()
 
     def kill(self) -> None:
         """Stop the guest at its next wasm instruction or host wait. Thread-safe, idempotent."""
@@ -562,9 +611,14 @@ _epoch_guests: dict[int, _Guest] = {}  # key -> guest whose Store is alive
 
 
 def _on_epoch_deadline(context: Any, key: Any, delta: Any, kind: Any) -> int:
-    """Trap the guest if it was killed, else run one more tick. Never raises."""
+    """Trap the guest if it was killed, else hold it to its CPU share and run one more tick.
+
+    Runs on the guest's thread. Never raises.
+    """
     try:
         guest = _epoch_guests.get(key or 0)
+        if guest is not None and guest.metered and guest.cpu_meter is not None:
+            guest.cpu_meter.check(guest.killed.wait)  # a kill ends the wait at once
         if guest is not None and not guest.killed.is_set():
             delta[0] = 1
             kind[0] = _UPDATE_DEADLINE_CONTINUE
@@ -583,7 +637,8 @@ _NO_FINALIZER = wasmtime_bindings._wasmtime_store_epoch_deadline_callback.argtyp
 
 
 class _Ticker:
-    """Bumps an engine's epoch every EPOCH_TICK_S while a killed guest still holds a Store.
+    """Bumps an engine's epoch every EPOCH_TICK_S while a killed guest still holds
+    a Store or a metered guest (CpuMeter) runs.
 
     Asleep otherwise: 20 wake-ups a second, each taking the GIL from the event
     loop, were most of the daemon's idle CPU with a warm wasm pool.
@@ -597,12 +652,12 @@ class _Ticker:
         self._thread.start()
 
     def nudge(self) -> None:
-        """A guest was killed, or a killed guest got its Store: tick until none is left."""
+        """A guest was killed or metered, or such a guest got its Store: tick until none is left."""
         self._nudged.set()
 
-    def _kill_pending(self) -> bool:
+    def _needed(self) -> bool:
         return any(
-            guest.killed.is_set() and guest.engine is self._engine
+            (guest.killed.is_set() or guest.metered) and guest.engine is self._engine
             for guest in list(_epoch_guests.values())
         )
 
@@ -613,7 +668,7 @@ class _Ticker:
                 return
             # Cleared before looking: a kill after the look nudges again.
             self._nudged.clear()
-            while self._kill_pending():
+            while self._needed():
                 self._engine.increment_epoch()
                 if self._stopped.wait(EPOCH_TICK_S):
                     return
@@ -633,10 +688,11 @@ class WasmSandbox(Sandbox):
         loop: asyncio.AbstractEventLoop,
         engine: wasmtime.Engine,
         ticker: _Ticker,
+        cpus: float,
     ) -> None:
         super().__init__(sandbox_id)
         self.scratch: Scratch | None = None  # made by the worker thread
-        self.guest = _Guest(engine, ticker.nudge)
+        self.guest = _Guest(engine, ticker.nudge, cpus)
         self._loop = loop
         # Set as soon as _start returns, before the worker drops the Store.
         self.exited: asyncio.Future[_Outcome] = loop.create_future()
@@ -773,7 +829,7 @@ class WasmBackend:
         if self._engine is None or self._ticker is None:
             raise BackendError("the wasm backend is not started")
         loop = asyncio.get_running_loop()
-        sandbox = WasmSandbox(new_sandbox_id(), loop, self._engine, self._ticker)
+        sandbox = WasmSandbox(new_sandbox_id(), loop, self._engine, self._ticker, self.config.cpus)
         # The loop keeps one end of each pipe; the worker hands the other to
         # wasmtime by its /proc path (no name in the filesystem, no blocking open).
         stdin_r, sandbox.stdin_w = os.pipe()
@@ -974,6 +1030,7 @@ class WasmBackend:
         stdin = request.stdin.encode("utf-8", "surrogatepass")
         try:
             self._send(sandbox, encode_request(request.code, "") + stdin)
+            sandbox.guest.meter()
         except OSError as e:
             raise SandboxLostError(f"sandbox {sandbox.id} did not take its request: {e}") from None
         capture = OutputCapture.with_limit(self.config.max_output_bytes)

@@ -226,6 +226,45 @@ def test_a_busy_guest_runs_in_sched_idle(spawn_daemon: Spawn) -> None:
     assert after[pid][:2] == (SCHED_OTHER, 0)  # the event loop's thread keeps its own
 
 
+CPU_SHARE = 0.25
+CPU_CONFIG = f"""
+[server]
+metrics_address = "off"
+
+[pools.wasm]
+backend = "wasm"
+min_idle = 1
+max_size = 1
+cpus = {CPU_SHARE}
+timeout_s = 30
+max_timeout_s = 30
+"""
+
+
+def test_a_busy_guest_uses_no_more_cpu_than_its_pools_share(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon(CPU_CONFIG)
+    pid = daemon.process.pid
+
+    def spin() -> None:
+        with daemon.client() as client:
+            run(client, "while True: pass", timeout_s=4)
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        time.sleep(1)
+        before, began = task_stats(pid), time.monotonic()
+        time.sleep(2)
+        after, wall = task_stats(pid), time.monotonic() - began
+    finally:
+        spinner.join(timeout=60)
+    busiest = max(after, key=lambda tid: after[tid][2] - before.get(tid, (0, 0, 0))[2])
+    used_s = (after[busiest][2] - before[busiest][2]) / os.sysconf("SC_CLK_TCK")
+    # Unmetered the guest takes a whole core (2 s here); metered, its share
+    # of the wall time, with a tick's slack (the meter pays back per tick).
+    assert 0.05 < used_s <= CPU_SHARE * wall + 0.15, used_s
+
+
 # --- scratch space, as a non-root daemon --------------------------------------------
 
 
