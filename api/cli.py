@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
 from api.client import DEFAULT_SOCKET, ApiError, Client
@@ -22,6 +23,17 @@ from pool.errors import SandpoolError
 EXIT_TIMEOUT = 124
 EXIT_SANDPOOL_ERROR = 125
 EXIT_OOM = 137
+SOCKET_HELP = (
+    "the daemon's Unix socket (default: $SANDPOOL_SOCKET, else /run/sandpool/sandpool.sock)"
+)
+
+
+def version() -> str:
+    """The installed distribution's version, or ``unknown`` when run from a bare tree."""
+    try:
+        return metadata.version("sandpool")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,24 +41,46 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sandpool",
         description="Run untrusted code in warm, locked-down, single-use sandboxes.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"sandpool {version()}",
+        help="print sandpool's version and exit",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    serve.add_argument("--socket", metavar="PATH", help="Unix socket to listen on")
+    serve.add_argument(
+        "--socket", metavar="PATH", help="Unix socket to listen on (overrides server.socket)"
+    )
     serve.add_argument(
         "--metrics-address",
         metavar="HOST:PORT|off",
-        help="where Prometheus scrapes /metrics over TCP",
+        help="TCP address Prometheus scrapes, or off (overrides server.metrics_address)",
     )
-    serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default="auto",
+        help="log lines as JSON or for a terminal (auto: console on a terminal, else JSON)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe level logged (default: info)",
+    )
 
     run = commands.add_parser("run", help="run code through a running daemon")
-    run.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET)
+    run.add_argument(
+        "--socket", metavar="PATH", default=DEFAULT_SOCKET,
+        help=SOCKET_HELP,
+    )
     which = run.add_mutually_exclusive_group()
-    which.add_argument("--pool", metavar="NAME")
-    which.add_argument("-l", "--language", metavar="LANG")
+    which.add_argument("--pool", metavar="NAME", help="the pool to run in (see `sandpool status`)")
+    which.add_argument(
+        "-l", "--language", metavar="LANG",
+        help="python or shell: the daemon picks a pool of that language",
+    )
     run.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is killed")
     run.add_argument(
         "-i",
@@ -61,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     status = commands.add_parser("status", help="show pools and sandbox counts")
-    status.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET)
+    status.add_argument(
+        "--socket", metavar="PATH", default=DEFAULT_SOCKET,
+        help=SOCKET_HELP,
+    )
 
     config = commands.add_parser("config", help="check a configuration file")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -75,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = image_commands.add_parser(
         "build", help="build sandpool/python:bookworm from Debian packages (no registry needed)"
     )
-    build.add_argument("--tag", default="sandpool/python:bookworm")
+    build.add_argument(
+        "--tag", default="sandpool/python:bookworm",
+        help="the tag to build (default: sandpool/python:bookworm)",
+    )
     build.add_argument("--mirror", metavar="URL", help="Debian mirror (default: the host's apt's)")
     build.add_argument(
         "--from",
