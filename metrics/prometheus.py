@@ -1,6 +1,6 @@
 """Every Prometheus metric sandpool exports, recorded through one object.
 
-Names and labels are a contract with dashboards and alerts (issue 4): keep them.
+Names and labels are a contract with dashboards and alerts: keep them.
 Tests build ``Metrics(CollectorRegistry())`` for a private registry.
 """
 

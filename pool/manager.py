@@ -38,8 +38,8 @@ QUIET_WAIT_MAX_S = 1.0
 DESTROY_QUIET_WAIT_MAX_S = 0.02
 # The quiet moment starts this long after the last run ends: its response has
 # still to be written and read, and a spawn or a kill started at once takes the
-# CPU for that (a Docker delete is ~20 ms of dockerd CPU). Docker pool, paced
-# print(1), two A/B rounds: median e2e outside the handler 1.55 -> 1.12 ms.
+# CPU for that (a Docker delete is ~20 ms of dockerd CPU); docs/performance.md
+# has what the pause was measured to save.
 SETTLE_S = 0.002
 
 
