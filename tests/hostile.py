@@ -42,7 +42,7 @@ from typing import Any
 
 from api.client import ApiError, Client
 from pool.uids import SandboxUids
-from tests.conftest import Daemon, docker_containers, free_port, start_daemon, stop_daemon
+from tests.support import Daemon, docker_containers, free_port, start_daemon, stop_daemon
 
 TENANT_RATES = {"python": 1.0, "python-process": 4.0, "python-wasm": 2.0}  # requests/s
 ATTACKER_POOLS = {"python": "hostile", "python-process": "hostile-process",

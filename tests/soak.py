@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from api.client import ApiError
-from tests.conftest import Daemon, docker_containers, start_daemon, stop_daemon
-from tests.test_reliability import restart_dockerd
+from tests.support import Daemon, docker_containers, restart_dockerd, start_daemon, stop_daemon
 
 CONFIG = """
 [server]

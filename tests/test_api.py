@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from api.client import ApiError, Client
-from tests.conftest import DAEMON_CONFIG, Daemon, start_daemon, stop_daemon
+from tests.support import DAEMON_CONFIG, Daemon, start_daemon, stop_daemon
 
 
 class Raw(http.client.HTTPConnection):

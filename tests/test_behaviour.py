@@ -9,22 +9,11 @@ from __future__ import annotations
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
 from api.client import Client
-from tests.conftest import Daemon
-
-PYTHON_POOLS = ["python", "python-process", "python-wasm"]
-# CPython on WASI preview 1 has no processes and no signals (issue 7): tests that
-# need them cannot apply there; test_wasm_backend.py covers that tier's containment.
-WASI_POOLS = frozenset({"python-wasm"})
-
-
-def skip_on_wasi(pool: str, why: str) -> None:
-    if pool in WASI_POOLS:
-        pytest.skip(f"{pool}: {why}")
+from tests.support import PYTHON_POOLS, Daemon, assert_out_of_memory, skip_on_wasi
 
 
 @pytest.fixture(params=PYTHON_POOLS)
@@ -34,18 +23,6 @@ def pool(request: pytest.FixtureRequest) -> str:
 
 def run(client: Client, code: str, pool: str, **options: object) -> dict[str, object]:
     return client.run(textwrap.dedent(code), pool=pool, **options)  # type: ignore[arg-type]
-
-
-def assert_out_of_memory(result: dict[str, Any], pool: str) -> None:
-    """The verdict on code that ran out of memory, as each tier gives it."""
-    if pool in WASI_POOLS:
-        # The store's memory limit refuses the growth inside the guest, and the
-        # host cannot see that refusal (issue 7): the program's own
-        # MemoryError, contained at memory_mb, not a kill.
-        assert (result["exit_code"], result["oom_killed"]) == (1, False)
-        assert str(result["stderr"]).rstrip().endswith("MemoryError")
-    else:
-        assert (result["exit_code"], result["oom_killed"]) == (137, True)
 
 
 def test_print(client: Client, pool: str) -> None:

@@ -17,7 +17,7 @@ from pool.backends.docker import (
 )
 from pool.config import PoolConfig
 from pool.errors import BackendError
-from tests.conftest import docker_containers
+from tests.support import docker_containers
 
 
 def docker(*args: str) -> None:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from api.client import Client
 from pool.uids import SandboxUids
-from tests.conftest import Daemon, docker_containers, host_processes_with, wait_until
+from tests.support import Daemon, docker_containers, host_processes_with, wait_until
 
 
 def run(client: Client, code: str, **options: object) -> dict[str, object]:

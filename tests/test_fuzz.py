@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.client import Client
-from tests.conftest import Daemon
+from tests.support import Daemon
 
 RESULT_KEYS = {
     "exit_code", "stdout", "stderr", "timed_out", "oom_killed", "stdout_truncated",

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from metrics import Metrics
-from tests.test_observability import METRIC_NAMES
+from tests.support import METRIC_NAMES
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "metrics" / "grafana-dashboard.json"
 DATASOURCE_UID = "${DS_PROMETHEUS}"
@@ -29,7 +29,7 @@ SERIES_SUFFIXES = {
     "counter": ("_total",),
     "gauge": ("",),
 }
-# The names in issue 4's table (tests/test_observability.py keeps the one list),
+# The names in issue 4's table (tests/support.py keeps the one list),
 # as metric families: a counter's family has no _total.
 ISSUE_METRICS = tuple(name.removesuffix("_total") for name in METRIC_NAMES)
 

@@ -12,22 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, free_port, start_daemon, stop_daemon
+from tests.support import METRIC_NAMES, Daemon, free_port, start_daemon, stop_daemon
 
-METRIC_NAMES = [
-    "sandpool_request_duration_seconds",
-    "sandpool_acquire_wait_seconds",
-    "sandpool_execution_duration_seconds",
-    "sandpool_sandbox_start_duration_seconds",
-    "sandpool_sandbox_destroy_duration_seconds",
-    "sandpool_sandboxes",
-    "sandpool_queue_waiters",
-    "sandpool_requests_total",
-    "sandpool_oom_kills_total",
-    "sandpool_timeouts_total",
-    "sandpool_sandbox_start_failures_total",
-    "sandpool_build_info",
-]
 SECRET = "s3cr3t-user-output-7f1c"
 
 

@@ -27,7 +27,7 @@ from pool.backends.process import ProcessBackend, ProcessSandbox
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.uids import SandboxUids
-from tests.conftest import start_daemon, stop_daemon
+from tests.support import start_daemon, stop_daemon
 
 POOL = "python-process"
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from api.client import ApiError
-from tests.conftest import Daemon, docker_containers, start_daemon, stop_daemon
+from tests.support import Daemon, docker_containers, restart_dockerd, start_daemon, stop_daemon
 
 Spawn = Callable[..., Daemon]
 
@@ -319,41 +319,3 @@ def recovered(client: Any) -> bool:
         return bool(client.run("print('back')", pool="p")["stdout"] == "back\n")
     except ApiError:
         return False
-
-
-def no_container_starting() -> bool:
-    """True when no sandpool container is in Docker's "created" state twice, 0.3 s apart."""
-    for _ in range(2):
-        created = subprocess.run(
-            ["docker", "ps", "-aq", "--filter", "label=sandpool.pool", "--filter",
-             "status=created"], capture_output=True, text=True, timeout=30,
-        ).stdout.split()
-        if created:
-            return False
-        time.sleep(0.3)
-    return True
-
-
-def restart_dockerd(during: Callable[[], None]) -> None:
-    """Stop the engine, run ``during``, start it again the way `make` does."""
-    repo = Path(__file__).parent.parent
-    pids = subprocess.run(["pidof", "dockerd"], capture_output=True, text=True).stdout.split()
-    assert pids, "dockerd is not running"
-    # A container whose start dockerd's shutdown cuts short keeps its overlay
-    # mounted after the restart, and no `docker rm` removes it any more (Docker
-    # 20.10): wait until no sandbox of any daemon here is being started.
-    wait_for(no_container_starting, timeout_s=60, what="sandbox starts to finish")
-    systemd = Path("/proc/1/comm").read_text().strip() == "systemd"
-    try:
-        if systemd:
-            subprocess.run(["systemctl", "stop", "docker.socket", "docker"], check=True,
-                           timeout=120)
-        else:
-            for pid in pids:
-                os.kill(int(pid), signal.SIGTERM)
-            wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in pids),
-                     timeout_s=60, what="dockerd to stop")
-        during()
-    finally:
-        subprocess.run(["bash", str(repo / "scripts" / "ensure-docker.sh")], check=True,
-                       timeout=180, cwd=repo)

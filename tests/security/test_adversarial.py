@@ -5,7 +5,7 @@ that the host is untouched (its files, processes, network, containers), that the
 daemon still serves, and that the next request gets a clean sandbox.
 
 One dedicated daemon serves the whole module. It runs the shared test config
-(``tests.conftest.DAEMON_CONFIG``, so the pool names track ``PYTHON_POOLS``) and
+(``tests.support.DAEMON_CONFIG``, so the pool names track ``PYTHON_POOLS``) and
 has a secret in its environment, so that every read of ``/proc`` can be checked
 for it. Cases that apply to any backend are parametrized over ``PYTHON_POOLS``;
 a backend a case cannot apply to is skipped with the reason. Every sandbox id the
@@ -38,15 +38,18 @@ from api.client import Client
 from pool.config import PoolConfig
 from pool.seccomp import POLICY
 from pool.uids import SandboxUids
-from tests.conftest import (
+from tests.support import (
     DAEMON_CONFIG,
+    PYTHON_POOLS,
+    WASI_POOLS,
     Daemon,
+    assert_out_of_memory,
     host_processes_with,
+    skip_on_wasi,
     start_daemon,
     stop_daemon,
     wait_until,
 )
-from tests.test_behaviour import PYTHON_POOLS, WASI_POOLS, assert_out_of_memory
 
 pytestmark = pytest.mark.docker
 
@@ -58,11 +61,6 @@ SANDBOX_UID = 65534
 # request's path: wait this long for it, polling.
 CLEANUP_WAIT_S = 30.0
 NO_PROCESSES = "WASI has no processes, signals or ctypes"
-
-
-def skip_on_wasi(pool: str, why: str) -> None:
-    if pool in WASI_POOLS:
-        pytest.skip(f"{pool}: {why}")
 
 
 def is_sandbox_id(ids: set[str], pool: str) -> bool:

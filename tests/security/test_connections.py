@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from api.client import Client
-from tests.conftest import Daemon, free_port, start_daemon, stop_daemon
+from tests.support import Daemon, free_port, start_daemon, stop_daemon
 
 Spawn = Callable[..., Daemon]
 NOBODY = 65534

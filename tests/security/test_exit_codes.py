@@ -14,7 +14,7 @@ import pytest
 
 from api.client import Client
 from pool.protocol import ProtocolViolation, decode_exit
-from tests.test_behaviour import PYTHON_POOLS, WASI_POOLS
+from tests.support import PYTHON_POOLS, WASI_POOLS
 
 pytestmark = pytest.mark.docker
 

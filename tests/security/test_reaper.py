@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import Daemon, docker_containers
+from tests.support import Daemon, docker_containers
 
 pytestmark = pytest.mark.docker
 

@@ -17,7 +17,7 @@ from api.client import Client
 from pool.config import parse_config
 from pool.errors import ConfigError
 from pool.uids import SandboxUids
-from tests.conftest import Daemon
+from tests.support import Daemon
 
 pytestmark = pytest.mark.docker
 

@@ -40,7 +40,7 @@ import pytest
 
 from api.client import ApiError, Client
 from pool.backends import wasm
-from tests.conftest import Daemon, start_daemon, stop_daemon
+from tests.support import Daemon, start_daemon, stop_daemon
 
 Spawn = Callable[..., Daemon]
 

@@ -1,0 +1,368 @@
+"""What the tests, the soak, the hostile run and the benchmark share: no fixtures, no tests.
+
+The daemon launcher starts ``python -m api.cli serve`` as a subprocess, exactly
+as users start it, and waits until every pool is warm. The daemon's containers
+carry ``sandpool.instance=<id>``; ``stop_daemon`` asserts that none is left.
+Fixtures built on these live in conftest.py; test files import from here and
+never from one another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.client import ApiError, Client
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+# The wasm pool compiles its module once (6-20 s) and Docker starts queue on a
+# busy host: the time from exec to every pool at min_idle.
+READY_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 60.0
+
+DAEMON_CONFIG = """
+[server]
+metrics_address = "off"
+max_request_bytes = 262144
+shutdown_timeout_s = 10
+
+[pools.python]
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+acquire_timeout_s = 30
+
+[pools.shell]
+language = "shell"
+min_idle = 1
+max_size = 2
+timeout_s = 5
+
+[pools.python-process]
+backend = "process"
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
+[pools.python-wasm]
+backend = "wasm"
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
+[pools.tiny]
+min_idle = 0
+max_size = 1
+max_queue = 1
+acquire_timeout_s = 5
+max_output_bytes = 4096
+"""
+
+# The Python pools of DAEMON_CONFIG, one per backend: tests that any sandbox
+# must pass are parametrized over them.
+PYTHON_POOLS = ["python", "python-process", "python-wasm"]
+# CPython on WASI preview 1 has no processes and no signals: tests that need
+# them cannot apply there; test_wasm_backend.py covers that tier's containment.
+WASI_POOLS = frozenset({"python-wasm"})
+
+# Every metric family sandpool exports, as Prometheus names the series.
+METRIC_NAMES = [
+    "sandpool_request_duration_seconds",
+    "sandpool_acquire_wait_seconds",
+    "sandpool_execution_duration_seconds",
+    "sandpool_sandbox_start_duration_seconds",
+    "sandpool_sandbox_destroy_duration_seconds",
+    "sandpool_sandboxes",
+    "sandpool_queue_waiters",
+    "sandpool_requests_total",
+    "sandpool_oom_kills_total",
+    "sandpool_timeouts_total",
+    "sandpool_sandbox_start_failures_total",
+    "sandpool_build_info",
+]
+
+
+class DaemonFailed(AssertionError):
+    """The daemon exited before it was ready, was not ready in time, or ignored SIGTERM.
+
+    An AssertionError, so a test that starts a daemon fails rather than errs;
+    the message carries the tail of the daemon's log.
+    """
+
+
+@dataclass
+class Daemon:
+    """A running ``sandpool serve`` subprocess and the files it was started with."""
+
+    process: subprocess.Popen[bytes]
+    socket: str
+    log_path: Path
+    instance_id: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def client(self, timeout_s: float = 60) -> Client:
+        return Client(self.socket, timeout_s=timeout_s)
+
+    def pools(self) -> list[dict[str, Any]]:
+        with self.client() as client:
+            return client.pools()
+
+    def rss_kib(self) -> int:
+        """VmRSS of the daemon process."""
+        return self.status_field("VmRSS:")
+
+    def status_field(self, name: str) -> int:
+        """A ``kB`` or count field of /proc/<pid>/status (``VmRSS:``, ``Threads:``)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(name):
+                return int(line.split()[1])
+        raise AssertionError(f"no {name} in /proc/{self.pid}/status")
+
+    def log_events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def launch_daemon(
+    workdir: Path,
+    config: str = DAEMON_CONFIG,
+    env: dict[str, str] | None = None,
+    command_prefix: Sequence[str] = (),
+    code_dir: Path = REPOSITORY,
+) -> Daemon:
+    """Write ``config`` to ``workdir`` and exec the daemon there; does not wait for it.
+
+    The socket and the JSON log (stdout and stderr) are ``workdir``'s
+    ``sandpool.sock`` and ``daemon.log``. ``command_prefix`` runs the daemon
+    under another command (e.g. ``setpriv`` to run it as another user), which
+    must exec it: ``process.pid`` is then that command's. ``code_dir`` is the
+    working directory, so ``python -m`` imports that tree's ``api`` and ``pool``
+    first (another checkout, to compare).
+    """
+    config_path = workdir / "sandpool.toml"
+    config_path.write_text(textwrap.dedent(config))
+    socket_path = workdir / "sandpool.sock"
+    log_path = workdir / "daemon.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*command_prefix, sys.executable, "-m", "api.cli", "serve",
+             "--config", str(config_path), "--socket", str(socket_path), "--log-format", "json"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=code_dir,
+        )
+    return Daemon(process, str(socket_path), log_path, instance_id="")
+
+
+def wait_started(daemon: Daemon, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until the daemon logged its instance id and every pool has ``min_idle`` idle.
+
+    Raises DaemonFailed if it exits first or is not ready within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if daemon.process.poll() is not None:
+            raise DaemonFailed(f"the daemon exited with {daemon.process.returncode} before it "
+                               f"was ready:\n{daemon.log_tail()}")
+        if not daemon.instance_id:
+            daemon.instance_id = instance_from_log(daemon.log_path)
+        else:
+            try:
+                if all(p["idle"] >= p["min_idle"] for p in daemon.pools()):
+                    return
+            except ApiError:
+                pass  # not listening yet: the socket comes up once the pools are warm
+        time.sleep(0.05)
+    raise DaemonFailed(f"the daemon was not ready within {timeout_s:g} s:\n{daemon.log_tail()}")
+
+
+def instance_from_log(log_path: Path) -> str:
+    """The instance id the daemon logs as it starts; "" until then.
+
+    Lines that are not JSON (an interpreter's traceback before logging is set
+    up) are skipped.
+    """
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("instance"):
+            return str(event["instance"])
+    return ""
+
+
+def start_daemon(
+    workdir: Path,
+    config: str = DAEMON_CONFIG,
+    env: dict[str, str] | None = None,
+    command_prefix: Sequence[str] = (),
+    code_dir: Path = REPOSITORY,
+) -> Daemon:
+    """``launch_daemon`` then ``wait_started``: a daemon whose pools are warm.
+
+    Raises DaemonFailed (an AssertionError) if it exits or is not ready in time.
+    """
+    daemon = launch_daemon(workdir, config, env, command_prefix, code_dir)
+    try:
+        wait_started(daemon)
+    except DaemonFailed:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+        raise
+    return daemon
+
+
+def terminate_daemon(daemon: Daemon, timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """SIGTERM (unless it has exited) and wait; returns the exit status.
+
+    Raises DaemonFailed if SIGTERM did not end it within ``timeout_s``; it has
+    been SIGKILLed by then, so ``process.returncode`` is set.
+    """
+    if daemon.process.poll() is None:
+        daemon.process.send_signal(signal.SIGTERM)
+        try:
+            daemon.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()
+            raise DaemonFailed(
+                f"the daemon did not stop within {timeout_s:g} s of SIGTERM") from None
+    return daemon.process.returncode
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    """SIGTERM, expect exit 0, and assert the daemon left no container and no socket behind.
+
+    A daemon that had already exited (a test killed it) is only checked for leftovers.
+    """
+    if daemon.process.poll() is None:
+        code = terminate_daemon(daemon)
+        assert code == 0, daemon.log_tail()
+    leftovers = docker_containers(f"sandpool.instance={daemon.instance_id}")
+    if leftovers:
+        subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True, timeout=60)
+    assert leftovers == [], f"containers left behind: {leftovers}"
+    assert not os.path.exists(daemon.socket), "socket file left behind"
+
+
+def docker_containers(label: str) -> list[str]:
+    """Ids of the containers, running or not, that carry ``label`` (``key=value``)."""
+    out = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label={label}"],
+        check=True, capture_output=True, text=True, timeout=30,
+    )
+    return out.stdout.split()
+
+
+def no_container_starting() -> bool:
+    """True when no sandpool container is in Docker's "created" state twice, 0.3 s apart."""
+    for _ in range(2):
+        created = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", "label=sandpool.pool", "--filter",
+             "status=created"], capture_output=True, text=True, timeout=30,
+        ).stdout.split()
+        if created:
+            return False
+        time.sleep(0.3)
+    return True
+
+
+def restart_dockerd(during: Callable[[], None]) -> None:
+    """Stop the engine, run ``during``, start it again the way `make` does."""
+    pids = subprocess.run(["pidof", "dockerd"], capture_output=True, text=True).stdout.split()
+    assert pids, "dockerd is not running"
+    # A container whose start dockerd's shutdown cuts short keeps its overlay
+    # mounted after the restart, and no `docker rm` removes it any more (Docker
+    # 20.10): wait until no sandbox of any daemon here is being started.
+    wait_until(no_container_starting, "sandbox starts to finish", timeout_s=60)
+    systemd = Path("/proc/1/comm").read_text().strip() == "systemd"
+    try:
+        if systemd:
+            subprocess.run(["systemctl", "stop", "docker.socket", "docker"], check=True,
+                           timeout=120)
+        else:
+            for pid in pids:
+                os.kill(int(pid), signal.SIGTERM)
+            wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pids),
+                       "dockerd to stop", timeout_s=60)
+        during()
+    finally:
+        subprocess.run(["bash", str(REPOSITORY / "scripts" / "ensure-docker.sh")], check=True,
+                       timeout=180, cwd=REPOSITORY)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` every 50 ms; AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout_s:g} s: {what}")
+        time.sleep(0.05)
+
+
+def host_processes_with(marker: str) -> list[int]:
+    """Host pids whose command line contains the marker (sandboxed ones included)."""
+    needle = marker.encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue  # exited while we looked
+    return found
+
+
+def skip_on_wasi(pool: str, why: str) -> None:
+    if pool in WASI_POOLS:
+        pytest.skip(f"{pool}: {why}")
+
+
+def assert_out_of_memory(result: dict[str, Any], pool: str) -> None:
+    """The verdict on code that ran out of memory, as each tier gives it."""
+    if pool in WASI_POOLS:
+        # The store's memory limit refuses the growth inside the guest, and the
+        # host cannot see that refusal: the program's own MemoryError,
+        # contained at memory_mb, not a kill.
+        assert (result["exit_code"], result["oom_killed"]) == (1, False)
+        assert str(result["stderr"]).rstrip().endswith("MemoryError")
+    else:
+        assert (result["exit_code"], result["oom_killed"]) == (137, True)
