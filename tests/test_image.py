@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from pool import image
 from pool.image import (
     BUILD_DIR_PREFIX,
     DEFAULT_TAG,
@@ -27,7 +26,9 @@ from pool.image import (
     build_image,
     host_debian_mirror,
     image_is_current,
+    recipe,
 )
+from pool.image.debootstrap import debootstrap_failure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER_TIMEOUT_S = 60.0
@@ -169,7 +170,7 @@ async def test_changed_recipe_makes_the_image_stale(
 ) -> None:
     assert await image_is_current(sandbox_image)
 
-    monkeypatch.setattr(image, "RECIPE_VERSION", f"{RECIPE_VERSION}-next")
+    monkeypatch.setattr(recipe, "RECIPE_VERSION", f"{RECIPE_VERSION}-next")
 
     assert not await image_is_current(sandbox_image)
 
@@ -349,3 +350,26 @@ Components: main restricted universe
     )
 
     assert host_debian_mirror(tmp_path / "sources.list", sources_dir) is None
+
+
+def test_recipe_is_current_only_with_this_recipes_label() -> None:
+    def inspected(labels: dict[str, str] | None) -> dict[str, object]:
+        return {"Id": "sha256:0", "Config": {"Labels": labels}}
+
+    assert recipe.is_current(inspected({RECIPE_LABEL: RECIPE_VERSION}))
+    assert not recipe.is_current(inspected({RECIPE_LABEL: f"{RECIPE_VERSION}-old"}))
+    assert not recipe.is_current(inspected(None))
+    assert not recipe.is_current({"Id": "sha256:0", "Config": None})
+    assert not recipe.is_current(None)
+
+
+def test_debootstrap_failures_read_as_one_reason() -> None:
+    mirror = "http://mirror.example/debian"
+
+    unreachable = "I: Retrieving InRelease\nE: Failed getting release file http://..."
+    assert debootstrap_failure(unreachable, 1, mirror) == f"cannot reach mirror {mirror}"
+    unsigned = "E: Release signed by unknown key (key id 6ED0E7B82643E131)"
+    assert debootstrap_failure(unsigned, 1, mirror).startswith("cannot verify the bookworm")
+    other = "E: first problem\nI: more\nE: Couldn't find   these debs:\n python3"
+    assert debootstrap_failure(other, 1, mirror) == "Couldn't find these debs:"
+    assert debootstrap_failure("I: nothing useful\n", 2, mirror) == "exit status 2"

@@ -1,0 +1,12 @@
+"""``python -m pool.image build [--tag TAG] [--mirror URL] [--from IMAGE] [--force]``.
+
+The same command, parser and error handling as ``sandpool image build``: this only
+puts ``image`` in front of the arguments, so the two cannot drift apart.
+"""
+
+import sys
+
+from api.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["image", *sys.argv[1:]]))
