@@ -34,11 +34,15 @@ def remove_build_dir(build_dir: Path) -> str | None:
     not hide the error that got us there. Never deletes through a mount point, so a
     /proc or /dev that debootstrap left mounted cannot take host files with it.
     """
-    for mount_point in sorted(mount_points_under(build_dir), key=len, reverse=True):
-        # A failure shows as a mount point still there, below.
-        with contextlib.suppress(OSError):
-            detach(mount_point)
-    still_mounted = mount_points_under(build_dir)
+    try:
+        for mount_point in sorted(mount_points_under(build_dir), key=len, reverse=True):
+            # A failure shows as a mount point still there, below.
+            with contextlib.suppress(OSError):
+                detach(mount_point)
+        still_mounted = mount_points_under(build_dir)
+    except OSError as err:
+        # Without the mount table, deleting could reach through a mount point.
+        return f"could not read the mount table ({err}); remove {build_dir} by hand"
     if still_mounted:
         return f"could not unmount {still_mounted[0]}; unmount it and remove {build_dir}"
     try:
