@@ -1,8 +1,13 @@
-"""The HTTP/JSON API on a Unix socket (aiohttp), and /metrics over TCP.
+"""The HTTP wiring of the API on a Unix socket (aiohttp), and /metrics over TCP.
 
 The API knows pools, not backends: request -> api -> pool -> backend -> result -> api.
-Every error is a JSON body ``{"error": {"code", "message"}}`` with a stable code;
-no client input produces a 5xx or a stack trace.
+What a body holds is ``api/schema.py``'s; this module owns routes, listeners, the
+peer check, status codes and the drain. Every error is a JSON body
+``{"error": {"code", "message"}}`` with a stable code; no client input produces a
+5xx or a stack trace.
+
+``ApiServer.start()`` is where the daemon starts listening (``api/daemon.py``'s
+``serve`` calls it once every pool is warm).
 """
 
 from __future__ import annotations
@@ -10,16 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
-import math
 import os
 import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Protocol
 
 import structlog
 from aiohttp import web
@@ -33,6 +35,7 @@ from api.connections import (
     http_server_logger,
     mark_request_started,
 )
+from api.schema import decode_json_object, parse_run, pool_summary, result_body
 from metrics import Metrics
 from pool.backends.base import RunRequest, RunResult
 from pool.config import Config, PoolConfig, ServerConfig, parse_address
@@ -40,14 +43,12 @@ from pool.errors import (
     BadRequestError,
     SandpoolError,
     UnavailableError,
-    UnknownPoolError,
     UnsupportedMediaTypeError,
 )
-from pool.manager import Pool
+from pool.manager import PoolRun
 
 log = structlog.get_logger("sandpool.api")
 
-RUN_FIELDS = frozenset({"code", "language", "pool", "stdin", "timeout_s"})
 LISTEN_BACKLOG = 128  # aiohttp's default: connections the kernel queues before accept()
 _HTTP_CODES = {
     400: "invalid_request",
@@ -92,10 +93,17 @@ async def json_errors(
         return error_response(e.status, code, message)
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedRun:
-    pool: Pool[Any]
-    request: RunRequest
+class ServedPool(Protocol):
+    """What the API uses of a pool (``pool.manager.Pool`` of any backend): never its backend."""
+
+    name: str
+    config: PoolConfig
+
+    async def run(self, request: RunRequest) -> PoolRun: ...
+
+    async def ready(self) -> bool: ...
+
+    def counts(self) -> dict[str, int]: ...
 
 
 class ApiServer:
@@ -108,16 +116,17 @@ class ApiServer:
     def __init__(
         self,
         config: Config,
-        pools: Mapping[str, Pool[Any]],
+        pools: Mapping[str, ServedPool],
         metrics: Metrics,
         force_exit: asyncio.Event | None = None,
     ) -> None:
         self.config = config
         self.force_exit = force_exit  # set by a second signal: skip the drain
-        self.pools = pools
+        self.pools = pools  # fixed for the server's lifetime, keyed by pool name
+        self._pool_configs = {name: pool.config for name, pool in pools.items()}
         self.metrics = metrics
         self.socket_path = config.server.socket
-        self._runs: set[asyncio.Task[Any]] = set()  # handlers of /v1/run in flight
+        self._runs: set[asyncio.Task[object]] = set()  # handlers of /v1/run in flight
         self._draining = False
         self._runners: list[web.AppRunner] = []
         self._listeners: list[asyncio.Server] = []
@@ -128,6 +137,7 @@ class ApiServer:
     # --- lifecycle ---------------------------------------------------------
 
     def make_app(self) -> web.Application:
+        """The run API's aiohttp application: its routes and error middleware, no listener."""
         app = web.Application(
             middlewares=[mark_request_started, json_errors],
             client_max_size=self.config.server.max_request_bytes,
@@ -230,7 +240,7 @@ class ApiServer:
         self._listeners.clear()
         if self._runs:
             log.info("draining", in_flight=len(self._runs))
-            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.wait(self._runs))]
+            waits: list[asyncio.Task[object]] = [asyncio.ensure_future(asyncio.wait(self._runs))]
             if self.force_exit is not None:
                 waits.append(asyncio.ensure_future(self.force_exit.wait()))
             await asyncio.wait(
@@ -277,8 +287,8 @@ class ApiServer:
             raise BadRequestError(
                 "the request body did not arrive in time", code="body_timeout"
             ) from None
-        parsed = self.parse_run(body)
-        pool = parsed.pool
+        parsed = parse_run(body, self._pool_configs)
+        pool = self.pools[parsed.pool]
         task = asyncio.current_task()
         assert task is not None
         self._runs.add(task)
@@ -320,50 +330,9 @@ class ApiServer:
             result_body(result, pool.name, run.sandbox_id, run.acquire_wait_s)
         )
 
-    def parse_run(self, body: dict[str, Any]) -> ParsedRun:
-        """Validate a /v1/run body. Raises BadRequestError or UnknownPoolError."""
-        unknown = sorted(set(body) - RUN_FIELDS)
-        if unknown:
-            raise BadRequestError(
-                f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(RUN_FIELDS))})",
-                code="unknown_field",
-            )
-        code = body.get("code")
-        if code is None:
-            raise BadRequestError("the field 'code' is required", code="missing_code")
-        _require_str(body, "code")
-        stdin = _require_str(body, "stdin") if "stdin" in body else ""
-        pool = self.choose_pool(body)
-        timeout_s = pool.config.timeout_s
-        if "timeout_s" in body:
-            timeout_s = _timeout(body["timeout_s"], pool.config)
-        return ParsedRun(pool=pool, request=RunRequest(code=code, stdin=stdin, timeout_s=timeout_s))
-
-    def choose_pool(self, body: Mapping[str, Any]) -> Pool[Any]:
-        """``pool`` wins over ``language``; with neither, the pool named "python"."""
-        if "pool" in body:
-            name = _require_str(body, "pool")
-            if name not in self.pools:
-                raise UnknownPoolError(f"no pool named {name!r}")
-            return self.pools[name]
-        if "language" in body:
-            language = _require_str(body, "language")
-            if language in self.pools and self.pools[language].config.language == language:
-                return self.pools[language]
-            for pool in self.pools.values():
-                if pool.config.language == language:
-                    return pool
-            known = sorted({p.config.language for p in self.pools.values()})
-            raise BadRequestError(
-                f"no pool runs language {language!r} (available: {', '.join(known)})",
-                code="unknown_language",
-            )
-        if "python" not in self.pools:
-            raise UnknownPoolError("no pool named 'python'; name one with the 'pool' field")
-        return self.pools["python"]
-
     async def handle_pools(self, request: web.Request) -> web.Response:
-        return web.json_response({"pools": [pool_summary(p) for p in self.pools.values()]})
+        summaries = [pool_summary(p.config, p.counts()) for p in self.pools.values()]
+        return web.json_response({"pools": summaries})
 
     async def handle_healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -378,7 +347,7 @@ class ApiServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def log_after_response(**fields: Any) -> None:
+def log_after_response(**fields: object) -> None:
     """Log the ``request`` event once the response is on its way, not before.
 
     Rendering the line costs ~0.1 ms; run as a callback after the handler's
@@ -387,25 +356,12 @@ def log_after_response(**fields: Any) -> None:
     asyncio.get_running_loop().call_soon(partial(log.info, "request", **fields))
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
+async def read_json_object(request: web.Request) -> dict[str, object]:
     """The request body as a JSON object; every way it can be wrong is a 4xx."""
     content_type = request.headers.get("Content-Type")
     if content_type is not None and request.content_type != "application/json":
         raise UnsupportedMediaTypeError("the request body must be application/json")
-    raw = await request.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequestError(
-            "the request body is not valid UTF-8", code="invalid_encoding"
-        ) from None
-    try:
-        body = json.loads(text, parse_int=_parse_int)
-    except (ValueError, RecursionError):
-        raise BadRequestError("the request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequestError("the request body must be a JSON object", code="invalid_request")
-    return body
+    return decode_json_object(await request.read())
 
 
 def warn_if_caps_near_fd_limit(server: ServerConfig) -> None:
@@ -430,53 +386,12 @@ def is_peer_allowed(server: ServerConfig, peer: PeerCredentials) -> bool:
     return peer.uid == 0 or peer.uid in server.allowed_uids or peer.gid in server.allowed_gids
 
 
-def _parse_int(literal: str) -> int | float:
-    # Python refuses int() of more than 4300 digits; such a number is valid JSON
-    # and only ever out of range here, so let it become a float (inf if need be).
-    try:
-        return int(literal)
-    except ValueError:
-        return float(literal)
-
-
 def result_outcome(result: RunResult) -> str:
     if result.oom_killed:
         return "oom"
     if result.timed_out:
         return "timeout"
     return "ok"
-
-
-def result_body(
-    result: RunResult, pool: str, sandbox_id: str, acquire_wait_s: float
-) -> dict[str, Any]:
-    return {
-        "exit_code": result.exit_code,
-        "stdout": result.stdout.decode("utf-8", "replace"),
-        "stderr": result.stderr.decode("utf-8", "replace"),
-        "timed_out": result.timed_out,
-        "oom_killed": result.oom_killed,
-        "stdout_truncated": result.stdout_truncated,
-        "stderr_truncated": result.stderr_truncated,
-        "duration_ms": round(result.execution_s * 1000, 3),
-        "queued_ms": round(acquire_wait_s * 1000, 3),
-        "pool": pool,
-        "sandbox_id": sandbox_id,
-    }
-
-
-def pool_summary(pool: Pool[Any]) -> dict[str, Any]:
-    counts = pool.counts()
-    return {
-        "name": pool.name,
-        "backend": pool.config.backend,
-        "language": pool.config.language,
-        "idle": counts["idle"],
-        "busy": counts["busy"],
-        "starting": counts["starting"],
-        "min_idle": pool.config.min_idle,
-        "max_size": pool.config.max_size,
-    }
 
 
 def prepare_socket_path(path: str) -> None:
@@ -499,26 +414,3 @@ def prepare_socket_path(path: str) -> None:
     finally:
         probe.close()
     os.unlink(path)
-
-
-def _require_str(body: Mapping[str, Any], key: str) -> str:
-    value = body[key]
-    if not isinstance(value, str):
-        raise BadRequestError(f"the field {key!r} must be a string", code="invalid_type")
-    return value
-
-
-def _timeout(value: Any, pool: PoolConfig) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequestError("the field 'timeout_s' must be a number", code="invalid_timeout")
-    try:
-        seconds = float(value)
-    except OverflowError:  # an integer beyond the float range
-        seconds = math.inf
-    if not math.isfinite(seconds) or not 0 < seconds <= pool.max_timeout_s:
-        raise BadRequestError(
-            f"timeout_s must be greater than 0 and at most {pool.max_timeout_s:g} "
-            f"for pool {pool.name!r}",
-            code="invalid_timeout",
-        )
-    return seconds
