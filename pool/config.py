@@ -1,9 +1,12 @@
 """sandpool's configuration: frozen dataclasses loaded from TOML and validated once.
 
-With no file, the default configuration has two Docker pools, ``python`` and
-``shell``. A file overrides: a ``[server]`` table and one ``[pools.<name>]``
-table per pool (a file that names pools replaces the default pools). Every
-unknown key and bad value is rejected at load with the key's dotted name.
+With no file, the default configuration (``default_pools``) has up to four pools:
+``python`` and ``shell`` on Docker, ``python-process`` on bubblewrap (only where
+``bwrap`` is installed and the daemon runs as root) and ``python-wasm``. A file
+overrides: a ``[server]`` table and one ``[pools.<name>]`` table per pool (a file
+that names pools replaces the default pools). Every unknown key and bad value is
+rejected at load with the key's dotted name, and so is a key that only another
+backend reads (``BACKEND_ONLY_KEYS``).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ class PoolConfig:
     name: str
     backend: BackendName = "docker"
     language: Language = "python"
-    image: str = DEFAULT_IMAGE
-    runtime: str | None = None  # e.g. "runsc" where gVisor is installed
+    image: str = DEFAULT_IMAGE  # docker backend
+    runtime: str | None = None  # docker backend: e.g. "runsc" where gVisor is installed
     wasm_module: str | None = None  # wasm backend: another CPython WASI build than the pinned one
     # wasm backend: files and directories one guest may hold open (each costs the daemon an fd).
     wasm_max_open_files: int = 256
@@ -49,10 +52,10 @@ class PoolConfig:
     max_queue: int = 64
     acquire_timeout_s: float = 30.0
     # Each create+start costs ~130 ms of dockerd CPU on 2 cores: two at a time
-    # keeps refills from starving requests (issue 3).
+    # keeps refills from starving requests.
     start_concurrency: int = 2
     memory_mb: int = 128
-    pids_limit: int = 64
+    pids_limit: int = 64  # docker and process backends: a wasm guest has no processes
     cpus: float = 0.5
     tmpfs_mb: int = 16
     timeout_s: float = 10.0
@@ -94,6 +97,25 @@ class PoolConfig:
             raise ConfigError(f"{where}.image must not be empty")
 
 
+# Pool keys that only some backends read, with the backends that do (the Docker
+# container definition, the process tier's cgroup and rlimits, the wasm
+# backend's module and fd budget). A pool of any other backend refuses such a
+# key at load rather than ignore it: a limit nothing enforces must not look set.
+# Keys not listed here apply to every backend.
+BACKEND_ONLY_KEYS: Mapping[str, tuple[BackendName, ...]] = {
+    "image": ("docker",),
+    "runtime": ("docker",),
+    "wasm_module": ("wasm",),
+    "wasm_max_open_files": ("wasm",),
+    "pids_limit": ("docker", "process"),
+}
+
+
+def applies_to(key: str, backend: BackendName) -> bool:
+    """Whether a pool of ``backend`` reads ``key`` (see BACKEND_ONLY_KEYS)."""
+    return backend in BACKEND_ONLY_KEYS.get(key, (backend,))
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     socket: str = DEFAULT_SOCKET
@@ -102,7 +124,7 @@ class ServerConfig:
     max_request_bytes: int = 1024 * 1024
     max_concurrent_requests: int = 256
     shutdown_timeout_s: float = 30.0
-    body_timeout_s: float = 10.0  # a client that stalls mid-body gets 408
+    body_timeout_s: float = 10.0  # a client that stalls mid-body gets 400 body_timeout
     # Besides the socket's file mode, SO_PEERCRED must show one of these uids or
     # gids (root is always allowed); both empty means the file mode decides alone.
     allowed_uids: tuple[int, ...] = ()
@@ -174,11 +196,12 @@ class Config:
                 f"{needed} sandboxes the docker and process pools may hold at once"
             )
 
-    def pool(self, name: str) -> PoolConfig | None:
-        return next((p for p in self.pools if p.name == name), None)
-
     def replace_server(self, **changes: Any) -> Config:
-        """A copy with server settings changed (command-line flags), validated."""
+        """A copy with server settings changed (command-line flags), validated.
+
+        Each value is of its own field's type, which no single annotation states
+        (hence ``Any``). Raises ConfigError naming the setting.
+        """
         server = dataclasses.replace(self.server, **changes)
         server.validate()
         return dataclasses.replace(self, server=server)
@@ -193,7 +216,7 @@ def default_pools() -> tuple[PoolConfig, ...]:
     # a daemon without a config file (`make run`) can make when it runs as root.
     if shutil.which("bwrap") and os.geteuid() == 0:
         pools += (PoolConfig(name="python-process", backend="process", min_idle=2, max_size=8),)
-    # wasmtime and the CPython WASI build are runtime dependencies (issue 7).
+    # wasmtime and the CPython WASI build are runtime dependencies.
     pools += (PoolConfig(name="python-wasm", backend="wasm", min_idle=2, max_size=4),)
     return pools
 
@@ -215,7 +238,7 @@ def load_config(path: str | Path | None) -> Config:
     return parse_config(document)
 
 
-def parse_config(document: Mapping[str, Any]) -> Config:
+def parse_config(document: Mapping[str, object]) -> Config:
     """Validate an already-parsed TOML document."""
     _reject_unknown("", document, {"server", "pools"})
     server_table = _table(document, "server")
@@ -228,6 +251,7 @@ def parse_config(document: Mapping[str, Any]) -> Config:
             raise ConfigError(f"pools.{name} must be a table")
         pool = PoolConfig(name=name, **_fields(PoolConfig, table, f"pools.{name}", skip={"name"}))
         pool.validate()
+        _reject_other_backends_keys(pool, table)
         pools.append(pool)
     config = Config(server=server, pools=tuple(pools) or default_pools())
     config.validate()
@@ -241,27 +265,44 @@ def parse_address(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _table(document: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+def _table(document: Mapping[str, object], key: str) -> Mapping[str, object]:
     value = document.get(key, {})
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key} must be a table")
     return value
 
 
-def _reject_unknown(where: str, table: Mapping[str, Any], known: set[str]) -> None:
+def _reject_unknown(where: str, table: Mapping[str, object], known: set[str]) -> None:
     for key in table:
         if key not in known:
             allowed = ", ".join(sorted(known))
             raise ConfigError(f"unknown key {where}{key} (allowed: {allowed})")
 
 
+def _reject_other_backends_keys(pool: PoolConfig, table: Mapping[str, object]) -> None:
+    for key in table:
+        if not applies_to(key, pool.backend):
+            backends = " and ".join(BACKEND_ONLY_KEYS[key])
+            noun = "backend" if len(BACKEND_ONLY_KEYS[key]) == 1 else "backends"
+            raise ConfigError(
+                f"pools.{pool.name}.{key} applies only to the {backends} {noun}, and pool "
+                f"{pool.name!r} uses the {pool.backend} backend: remove the key or change "
+                f"the backend",
+                code="key_for_other_backend",
+            )
+
+
 def _fields(
-    cls: type[Any],
-    table: Mapping[str, Any],
+    cls: type[ServerConfig | PoolConfig],
+    table: Mapping[str, object],
     where: str,
     skip: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Type-check a TOML table against a dataclass's fields (ints may stand for floats)."""
+    """Type-check a TOML table against a dataclass's fields (ints may stand for floats).
+
+    The values are of each field's own type, checked here one by one, which no
+    single annotation states: hence ``Any``, for the constructor call they feed.
+    """
     hints = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
     _reject_unknown(f"{where}.", table, set(hints))
     values: dict[str, Any] = {}
@@ -295,7 +336,7 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"{key} must be greater than 0")
 
 
-def _choice(key: str, value: str, choices: Any) -> None:
+def _choice(key: str, value: str, choices: object) -> None:
     allowed = get_args(choices)
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}, not {value!r}")
@@ -307,11 +348,13 @@ def to_toml(config: Config) -> str:
     lines += _toml_fields(config.server)
     for pool in config.pools:
         lines += ["", f"[pools.{pool.name}]"]
-        lines += _toml_fields(pool, skip={"name"})
+        # Keys of other backends are left out: the file must load back.
+        other_backends = {key for key in BACKEND_ONLY_KEYS if not applies_to(key, pool.backend)}
+        lines += _toml_fields(pool, skip={"name"} | other_backends)
     return "\n".join(lines) + "\n"
 
 
-def _toml_fields(table: Any, skip: set[str] | None = None) -> list[str]:
+def _toml_fields(table: ServerConfig | PoolConfig, skip: set[str] | None = None) -> list[str]:
     lines = []
     for f in dataclasses.fields(table):
         value = getattr(table, f.name)
@@ -321,7 +364,7 @@ def _toml_fields(table: Any, skip: set[str] | None = None) -> list[str]:
     return lines
 
 
-def _toml_value(key: str, value: Any) -> str:
+def _toml_value(key: str, value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if key == "socket_mode":

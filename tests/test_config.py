@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pool.config import (
+    BACKEND_ONLY_KEYS,
     Config,
     PoolConfig,
     ServerConfig,
@@ -43,6 +44,65 @@ def test_bad_values_name_the_key(document: dict[str, object], message: str) -> N
     with pytest.raises(ConfigError) as caught:
         parse_config(document)
     assert message in caught.value.message
+
+
+@pytest.mark.parametrize(("backend", "key", "value", "readers"), [
+    ("wasm", "image", "sandpool/python:bookworm", "the docker backend"),
+    ("process", "runtime", "runsc", "the docker backend"),
+    ("fake", "image", "x", "the docker backend"),
+    ("docker", "wasm_module", "/opt/python.wasm", "the wasm backend"),
+    ("process", "wasm_max_open_files", 64, "the wasm backend"),
+    ("wasm", "pids_limit", 64, "the docker and process backends"),
+])
+def test_a_key_of_another_backend_is_refused(
+    backend: str, key: str, value: object, readers: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"pools": {"p": {"backend": backend, key: value}}})
+    assert caught.value.code == "key_for_other_backend"
+    assert caught.value.message == (
+        f"pools.p.{key} applies only to {readers}, and pool 'p' uses the {backend} "
+        f"backend: remove the key or change the backend"
+    )
+
+
+def test_a_pool_without_backend_is_docker_for_backend_only_keys() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"pools": {"p": {"wasm_max_open_files": 8}}})
+    assert "pool 'p' uses the docker backend" in caught.value.message
+
+
+def test_each_backend_takes_its_own_keys() -> None:
+    config = parse_config({"pools": {
+        "d": {"image": "other:tag", "runtime": "runsc", "pids_limit": 32},
+        "p": {"backend": "process", "pids_limit": 16},
+        "w": {"backend": "wasm", "wasm_module": "/opt/python.wasm", "wasm_max_open_files": 8},
+    }})
+    d, p, w = config.pools
+    assert (d.image, d.runtime, d.pids_limit) == ("other:tag", "runsc", 32)
+    assert p.pids_limit == 16
+    assert (w.wasm_module, w.wasm_max_open_files) == ("/opt/python.wasm", 8)
+
+
+def test_backend_only_keys_are_pool_keys() -> None:
+    fields = {f.name for f in dataclasses.fields(PoolConfig)}
+    assert set(BACKEND_ONLY_KEYS) <= fields
+    assert "backend" not in BACKEND_ONLY_KEYS
+
+
+def test_effective_config_of_every_backend_loads_back(tmp_path: Path) -> None:
+    config = parse_config({"pools": {
+        "d": {"runtime": "runsc"},
+        "p": {"backend": "process"},
+        "w": {"backend": "wasm", "wasm_module": "/opt/python.wasm"},
+        "f": {"backend": "fake"},
+    }})
+    text = to_toml(config)
+    assert "image = " in text.split("[pools.d]")[1].split("[pools.p]")[0]
+    assert "image = " not in text.split("[pools.p]")[1]
+    path = tmp_path / "effective.toml"
+    path.write_text(text)
+    assert load_config(path) == config
 
 
 def test_defaults_and_overrides() -> None:
