@@ -25,10 +25,6 @@ class Notifier:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._socket.setblocking(False)
 
-    @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
     def notify(self, *fields: str) -> None:
         """Send ``READY=1``-style fields; a full or missing socket is logged, not raised."""
         if self._socket is None:
