@@ -1,79 +1,71 @@
-"""The runner: the first process inside every sandbox. Standard library only.
+"""The runner: the first process inside every docker and process sandbox.
 
-It is passed to ``python3 -I -c`` by the backends, so it must stay self-contained
-(it does not import sandpool; the framing constants live in ``pool.protocol`` too).
+It reaches the sandbox as a read-only file with ``pool/wire.py`` and
+``pool/runcode.py`` spliced in (``pool/guest.py``) and runs as::
 
-Protocol, chosen from measurements on the target host (issue 3):
-- The runner starts, warms the compiler, forks the *child* that will run the
-  user's code, and reports ``R`` (ready). The child blocks reading its request.
-- The daemon writes one request on stdin: a 4-byte big-endian length and a JSON
-  object ``{"code": str, "stdin": str}``. stdin is never closed: that half-close
-  alone costs 2.5-3 ms inside dockerd.
-- The child points fds 0/1/2 at the request's stdin data and two pipes, then runs
-  the code (Python with ``__name__ == "__main__"``, or ``sh -c`` for shell).
-- The runner relays the pipes as ``O``/``E`` frames (1 type byte, 4-byte length,
-  payload) on its own stdout and ends with one ``X`` frame carrying the exit
-  status. A Python child reports its status on a private pipe and parks, so its
-  exit teardown (~1 ms) stays off the request's path; a child that dies first
-  (``os._exit``, a signal, the OOM killer, ``sh``) is reported from ``waitpid``
-  (``128 + signal`` for a signal). The daemon takes the status only as the
-  program's claim about itself.
-- The runner then parks until the daemon destroys the sandbox: its own exit
-  would cost ~20 ms of dockerd CPU on the daemon's critical path.
-- Direct mode (the process backend, which can hand a sandbox more than one
-  pipe): argv names three write ends the daemon holds the read ends of. The
-  child's stdout, stderr and status go there as raw bytes, with no relay hop
-  (measured: request to status 0.92 -> 0.63 ms). The runner only writes ``R``,
-  and ``X`` if the child dies without reporting. Nothing on those pipes is
-  framed, so nothing the code writes there can pass for the runner's frames.
+    python3 -I /opt/sandpool/runner.py relay  <language> [RLIMIT_<NAME>=<soft>:<hard> ...]
+    python3 -I /opt/sandpool/runner.py direct <language> <stdout fd> <stderr fd> <status fd> [...]
+
+Standard library only. The channel (see pool/wire.py):
+- The runner sets its rlimits (inherited by the code), warms the compiler,
+  forks the *child* that will run the user's code, and reports ``R`` (ready).
+  The child blocks reading its request.
+- The daemon writes one request on stdin. stdin is never closed: that
+  half-close alone costs milliseconds inside dockerd.
+- The child points fds 0/1/2 at the request's stdin data and two pipes, then
+  runs the code (Python as ``__main__``, or ``sh -c`` for shell).
+- relay mode (docker): the runner relays the pipes as ``O``/``E`` frames on its
+  own stdout and ends with one ``X`` frame carrying the exit status. A Python
+  child reports its status on a private pipe and parks, so its exit teardown
+  stays off the request's path; a child that dies first (``os._exit``, a
+  signal, the OOM killer, ``sh``) is reported from ``waitpid`` (``128 +
+  signal``). The daemon takes the status only as the program's claim.
+- direct mode (the process tier, which can hand a sandbox more than one pipe):
+  the child's stdout, stderr and status go to three write ends the daemon holds
+  the read ends of, as raw bytes with no relay hop. The runner only writes
+  ``R``, and ``X`` if the child dies without reporting. Nothing on those pipes
+  is framed, so nothing the code writes there can pass for the runner's frames.
+- Either way the runner then parks until the daemon destroys the sandbox: its
+  own exit would cost dockerd CPU on the daemon's critical path.
 """
 
 # Everything the child needs is imported before the fork: an import after
 # hand-out costs milliseconds on the request's path.
-import atexit
-import builtins
 import contextlib
 import ctypes
 import gc
-import json
-import linecache
 import os
+import resource
 import select
 import signal
-import struct
 import sys
 import threading
-import traceback
-import types
 from typing import NoReturn
 
-FRAME = struct.Struct(">cI")
-REQUEST = struct.Struct(">I")
-STATUS = struct.Struct(">i")
-CHUNK = 65536
+from pool.runcode import flush_std_streams, fresh_main, run_main, take_request, write_all
+from pool.wire import (
+    CHUNK,
+    DIRECT,
+    EXIT,
+    READY,
+    STATUS,
+    STDERR,
+    STDOUT,
+    RunnerArguments,
+    WireError,
+    encode_request,
+    frame,
+)
+
 DRAIN_READS = 64  # after the child is done, read at most this many chunks of leftovers
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
 
-def frame(kind: bytes, payload: bytes = b"") -> bytes:
-    return FRAME.pack(kind, len(payload)) + payload
 
 
-def write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
 
 
-def read_exact(fd: int, size: int) -> bytes:
-    parts = []
-    while size:
-        chunk = os.read(fd, size)
-        if not chunk:
-            os._exit(0)  # the daemon went away before sending a request
-        parts.append(chunk)
-        size -= len(chunk)
-    return b"".join(parts)
 
 
 def park() -> NoReturn:
@@ -81,48 +73,13 @@ def park() -> NoReturn:
         signal.pause()
 
 
-def exit_status(code: object) -> int:
-    """The process exit status Python gives ``sys.exit(code)``."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    with contextlib.suppress(Exception):
-        print(code, file=sys.stderr)
-    return 1
 
 
-def flush_std_streams() -> None:
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        with contextlib.suppress(BaseException):
-            stream.flush()  # type: ignore[union-attr]
 
 
 def run_python(code: str, status_w: int) -> NoReturn:
-    module = types.ModuleType("__main__")
-    module.__dict__["__builtins__"] = builtins
-    sys.modules["__main__"] = module
-    sys.argv = ["-c"]
-    # Register the source so tracebacks show the offending lines.
-    linecache.cache["<string>"] = (len(code), None, code.splitlines(keepends=True), "<string>")
-    status = 0
-    try:
-        exec(compile(code, "<string>", "exec"), module.__dict__)
-    except SystemExit as e:
-        status = exit_status(e.code)
-    except BaseException as e:
-        # Drop this frame so the traceback starts at the user's code.
-        tb = e.__traceback__
-        traceback.print_exception(type(e), e, tb.tb_next if tb is not None else None)
-        status = 1
-    try:
-        # Wait for non-daemon threads, as interpreter exit would.
-        threading._shutdown()  # type: ignore[attr-defined]
-        atexit._run_exitfuncs()
-    except BaseException:
-        traceback.print_exc()
-        status = status or 1
-    flush_std_streams()
+    # Wait for non-daemon threads first, as interpreter exit would.
+    status = run_main(code, [threading._shutdown])  # type: ignore[attr-defined]
     try:
         os.write(status_w, STATUS.pack(status))
     except OSError:  # the code closed the status pipe: report by exiting instead
@@ -136,11 +93,6 @@ def prctl(option: int, value: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
 
 
-def take_request(fd: int) -> tuple[str, str]:
-    """(code, stdin) of the one length-prefixed JSON request on ``fd``."""
-    (size,) = REQUEST.unpack(read_exact(fd, REQUEST.size))
-    request = json.loads(read_exact(fd, size))
-    return request["code"], request["stdin"]
 
 
 def stdin_memfd(data: str) -> int:
@@ -162,12 +114,9 @@ def rehearse_request() -> None:
     for ~8 MiB per sandbox.
     """
     request_r, request_w = os.pipe()
-    body = b'{"code": "pass", "stdin": ""}'
-    write_all(request_w, REQUEST.pack(len(body)) + body)
+    write_all(request_w, encode_request("pass", ""))
     code, stdin = take_request(request_r)
-    module = types.ModuleType("__main__")
-    module.__dict__["__builtins__"] = builtins
-    exec(compile(code, "<string>", "exec"), module.__dict__)
+    exec(compile(code, "<string>", "exec"), fresh_main())
     # print() and flush() as the code's would, into /dev/null: fd 1 is the runner's channel.
     saved_stdout = os.dup(1)
     null = os.open(os.devnull, os.O_WRONLY)
@@ -185,8 +134,8 @@ def rehearse_relay() -> None:
     write_all(status_w, STATUS.pack(0))
     poller = select.poll()
     poller.register(status_r, select.POLLIN)
-    frames = [frame(b"O", os.read(fd, CHUNK)) for fd, _ in poller.poll()]
-    frames.append(frame(b"X", STATUS.pack(0)))
+    frames = [frame(STDOUT, os.read(fd, CHUNK)) for fd, _ in poller.poll()]
+    frames.append(frame(EXIT, STATUS.pack(0)))
     b"".join(frames)
     os.close(status_r)
     os.close(status_w)
@@ -224,7 +173,7 @@ def reap(pid: int) -> int:
 
 
 def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
-    kinds = {out_r: b"O", err_r: b"E"}
+    kinds = {out_r: STDOUT, err_r: STDERR}
     pidfd = os.pidfd_open(pid)
     poller = select.poll()
     for fd in (out_r, err_r, status_r, pidfd):
@@ -261,7 +210,7 @@ def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
             if not data:
                 break
             frames.append(frame(kind, data))
-    frames.append(frame(b"X", STATUS.pack(status)))
+    frames.append(frame(EXIT, STATUS.pack(status)))
     write_all(1, b"".join(frames))
 
 
@@ -279,20 +228,39 @@ def protect_runner() -> None:
 
 def watch_child(pid: int) -> None:
     """Direct mode: report the child's status only if it dies without reporting it."""
-    write_all(1, frame(b"X", STATUS.pack(reap(pid))))
+    write_all(1, frame(EXIT, STATUS.pack(reap(pid))))
+
+
+def set_limits(limits: dict[str, tuple[int, int]]) -> None:
+    """The sandbox's rlimits, inherited by the code. Exits 64 on a name this Python lacks."""
+    for name, (soft, hard) in limits.items():
+        number = getattr(resource, name, None)
+        if not isinstance(number, int):
+            usage_error(f"no such rlimit: {name}")
+        resource.setrlimit(number, (soft, hard))
+
+
+def usage_error(message: str) -> NoReturn:
+    os.write(2, f"runner: {message}\n".encode())
+    os._exit(64)  # EX_USAGE: the daemon sees a runner that never became ready
 
 
 def main() -> None:
-    language = sys.argv[1] if len(sys.argv) > 1 else "python"
-    direct = len(sys.argv) == 5
+    try:
+        arguments = RunnerArguments.parse(sys.argv[1:])
+    except WireError as e:
+        usage_error(str(e))
+    set_limits(arguments.limits)
+    language = arguments.language
+    direct = arguments.mode == DIRECT
     # One throw-away compile saves ~0.8 ms on the first real one.
     compile("warm = [i * 2 for i in range(3)]", "<warm>", "exec")
     # No collection may walk the heap after the fork: it would copy every page.
     gc.collect()
     gc.freeze()
     gc.disable()
-    if direct:
-        out_w, err_w, status_w = (int(fd) for fd in sys.argv[2:5])
+    if arguments.fds is not None:
+        out_w, err_w, status_w = arguments.fds
         os.set_inheritable(status_w, False)  # as a pipe of our own would be: not for sh
         read_ends: tuple[int, ...] = ()
     else:
@@ -313,11 +281,11 @@ def main() -> None:
         os.close(fd)
     protect_runner()
     if direct:
-        write_all(1, frame(b"R"))
+        write_all(1, frame(READY))
         watch_child(pid)
     else:
         rehearse_relay()
-        write_all(1, frame(b"R"))
+        write_all(1, frame(READY))
         relay(pid, out_r, err_r, status_r)
     park()
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
-from pool.protocol import OutputCapture
+from pool.wire import OutputCapture
 
 
 @dataclass(frozen=True, slots=True)

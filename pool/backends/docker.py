@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -27,21 +28,14 @@ from aiodocker.containers import DockerContainer
 from aiodocker.stream import Stream
 from yarl import URL
 
+from pool import guest
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
-from pool.protocol import (
-    EXIT,
-    READY,
-    FrameDecoder,
-    OutputCapture,
-    ProtocolViolation,
-    decode_exit,
-    encode_request,
-    runner_source,
-)
+from pool.protocol import FrameDecoder, ProtocolViolation, decode_exit
 from pool.seccomp import docker_profile
 from pool.uids import SandboxUids, default_uids
+from pool.wire import EXIT, READY, RELAY, WORKDIR, OutputCapture, RunnerArguments, encode_request
 
 log = structlog.get_logger("sandpool.docker")
 
@@ -51,7 +45,6 @@ READY_TIMEOUT_S = 20.0  # container start to the runner's ready frame
 # reached us: wait this long for the event before saying "not OOM".
 OOM_EVENT_GRACE_S = 0.25
 EVENTS_RETRY_S = 1.0
-WORKDIR = "/sandbox"
 LABEL_POOL = "sandpool.pool"
 LABEL_INSTANCE = "sandpool.instance"
 # host:pid:start-time of the daemon that made the container: the reaper removes
@@ -92,7 +85,7 @@ class DockerBackend:
         self._uids = uids or default_uids()
         self.listener: EventListener | None = None
         self._docker: aiodocker.Docker | None = None
-        self._runner = runner_source()
+        self._guest_dir: Path | None = None  # guest.install(): the runner, bind-mounted read-only
         self._sandboxes: dict[str, DockerSandbox] = {}  # container id -> started, not destroyed
         self._oom: dict[str, asyncio.Event] = {}  # container id -> set on its oom event
         self._tasks: list[asyncio.Task[None]] = []  # event follower and leak sweeper
@@ -124,6 +117,7 @@ class DockerBackend:
                 f"cannot read this daemon's own identity for container labels: {e}",
                 code="identity_unreadable",
             ) from None
+        self._guest_dir = await asyncio.to_thread(guest.install)
         # The seccomp profile needs libseccomp's syscall table: read it once,
         # off the event loop, and fail here rather than at every container.
         await asyncio.to_thread(docker_profile)
@@ -195,6 +189,8 @@ class DockerBackend:
             uid = self._uids.base
         if not self._owner:  # a definition built before start() (the benchmarks)
             self._owner = owner_label()
+        if self._guest_dir is None:  # likewise
+            self._guest_dir = guest.install()
         memory = c.memory_mb * 1024 * 1024
         tmpfs_opts = f"rw,nosuid,nodev,noexec,size={c.tmpfs_mb}m"
         host_config: dict[str, Any] = {
@@ -224,12 +220,21 @@ class DockerBackend:
             # flood can never fill the host's disk.
             "LogConfig": {"Type": "none", "Config": {}},
             "AutoRemove": False,
+            # Read-only whatever the code does: it cannot change the next
+            # sandbox's runner (there is none: each container is used once).
+            "Mounts": [{
+                "Type": "bind", "Source": str(self._guest_dir), "Target": guest.GUEST_DIR,
+                "ReadOnly": True,
+            }],
         }
         if c.runtime:
             host_config["Runtime"] = c.runtime
         return {
             "Image": c.image,
-            "Cmd": ["python3", "-I", "-c", self._runner, c.language],
+            "Cmd": [
+                "python3", "-I", guest.path_in_sandbox(guest.RUNNER),
+                *RunnerArguments(RELAY, c.language).to_argv(),
+            ],
             # No user namespace: the uid is the host's, one per sandbox, so no
             # two sandboxes share a per-user kernel quota (pool/uids.py).
             "User": f"{uid}:{uid}",
@@ -357,7 +362,7 @@ class DockerBackend:
             await sandbox.stream.write_in(encode_request(request.code, request.stdin))
         except (RuntimeError, ConnectionError, aiohttp.ClientError) as e:
             raise SandboxLostError(f"sandbox {sandbox.id} did not take its request: {e}") from None
-        capture = OutputCapture.with_limit(self.config.max_output_bytes)
+        capture = OutputCapture(self.config.max_output_bytes)
         exit_code: int | None = None
         timed_out = ended = False
         try:

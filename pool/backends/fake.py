@@ -13,7 +13,7 @@ import time
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
-from pool.protocol import OutputCapture
+from pool.wire import OutputCapture
 
 
 class FakeBackend:
@@ -51,7 +51,7 @@ class FakeBackend:
         if not sandbox.alive or sandbox.id not in self.live:
             raise SandboxLostError(f"sandbox {sandbox.id} is gone")
         began = time.monotonic()
-        capture = OutputCapture.with_limit(self.config.max_output_bytes)
+        capture = OutputCapture(self.config.max_output_bytes)
         command, _, argument = request.code.partition(" ")
         exit_code: int | None = 0
         timed_out = False

@@ -1,7 +1,7 @@
 """The process backend: pre-started runners in bubblewrap namespaces, the lowest-latency tier.
 
 Each sandbox is one ``bwrap`` process tree started ahead of demand, running the
-same runner as the Docker backend (``python3 -I -c <runner>``) with the host's
+same runner as the Docker backend (``pool/runner.py`` in direct mode) with the host's
 own ``/usr`` mounted read-only. A request is one frame written on the runner's
 stdin. The runner runs in its direct mode: the code's stdout, stderr and exit
 status come back on three pipes of the sandbox's own, read by the event loop,
@@ -39,30 +39,21 @@ from typing import Any, Literal
 
 import structlog
 
+from pool import guest
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
 from pool.backends.process_scratch import SandboxScratch, ScratchMounts
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
+from pool.pipes import PipeReader, read_nonblocking
 from pool.procfs import pid_alive
-from pool.protocol import (
-    EXIT,
-    READY,
-    FrameDecoder,
-    OutputCapture,
-    PipeReader,
-    ProtocolViolation,
-    decode_exit,
-    encode_request,
-    read_nonblocking,
-    runner_source,
-)
+from pool.protocol import FrameDecoder, ProtocolViolation, decode_exit
 from pool.seccomp import build_filter
 from pool.uids import SandboxUids, default_uids
+from pool.wire import DIRECT, EXIT, READY, WORKDIR, OutputCapture, RunnerArguments, encode_request
 
 log = structlog.get_logger("sandpool.process")
 
 INTERPRETER = "/usr/bin/python3"  # the host's; /usr is all the sandbox sees of it
-WORKDIR = "/sandbox"
 SANDBOX_UID = 65534  # nobody, as the code sees itself inside the sandbox
 READY_TIMEOUT_S = 10.0  # spawn to the runner's ready frame; measured 20-110 ms
 EXIT_TIMEOUT_S = 5.0  # SIGKILL to bwrap reaped; measured ~1 ms
@@ -609,7 +600,7 @@ class ProcessBackend:
         self._cgroups: CgroupTree | None = None
         self._scratch: ScratchMounts | None = None  # a root daemon's noexec scratch mounts
         self._filesystem: list[str] = []
-        self._python_code = ""  # rlimits, then the runner: what python3 -c runs
+        self._limits: dict[str, tuple[int, int]] = {}  # the runner's rlimits (runner_limits)
         self._version = "unknown"
         self._started = False
         self._sandboxes: set[ProcessSandbox] = set()
@@ -630,7 +621,9 @@ class ProcessBackend:
             if self._setpriv is None:
                 raise BackendError("setpriv (util-linux) is missing", code="setpriv_missing")
         self._seccomp = await asyncio.to_thread(build_filter)
+        guest_dir = await asyncio.to_thread(guest.install)
         self._filesystem = await asyncio.to_thread(_filesystem_args)
+        self._filesystem += ["--ro-bind", str(guest_dir), guest.GUEST_DIR]
         self._version = await _bwrap_version(bwrap)
         # As root, or as a user systemd delegated a cgroup subtree to (Delegate=yes).
         dir_name = cgroup_dir_name(self.config.name, self.instance_id)
@@ -656,7 +649,7 @@ class ProcessBackend:
                     code="scratch_unavailable",
                 ) from None
             self._scratch = scratch
-        self._python_code = self._limits_prelude() + runner_source()
+        self._limits = self.runner_limits()
         self._started = True
         # One sandbox through its whole life now, so a host that forbids user
         # namespaces fails at start-up with bwrap's own words, not at every refill.
@@ -702,7 +695,7 @@ class ProcessBackend:
 
     def sandbox_command(
         self, seccomp_fd: int, info_fd: int, cgroup: SandboxCgroup | None,
-        output_fds: tuple[int, ...] = (), host_uid: int | None = None,
+        output_fds: tuple[int, ...], host_uid: int | None = None,
         scratch: SandboxScratch | None = None,
     ) -> list[str]:
         """The full command line of one sandbox; every limit comes from the pool config.
@@ -711,6 +704,7 @@ class ProcessBackend:
         uid of the range (inside, the code still sees 65534).
         """
         c = self.config
+        stdout_w, stderr_w, status_w = output_fds  # the runner's direct mode
         tmpfs_bytes = str(c.tmpfs_mb * 1024 * 1024)
         command: list[str] = []
         if cgroup is not None and cgroup.procs_files:
@@ -748,35 +742,33 @@ class ProcessBackend:
             "--seccomp", str(seccomp_fd),
             "--info-fd", str(info_fd),
             "--",
-            INTERPRETER, "-I", "-c", self._python_code, c.language,
-            *(str(fd) for fd in output_fds),  # the runner's direct mode
+            INTERPRETER, "-I", guest.path_in_sandbox(guest.RUNNER),
+            *RunnerArguments(
+                DIRECT, c.language, (stdout_w, stderr_w, status_w), self._limits
+            ).to_argv(),
         ]  # fmt: skip
         return command
 
-    def _limits_prelude(self) -> str:
-        """Lines run before the runner that set its rlimits (inherited by the code).
+    def runner_limits(self) -> dict[str, tuple[int, int]]:
+        """The rlimits the runner sets on itself before anything else, inherited by the code.
 
-        Measured: +0.4 ms of spawn and nothing at hand-out, where ``preexec_fn``
-        would cost 3 ms of a full fork of the daemon (issue 6).
+        Set by the runner, not by ``preexec_fn``, which would cost a full fork
+        of the daemon per sandbox.
         """
         c = self.config
         memory = c.memory_mb * 1024 * 1024
         cpu_s = math.ceil(c.max_timeout_s) + 1  # the daemon's timeout always comes first
-        limits = {
-            "RLIMIT_AS": memory * ADDRESS_SPACE_FACTOR,
+        address_space = memory * ADDRESS_SPACE_FACTOR
+        file_size = c.tmpfs_mb * 1024 * 1024
+        return {
+            "RLIMIT_AS": (address_space, address_space),
             "RLIMIT_CPU": (cpu_s, cpu_s + 1),
             # Also bounds memfds, which no tmpfs size covers; the request's stdin is one.
-            "RLIMIT_FSIZE": c.tmpfs_mb * 1024 * 1024,
-            "RLIMIT_NOFILE": 1024,
-            "RLIMIT_CORE": 0,
-            "RLIMIT_NPROC": c.pids_limit,
+            "RLIMIT_FSIZE": (file_size, file_size),
+            "RLIMIT_NOFILE": (1024, 1024),
+            "RLIMIT_CORE": (0, 0),
+            "RLIMIT_NPROC": (c.pids_limit, c.pids_limit),
         }
-        lines = ["import resource"]
-        for name, value in limits.items():
-            soft, hard = value if isinstance(value, tuple) else (value, value)
-            lines.append(f"resource.setrlimit(resource.{name}, ({soft}, {hard}))")
-        lines.append("del resource")
-        return "\n".join(lines) + "\n"
 
     async def start_sandbox(self) -> ProcessSandbox:
         if not self._started:
@@ -918,7 +910,7 @@ class ProcessBackend:
             raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
         loop = asyncio.get_running_loop()
         began = time.monotonic()
-        run = _Run(OutputCapture.with_limit(self.config.max_output_bytes), loop.create_future())
+        run = _Run(OutputCapture(self.config.max_output_bytes), loop.create_future())
         protocol.run = run
         sandbox.pipes.watch(loop, run)
         stdin.write(encode_request(request.code, request.stdin))

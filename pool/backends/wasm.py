@@ -74,7 +74,6 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,18 @@ from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, ne
 from pool.backends.wasm_scratch import Scratch, TmpfsSource
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
-from pool.protocol import OutputCapture, PipeReader, encode_request, read_nonblocking
+from pool.guest import GUEST_DIR, WASM_RUNNER, path_in_sandbox
+from pool.guest import install as install_guest_programs
+from pool.paths import cache_dir
+from pool.pipes import PipeReader, read_nonblocking
+from pool.wire import (
+    READY_FRAME,
+    STATUS_DIR,
+    WASI_MAX_STATUS,
+    WORKDIR,
+    OutputCapture,
+    encode_request,
+)
 
 log = structlog.get_logger("sandpool.wasm")
 
@@ -97,7 +107,6 @@ PINNED_MODULE_SHA256 = "e5dc5a398b07b54ea8fdb503bf68fb583d533f10ec3f930963e02b95
 # Every setting that changes compiled code; part of the cache key.
 ENGINE_SETTINGS: tuple[tuple[str, bool], ...] = (("epoch_interruption", True),)
 
-READY_FRAME = struct.pack(">cI", b"R", 0)  # what pool/wasm_runner.py writes when parked
 READY_TIMEOUT_S = 20.0  # pre-start measured ~65 ms; generous for a loaded 2-core host
 JOIN_TIMEOUT_S = 10.0  # a stopped guest returns within one host call; this is a bug bound
 COMPILE_PROGRESS_S = 2.0
@@ -105,10 +114,8 @@ COMPILE_PROGRESS_S = 2.0
 # runs (a Python call of ~60 us each): bounds how late a kill lands if it raced
 # a callback that was extending the deadline.
 EPOCH_TICK_S = 0.05
-WASI_MAX_STATUS = 125  # statuses above it travel through the status file
 TRAP_EXIT_CODE = 128 + 6  # a wasm trap (abort, stack overflow): reported like SIGABRT
-GUEST_WORKDIR = "/sandbox"
-GUEST_ENV = (("HOME", GUEST_WORKDIR), ("LANG", "C.UTF-8"), ("PYTHONDONTWRITEBYTECODE", "1"))
+GUEST_ENV = (("HOME", WORKDIR), ("LANG", "C.UTF-8"), ("PYTHONDONTWRITEBYTECODE", "1"))
 
 # WASI preview 1 ABI constants for poll_oneoff.
 _SUBSCRIPTION = struct.Struct("<QB7xI4xQQH6x")  # userdata, tag, clock id, timeout, precision, flags
@@ -171,17 +178,6 @@ _guest_keys = itertools.count(1)  # never 0: the callback reads a null key as "n
 
 
 # --- the module and its compile cache ---------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where compiled modules are cached: ``$XDG_CACHE_HOME/sandpool``, else
-    ``/var/cache/sandpool`` for root, else ``~/.cache/sandpool``."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg) / "sandpool"
-    if os.geteuid() == 0:
-        return Path("/var/cache/sandpool")
-    return Path.home() / ".cache" / "sandpool"
 
 
 def wasmtime_version() -> str:
@@ -342,11 +338,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-
-
-def guest_runner_source() -> str:
-    """The guest runner's source, handed to ``python -I -c`` inside each instance."""
-    return resources.files("pool").joinpath("wasm_runner.py").read_text(encoding="utf-8")
 
 
 # --- one guest ----------------------------------------------------------------
@@ -726,7 +717,7 @@ class WasmBackend:
         self.config = config
         self.instance_id = instance_id
         self.listener: EventListener | None = None
-        self._runner = guest_runner_source()
+        self._guest_dir: Path | None = None  # the guest programs, preopened read-only
         # Start-up jobs (hash, compile, deserialize). Guests do not run here:
         # each has a thread of its own that ends with it (_start_worker).
         self._executor = ThreadPoolExecutor(
@@ -760,6 +751,7 @@ class WasmBackend:
         module_sha256 = await loop.run_in_executor(
             self._executor, verify_module, wasm_path, expected
         )
+        self._guest_dir = await loop.run_in_executor(self._executor, install_guest_programs)
         directory = cache_dir()
         compiling = threading.Event()
 
@@ -992,16 +984,17 @@ class WasmBackend:
             access_caller=True,
         )
         wasi = wasmtime.WasiConfig()
-        wasi.argv = ["python3", "-I", "-c", self._runner]
+        wasi.argv = ["python3", "-I", path_in_sandbox(WASM_RUNNER)]
         wasi.env = GUEST_ENV
         stdin_r, stdout_w, stderr_w = guest_fds
         # By /proc path: wasmtime opens files by name, and a pipe has none.
         wasi.stdin_file = f"/proc/self/fd/{stdin_r}"
         wasi.stdout_file = f"/proc/self/fd/{stdout_w}"
         wasi.stderr_file = f"/proc/self/fd/{stderr_w}"
-        wasi.preopen_dir(scratch.paths["sandbox"], GUEST_WORKDIR)
+        wasi.preopen_dir(scratch.paths["sandbox"], WORKDIR)
         wasi.preopen_dir(scratch.paths["tmp"], "/tmp")
-        wasi.preopen_dir(scratch.paths["status"], "/.sandpool")
+        wasi.preopen_dir(scratch.paths["status"], STATUS_DIR)
+        wasi.preopen_dir(str(self._guest_dir), GUEST_DIR, fs_mutable=False)
         store.set_wasi(wasi)
         # WASI's monotonic clock counts from the context's creation inside
         # set_wasi: reading the host clock after it errs towards longer sleeps.
@@ -1033,7 +1026,7 @@ class WasmBackend:
             sandbox.guest.meter()
         except OSError as e:
             raise SandboxLostError(f"sandbox {sandbox.id} did not take its request: {e}") from None
-        capture = OutputCapture.with_limit(self.config.max_output_bytes)
+        capture = OutputCapture(self.config.max_output_bytes)
         over_cap = False
 
         def stop_at_cap() -> None:

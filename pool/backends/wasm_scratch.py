@@ -37,6 +37,7 @@ import threading
 from collections.abc import Sequence
 
 from pool.errors import BackendError
+from pool.wire import STATUS_FILE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # The new mount API (Linux 5.2+), the same numbers on every architecture.
@@ -235,7 +236,7 @@ class Scratch:
     def read_status(self) -> bytes:
         """The runner's status file, at most 16 bytes; never follows a link the guest made."""
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open("status", flags, dir_fd=self._status_dir)
+        fd = os.open(STATUS_FILE, flags, dir_fd=self._status_dir)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError("not a regular file")

@@ -1,0 +1,154 @@
+"""The guest programs as the sandboxes see them: read-only files under GUEST_DIR.
+
+A guest cannot import sandpool, so each runner (``pool/runner.py``,
+``pool/wasm_runner.py``) is composed into one self-contained file: its
+``from pool.<module> import ...`` statements for the modules in SPLICED are
+replaced by those modules' source (each once, dependencies first). What host
+and guest both speak (``pool/wire.py``) is thus written once and run by both.
+
+``install()`` writes the composed files into a directory named by their
+content hash under the cache directory, read-only, and every tier mounts that
+directory read-only at GUEST_DIR: the runner is a short path in ``ps`` and
+``docker ps``, not kilobytes of ``-c`` source, and the code cannot change it.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from pool.errors import BackendError
+from pool.paths import guest_programs_dir
+
+GUEST_DIR = "/opt/sandpool"  # where every tier mounts the guest programs, read-only
+RUNNER = "runner.py"  # docker and process tiers
+WASM_RUNNER = "wasm_runner.py"
+PROGRAMS = (RUNNER, WASM_RUNNER)
+SPLICED = ("pool.wire", "pool.runcode")  # the modules a guest program may import
+
+
+def _source(module_file: str) -> str:
+    return resources.files("pool").joinpath(module_file).read_text(encoding="utf-8")
+
+
+def compose(program: str, spliced: set[str] | None = None) -> str:
+    """``program``'s source (a file in ``pool/``) with its SPLICED imports replaced.
+
+    Top-down, so a module is spliced where it is first imported, before the
+    code that uses it; a later import of it is dropped. Raises ValueError if
+    the program imports any other part of sandpool: the guest could not run it.
+    """
+    spliced = set() if spliced is None else spliced
+    source = _source(program)
+    lines = source.splitlines(keepends=True)
+    out: list[str] = []
+    copied = 0  # lines of ``source`` already in ``out``
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        sandpool = [name for name in names if name.split(".")[0] in ("pool", "api", "metrics")]
+        if not sandpool:
+            continue
+        if len(sandpool) != 1 or sandpool[0] not in SPLICED:
+            raise ValueError(f"{program} imports {sandpool}, which a guest cannot")
+        module = sandpool[0]
+        out += lines[copied : node.lineno - 1]
+        copied = node.end_lineno or node.lineno
+        if module not in spliced:
+            spliced.add(module)
+            body = compose(module.split(".")[-1] + ".py", spliced)
+            out += [f"# --- {module}, spliced by pool/guest.py ---\n", body]
+            out.append(f"# --- end of {module} ---\n")
+    out += lines[copied:]
+    return "".join(out)
+
+
+def programs() -> dict[str, str]:
+    """Every guest program's composed source, by file name."""
+    return {name: compose(name) for name in PROGRAMS}
+
+
+def install(root: Path | None = None) -> Path:
+    """The host directory holding today's guest programs, read-only; written if missing.
+
+    Content-addressed (``<guest_programs_dir>/<sha256>``), so daemons of different
+    versions share the cache without sharing files, and nothing needs sweeping.
+    A directory whose files differ from what this daemon would write (damaged,
+    tampered) is replaced. Raises BackendError when the cache cannot be written.
+    """
+    sources = programs()
+    digest = hashlib.sha256()
+    for name, text in sorted(sources.items()):
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    base = root or guest_programs_dir()
+    target = base / digest.hexdigest()[:32]
+    try:
+        base.mkdir(mode=0o755, parents=True, exist_ok=True)
+        owner = base.stat().st_uid
+    except OSError as e:
+        raise BackendError(
+            f"cannot make {base}: {e.strerror}", code="guest_programs_error"
+        ) from None
+    if owner != os.geteuid():  # whoever owns it could swap a runner between check and use
+        raise BackendError(
+            f"{base} belongs to uid {owner}, not to sandpool's uid {os.geteuid()}: "
+            "refusing to run guest programs from it",
+            code="guest_programs_untrusted",
+        )
+    if _holds(target, sources):
+        return target
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
+        for name, text in sources.items():
+            (staging / name).write_text(text, encoding="utf-8")
+            (staging / name).chmod(0o444)
+        staging.chmod(0o555)
+        if target.exists():  # damaged: set aside, then replaced below
+            aside = Path(tempfile.mkdtemp(prefix=".damaged-", dir=base))
+            target.rename(aside / "old")
+            _remove(aside)
+        try:
+            staging.rename(target)
+        except OSError:  # another daemon installed it first
+            _remove(staging)
+    except OSError as e:
+        raise BackendError(
+            f"cannot write the guest programs under {base}: {e.strerror}",
+            code="guest_programs_error",
+        ) from None
+    if not _holds(target, sources):
+        raise BackendError(
+            f"the guest programs under {target} are not what this daemon wrote",
+            code="guest_programs_error",
+        )
+    return target
+
+
+def _holds(directory: Path, sources: dict[str, str]) -> bool:
+    try:
+        return all((directory / name).read_text(encoding="utf-8") == text
+                   for name, text in sources.items())
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _remove(directory: Path) -> None:
+    for path in (directory, *directory.rglob("*")):
+        with contextlib.suppress(OSError):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def path_in_sandbox(program: str) -> str:
+    return f"{GUEST_DIR}/{program}"
+

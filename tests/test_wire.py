@@ -1,0 +1,241 @@
+"""The wire both sides speak (pool/wire.py) and the guest programs built on it (pool/guest.py).
+
+No daemon: the codec is fed bytes, the runner's command line is parsed as
+lists, and the composed runners run as plain subprocesses.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import stat
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pool import guest, wire
+from pool.errors import BackendError
+from pool.protocol import FrameDecoder, ProtocolViolation, decode_exit
+
+# --- frames -----------------------------------------------------------------------
+
+
+def test_frames_survive_any_chunking() -> None:
+    stream = wire.READY_FRAME + wire.frame(wire.STDOUT, b"out") + wire.frame(
+        wire.STDERR, b"") + wire.frame(wire.EXIT, wire.STATUS.pack(3))
+    for size in (1, 2, 5, len(stream)):
+        decoder = wire.FrameDecoder()
+        frames = []
+        for offset in range(0, len(stream), size):
+            frames += decoder.feed(stream[offset : offset + size])
+        assert frames == [
+            (wire.READY, b""), (wire.STDOUT, b"out"), (wire.STDERR, b""),
+            (wire.EXIT, struct.pack(">i", 3)),
+        ]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"Z\x00\x00\x00\x00",  # unknown frame type
+        b"O" + struct.pack(">I", wire.MAX_FRAME_BYTES + 1),  # longer than any runner sends
+        b"\xff" * 5,
+    ],
+)
+def test_the_decoder_refuses_forged_frames_before_buffering_them(garbage: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.FrameDecoder().feed(garbage)
+    with pytest.raises(ProtocolViolation) as raised:  # the daemon's reading of the same
+        FrameDecoder().feed(garbage)
+    assert raised.value.code == "sandbox_protocol_error"
+
+
+def test_a_frame_cut_short_waits_for_the_rest() -> None:
+    decoder = wire.FrameDecoder()
+    assert decoder.feed(wire.frame(wire.STDOUT, b"hello")[:-1]) == []
+    assert decoder.feed(b"o") == [(wire.STDOUT, b"hello")]
+
+
+@pytest.mark.parametrize("status", [0, 1, 137, 255])
+def test_exit_statuses_0_to_255_decode(status: int) -> None:
+    assert decode_exit(wire.STATUS.pack(status)) == status
+
+
+@pytest.mark.parametrize("payload", [struct.pack(">i", -1), struct.pack(">i", 256),
+                                     struct.pack(">i", 2**31 - 1), b"\x00\x00\x00", b""])
+def test_impossible_exit_statuses_are_forgeries(payload: bytes) -> None:
+    with pytest.raises(ProtocolViolation):
+        decode_exit(payload)
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code", "stdin"), [
+    ("print(1)", ""), ("x = '\x00'", "a\x00b"), ("s = '\udcff'", "\U0001f600\udc80"),
+])
+def test_requests_round_trip_nul_bytes_and_lone_surrogates(code: str, stdin: str) -> None:
+    encoded = wire.encode_request(code, stdin)
+    (size,) = wire.REQUEST.unpack(encoded[: wire.REQUEST.size])
+    assert size == len(encoded) - wire.REQUEST.size
+    assert wire.decode_request(encoded[wire.REQUEST.size :]) == (code, stdin)
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1]", b'{"stdin": ""}', b'{"code": 1}',
+                                  b'{"code": "", "stdin": 2}', b"\xff"])
+def test_a_malformed_request_is_a_wire_error(body: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.decode_request(body)
+
+
+def test_the_output_capture_stops_each_stream_at_its_cap() -> None:
+    capture = wire.OutputCapture(4)
+    assert capture.add(wire.STDOUT, b"abc")
+    assert not capture.add(wire.STDOUT, b"def")
+    assert capture.add(wire.STDERR, b"xy")
+    assert (bytes(capture.stdout), capture.stdout_truncated) == (b"abcd", True)
+    assert (bytes(capture.stderr), capture.stderr_truncated) == (b"xy", False)
+
+
+# --- the runner's command line -------------------------------------------------------
+
+
+def test_runner_arguments_round_trip() -> None:
+    arguments = wire.RunnerArguments(
+        wire.DIRECT, "shell", (5, 6, 7), {"RLIMIT_AS": (10, 20), "RLIMIT_CORE": (0, 0)}
+    )
+    argv = arguments.to_argv()
+    assert argv == ["direct", "shell", "5", "6", "7", "RLIMIT_AS=10:20", "RLIMIT_CORE=0:0"]
+    parsed = wire.RunnerArguments.parse(argv)
+    assert (parsed.mode, parsed.language, parsed.fds, parsed.limits) == (
+        "direct", "shell", (5, 6, 7), {"RLIMIT_AS": (10, 20), "RLIMIT_CORE": (0, 0)}
+    )
+    relay = wire.RunnerArguments.parse(["relay", "python"])
+    assert (relay.fds, relay.limits) == (None, {})
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    ([], "usage"),
+    (["python"], "usage"),
+    (["fork", "python"], "unknown mode"),
+    (["relay", "ruby"], "unknown language"),
+    (["direct", "python", "3", "4"], "three fds"),
+    (["direct", "python", "3", "4", "x"], "three fds"),
+    (["relay", "python", "RLIMIT_AS=1"], "bad limit"),
+    (["relay", "python", "AS=1:2"], "bad limit"),
+    (["relay", "python", "RLIMIT_AS=-1:2"], "bad limit"),
+])
+def test_bad_runner_arguments_say_what_is_wrong(argv: list[str], says: str) -> None:
+    with pytest.raises(wire.WireError, match=says):
+        wire.RunnerArguments.parse(argv)
+
+
+# --- the guest programs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("program", guest.PROGRAMS)
+def test_a_composed_guest_program_imports_nothing_of_sandpool(program: str) -> None:
+    source = guest.compose(program)
+    imported = {
+        name
+        for node in ast.walk(ast.parse(source))
+        for name in (
+            [node.module or ""] if isinstance(node, ast.ImportFrom)
+            else [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        )
+    }
+    assert not {name for name in imported if name.split(".")[0] in ("pool", "api", "metrics")}
+    # Each spliced module once, so every wire constant has one definition.
+    assert source.count("\nFRAME = struct.Struct") == 1
+    assert source.count("\nclass RunnerArguments") == 1
+
+
+def test_a_program_importing_more_of_sandpool_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = guest._source
+    monkeypatch.setattr(
+        guest, "_source",
+        lambda name: "from pool.config import Config\n" if name == "bad.py" else real(name),
+    )
+    with pytest.raises(ValueError, match=r"pool\.config"):
+        guest.compose("bad.py")
+
+
+def run_runner(directory: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-I", str(directory / guest.RUNNER), *argv],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("argv", [[], ["fork", "python"], ["relay", "python", "RLIMIT_NOPE=1:1"]])
+def test_the_runner_refuses_a_bad_command_line_with_one_line(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    directory = guest.install(tmp_path / "guest")
+    ran = run_runner(directory, *argv)
+    assert ran.returncode == 64
+    assert ran.stderr.count("\n") == 1
+    assert ran.stderr.startswith("runner: ")
+    assert ran.stdout == ""  # never a ready frame
+
+
+def test_the_installed_runner_speaks_the_wire_from_its_own_file(tmp_path: Path) -> None:
+    """relay mode end to end, outside any sandbox: ready, one request, framed output, exit."""
+    directory = guest.install(tmp_path / "guest")
+    process = subprocess.Popen(
+        [sys.executable, "-I", str(directory / guest.RUNNER), "relay", "python",
+         "RLIMIT_CORE=0:0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        decoder = wire.FrameDecoder()
+        assert decoder.feed(process.stdout.read(wire.FRAME.size)) == [(wire.READY, b"")]
+        process.stdin.write(wire.encode_request(
+            "import resource, sys; print(resource.getrlimit(resource.RLIMIT_CORE)); "
+            "print(sys.stdin.read()); sys.exit(3)", "in"))
+        process.stdin.flush()
+        frames: list[tuple[bytes, bytes]] = []
+        while not frames or frames[-1][0] != wire.EXIT:
+            frames += decoder.feed(os.read(process.stdout.fileno(), 65536))
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+    output = b"".join(payload for kind, payload in frames if kind == wire.STDOUT)
+    assert output == b"(0, 0)\nin\n"
+    assert decode_exit(frames[-1][1]) == 3
+
+
+def test_install_writes_read_only_files_once_and_replaces_damaged_ones(tmp_path: Path) -> None:
+    base = tmp_path / "guest"
+    directory = guest.install(base)
+    assert guest.install(base) == directory  # content-addressed: the same directory
+    assert {p.name for p in directory.iterdir()} == set(guest.PROGRAMS)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o555
+    for program in guest.PROGRAMS:
+        assert stat.S_IMODE((directory / program).stat().st_mode) == 0o444
+        assert (directory / program).read_text() == guest.compose(program)
+    damaged = directory / guest.RUNNER
+    directory.chmod(0o755)
+    damaged.chmod(0o644)
+    damaged.write_text("print('not the runner')")
+    assert guest.install(base) == directory
+    assert damaged.read_text() == guest.compose(guest.RUNNER)
+    assert [p.name for p in base.iterdir()] == [directory.name]  # nothing staged left
+
+
+def test_install_refuses_a_directory_another_user_owns(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory to another uid")
+    base = tmp_path / "guest"
+    base.mkdir()
+    os.chown(base, 65534, 65534)
+    with pytest.raises(BackendError) as raised:
+        guest.install(base)
+    assert raised.value.code == "guest_programs_untrusted"
