@@ -216,7 +216,7 @@ async def test_sandbox_lost_at_handout_is_retried_transparently() -> None:
     async with make_pool() as (pool, _):
         await pool.warmed.wait()
         await settle(pool, idle=2)
-        pool._idle[0].alive = False  # died, and no event told the pool yet
+        pool._idle[0].mark_dead()  # died, and no event told the pool yet
         run = await pool.run(request())
         assert run.result.stdout == b"hello"
 

@@ -7,11 +7,12 @@ it knows nothing of Docker, bubblewrap or wasmtime.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from pool.wire import OutputCapture
 
@@ -66,17 +67,66 @@ def new_sandbox_id() -> str:
     return f"{os.getpid():x}-{next(_sequence):06x}-{os.urandom(3).hex()}"
 
 
+class SandboxState(enum.Enum):
+    """Where a started sandbox is in its single life. Only forward moves (``Sandbox._move``).
+
+    IDLE -> BUSY -> DESTROYED is a normal life; a sandbox that dies by itself
+    goes to DEAD (from IDLE: the pool is told, "died"; from BUSY: its run
+    reports it) and is destroyed afterwards. DESTROYED is final.
+    """
+
+    IDLE = "idle"  # ready and parked: may be handed out
+    BUSY = "busy"  # took its one request
+    DEAD = "dead"  # died by itself; never handed out
+    DESTROYED = "destroyed"  # the backend released it
+
+
+_FORWARD = {
+    SandboxState.IDLE: {SandboxState.BUSY, SandboxState.DEAD, SandboxState.DESTROYED},
+    SandboxState.BUSY: {SandboxState.DEAD, SandboxState.DESTROYED},
+    SandboxState.DEAD: {SandboxState.DESTROYED},
+    SandboxState.DESTROYED: set(),
+}
+
+
 class Sandbox:
-    """One started sandbox. Backends subclass it to keep their handles."""
+    """One started sandbox. Backends subclass it to keep their handles.
+
+    A backend makes it once the sandbox reported ready (state IDLE) and
+    moves it with ``take_request``, ``mark_dead`` and ``mark_destroyed``.
+    """
 
     def __init__(self, sandbox_id: str) -> None:
         self.id = sandbox_id
-        # Cleared by the backend when it learns the sandbox died while idle; the
-        # pool never hands out a sandbox that is not alive.
-        self.alive = True
+        self.state = SandboxState.IDLE
+
+    @property
+    def alive(self) -> bool:
+        """The pool hands out only a sandbox that is alive."""
+        return self.state in (SandboxState.IDLE, SandboxState.BUSY)
+
+    def _move(self, to: SandboxState) -> bool:
+        """Go to ``to`` if that is forward from here; False (and no change) otherwise."""
+        if to not in _FORWARD[self.state]:
+            return False
+        self.state = to
+        return True
+
+    def take_request(self) -> bool:
+        """IDLE -> BUSY; False if it is no longer idle (dead or destroyed: the pool retries)."""
+        return self._move(SandboxState.BUSY)
+
+    def mark_dead(self) -> bool:
+        """It died by itself; True if it was idle, so the pool must be told."""
+        was_idle = self.state is SandboxState.IDLE
+        return self._move(SandboxState.DEAD) and was_idle
+
+    def mark_destroyed(self) -> bool:
+        """True the first time: the caller releases what the sandbox holds, once."""
+        return self._move(SandboxState.DESTROYED)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.id} alive={self.alive}>"
+        return f"<{type(self).__name__} {self.id} {self.state.value}>"
 
 
 SandboxT = TypeVar("SandboxT", bound=Sandbox)
@@ -129,3 +179,22 @@ class Backend(Protocol[SandboxT]):
 
 SandboxEvent = Literal["died", "oom"]
 EventListener = Callable[[Sandbox, SandboxEvent], None]
+
+
+class BackendBase(Generic[SandboxT]):
+    """What every backend shares: the pool's listener and the reports it gets."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self.listener: EventListener | None = None
+
+    def report_died(self, sandbox: SandboxT) -> None:
+        """The sandbox died by itself: tell the pool if it was parked (a run reports its own)."""
+        if sandbox.mark_dead() and self.listener is not None:
+            self.listener(sandbox, "died")
+
+    def report_oom(self, sandbox: SandboxT) -> None:
+        """The kernel OOM-killed inside the sandbox, outside or after its run's verdict."""
+        if self.listener is not None:
+            self.listener(sandbox, "oom")

@@ -425,7 +425,7 @@ class DockerBackend:
 
     async def destroy_sandbox(self, sandbox: DockerSandbox) -> None:
         self._sandboxes.pop(sandbox.container_id, None)
-        sandbox.alive = False
+        sandbox.mark_destroyed()
         await sandbox.stream.close()
         try:
             await self._remove_and_release(sandbox.container_id, sandbox.uid)
@@ -520,8 +520,7 @@ class DockerBackend:
                 log.debug("sweep_failed", pool=self.config.name, error=_describe(e))
 
     def _sandbox_died(self, sandbox: DockerSandbox) -> None:
-        sandbox.alive = False
-        if self.listener is not None:
+        if sandbox.mark_dead() and self.listener is not None:
             self.listener(sandbox, "died")
 
     # --- events ------------------------------------------------------------

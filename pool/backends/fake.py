@@ -87,6 +87,5 @@ class FakeBackend:
 
     def kill_idle(self, sandbox: Sandbox) -> None:
         """Simulate a sandbox dying while parked (the Docker backend learns this from events)."""
-        sandbox.alive = False
-        if self.listener is not None:
+        if sandbox.mark_dead() and self.listener is not None:
             self.listener(sandbox, "died")

@@ -515,7 +515,6 @@ class ProcessSandbox(Sandbox):
         self.runner_pidfd: int | None = None
         self.host_uid: int | None = None  # held from the range until the cgroup is empty
         self.scratch: SandboxScratch | None = None  # the host's copies, until the runner is ready
-        self.destroyed = False
 
     @property
     def bwrap_pid(self) -> int:
@@ -886,9 +885,8 @@ class ProcessBackend:
         return sandbox
 
     def _died_idle(self, sandbox: ProcessSandbox) -> None:
-        if sandbox.destroyed or not sandbox.alive:
+        if not sandbox.mark_dead():
             return
-        sandbox.alive = False
         log.warning(
             "sandbox_died_idle",
             pool=self.config.name,
@@ -967,10 +965,8 @@ class ProcessBackend:
             await asyncio.sleep(0.005)
 
     async def destroy_sandbox(self, sandbox: ProcessSandbox) -> None:
-        if sandbox.destroyed:
+        if not sandbox.mark_destroyed():
             return
-        sandbox.destroyed = True
-        sandbox.alive = False
         self._sandboxes.discard(sandbox)
         try:
             await self._reap(sandbox)

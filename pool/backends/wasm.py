@@ -690,8 +690,6 @@ class WasmSandbox(Sandbox):
         self.worker: asyncio.Future[_Outcome] | None = None
         self.thread_id: int | None = None  # the worker's native id, for demote_thread
         self.stdin_w = self.stdout_r = self.stderr_r = -1
-        self.busy = False
-        self.destroyed = False
         self.writer_pending = False
 
     def report_exit(self, outcome: _Outcome) -> None:
@@ -1008,16 +1006,16 @@ class WasmBackend:
         assert worker is not None
         if not worker.cancelled() and worker.exception() is not None:
             log.warning("wasm_worker_failed", sandbox=sandbox.id, error=str(worker.exception()))
-        if sandbox.alive and not sandbox.busy and not sandbox.destroyed:
-            sandbox.alive = False
-            if self.listener is not None:
-                self.listener(sandbox, "died")
+        if sandbox.mark_dead() and self.listener is not None:
+            self.listener(sandbox, "died")
 
     async def run(self, sandbox: WasmSandbox, request: RunRequest) -> RunResult:
         worker = sandbox.worker
-        if not sandbox.alive or worker is None or worker.done() or sandbox.exited.done():
+        if (
+            not sandbox.take_request() or worker is None or worker.done()
+            or sandbox.exited.done()
+        ):
             raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
-        sandbox.busy = True
         loop = asyncio.get_running_loop()
         began = time.monotonic()
         stdin = request.stdin.encode("utf-8", "surrogatepass")
@@ -1144,10 +1142,8 @@ class WasmBackend:
             raise BackendError(f"sandbox {sandbox.id} did not stop") from None
 
     async def destroy_sandbox(self, sandbox: WasmSandbox) -> None:
-        if sandbox.destroyed:
+        if not sandbox.mark_destroyed():
             return
-        sandbox.destroyed = True
-        sandbox.alive = False
         self._kill(sandbox)
         try:
             await self._join(sandbox)
