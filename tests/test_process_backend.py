@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from api.client import Client
-from pool.backends import process
 from pool.backends.base import RunRequest, Sandbox, SandboxEvent
 from pool.backends.process import ProcessBackend, ProcessSandbox
+from pool.backends.process import backend as process
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.uids import SandboxUids

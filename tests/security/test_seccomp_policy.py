@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from api.client import Client
-from pool.backends.process_scratch import SCRATCH_ROOT, sweep_stale_scratch
+from pool.backends.process.scratch import SCRATCH_ROOT, sweep_stale_scratch
 from pool.seccomp import (
     ALLOWED_SYSCALLS,
     NAMESPACE_MASK,

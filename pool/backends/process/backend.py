@@ -41,7 +41,7 @@ import structlog
 
 from pool import guest
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
-from pool.backends.process_scratch import SandboxScratch, ScratchMounts
+from pool.backends.process.scratch import SandboxScratch, ScratchMounts
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.pipes import PipeReader, read_nonblocking
