@@ -95,6 +95,13 @@ class PoolConfig:
             )
         if not self.image:
             raise ConfigError(f"{where}.image must not be empty")
+        if self.backend == "wasm" and self.language != "python":
+            # The guest is CPython-WASI with no shell: a shell pool would run
+            # shell code as Python.
+            raise ConfigError(
+                f"{where}.language: the wasm backend runs only python, not {self.language!r}",
+                code="language_not_supported",
+            )
 
 
 # Pool keys that only some backends read, with the backends that do (the Docker

@@ -72,6 +72,15 @@ def test_a_pool_without_backend_is_docker_for_backend_only_keys() -> None:
     assert "pool 'p' uses the docker backend" in caught.value.message
 
 
+def test_a_wasm_pool_refuses_shell() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"pools": {"w": {"backend": "wasm", "language": "shell"}}})
+    assert caught.value.code == "language_not_supported"
+    assert caught.value.message == (
+        "pools.w.language: the wasm backend runs only python, not 'shell'"
+    )
+
+
 def test_each_backend_takes_its_own_keys() -> None:
     config = parse_config({"pools": {
         "d": {"image": "other:tag", "runtime": "runsc", "pids_limit": 32},
