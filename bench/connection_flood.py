@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support import Daemon, free_port, start_daemon, terminate_daemon
+
 NOBODY = 65534
 CONFIG = """
 [server]
@@ -72,12 +74,6 @@ sys.stdin.read()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def healthz(path: str) -> tuple[str, float]:
     """Status line (or the error's name) and milliseconds of one /healthz on a new connection."""
     began = time.monotonic()
@@ -95,22 +91,12 @@ def healthz(path: str) -> tuple[str, float]:
 def flood(code_dir: Path, connections: int, seconds: int, nofile: int) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="sandpool-flood-"))
     work.chmod(0o755)  # uid 65534 must reach the socket
-    socket_path, port = str(work / "sandpool.sock"), free_port()
-    (work / "sandpool.toml").write_text(CONFIG.format(port=port))
-    log_path = work / "daemon.log"
-    daemon = attacker = None
+    port = free_port()
+    daemon: Daemon | None = None
+    attacker: subprocess.Popen[str] | None = None
     try:
-        with open(log_path, "wb") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", "serve", "--config", str(work / "sandpool.toml"),
-                 "--socket", socket_path, "--log-format", "json"],
-                cwd=code_dir, stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while healthz(socket_path)[0] != "HTTP/1.1 200 OK":
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit(f"the daemon did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        daemon = start_daemon(work, CONFIG.format(port=port), code_dir=code_dir)
+        socket_path, log_path = daemon.socket, daemon.log_path
         resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
         fd_dir = f"/proc/{daemon.pid}/fd"
         fds_before, log_before = len(os.listdir(fd_dir)), log_path.stat().st_size
@@ -141,10 +127,11 @@ def flood(code_dir: Path, connections: int, seconds: int, nofile: int) -> dict[s
             "healthz_after": healthz(socket_path),
         }
     finally:
-        for process in (attacker, daemon):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+        if attacker is not None and attacker.poll() is None:
+            attacker.kill()
+            attacker.wait()
+        if daemon is not None:
+            terminate_daemon(daemon)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from api.client import ApiError, Client
+from bench.machine import process_cpu_s
 from bench.stats import percentile
+from tests.support import Daemon, start_daemon, terminate_daemon
 
 CONFIG = """
 [server]
@@ -45,18 +43,6 @@ max_timeout_s = 600
 """
 
 
-def wait_ready(client: Client, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("the daemon exited")
-        with contextlib.suppress(ApiError, OSError):
-            if all(p["idle"] >= p["min_idle"] for p in client.pools()):
-                return
-        time.sleep(0.2)
-    raise SystemExit("the daemon did not become ready")
-
-
 def measure(socket: str, seconds: float, rate: float) -> list[float]:
     """Round trips of print(1) on the process pool, in ms, paced at ``rate`` per second."""
     latencies = []
@@ -75,10 +61,12 @@ def measure(socket: str, seconds: float, rate: float) -> list[float]:
     return latencies
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU of the process ``pid`` (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+def daemon_cpu_s(daemon: Daemon) -> float:
+    """User plus system CPU of the daemon (all its threads), in seconds."""
+    cpu_s = process_cpu_s(daemon.pid)
+    if cpu_s is None:
+        raise SystemExit(f"the daemon exited:\n{daemon.log_tail()}")
+    return cpu_s
 
 
 def spin(socket: str, seconds: float) -> None:
@@ -104,18 +92,9 @@ def main() -> None:
     parser.add_argument("--wasm-cpus", type=float, default=0.5, help="the wasm pool's cpus")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sandpool-neighbours-") as directory:
-        config = Path(directory) / "sandpool.toml"
-        config.write_text(CONFIG.format(wasm_cpus=args.wasm_cpus))
-        socket = str(Path(directory) / "sandpool.sock")
-        with open(Path(directory) / "daemon.log", "wb") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", "serve", "--config", str(config),
-                 "--socket", socket, "--log-format", "json"],
-                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
-            )
+        daemon = start_daemon(Path(directory), CONFIG.format(wasm_cpus=args.wasm_cpus))
+        socket = daemon.socket
         try:
-            with Client(socket, timeout_s=10) as client:
-                wait_ready(client, daemon)
             quiet = measure(socket, args.seconds, args.rate)
             spinners = [
                 threading.Thread(target=spin, args=(socket, args.seconds + 5)) for _ in range(4)
@@ -123,14 +102,13 @@ def main() -> None:
             for spinner in spinners:
                 spinner.start()
             time.sleep(1)  # the four guests are running
-            cpu_before, began = cpu_seconds(daemon.pid), time.monotonic()
+            cpu_before, began = daemon_cpu_s(daemon), time.monotonic()
             busy = measure(socket, args.seconds, args.rate)
-            daemon_cores = (cpu_seconds(daemon.pid) - cpu_before) / (time.monotonic() - began)
+            daemon_cores = (daemon_cpu_s(daemon) - cpu_before) / (time.monotonic() - began)
             for spinner in spinners:
                 spinner.join()
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
+            terminate_daemon(daemon)
     busy_row = summary("4 busy wasm guests", busy) | {"daemon_cores": round(daemon_cores, 2)}
     for row in (summary("quiet", quiet), busy_row):
         print(json.dumps({"wasm_cpus": args.wasm_cpus} | row))
