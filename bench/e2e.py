@@ -1,6 +1,6 @@
 """End-to-end latency of one pool through the daemon's Unix socket, at a fixed low rate.
 
-    python bench/e2e.py --socket /run/sandpool/sandpool.sock --pool python -n 300 --rate 5
+    python -m bench.e2e --socket /run/sandpool/sandpool.sock --pool python -n 300 --rate 5
 
 Requests are paced (open loop at --rate per second) so a single-use pool has
 time to refill between them: this measures hand-out latency at low load, not
@@ -19,11 +19,7 @@ import statistics
 import time
 
 from api.client import Client
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+from bench.stats import percentile
 
 
 def main() -> None:

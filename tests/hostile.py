@@ -31,7 +31,6 @@ import argparse
 import json
 import shutil
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from api.client import ApiError, Client
+from bench.stats import percentile
 from pool.uids import SandboxUids
 from tests.support import Daemon, docker_containers, free_port, start_daemon, stop_daemon
 
@@ -321,12 +321,10 @@ def _still_open(s: socket.socket) -> bool:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
     return {
-        "n": len(ordered),
-        "p50": round(statistics.median(ordered), 2) if ordered else 0.0,
-        "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2)
-        if ordered else 0.0,
+        "n": len(values),
+        "p50": round(percentile(values, 50), 2) if values else 0.0,
+        "p99": round(percentile(values, 99), 2) if values else 0.0,
     }
 
 

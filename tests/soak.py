@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from api.client import ApiError
+from bench.stats import percentile
 from tests.support import Daemon, docker_containers, restart_dockerd, start_daemon, stop_daemon
 
 CONFIG = """
@@ -150,13 +151,12 @@ class Soak:
         growth = (rss_end - rss_start) / rss_start
         if growth >= 0.10:
             self.fail(f"daemon RSS grew {growth:.1%} ({rss_start} -> {rss_end} KiB)")
-        latencies = sorted(self.latencies_ms)
         return {
             "duration_s": duration,
             "requests": sum(self.outcomes.values()),
             "outcomes": dict(self.outcomes),
-            "latency_p50_ms": round(latencies[len(latencies) // 2], 2),
-            "latency_p99_ms": round(latencies[int(len(latencies) * 0.99)], 2),
+            "latency_p50_ms": round(percentile(self.latencies_ms, 50), 2),
+            "latency_p99_ms": round(percentile(self.latencies_ms, 99), 2),
             "rss_kib_after_warmup": rss_start,
             "rss_kib_at_end": rss_end,
             "rss_growth": round(growth, 4),
