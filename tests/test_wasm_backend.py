@@ -23,9 +23,10 @@ import pytest
 import wasmtime
 
 from api.client import Client
-from pool.backends import wasm, wasm_scratch
 from pool.backends.base import RunRequest
 from pool.backends.wasm import WasmBackend
+from pool.backends.wasm import backend as wasm
+from pool.backends.wasm import scratch as wasm_scratch
 from pool.config import PoolConfig
 from pool.errors import BackendError
 

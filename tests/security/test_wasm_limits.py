@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 
 from api.client import ApiError, Client
-from pool.backends import wasm
+from pool.backends.wasm import backend as wasm
 from tests.support import Daemon, start_daemon, stop_daemon
 
 Spawn = Callable[..., Daemon]

@@ -82,7 +82,7 @@ import wasmtime
 from wasmtime import _bindings as wasmtime_bindings
 
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
-from pool.backends.wasm_scratch import Scratch, TmpfsSource
+from pool.backends.wasm.scratch import Scratch, TmpfsSource
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.guest import GUEST_DIR, WASM_RUNNER, path_in_sandbox
