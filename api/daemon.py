@@ -15,7 +15,6 @@ import signal
 import uuid
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
-from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -24,9 +23,9 @@ from api.connections import ThrottledLog, loop_exception_handler
 from api.notify import Notifier, watchdog_interval_s
 from api.server import ApiServer
 from metrics import Metrics
-from pool.backends import create_backend
+from pool.backends import create_pool
 from pool.config import Config
-from pool.manager import Activity, Pool
+from pool.manager import Activity, PoolHandle
 from pool.uids import SandboxUids
 
 log = structlog.get_logger("sandpool.daemon")
@@ -43,7 +42,7 @@ def build_metrics() -> Metrics:
     return Metrics(registry)
 
 
-def status_line(pools: Iterable[Pool[Any]]) -> str:
+def status_line(pools: Iterable[PoolHandle]) -> str:
     parts = []
     for pool in pools:
         counts = pool.counts()
@@ -51,7 +50,7 @@ def status_line(pools: Iterable[Pool[Any]]) -> str:
     return "; ".join(parts)
 
 
-async def heartbeat(notifier: Notifier, pools: Iterable[Pool[Any]]) -> None:
+async def heartbeat(notifier: Notifier, pools: Iterable[PoolHandle]) -> None:
     """Watchdog pings at half of WatchdogSec, and a STATUS= line every 10 s."""
     interval_s = watchdog_interval_s()
     period_s = min(interval_s, STATUS_INTERVAL_S) if interval_s else STATUS_INTERVAL_S
@@ -94,15 +93,14 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
     loop.set_exception_handler(loop_exception_handler(ThrottledLog()))
     try:
         async with AsyncExitStack() as stack:
-            pools: dict[str, Pool[Any]] = {}
+            pools: dict[str, PoolHandle] = {}
             uids = SandboxUids(config.server.sandbox_uid_base, config.server.sandbox_uid_count)
             for pool_config in config.pools:
-                backend = create_backend(pool_config, instance_id, uids)
-                pool: Pool[Any] = Pool(pool_config, backend, metrics, activity)
+                pool = create_pool(pool_config, instance_id, uids, metrics, activity)
                 pools[pool.name] = await stack.enter_async_context(pool)
             metrics.watch_pools(lambda: [(p.name, p.counts(), p.waiters) for p in pools.values()])
             metrics.set_build_info(
-                VERSION, {p.config.backend: p.backend.version() for p in pools.values()}
+                VERSION, {p.config.backend: p.backend_version() for p in pools.values()}
             )
             log.info("warming", instance=instance_id, pools=[repr(p) for p in pools.values()])
             await wait_warm(pools.values(), stop)
@@ -144,7 +142,7 @@ def raise_fd_limit() -> None:
         log.info("fd_limit_raised", soft=soft, now=hard)
 
 
-async def wait_warm(pools: Iterable[Pool[Any]], stop: asyncio.Event) -> None:
+async def wait_warm(pools: Iterable[PoolHandle], stop: asyncio.Event) -> None:
     """Wait until every pool reached min_idle, a stop signal, or WARM_TIMEOUT_S."""
     waits = [asyncio.ensure_future(p.warmed.wait()) for p in pools]
     stopping = asyncio.ensure_future(stop.wait())

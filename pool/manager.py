@@ -13,12 +13,12 @@ import time
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic
+from typing import Any, Generic, Protocol
 
 import structlog
 
 from metrics import Metrics
-from pool.backends.base import Backend, RunRequest, RunResult, SandboxEvent, SandboxT
+from pool.backends.base import Backend, RunRequest, RunResult, Sandbox, SandboxEvent, SandboxT
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError, UnavailableError
 
@@ -81,6 +81,29 @@ class PoolRun:
     result: RunResult
     sandbox_id: str
     acquire_wait_s: float
+
+
+class PoolHandle(Protocol):
+    """A pool of any backend, as the daemon holds it: what it uses, no sandbox type."""
+
+    name: str
+    config: PoolConfig
+    warmed: asyncio.Event
+
+    async def __aenter__(self) -> PoolHandle: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    async def run(self, request: RunRequest) -> PoolRun: ...
+
+    async def ready(self) -> bool: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    @property
+    def waiters(self) -> int: ...
+
+    def backend_version(self) -> str: ...
 
 
 class Pool(Generic[SandboxT]):
@@ -170,6 +193,9 @@ class Pool(Generic[SandboxT]):
     @property
     def total(self) -> int:
         return len(self._idle) + len(self._busy) + self._starting + self._destroying
+
+    def backend_version(self) -> str:
+        return self.backend.version()
 
     async def ready(self) -> bool:
         """Warmed once and the backend answers now."""
@@ -352,15 +378,18 @@ class Pool(Generic[SandboxT]):
         self._destroying += 1
         self._spawn(self._destroy_sandbox(sandbox))
 
-    def _on_sandbox_event(self, sandbox: Any, event: SandboxEvent) -> None:
+    def _on_sandbox_event(self, sandbox: Sandbox, event: SandboxEvent) -> None:
         if event == "oom":
             self.metrics.oom_killed(self.name)
             log.info("sandbox_oom", pool=self.name, sandbox=sandbox.id)
-        elif sandbox in self._idle:
-            self._idle.remove(sandbox)
-            log.warning("sandbox_died_idle", pool=self.name, sandbox=sandbox.id)
-            self._destroy(sandbox)
-            self._maintain()
+            return
+        for idle in self._idle:  # typed as this pool's sandboxes, unlike the event's
+            if idle is sandbox:
+                self._idle.remove(idle)
+                log.warning("sandbox_died_idle", pool=self.name, sandbox=idle.id)
+                self._destroy(idle)
+                self._maintain()
+                return
 
     # --- I/O ---------------------------------------------------------------
 

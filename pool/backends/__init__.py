@@ -1,28 +1,60 @@
-"""Backends by name, imported lazily so an optional dependency stays optional."""
+"""Pools by backend name; each backend is imported only when a pool uses it,
+so an optional dependency (aiodocker, wasmtime) stays optional."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from collections.abc import Callable
 
-from pool.backends.base import Backend
+from metrics import Metrics
 from pool.config import PoolConfig
-from pool.uids import HOST_UID_BACKENDS, SandboxUids
+from pool.manager import Activity, Pool, PoolHandle
+from pool.uids import SandboxUids
 
-BACKENDS = {
-    "docker": "pool.backends.docker:DockerBackend",
-    "fake": "pool.backends.fake:FakeBackend",
-    "process": "pool.backends.process:ProcessBackend",
-    "wasm": "pool.backends.wasm:WasmBackend",
+PoolFactory = Callable[[PoolConfig, str, SandboxUids, Metrics, Activity], PoolHandle]
+
+
+def _docker(
+    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+) -> PoolHandle:
+    from pool.backends.docker import DockerBackend
+
+    return Pool(config, DockerBackend(config, instance_id, uids=uids), metrics, activity)
+
+
+def _process(
+    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+) -> PoolHandle:
+    from pool.backends.process import ProcessBackend
+
+    return Pool(config, ProcessBackend(config, instance_id, uids=uids), metrics, activity)
+
+
+def _wasm(
+    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+) -> PoolHandle:
+    from pool.backends.wasm import WasmBackend  # wasm sandboxes hold no host uid
+
+    return Pool(config, WasmBackend(config, instance_id), metrics, activity)
+
+
+def _fake(
+    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+) -> PoolHandle:
+    from pool.backends.fake import FakeBackend
+
+    return Pool(config, FakeBackend(config, instance_id), metrics, activity)
+
+
+BACKENDS: dict[str, PoolFactory] = {
+    "docker": _docker,
+    "fake": _fake,
+    "process": _process,
+    "wasm": _wasm,
 }
 
 
-def create_backend(config: PoolConfig, instance_id: str, uids: SandboxUids) -> Backend[Any]:
-    """Build the backend named by ``config.backend`` for one pool."""
-    module_name, _, class_name = BACKENDS[config.backend].partition(":")
-    backend_class = getattr(importlib.import_module(module_name), class_name)
-    if config.backend in HOST_UID_BACKENDS:
-        backend: Backend[Any] = backend_class(config, instance_id, uids=uids)
-    else:
-        backend = backend_class(config, instance_id)
-    return backend
+def create_pool(
+    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+) -> PoolHandle:
+    """The pool of ``config``, on the backend its ``backend`` key names."""
+    return BACKENDS[config.backend](config, instance_id, uids, metrics, activity)
