@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import textwrap
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from pool.backends.process import backend as process
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.uids import SandboxUids
-from tests.support import start_daemon, stop_daemon
+from tests.support import host_processes_with, start_daemon, stop_daemon, wait_until
 
 POOL = "python-process"
 
@@ -166,7 +165,7 @@ def test_a_detached_process_does_not_survive_the_request(sandboxed: Client) -> N
     # The result is back; the pool destroys the sandbox right after. The
     # sleeper must disappear from the host's process list (zombies are checked
     # against the backend below: their command line is empty).
-    wait_until(lambda: not host_processes_matching(marker))
+    wait_until(lambda: not host_processes_with(marker), "the sleeper to go", timeout_s=10)
 
 
 def test_a_killed_daemon_takes_its_sandboxes_along(tmp_path: Path) -> None:
@@ -187,7 +186,7 @@ def test_a_killed_daemon_takes_its_sandboxes_along(tmp_path: Path) -> None:
     crashed.process.kill()
     crashed.process.wait()
     # --die-with-parent: nothing of the sandboxes outlives the daemon.
-    wait_until(lambda: not sandboxes & host_processes())
+    wait_until(lambda: not sandboxes & host_processes(), "the sandboxes to go", timeout_s=10)
     # The next daemon sweeps the cgroups the killed one could not remove.
     successor = start_daemon(tmp_path / "successor", config)
     try:
@@ -429,26 +428,6 @@ def sandbox_cgroups(backend: ProcessBackend) -> list[Path]:
         for sandbox_dir in pool_dir.iterdir()
         if sandbox_dir.is_dir()
     ]
-
-
-def host_processes_matching(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if marker.encode() in cmdline:
-                pids.append(int(entry))
-    return pids
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 async def async_wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:

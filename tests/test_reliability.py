@@ -27,7 +27,14 @@ from typing import Any
 import pytest
 
 from api.client import ApiError
-from tests.support import Daemon, docker_containers, restart_dockerd, start_daemon, stop_daemon
+from tests.support import (
+    Daemon,
+    docker_containers,
+    restart_dockerd,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+)
 
 Spawn = Callable[..., Daemon]
 
@@ -47,13 +54,6 @@ timeout_s = 30
 
 def one_pool(min_idle: int = 1, shutdown: float = 10) -> str:
     return ONE_POOL.format(min_idle=min_idle, shutdown=shutdown)
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
-        time.sleep(0.05)
 
 
 def pool_containers(daemon: Daemon) -> list[str]:
@@ -100,7 +100,7 @@ def busy(daemon: Daemon) -> int:
 def test_drain_lets_a_run_in_flight_finish(spawn_daemon: Spawn) -> None:
     daemon = spawn_daemon(one_pool())
     conn = send_run(daemon, {"code": "import time; time.sleep(1.5); print('done')"})
-    wait_for(lambda: busy(daemon) == 1, what="the run to start")
+    wait_until(lambda: busy(daemon) == 1, "the run to start")
     daemon.process.send_signal(signal.SIGTERM)
     status, body = read_response(conn)
     assert (status, body["stdout"]) == (200, "done\n")
@@ -110,7 +110,7 @@ def test_drain_lets_a_run_in_flight_finish(spawn_daemon: Spawn) -> None:
 def test_drain_timeout_stops_the_run_with_a_clear_error(spawn_daemon: Spawn) -> None:
     daemon = spawn_daemon(one_pool(shutdown=1))
     conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
-    wait_for(lambda: busy(daemon) == 1, what="the run to start")
+    wait_until(lambda: busy(daemon) == 1, "the run to start")
     daemon.process.send_signal(signal.SIGTERM)
     status, body = read_response(conn)
     assert (status, body["error"]["code"]) == (503, "shutting_down")
@@ -121,7 +121,7 @@ def test_drain_timeout_stops_the_run_with_a_clear_error(spawn_daemon: Spawn) -> 
 def test_second_signal_skips_the_drain(spawn_daemon: Spawn) -> None:
     daemon = spawn_daemon(one_pool(shutdown=60))
     conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
-    wait_for(lambda: busy(daemon) == 1, what="the run to start")
+    wait_until(lambda: busy(daemon) == 1, "the run to start")
     daemon.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     daemon.process.send_signal(signal.SIGINT)
@@ -135,11 +135,11 @@ def test_client_gone_mid_run_destroys_the_sandbox(spawn_daemon: Spawn) -> None:
     daemon = spawn_daemon(one_pool(min_idle=0))
     try:
         conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
-        wait_for(lambda: busy(daemon) == 1, what="the run to start")
+        wait_until(lambda: busy(daemon) == 1, "the run to start")
         assert len(pool_containers(daemon)) == 1
         conn.close()
         # min_idle is 0: once the abandoned sandbox is destroyed, nothing is left.
-        wait_for(lambda: pool_containers(daemon) == [], timeout_s=15, what="destruction")
+        wait_until(lambda: pool_containers(daemon) == [], "destruction", timeout_s=15)
         with daemon.client() as client:
             assert client.run("print('next')", pool="p")["stdout"] == "next\n"
     finally:
@@ -182,8 +182,8 @@ def test_killed_idle_containers_are_replaced_never_handed_out(spawn_daemon: Spaw
             for _ in range(4):
                 result = client.run("print('fresh')", pool="p")
                 assert result["stdout"] == "fresh\n"
-        wait_for(lambda: len(set(pool_containers(daemon)) - set(victims)) >= 2,
-                 what="replacements")
+        wait_until(lambda: len(set(pool_containers(daemon)) - set(victims)) >= 2,
+                   "replacements")
     finally:
         stop_daemon(daemon)
 
@@ -295,7 +295,7 @@ def test_docker_restart_fails_fast_then_recovers(spawn_daemon: Spawn) -> None:
     try:
         restart_dockerd(during=lambda: assert_fails_fast(daemon))
         with daemon.client() as client:
-            wait_for(lambda: recovered(client), timeout_s=120, what="the pool to recover")
+            wait_until(lambda: recovered(client), "the pool to recover", timeout_s=120)
             assert client.request("GET", "/readyz")["ready"] is True
     finally:
         stop_daemon(daemon)
