@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -349,6 +350,20 @@ def host_processes_with(marker: str) -> list[int]:
         except OSError:
             continue  # exited while we looked
     return found
+
+
+def metric_sample(text: str, name: str, **labels: str) -> float:
+    """The first ``name`` sample in Prometheus text format that has ``labels``; 0 if none.
+
+    The sample may carry more labels than ``labels``.
+    """
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def skip_on_wasi(pool: str, why: str) -> None:

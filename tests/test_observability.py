@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import METRIC_NAMES, Daemon, free_port, start_daemon, stop_daemon
+from tests.support import (
+    METRIC_NAMES,
+    Daemon,
+    free_port,
+    metric_sample,
+    start_daemon,
+    stop_daemon,
+)
 
 SECRET = "s3cr3t-user-output-7f1c"
 
@@ -67,17 +74,6 @@ def scrape(url: str) -> str:
         return str(response.read().decode())
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition("}")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def present_sample(text: str, name: str, **labels: str) -> float:
     """The value of one sample; AssertionError when the series is not exported."""
     for line in text.splitlines():
@@ -129,7 +125,7 @@ def test_counters_and_histograms_follow_requests(observed: Observed) -> None:
     after = scrape(observed.metrics_url)
 
     def moved(name: str, **labels: str) -> float:
-        return sample(after, name, pool="obs", **labels) - sample(
+        return metric_sample(after, name, pool="obs", **labels) - metric_sample(
             before, name, pool="obs", **labels)
 
     assert moved("sandpool_requests_total", outcome="ok") == 3

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from api.client import Client
-from tests.support import Daemon, free_port, start_daemon, stop_daemon
+from tests.support import Daemon, free_port, metric_sample, start_daemon, stop_daemon
 
 Spawn = Callable[..., Daemon]
 NOBODY = 65534
@@ -163,14 +163,6 @@ def scrape(daemon: Daemon, port: int | None = None) -> str:
     return body.decode()
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def settle(daemon: Daemon, listener: str, attempts: int, *, before: float = 0.0,
            held_before: float = 0.0, port: int | None = None, timeout_s: float = 20) -> float:
     """Wait until the daemon has admitted or refused ``attempts`` more connections.
@@ -182,11 +174,12 @@ def settle(daemon: Daemon, listener: str, attempts: int, *, before: float = 0.0,
     deadline = time.monotonic() + timeout_s
     while True:
         text = scrape(daemon, port)
-        held = sample(text, "sandpool_connections_open", listener=listener)
+        held = metric_sample(text, "sandpool_connections_open", listener=listener)
         if listener == ("metrics" if port is not None else "api"):
             held -= 1  # the scrape itself
         refused = sum(
-            sample(text, "sandpool_connections_refused_total", listener=listener, reason=reason)
+            metric_sample(text, "sandpool_connections_refused_total", listener=listener,
+                          reason=reason)
             for reason in ("too_many_connections", "too_many_connections_from_peer",
                            "forbidden")
         ) - before
@@ -199,7 +192,8 @@ def settle(daemon: Daemon, listener: str, attempts: int, *, before: float = 0.0,
 def refused_so_far(daemon: Daemon, listener: str, port: int | None = None) -> float:
     text = scrape(daemon, port)
     return sum(
-        sample(text, "sandpool_connections_refused_total", listener=listener, reason=reason)
+        metric_sample(text, "sandpool_connections_refused_total", listener=listener,
+                      reason=reason)
         for reason in ("too_many_connections", "too_many_connections_from_peer", "forbidden")
     )
 
