@@ -33,11 +33,12 @@ max_size = 2
 # still works; only the proofs of ownership (reads of /proc) fail.
 EXHAUSTED_REAPER = textwrap.dedent("""
     import asyncio, errno, os, resource
-    from pool.backends import docker
+    from pool.backends.docker import DockerBackend, ownership
+    from pool.config import PoolConfig
 
     async def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-        backend = docker.DockerBackend(docker.PoolConfig(name="reaper-probe"), "reaper-probe")
+        backend = DockerBackend(PoolConfig(name="reaper-probe"), "reaper-probe")
         await backend.start()
         held = []
         try:
@@ -47,7 +48,7 @@ EXHAUSTED_REAPER = textwrap.dedent("""
             assert e.errno == errno.EMFILE, e
         try:
             try:
-                docker._boot_id()
+                ownership._boot_id()
             except OSError as e:
                 print("identity:", errno.errorcode[e.errno or 0])
             print("reaped:", await backend.reap_orphans())

@@ -1,10 +1,11 @@
-"""The Docker backend: hardened single-use containers with a pre-warmed runner.
+"""The Docker backend's lifecycle: one pool's single-use containers, started, run and removed.
 
-Each container runs ``pool/runner.py`` as its main process, with stdin open and
-no TTY, and is attached when it joins the pool. A request is one frame written
-on the attached stream; the result comes back as frames on the same stream.
-Measured here: 1.1 ms hand-out to result, against 47-64 ms when the request
-ends by closing stdin and the daemon waits for the container to exit (issue 3).
+Each container runs the runner (``pool/runner.py``) as its main process and is
+attached when it joins the pool; one request is one frame written on the
+attached stream, and the result comes back as frames on the same stream
+(``channel.py``), so a run never waits for a container to exit. The container
+definition is ``definition.py``; owner labels and the proof that their daemon
+is gone, ``ownership.py``; dockerd's events, ``events.py``.
 
 Every Docker call has a timeout: aiodocker's defaults never time out.
 """
@@ -15,9 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -25,54 +24,49 @@ import aiodocker
 import aiohttp
 import structlog
 from aiodocker.containers import DockerContainer
-from aiodocker.stream import Stream
-from yarl import URL
 
 from pool import guest
-from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
+from pool.backends.base import BackendBase, RunRequest, RunResult, Sandbox, new_sandbox_id
+from pool.backends.docker import engine
+from pool.backends.docker.channel import RunEnd, RunnerChannel
+from pool.backends.docker.definition import (
+    LABEL_INSTANCE,
+    LABEL_OWNER,
+    LABEL_POOL,
+    container_definition,
+)
+from pool.backends.docker.engine import CALL_TIMEOUT_S, DOCKER_ERRORS, describe, labels_of
+from pool.backends.docker.events import OomEvents, follow_events
+from pool.backends.docker.ownership import owner_alive, owner_label
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
-from pool.protocol import FrameDecoder, ProtocolViolation, decode_exit
+from pool.protocol import ProtocolViolation
 from pool.seccomp import docker_profile
 from pool.uids import SandboxUids, default_uids
-from pool.wire import EXIT, READY, RELAY, WORKDIR, OutputCapture, RunnerArguments, encode_request
+from pool.wire import OutputCapture
 
 log = structlog.get_logger("sandpool.docker")
 
-CALL_TIMEOUT_S = 15.0  # one Docker API call; create+start measured ~134 ms
 READY_TIMEOUT_S = 20.0  # container start to the runner's ready frame
-# The runner reports a SIGKILLed child (137) before dockerd's oom event may have
-# reached us: wait this long for the event before saying "not OOM".
-OOM_EVENT_GRACE_S = 0.25
-EVENTS_RETRY_S = 1.0
-LABEL_POOL = "sandpool.pool"
-LABEL_INSTANCE = "sandpool.instance"
-# host:pid:start-time of the daemon that made the container: the reaper removes
-# a container only when that process is gone, so two daemons sharing one dockerd
-# never reap each other's sandboxes.
-LABEL_OWNER = "sandpool.owner"
 SWEEP_INTERVAL_S = 10.0
-DOCKER_SOCKET_URL = "unix:///var/run/docker.sock"
-_DOCKER_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError)
+OOM_EXIT_CODE = 137  # 128 + SIGKILL: what the runner reports for an OOM-killed child
 
 
 class DockerSandbox(Sandbox):
     def __init__(
-        self, sandbox_id: str, container: DockerContainer, stream: Stream, uid: int
+        self, sandbox_id: str, container: DockerContainer, channel: RunnerChannel, uid: int
     ) -> None:
         super().__init__(sandbox_id)
         self.uid = uid  # host uid and gid of every process in the container
         self.container = container
-        self.stream = stream
-        self.decoder = FrameDecoder()
-        self.pending: deque[tuple[bytes, bytes]] = deque()
+        self.channel = channel
 
     @property
     def container_id(self) -> str:
         return str(self.container.id)
 
 
-class DockerBackend:
+class DockerBackend(BackendBase[DockerSandbox]):
     """Runs one pool's sandboxes as Docker containers."""
 
     name = "docker"
@@ -80,14 +74,14 @@ class DockerBackend:
     def __init__(
         self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None
     ) -> None:
+        super().__init__()
         self.config = config
         self.instance_id = instance_id
         self._uids = uids or default_uids()
-        self.listener: EventListener | None = None
         self._docker: aiodocker.Docker | None = None
         self._guest_dir: Path | None = None  # guest.install(): the runner, bind-mounted read-only
         self._sandboxes: dict[str, DockerSandbox] = {}  # container id -> started, not destroyed
-        self._oom: dict[str, asyncio.Event] = {}  # container id -> set on its oom event
+        self._oom = OomEvents()
         self._tasks: list[asyncio.Task[None]] = []  # event follower and leak sweeper
         self._creating: set[str] = set()  # names of containers not yet in _sandboxes
         self._leak_suspects: set[str] = set()  # untracked at the last sweep
@@ -123,7 +117,9 @@ class DockerBackend:
         await asyncio.to_thread(docker_profile)
         # An explicit URL: aiodocker's own discovery asserts when no socket exists
         # yet, and a daemon started before dockerd must wait for it, not crash.
-        self._docker = aiodocker.Docker(url=os.environ.get("DOCKER_HOST") or DOCKER_SOCKET_URL)
+        self._docker = aiodocker.Docker(
+            url=os.environ.get("DOCKER_HOST") or engine.DOCKER_SOCKET_URL
+        )
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 version = await self._docker.version()
@@ -137,11 +133,12 @@ class DockerBackend:
                     f"image {self.config.image} not found: build it with `sandpool image build`",
                     code="image_missing",
                 ) from None
-            log.warning("docker_refused", pool=self.config.name, error=_describe(e))
+            log.warning("docker_refused", pool=self.config.name, error=describe(e))
         except (aiohttp.ClientError, OSError, TimeoutError, BackendError) as e:
-            log.warning("docker_unreachable", pool=self.config.name, error=_describe(e))
+            log.warning("docker_unreachable", pool=self.config.name, error=describe(e))
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._watch_events()), loop.create_task(self._sweep())]
+        events = follow_events(self._docker, self.config.name, self.instance_id, self._on_event)
+        self._tasks = [loop.create_task(events), loop.create_task(self._sweep())]
 
     async def close(self) -> None:
         """Stop following events; remove whatever of this pool is still there; disconnect.
@@ -156,10 +153,10 @@ class DockerBackend:
         if self._docker is not None:
             try:
                 for container in await self._list(f"{LABEL_INSTANCE}={self.instance_id}"):
-                    if container["Labels"].get(LABEL_POOL) == self.config.name:
+                    if labels_of(container).get(LABEL_POOL) == self.config.name:
                         await self._remove(str(container["Id"]))
-            except (*_DOCKER_ERRORS, BackendError) as e:
-                log.error("containers_not_removed", pool=self.config.name, error=_describe(e))
+            except (*DOCKER_ERRORS, BackendError) as e:
+                log.error("containers_not_removed", pool=self.config.name, error=describe(e))
             await self._docker.close()
             self._docker = None
 
@@ -168,98 +165,32 @@ class DockerBackend:
 
     async def ping(self) -> bool:
         try:
-            async with asyncio.timeout(2.0):
-                # /_ping, not /info: readiness probes come often and /info costs dockerd
-                # tens of milliseconds of CPU.
-                await self.docker._query_json("_ping", versioned_api=False)
-        except (*_DOCKER_ERRORS, BackendError, ValueError):
+            await engine.ping(self.docker)
+        except (*DOCKER_ERRORS, BackendError, ValueError):
             return False
         return True
 
     # --- sandboxes ---------------------------------------------------------
 
     def container_config(self, uid: int | None = None) -> dict[str, Any]:
-        """The hardened container definition; every limit comes from the pool config.
+        """The hardened container definition (``definition.py``) for this pool.
 
         ``uid`` is the sandbox's own host uid (and gid); without one, the first
         of the range (a definition for the benchmarks).
         """
-        c = self.config
         if uid is None:
             uid = self._uids.base
         if not self._owner:  # a definition built before start() (the benchmarks)
             self._owner = owner_label()
         if self._guest_dir is None:  # likewise
             self._guest_dir = guest.install()
-        memory = c.memory_mb * 1024 * 1024
-        tmpfs_opts = f"rw,nosuid,nodev,noexec,size={c.tmpfs_mb}m"
-        host_config: dict[str, Any] = {
-            "NetworkMode": "none",
-            "PidsLimit": c.pids_limit,
-            "Memory": memory,
-            "MemorySwap": memory,  # swap equal to memory: no swap at all
-            "NanoCpus": int(c.cpus * 1e9),
-            "ReadonlyRootfs": True,
-            "Tmpfs": {
-                "/tmp": f"{tmpfs_opts},mode=1777",
-                WORKDIR: f"{tmpfs_opts},uid={uid},gid={uid},mode=0700",
-            },
-            "CapDrop": ["ALL"],
-            # sandpool's own seccomp allowlist, the one the process tier
-            # compiles, instead of the engine's default; Docker takes it inline.
-            "SecurityOpt": ["no-new-privileges", f"seccomp={docker_profile()}"],
-            # The private IPC namespace's /dev/shm (nosuid, nodev, noexec): Docker's
-            # own 64 MiB otherwise, whatever tmpfs_mb says.
-            "ShmSize": c.tmpfs_mb * 1024 * 1024,
-            "IpcMode": "private",
-            "Ulimits": [
-                {"Name": "core", "Soft": 0, "Hard": 0},
-                {"Name": "nofile", "Soft": 1024, "Hard": 1024},
-            ],
-            # Output reaches the daemon only through the attached stream, so a
-            # flood can never fill the host's disk.
-            "LogConfig": {"Type": "none", "Config": {}},
-            "AutoRemove": False,
-            # Read-only whatever the code does: it cannot change the next
-            # sandbox's runner (there is none: each container is used once).
-            "Mounts": [{
-                "Type": "bind", "Source": str(self._guest_dir), "Target": guest.GUEST_DIR,
-                "ReadOnly": True,
-            }],
-        }
-        if c.runtime:
-            host_config["Runtime"] = c.runtime
-        return {
-            "Image": c.image,
-            "Cmd": [
-                "python3", "-I", guest.path_in_sandbox(guest.RUNNER),
-                *RunnerArguments(RELAY, c.language).to_argv(),
-            ],
-            # No user namespace: the uid is the host's, one per sandbox, so no
-            # two sandboxes share a per-user kernel quota (pool/uids.py).
-            "User": f"{uid}:{uid}",
-            "WorkingDir": WORKDIR,
-            "Env": [
-                "PATH=/usr/local/bin:/usr/bin:/bin",
-                "HOME=" + WORKDIR,
-                "LANG=C.UTF-8",
-                "PYTHONDONTWRITEBYTECODE=1",
-            ],
-            "Hostname": "sandbox",
-            "NetworkDisabled": True,
-            "OpenStdin": True,
-            "StdinOnce": False,
-            "AttachStdin": True,
-            "AttachStdout": True,
-            "AttachStderr": True,
-            "Tty": False,
-            "Labels": {
-                LABEL_POOL: c.name,
-                LABEL_INSTANCE: self.instance_id,
-                LABEL_OWNER: self._owner,
-            },
-            "HostConfig": host_config,
-        }
+        return container_definition(
+            self.config,
+            uid=uid,
+            instance_id=self.instance_id,
+            owner=self._owner,
+            guest_dir=self._guest_dir,
+        )
 
     async def start_sandbox(self) -> DockerSandbox:
         sandbox_id = new_sandbox_id()
@@ -289,110 +220,55 @@ class DockerBackend:
             with contextlib.suppress(BackendError):
                 await self._remove_and_release((await creating).id, uid)
             raise
-        stream: Stream | None = None
+        channel: RunnerChannel | None = None
         try:
-            stream = self._attach(container.id)
+            stream = engine.attach(self.docker, container.id)
+            channel = RunnerChannel(stream, sandbox_id)
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 await stream.__aenter__()
                 await container.start()
-            sandbox = DockerSandbox(sandbox_id, container, stream, uid)
             async with asyncio.timeout(READY_TIMEOUT_S):
-                await self._wait_ready(sandbox)
+                await channel.wait_ready()
         except BaseException as e:
-            if stream is not None:
-                await stream.close()
+            if channel is not None:
+                await channel.close()
             await asyncio.shield(self._remove_and_release(container.id, uid))
-            if isinstance(e, (*_DOCKER_ERRORS, ProtocolViolation)):
-                raise BackendError(f"cannot start a container: {_describe(e)}") from None
+            if isinstance(e, (*DOCKER_ERRORS, ProtocolViolation)):
+                raise BackendError(f"cannot start a container: {describe(e)}") from None
             raise
-        return sandbox
-
-    def _attach(self, container_id: str) -> Stream:
-        """The container's stdin/stdout/stderr, attached before it starts.
-
-        aiodocker's own attach() first inspects the container to learn whether
-        it has a TTY; ours never does, and the inspect would cost dockerd CPU on
-        every start.
-        """
-
-        async def setup() -> tuple[URL, bytes | None, bool]:
-            query: dict[str, str | int] = {
-                "detachKeys": "", "logs": 0, "stdin": 1, "stdout": 1, "stderr": 1, "stream": 1,
-            }
-            return URL(f"containers/{container_id}/attach").with_query(query), None, False
-
-        return Stream(self.docker, setup, aiohttp.ClientTimeout(connect=CALL_TIMEOUT_S))
+        return DockerSandbox(sandbox_id, container, channel, uid)
 
     async def _create_container(self, name: str, uid: int) -> DockerContainer:
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 return await self.docker.containers.create(self.container_config(uid), name=name)
-        except _DOCKER_ERRORS as e:
+        except DOCKER_ERRORS as e:
             # A create that timed out may still have made the container.
             await self._remove_and_release(name, uid)
-            raise BackendError(f"cannot create a container: {_describe(e)}") from None
-
-    async def _wait_ready(self, sandbox: DockerSandbox) -> None:
-        frame = await self._next_frame(sandbox)
-        if frame is None:
-            raise BackendError(
-                "the container exited before its runner was ready (is python3 in the image?)"
-            )
-        if frame[0] != READY:
-            raise ProtocolViolation("the runner sent output before it was ready")
-
-    async def _next_frame(self, sandbox: DockerSandbox) -> tuple[bytes, bytes] | None:
-        """The next runner frame from the attached stream; None once the stream ends."""
-        while not sandbox.pending:
-            message = await sandbox.stream.read_out()
-            if message is None:
-                return None
-            if message.stream != 1:
-                # The runner's own stderr: only a crashed runner writes there.
-                log.debug("runner_stderr", sandbox=sandbox.id, size=len(message.data))
-                continue
-            sandbox.pending.extend(sandbox.decoder.feed(message.data))
-        return sandbox.pending.popleft()
+            raise BackendError(f"cannot create a container: {describe(e)}") from None
 
     async def run(self, sandbox: DockerSandbox, request: RunRequest) -> RunResult:
-        if not sandbox.alive:
+        if not sandbox.take_request():
             raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
         began = time.monotonic()
-        try:
-            await sandbox.stream.write_in(encode_request(request.code, request.stdin))
-        except (RuntimeError, ConnectionError, aiohttp.ClientError) as e:
-            raise SandboxLostError(f"sandbox {sandbox.id} did not take its request: {e}") from None
+        await sandbox.channel.send_request(request)
         capture = OutputCapture(self.config.max_output_bytes)
-        exit_code: int | None = None
-        timed_out = ended = False
         try:
-            async with asyncio.timeout(request.timeout_s):
-                while (frame := await self._next_frame(sandbox)) is not None:
-                    kind, payload = frame
-                    if kind == EXIT:
-                        exit_code = decode_exit(payload)
-                        break
-                    if kind != READY and not capture.add(kind, payload):
-                        break  # over the cap: the pool destroys the sandbox next
-                else:
-                    ended = True
-        except TimeoutError:
-            timed_out = True
-        except ProtocolViolation:
-            # Garbage on the runner's channel: the sandbox is not trustworthy
-            # any more; report what was captured and let the pool destroy it.
-            log.warning("sandbox_protocol_violation", sandbox=sandbox.id)
-        except _DOCKER_ERRORS as e:
-            raise BackendError(f"lost the stream of sandbox {sandbox.id}: {_describe(e)}") from None
+            end, exit_code = await sandbox.channel.collect(capture, request.timeout_s)
+        except DOCKER_ERRORS as e:
+            raise BackendError(f"lost the stream of sandbox {sandbox.id}: {describe(e)}") from None
         execution_s = time.monotonic() - began
-        if ended:
+        if end is RunEnd.STREAM_ENDED:
             # The runner died without its exit frame (OOM kill, crash): ask Docker.
             exit_code = await self._exit_code(sandbox)
-        oom_killed = await self._oom_reported(sandbox, wait=ended or exit_code == 137)
+        oom_killed = await self._oom.reported(
+            sandbox.container_id,
+            wait=end is RunEnd.STREAM_ENDED or exit_code == OOM_EXIT_CODE,
+        )
         return RunResult.from_capture(
             capture,
             exit_code=exit_code,
-            timed_out=timed_out,
+            timed_out=end is RunEnd.TIMED_OUT,
             oom_killed=oom_killed,
             execution_s=execution_s,
         )
@@ -403,34 +279,22 @@ class DockerBackend:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 info = await sandbox.container.wait()
                 state = await sandbox.container.show()
-        except _DOCKER_ERRORS as e:
+        except DOCKER_ERRORS as e:
             raise BackendError(
-                f"sandbox {sandbox.id} died and Docker cannot say why: {_describe(e)}"
+                f"sandbox {sandbox.id} died and Docker cannot say why: {describe(e)}"
             ) from None
         if state["State"].get("OOMKilled"):
-            self._oom_event(sandbox.container_id).set()
+            self._oom.event(sandbox.container_id).set()
         return int(info.get("StatusCode", state["State"].get("ExitCode", 0)))
-
-    async def _oom_reported(self, sandbox: DockerSandbox, *, wait: bool) -> bool:
-        event = self._oom_event(sandbox.container_id)
-        if event.is_set() or not wait:
-            return event.is_set()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(OOM_EVENT_GRACE_S):
-                await event.wait()
-        return event.is_set()
-
-    def _oom_event(self, container_id: str) -> asyncio.Event:
-        return self._oom.setdefault(container_id, asyncio.Event())
 
     async def destroy_sandbox(self, sandbox: DockerSandbox) -> None:
         self._sandboxes.pop(sandbox.container_id, None)
         sandbox.mark_destroyed()
-        await sandbox.stream.close()
+        await sandbox.channel.close()
         try:
             await self._remove_and_release(sandbox.container_id, sandbox.uid)
         finally:
-            self._oom.pop(sandbox.container_id, None)
+            self._oom.forget(sandbox.container_id)
 
     async def _remove_and_release(self, name_or_id: str, uid: int) -> None:
         """Remove the container, then free its uid: no process of it runs any more."""
@@ -447,7 +311,7 @@ class DockerBackend:
                 return
             raise BackendError(f"cannot remove container {name_or_id}: {e.message}") from None
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise BackendError(f"cannot remove container {name_or_id}: {_describe(e)}") from None
+            raise BackendError(f"cannot remove container {name_or_id}: {describe(e)}") from None
 
     # --- reaping -----------------------------------------------------------
 
@@ -469,7 +333,7 @@ class DockerBackend:
         reaped = 0
         unremovable: dict[str, str] = {}
         for info in await self._list(LABEL_POOL):
-            labels = info["Labels"] or {}
+            labels = labels_of(info)
             if labels.get(LABEL_INSTANCE) == self.instance_id or owner_alive(
                 labels.get(LABEL_OWNER, "")
             ):
@@ -492,8 +356,7 @@ class DockerBackend:
         """Remove this pool's containers the backend does not track; drop dead idle ones."""
         untracked: set[str] = set()
         for info in await self._list(f"{LABEL_INSTANCE}={self.instance_id}"):
-            labels = info["Labels"] or {}
-            if labels.get(LABEL_POOL) != self.config.name:
+            if labels_of(info).get(LABEL_POOL) != self.config.name:
                 continue
             container_id = str(info["Id"])
             names = [n.lstrip("/") for n in info["Names"] or []]
@@ -507,7 +370,7 @@ class DockerBackend:
                                 container=container_id[:12])
                     await self._remove(container_id)
             elif sandbox is not None and info["State"] != "running" and sandbox.alive:
-                self._sandbox_died(sandbox)
+                self.report_died(sandbox)
         self._leak_suspects = untracked
 
     async def _sweep(self) -> None:
@@ -516,134 +379,18 @@ class DockerBackend:
             try:
                 await self.sweep()
                 await self.reap_orphans()
-            except (*_DOCKER_ERRORS, BackendError) as e:
-                log.debug("sweep_failed", pool=self.config.name, error=_describe(e))
-
-    def _sandbox_died(self, sandbox: DockerSandbox) -> None:
-        if sandbox.mark_dead() and self.listener is not None:
-            self.listener(sandbox, "died")
+            except (*DOCKER_ERRORS, BackendError) as e:
+                log.debug("sweep_failed", pool=self.config.name, error=describe(e))
 
     # --- events ------------------------------------------------------------
-
-    async def _watch_events(self) -> None:
-        """Follow oom and die events of this pool's containers, reconnecting after outages."""
-        filters = json.dumps(
-            {
-                "type": ["container"],
-                "event": ["oom", "die"],
-                "label": [
-                    f"{LABEL_INSTANCE}={self.instance_id}",
-                    f"{LABEL_POOL}={self.config.name}",
-                ],
-            }
-        )
-        while True:
-            try:
-                async with self.docker._query(
-                    "events",
-                    method="GET",
-                    params={"filters": filters},
-                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None, connect=5.0),
-                ) as response, response:  # the inner `with` releases the stream
-                    async for line in response.content:
-                        if line.strip():
-                            self._on_event(json.loads(line))
-            except (*_DOCKER_ERRORS, ValueError) as e:
-                log.debug("docker_events_reconnect", pool=self.config.name, error=_describe(e))
-            await asyncio.sleep(EVENTS_RETRY_S)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         container_id = str(event.get("id", ""))
         action = event.get("Action") or event.get("status")
         sandbox = self._sandboxes.get(container_id)
         if action == "oom":
-            self._oom_event(container_id).set()
-            if self.listener is not None and sandbox is not None:
-                self.listener(sandbox, "oom")
+            self._oom.event(container_id).set()
+            if sandbox is not None:
+                self.report_oom(sandbox)
         elif action == "die" and sandbox is not None:
-            self._sandbox_died(sandbox)
-
-
-def _process_start_time(pid: int) -> str | None:
-    """The start time of process ``pid`` in clock ticks since boot; None if it is gone.
-
-    Raises OSError when the answer cannot be read (EMFILE, EACCES): that proves
-    nothing about the process, so callers must not take it for "gone".
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat_line = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # Field 22, counted after the parenthesised command name, which may hold spaces.
-    fields = stat_line.rpartition(")")[2].split()
-    if len(fields) < 20:
-        raise OSError(f"cannot parse /proc/{pid}/stat")
-    return fields[19]
-
-
-def _boot_id() -> str:
-    """This boot's id. Raises OSError when it cannot be read."""
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        boot_id = f.read().strip()
-    if not boot_id:
-        raise OSError("empty /proc/sys/kernel/random/boot_id")
-    return boot_id
-
-
-def _pid_namespace() -> str:
-    """This process's pid namespace inode (readlink: needs no file descriptor)."""
-    return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").rstrip("]")
-
-
-def owner_label() -> str:
-    """This daemon as host:boot-id:pid-namespace:pid:start-time.
-
-    The start time guards against pid reuse, the boot id against a reboot, and
-    the namespace against a daemon in a container that shares dockerd and the
-    hostname, whose pids mean nothing here. Raises OSError when part of the
-    identity cannot be read: a container must never carry a label that a
-    reaper could later misjudge.
-    """
-    pid = os.getpid()
-    start_time = _process_start_time(pid)
-    if start_time is None:
-        raise OSError("cannot read this process's own start time")
-    return ":".join((socket.gethostname(), _boot_id(), _pid_namespace(), str(pid), start_time))
-
-
-def owner_alive(label: str) -> bool:
-    """Whether the daemon named by an owner label may still run.
-
-    False only when its death is proven: a label from before this boot, or a
-    pid that is gone or now belongs to a process started at another time (and
-    a container no daemon ever claimed: no or a malformed label). True for
-    another host or pid namespace, and whenever the proof fails (EMFILE, an
-    unreadable /proc): a reaper that guessed "dead" would delete a live
-    daemon's sandboxes.
-    """
-    parts = label.split(":")
-    if len(parts) != 5:
-        return False  # no owner label or an unknown format: nobody claims it
-    host, boot_id, pid_namespace, pid, start_time = parts
-    if host != socket.gethostname():
-        return True
-    try:
-        if boot_id != _boot_id():
-            return False  # the host rebooted since: that daemon is gone
-        if pid_namespace != _pid_namespace():
-            return True
-        if not pid.isdigit():
-            return False  # not a label any daemon wrote
-        return _process_start_time(int(pid)) == start_time
-    except OSError as e:
-        log.warning("owner_unknown", owner=label, error=str(e), verdict="alive")
-        return True
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, aiodocker.DockerError):
-        return str(error.message)
-    if isinstance(error, TimeoutError):
-        return "Docker did not answer in time"
-    return str(error) or type(error).__name__
+            self.report_died(sandbox)
