@@ -43,7 +43,7 @@ lint: $(STAMP)
 mutate: setup
 	$(VENV)/bin/python scripts/mutate.py $(MUTATE_ARGS)
 
-# Benchmarks (issue 8; README, "Benchmarks"): never part of `make test`.
+# Benchmarks (docs/benchmarks.md): never part of `make test`.
 # `make bench` takes under 10 minutes and writes bench/results/<date>.{json,md,png}.
 .PHONY: bench bench-quick
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -263,7 +263,7 @@ def run_rss(mode: Mode, workdir: Path, daemons: list[BenchDaemon]) -> dict[str, 
     """A Docker-only daemon with ``rss_warm`` warm sandboxes: its RSS and idle CPU."""
     warm = mode.rss_warm
     config = (
-        "# Written by bench/: RSS with warm Docker sandboxes (issue 8).\n[server]\n"
+        "# Written by bench/: RSS with warm Docker sandboxes.\n[server]\n"
         'metrics_address = "off"\n\n[pools.python]\nbackend = "docker"\n'
         f'image = "{docker_paths.IMAGE}"\nmin_idle = {warm}\nmax_size = {warm}\n'
         "start_concurrency = 4\n"
@@ -297,7 +297,7 @@ def _get(doc: dict[str, Any], *keys: str) -> Any:
 
 
 def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 8's targets against this run's numbers (met is None when not measured)."""
+    """The targets sandpool set itself, against this run's numbers (met is None when not measured)."""
     sp = doc["sandpool"]
     pools = {entry["backend"]: (name, entry) for name, entry in (sp.get("latency") or {}).items()}
     rows: list[dict[str, Any]] = []

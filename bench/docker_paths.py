@@ -33,7 +33,7 @@ DOCKER_URL = "unix:///var/run/docker.sock"
 ENGINE_WAIT_S = 120.0
 IMAGE = "sandpool/python:bookworm"  # python -m bench --image changes it, for A/B runs
 CALL_TIMEOUT_S = 60.0  # one Docker call; aiodocker's own defaults never time out
-# The seed's settings (issue 8): network disabled, read-only, tmpfs /tmp, pids 64,
+# The seed's settings (the `docker run` path sandpool replaced): network disabled, read-only, tmpfs /tmp, pids 64,
 # 128 MiB with swap equal to memory, half a CPU.
 SEED_SETTINGS: dict[str, Any] = {
     "network_disabled": True,

@@ -70,10 +70,8 @@ class PoolPlan:
 # before the next request (a Docker refill is ~150-300 ms of dockerd work here).
 LOW_LOAD_RATE = {"docker": 5.0, "process": 25.0, "wasm": 10.0}
 FIRST_LOAD_RATE = {"docker": 2.0, "process": 10.0, "wasm": 4.0}
-# Docker: 6 starts at once keep dockerd as busy as the ceiling's 4 workers do,
-# since a pool start also waits for the runner (one overload measurement on 2
-# cores: 5.4-5.6/s with 4, 6.4/s with 6 or 8, ceiling 6.3/s; later, with the
-# host CPU-bound, 5.4/s with 2 and 5.6/s with 4).
+# Docker: 6 starts at once keep dockerd as busy as the churn ceiling's 4
+# workers do, since a pool start also waits for the runner (docs/performance.md).
 POOL_SIZES = {"docker": (8, 16, 6), "process": (8, 16, 4), "wasm": (4, 8, 2)}
 
 
@@ -100,7 +98,7 @@ def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPla
 
 def daemon_config(plans: list[PoolPlan]) -> str:
     header = (
-        "# Written by bench/ for one benchmark run (issue 8).\n[server]\n"
+        "# Written by bench/ for one benchmark run.\n[server]\n"
         'metrics_address = "off"\nmax_concurrent_requests = 1024\nshutdown_timeout_s = 20.0\n'
     )
     return header + "".join("\n" + plan.toml() for plan in plans)

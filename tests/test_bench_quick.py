@@ -138,7 +138,7 @@ def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
     out = Path(quick_result["_out"])
     markdown = (out / "quick.md").read_text()
     assert "## Latency per request (ms)" in markdown
-    assert "## Targets (issue 8)" in markdown
+    assert "## Targets" in markdown
     if quick_result["plot"]["path"] is not None:
         assert (out / "quick.png").read_bytes().startswith(b"\x89PNG")
     else:

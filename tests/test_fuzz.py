@@ -1,4 +1,4 @@
-"""Hostile request bodies at POST /v1/run through the real daemon's socket (issue 5, "Bad input").
+"""Hostile request bodies at POST /v1/run through the real daemon's socket.
 
 The property: whatever bytes arrive, the answer is JSON — a result or
 ``{"error": {"code", "message"}}`` — never a 5xx other than a 503 with ``Retry-After``,

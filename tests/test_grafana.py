@@ -2,7 +2,7 @@
 
 A renamed metric breaks a dashboard silently: the panel just shows "No data".
 These tests read ``metrics/grafana-dashboard.json`` and compare every
-``sandpool_*`` series it queries with a fresh ``Metrics`` registry (issue 4).
+``sandpool_*`` series it queries with a fresh ``Metrics`` registry.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ SERIES_SUFFIXES = {
     "counter": ("_total",),
     "gauge": ("",),
 }
-# The names in issue 4's table (tests/support.py keeps the one list),
+# The metrics sandpool promises (tests/support.py keeps the one list),
 # as metric families: a counter's family has no _total.
-ISSUE_METRICS = tuple(name.removesuffix("_total") for name in METRIC_NAMES)
+PROMISED_METRICS = tuple(name.removesuffix("_total") for name in METRIC_NAMES)
 
 
 def load_dashboard() -> dict[str, Any]:
@@ -128,10 +128,10 @@ def test_a_misspelled_metric_is_reported(real: str, mistake: str) -> None:
     assert mistake in unknown_series(dashboard)
 
 
-def test_dashboard_covers_the_issue_metrics() -> None:
+def test_dashboard_covers_the_promised_metrics() -> None:
     queried = {m for q in queries(load_dashboard()) for m in METRIC_NAME.findall(q)}
     bases = {re.sub(r"_(bucket|sum|count|total)$", "", name) for name in queried}
-    assert sorted(set(ISSUE_METRICS) - bases) == []
+    assert sorted(set(PROMISED_METRICS) - bases) == []
 
 
 def test_dashboard_imports_with_a_prometheus_datasource_input() -> None:

@@ -1,4 +1,4 @@
-"""systemd/sandpool.service: systemd accepts it, and it keeps the promises of issue 4.
+"""systemd/sandpool.service: systemd accepts it, and it keeps the promises docs/systemd.md makes.
 
 ``systemd-analyze verify`` works offline (PID 1 need not be systemd). It checks
 that ExecStart= exists, so it runs on a copy whose ExecStart= points at this

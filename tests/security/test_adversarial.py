@@ -1,4 +1,4 @@
-"""Hostile code through the real daemon: the adversarial suite of issue 5.
+"""Hostile code through the real daemon: the adversarial suite.
 
 Each case runs code written to break out, then checks the verdict the user gets,
 that the host is untouched (its files, processes, network, containers), that the
