@@ -1,0 +1,145 @@
+"""Request latency of two versions of sandpool side by side, in one run.
+
+    .venv/bin/python -m bench.ab --before REV [--requests 200] [--rate 8] [--out FILE]
+
+Checks ``REV`` out into a temporary git worktree, starts one daemon from it
+and one from this working tree (same pools, disjoint sandbox uid ranges), and
+sends ``print(1)`` to each pool of both daemons in alternation, the order
+flipping every round, paced at ``--rate`` rounds per second so the pools are
+back at ``min_idle`` between requests. Both daemons share the host, so noise
+(other load, dockerd) falls on both alike. Prints, and writes to ``--out`` as
+JSON, p50/p99/max per pool and side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from api.client import Client
+from bench.stats import percentile
+from tests.support import REPOSITORY, Daemon, start_daemon, terminate_daemon
+
+POOLS = ("python", "python-process", "python-wasm")
+CONFIG = """
+[server]
+metrics_address = "off"
+sandbox_uid_base = {uid_base}
+
+[pools.python]
+backend = "docker"
+min_idle = 2
+max_size = 4
+
+[pools.python-process]
+backend = "process"
+min_idle = 2
+max_size = 4
+
+[pools.python-wasm]
+backend = "wasm"
+min_idle = 2
+max_size = 4
+"""
+UID_BASES = {"before": 1_900_000_000, "after": 1_900_100_000}
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPOSITORY), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def round_trip_ms(client: Client, pool: str) -> float:
+    start = time.perf_counter()
+    result = client.run("print(1)", pool=pool)
+    elapsed = (time.perf_counter() - start) * 1000
+    if result["stdout"] != "1\n":
+        raise SystemExit(f"unexpected result from {pool}: {result}")
+    return elapsed
+
+
+def measure(
+    daemons: dict[str, Daemon], requests: int, rate: float
+) -> dict[str, dict[str, list[float]]]:
+    """side -> pool -> latencies in ms; a warm-up round first, not counted."""
+    latencies: dict[str, dict[str, list[float]]] = {
+        side: {pool: [] for pool in POOLS} for side in daemons
+    }
+    clients = {side: daemon.client() for side, daemon in daemons.items()}
+    try:
+        for pool in POOLS:
+            for client in clients.values():
+                round_trip_ms(client, pool)
+        began = time.monotonic()
+        for index in range(requests):
+            time.sleep(max(0.0, began + index / rate - time.monotonic()))
+            sides = list(daemons) if index % 2 == 0 else list(reversed(daemons))
+            for pool in POOLS:
+                for side in sides:
+                    latencies[side][pool].append(round_trip_ms(clients[side], pool))
+    finally:
+        for client in clients.values():
+            client.close()
+    return latencies
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "p50_ms": round(percentile(ordered, 50), 2),
+        "p99_ms": round(percentile(ordered, 99), 2),
+        "max_ms": round(ordered[-1], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", required=True, help="the git revision to compare against")
+    parser.add_argument("--requests", type=int, default=200, help="rounds per pool and side")
+    parser.add_argument("--rate", type=float, default=8.0, help="rounds per second")
+    parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    args = parser.parse_args()
+    before_commit = git("rev-parse", args.before)
+    after_commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    with tempfile.TemporaryDirectory(prefix="sandpool-ab-") as directory:
+        root = Path(directory)
+        worktree = root / "before"
+        git("worktree", "add", "--detach", str(worktree), before_commit)
+        daemons: dict[str, Daemon] = {}
+        try:
+            for side, code_dir in (("before", worktree), ("after", REPOSITORY)):
+                workdir = root / f"{side}-run"
+                workdir.mkdir()
+                config = CONFIG.format(uid_base=UID_BASES[side])
+                daemons[side] = start_daemon(workdir, config, code_dir=code_dir)
+            latencies = measure(daemons, args.requests, args.rate)
+        finally:
+            for daemon in daemons.values():
+                terminate_daemon(daemon)
+            git("worktree", "remove", "--force", str(worktree))
+    result = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": f"python -m bench.ab --before {args.before} --requests {args.requests} "
+        f"--rate {args.rate}",
+        "before": before_commit,
+        "after": after_commit + (" + uncommitted changes" if dirty else ""),
+        "requests_per_pool_and_side": args.requests,
+        "pools": {
+            pool: {side: summary(latencies[side][pool]) for side in latencies} for pool in POOLS
+        },
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
