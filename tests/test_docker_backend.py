@@ -107,7 +107,7 @@ async def test_reaper_skips_a_container_dockerd_cannot_remove(
     dead_owner = f"{host}:{boot}:{pidns}:{pid}:0"
     stuck = stray_container(backend.config.name, "crashed-stuck", dead_owner)
     other = stray_container(backend.config.name, "crashed-other", dead_owner)
-    remove = backend._remove
+    remove = backend._containers.remove
 
     async def refuse_stuck(name_or_id: str) -> None:
         # What dockerd answers for a root filesystem a restart left mounted.
@@ -115,7 +115,7 @@ async def test_reaper_skips_a_container_dockerd_cannot_remove(
             raise BackendError(f"cannot remove container {name_or_id}: device or resource busy")
         await remove(name_or_id)
 
-    monkeypatch.setattr(backend, "_remove", refuse_stuck)
+    monkeypatch.setattr(backend._containers, "remove", refuse_stuck)
     try:
         await backend.reap_orphans()  # no exception: the stuck one is skipped
         remaining = set(docker_containers(f"{LABEL_POOL}={backend.config.name}"))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,15 +27,16 @@ from pool import guest
 from pool.backends.base import BackendBase, RunRequest, RunResult, Sandbox, new_sandbox_id
 from pool.backends.docker import engine
 from pool.backends.docker.channel import RunEnd, RunnerChannel
+from pool.backends.docker.containers import Containers
 from pool.backends.docker.definition import (
     LABEL_INSTANCE,
-    LABEL_OWNER,
     LABEL_POOL,
     container_definition,
 )
 from pool.backends.docker.engine import CALL_TIMEOUT_S, DOCKER_ERRORS, describe, labels_of
 from pool.backends.docker.events import OomEvents, follow_events
-from pool.backends.docker.ownership import owner_alive, owner_label
+from pool.backends.docker.ownership import owner_label
+from pool.backends.docker.reaper import Reaper
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
@@ -78,24 +77,22 @@ class DockerBackend(BackendBase[DockerSandbox]):
         self.config = config
         self.instance_id = instance_id
         self._uids = uids or default_uids()
-        self._docker: aiodocker.Docker | None = None
+        self._containers = Containers()
+        self._reaper = Reaper(config.name, instance_id, self._containers)
         self._guest_dir: Path | None = None  # guest.install(): the runner, bind-mounted read-only
         self._sandboxes: dict[str, DockerSandbox] = {}  # container id -> started, not destroyed
         self._oom = OomEvents()
         self._tasks: list[asyncio.Task[None]] = []  # event follower and leak sweeper
         self._creating: set[str] = set()  # names of containers not yet in _sandboxes
-        self._leak_suspects: set[str] = set()  # untracked at the last sweep
         self._server_version = "unknown"
         self._owner = ""  # owner_label(), read once at start
-        self._unremovable_logged: set[str] = set()  # orphans dockerd refused to remove
 
     # --- lifecycle ---------------------------------------------------------
 
     @property
     def docker(self) -> aiodocker.Docker:
-        if self._docker is None:
-            raise BackendError("the Docker backend is not started")
-        return self._docker
+        """The connected client. Raises BackendError before ``start()`` or after ``close()``."""
+        return self._containers.docker
 
     async def start(self) -> None:
         """Connect, check the image, reap orphans of dead daemons, follow events.
@@ -115,16 +112,12 @@ class DockerBackend(BackendBase[DockerSandbox]):
         # The seccomp profile needs libseccomp's syscall table: read it once,
         # off the event loop, and fail here rather than at every container.
         await asyncio.to_thread(docker_profile)
-        # An explicit URL: aiodocker's own discovery asserts when no socket exists
-        # yet, and a daemon started before dockerd must wait for it, not crash.
-        self._docker = aiodocker.Docker(
-            url=os.environ.get("DOCKER_HOST") or engine.DOCKER_SOCKET_URL
-        )
+        docker = self._containers.connect()
         try:
             async with asyncio.timeout(CALL_TIMEOUT_S):
-                version = await self._docker.version()
+                version = await docker.version()
                 self._server_version = str(version.get("Version", "unknown"))
-                await self._docker.images.inspect(self.config.image)
+                await docker.images.inspect(self.config.image)
             await self.reap_orphans()
         except aiodocker.DockerError as e:
             if e.status == 404:
@@ -137,7 +130,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
         except (aiohttp.ClientError, OSError, TimeoutError, BackendError) as e:
             log.warning("docker_unreachable", pool=self.config.name, error=describe(e))
         loop = asyncio.get_running_loop()
-        events = follow_events(self._docker, self.config.name, self.instance_id, self._on_event)
+        events = follow_events(docker, self.config.name, self.instance_id, self._on_event)
         self._tasks = [loop.create_task(events), loop.create_task(self._sweep())]
 
     async def close(self) -> None:
@@ -150,15 +143,15 @@ class DockerBackend(BackendBase[DockerSandbox]):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._docker is not None:
+        if self._containers.connected:
             try:
-                for container in await self._list(f"{LABEL_INSTANCE}={self.instance_id}"):
+                mine = await self._containers.list(f"{LABEL_INSTANCE}={self.instance_id}")
+                for container in mine:
                     if labels_of(container).get(LABEL_POOL) == self.config.name:
-                        await self._remove(str(container["Id"]))
+                        await self._containers.remove(str(container["Id"]))
             except (*DOCKER_ERRORS, BackendError) as e:
                 log.error("containers_not_removed", pool=self.config.name, error=describe(e))
-            await self._docker.close()
-            self._docker = None
+            await self._containers.close()
 
     def version(self) -> str:
         return self._server_version
@@ -298,80 +291,18 @@ class DockerBackend(BackendBase[DockerSandbox]):
 
     async def _remove_and_release(self, name_or_id: str, uid: int) -> None:
         """Remove the container, then free its uid: no process of it runs any more."""
-        await self._remove(name_or_id)
+        await self._containers.remove(name_or_id)
         self._uids.release(uid)
 
-    async def _remove(self, name_or_id: str) -> None:
-        """Force-remove a container; one that is already gone is fine."""
-        try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
-                await self.docker.containers.container(name_or_id).delete(force=True, v=True)
-        except aiodocker.DockerError as e:
-            if e.status == 404 or e.status == 409:  # gone, or removal already in progress
-                return
-            raise BackendError(f"cannot remove container {name_or_id}: {e.message}") from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise BackendError(f"cannot remove container {name_or_id}: {describe(e)}") from None
-
-    # --- reaping -----------------------------------------------------------
-
-    async def _list(self, label: str) -> list[DockerContainer]:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            containers: list[DockerContainer] = await self.docker.containers.list(
-                all=True, filters=json.dumps({"label": [label]})
-            )
-        return containers
+    # --- reaping (reaper.py) ----------------------------------------------
 
     async def reap_orphans(self) -> int:
-        """Remove sandpool containers whose daemon is gone (crashed or SIGKILLed).
-
-        One that dockerd cannot remove (a root filesystem left busy by a dockerd
-        restart stays so until reboot) is logged and skipped: it must not keep
-        the others. Returns how many were removed; raises BackendError only
-        when the containers cannot be listed.
-        """
-        reaped = 0
-        unremovable: dict[str, str] = {}
-        for info in await self._list(LABEL_POOL):
-            labels = labels_of(info)
-            if labels.get(LABEL_INSTANCE) == self.instance_id or owner_alive(
-                labels.get(LABEL_OWNER, "")
-            ):
-                continue
-            try:
-                await self._remove(str(info["Id"]))
-            except BackendError as e:
-                unremovable[str(info["Id"])[:12]] = e.message
-                continue
-            reaped += 1
-        if reaped:
-            log.info("reaped_orphans", pool=self.config.name, containers=reaped)
-        if unremovable and unremovable.keys() != self._unremovable_logged:
-            # Once per set, not at every sweep: dockerd says the same each time.
-            log.warning("orphans_not_removed", pool=self.config.name, containers=unremovable)
-        self._unremovable_logged = set(unremovable)
-        return reaped
+        """Remove sandpool containers whose daemon is gone; how many (``Reaper.reap_orphans``)."""
+        return await self._reaper.reap_orphans()
 
     async def sweep(self) -> None:
         """Remove this pool's containers the backend does not track; drop dead idle ones."""
-        untracked: set[str] = set()
-        for info in await self._list(f"{LABEL_INSTANCE}={self.instance_id}"):
-            if labels_of(info).get(LABEL_POOL) != self.config.name:
-                continue
-            container_id = str(info["Id"])
-            names = [n.lstrip("/") for n in info["Names"] or []]
-            sandbox = self._sandboxes.get(container_id)
-            if sandbox is None and not self._creating.intersection(names):
-                # The listing is a snapshot: a container being destroyed right now
-                # looks untracked too. Only one untracked in two sweeps is a leak.
-                untracked.add(container_id)
-                if container_id in self._leak_suspects:
-                    log.warning("leaked_container_removed", pool=self.config.name,
-                                container=container_id[:12])
-                    await self._remove(container_id)
-            elif sandbox is not None and info["State"] != "running" and sandbox.alive:
-                self.report_died(sandbox)
-        self._leak_suspects = untracked
+        await self._reaper.sweep(self._sandboxes, self._creating, self.report_died)
 
     async def _sweep(self) -> None:
         while True:
