@@ -23,9 +23,9 @@ import pytest
 import wasmtime
 
 from api.client import Client
+from pool import paths
 from pool.backends.base import RunRequest
-from pool.backends.wasm import WasmBackend
-from pool.backends.wasm import backend as wasm
+from pool.backends.wasm import WasmBackend, cache, epoch
 from pool.backends.wasm import scratch as wasm_scratch
 from pool.config import PoolConfig
 from pool.errors import BackendError
@@ -339,7 +339,7 @@ async def test_close_stops_parked_and_running_guests(backend: WasmBackend) -> No
 
 
 async def test_a_wrong_module_hash_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wasm, "PINNED_MODULE_SHA256", "0" * 64)
+    monkeypatch.setattr(cache, "PINNED_MODULE_SHA256", "0" * 64)
     refused = WasmBackend(PoolConfig(name="wasm-pin", backend="wasm"), "test")
     with pytest.raises(BackendError) as caught:
         await refused.start()
@@ -368,12 +368,12 @@ async def test_a_module_that_is_not_the_runner_fails_to_start_with_a_reason(
 def test_verify_module_names_both_hashes(tmp_path: Path) -> None:
     module = tmp_path / "m.wasm"
     module.write_bytes(wasmtime.wat2wasm("(module)"))
-    actual = wasm.file_sha256(module)
-    assert wasm.verify_module(module, actual) == actual
+    actual = cache.file_sha256(module)
+    assert cache.verify_module(module, actual) == actual
     with pytest.raises(BackendError, match=f"has sha256 {actual}, not the pinned {'1' * 64}"):
-        wasm.verify_module(module, "1" * 64)
+        cache.verify_module(module, "1" * 64)
     with pytest.raises(BackendError, match="cannot read the wasm module"):
-        wasm.verify_module(tmp_path / "missing.wasm", None)
+        cache.verify_module(tmp_path / "missing.wasm", None)
 
 
 # --- the compiled-module cache ------------------------------------------------
@@ -383,7 +383,7 @@ def test_verify_module_names_both_hashes(tmp_path: Path) -> None:
 def tiny_module(tmp_path: Path) -> tuple[Path, str]:
     path = tmp_path / "tiny.wasm"
     path.write_bytes(wasmtime.wat2wasm('(module (func (export "_start")))'))
-    return path, wasm.file_sha256(path)
+    return path, cache.file_sha256(path)
 
 
 def compile_counting(module: tuple[Path, str], directory: Path) -> tuple[Path, int]:
@@ -393,7 +393,7 @@ def compile_counting(module: tuple[Path, str], directory: Path) -> tuple[Path, i
         nonlocal compiles
         compiles += 1
 
-    artifact = wasm.compiled_module(module[0], module[1], directory, on_compile=on_compile)
+    artifact = cache.compiled_module(module[0], module[1], directory, on_compile=on_compile)
     return artifact, compiles
 
 
@@ -404,9 +404,9 @@ def test_cache_compiles_once_into_a_private_directory(
     artifact, compiles = compile_counting(tiny_module, directory)
     assert compiles == 1
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-    assert wasm.wasmtime_version() in artifact.name
+    assert cache.wasmtime_version() in artifact.name
     assert compile_counting(tiny_module, directory) == (artifact, 0)
-    wasmtime.Module.deserialize_file(wasmtime.Engine(wasm.engine_config()), str(artifact))
+    wasmtime.Module.deserialize_file(wasmtime.Engine(cache.engine_config()), str(artifact))
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "garbage", "remove the record"])
@@ -444,13 +444,13 @@ def test_a_cache_directory_of_another_user_is_refused(
 
 def test_cache_dir_follows_xdg_then_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
-    assert wasm.cache_dir() == Path("/somewhere/sandpool")
+    assert paths.cache_dir() == Path("/somewhere/sandpool")
     monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setattr(wasm.os, "geteuid", lambda: 0)
-    assert wasm.cache_dir() == Path("/var/cache/sandpool")
-    monkeypatch.setattr(wasm.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
+    assert paths.cache_dir() == Path("/var/cache/sandpool")
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 1000)
     monkeypatch.setenv("HOME", "/home/someone")
-    assert wasm.cache_dir() == Path("/home/someone/.cache/sandpool")
+    assert paths.cache_dir() == Path("/home/someone/.cache/sandpool")
 
 
 class CountingEngine:
@@ -465,34 +465,34 @@ class CountingEngine:
 
 async def test_the_epoch_ticker_sleeps_unless_a_killed_or_metered_guest_holds_a_store() -> None:
     engine = CountingEngine()
-    ticker = wasm._Ticker(engine, name="test-ticker")  # type: ignore[arg-type]
-    guest = wasm._Guest(engine, ticker.nudge, cpus=1)  # type: ignore[arg-type]
-    metered = wasm._Guest(engine, ticker.nudge, cpus=0.5)  # type: ignore[arg-type]
+    ticker = epoch.Ticker(engine, name="test-ticker")  # type: ignore[arg-type]
+    guest = epoch.Guest(engine, ticker.nudge, cpus=1)  # type: ignore[arg-type]
+    metered = epoch.Guest(engine, ticker.nudge, cpus=0.5)  # type: ignore[arg-type]
     try:
-        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps == 0  # idle: no wake-ups at all
-        wasm._epoch_guests[guest.key] = guest  # a live Store
+        epoch._epoch_guests[guest.key] = guest  # a live Store
         guest.meter()  # cpus 1: nothing to meter, so no ticks
-        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps == 0
         guest.kill()  # one bump of its own, then the ticker's
-        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps >= 3
-        del wasm._epoch_guests[guest.key]  # the Store was dropped: the kill has landed
-        await asyncio.sleep(2 * wasm.EPOCH_TICK_S)
+        del epoch._epoch_guests[guest.key]  # the Store was dropped: the kill has landed
+        await asyncio.sleep(2 * epoch.EPOCH_TICK_S)
         settled = engine.bumps
-        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps == settled
-        wasm._epoch_guests[metered.key] = metered
+        epoch._epoch_guests[metered.key] = metered
         metered.meter()  # its request runs: ticks without any kill
-        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps >= settled + 2
-        del wasm._epoch_guests[metered.key]  # its Store was dropped
-        await asyncio.sleep(2 * wasm.EPOCH_TICK_S)
+        del epoch._epoch_guests[metered.key]  # its Store was dropped
+        await asyncio.sleep(2 * epoch.EPOCH_TICK_S)
         settled = engine.bumps
-        await asyncio.sleep(3 * wasm.EPOCH_TICK_S)
+        await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps == settled
     finally:
-        wasm._epoch_guests.pop(guest.key, None)
-        wasm._epoch_guests.pop(metered.key, None)
+        epoch._epoch_guests.pop(guest.key, None)
+        epoch._epoch_guests.pop(metered.key, None)
         await asyncio.to_thread(ticker.stop)

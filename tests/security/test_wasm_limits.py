@@ -4,11 +4,11 @@ A wasm guest runs inside the daemon's process, so whatever it makes the host
 hold (fds, disk) is the daemon's. Each test names the bound it attacks and
 fails if that bound is removed:
 
-- the open-file cap (``_OpenFiles`` in pool/backends/wasm.py): a guest that
+- the open-file cap (``OpenFiles`` in pool/backends/wasm/wasi.py): a guest that
   opens files in a loop gets EMFILE at ``wasm_max_open_files`` while the
   daemon answers and another tier serves;
 - scratch on a size-limited tmpfs for a non-root daemon too (the namespace
-  helper in pool/backends/wasm_scratch.py): a big write stops at ENOSPC;
+  helper in pool/backends/wasm/scratch.py): a big write stops at ENOSPC;
 - nothing on disk: a SIGKILLed daemon leaves no guest data and no helper;
 - CPU: a busy guest's worker thread runs in SCHED_IDLE, below the event loop; a
   parked or starting one keeps the daemon's priority.
@@ -39,7 +39,8 @@ from pathlib import Path
 import pytest
 
 from api.client import ApiError, Client
-from pool.backends.wasm import backend as wasm
+from pool import paths
+from pool.backends.wasm import threads, wasi
 from tests.support import Daemon, start_daemon, stop_daemon
 
 Spawn = Callable[..., Daemon]
@@ -151,7 +152,7 @@ def test_a_guest_opening_files_in_a_loop_gets_emfile_while_the_daemon_serves(
     assert set(served) == {"neighbour\n"}
     # The guest's files, a second parked wasm sandbox and a refilled process
     # sandbox: never the thousand the guest asked for.
-    assert most - before <= OPEN_FILES + 2 * wasm.GUEST_BASE_FDS + 32, (before, most)
+    assert most - before <= OPEN_FILES + 2 * wasi.GUEST_BASE_FDS + 32, (before, most)
     with daemon.client() as client:  # its files were the daemon's: all closed again
         assert run(client, "print(len([open(f'/tmp/{i}', 'w') for i in range(50)]))")[
             "stdout"] == "50\n"
@@ -222,7 +223,7 @@ def test_a_busy_guest_runs_in_sched_idle(spawn_daemon: Spawn) -> None:
     busiest = max(after, key=lambda tid: after[tid][2] - before.get(tid, (0, 0, 0))[2])
     assert after[busiest][2] - before[busiest][2] > 0
     # The guest's worker thread: preempted by any other thread that wakes.
-    assert after[busiest][:2] == (SCHED_IDLE, wasm.GUEST_NICE)
+    assert after[busiest][:2] == (SCHED_IDLE, threads.GUEST_NICE)
     assert after[pid][:2] == (SCHED_OTHER, 0)  # the event loop's thread keeps its own
 
 
@@ -280,7 +281,7 @@ def nobody_home() -> Iterator[Path]:
         home.chmod(0o755)
         (home / "tmp").mkdir()
         cache = home / "cache" / "sandpool"
-        shutil.copytree(wasm.cache_dir(), cache, dirs_exist_ok=True)  # else a 10 s compile
+        shutil.copytree(paths.cache_dir(), cache, dirs_exist_ok=True)  # else a 10 s compile
         for path in (home, *home.rglob("*")):
             os.chown(path, NOBODY, NOBODY)
         yield home
