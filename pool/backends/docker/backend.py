@@ -32,8 +32,9 @@ from pool.backends.docker.definition import (
     LABEL_INSTANCE,
     LABEL_POOL,
     container_definition,
+    labels_of,
 )
-from pool.backends.docker.engine import CALL_TIMEOUT_S, DOCKER_ERRORS, describe, labels_of
+from pool.backends.docker.engine import CALL_TIMEOUT_S, DOCKER_ERRORS, describe
 from pool.backends.docker.events import OomEvents, follow_events
 from pool.backends.docker.ownership import owner_label
 from pool.backends.docker.reaper import Reaper
@@ -52,6 +53,8 @@ OOM_EXIT_CODE = 137  # 128 + SIGKILL: what the runner reports for an OOM-killed 
 
 
 class DockerSandbox(Sandbox):
+    """One started container, its runner channel, and the host uid it runs as."""
+
     def __init__(
         self, sandbox_id: str, container: DockerContainer, channel: RunnerChannel, uid: int
     ) -> None:

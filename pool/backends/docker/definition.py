@@ -22,6 +22,11 @@ LABEL_INSTANCE = "sandpool.instance"
 LABEL_OWNER = "sandpool.owner"
 
 
+def labels_of(listed: Any) -> dict[str, str]:
+    """The labels of a container as ``GET /containers/json`` lists it (null for none)."""
+    return dict(listed["Labels"] or {})
+
+
 def container_definition(
     c: PoolConfig, *, uid: int, instance_id: str, owner: str, guest_dir: Path
 ) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import aiodocker
 import aiohttp
@@ -87,8 +86,3 @@ def describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "Docker did not answer in time"
     return str(error) or type(error).__name__
-
-
-def labels_of(info: Any) -> dict[str, str]:
-    """A listed container's labels; dockerd sends null for none."""
-    return dict(info["Labels"] or {})

@@ -15,8 +15,7 @@ import structlog
 
 from pool.backends.base import Sandbox
 from pool.backends.docker.containers import Containers
-from pool.backends.docker.definition import LABEL_INSTANCE, LABEL_OWNER, LABEL_POOL
-from pool.backends.docker.engine import labels_of
+from pool.backends.docker.definition import LABEL_INSTANCE, LABEL_OWNER, LABEL_POOL, labels_of
 from pool.backends.docker.ownership import owner_alive
 from pool.errors import BackendError
 
