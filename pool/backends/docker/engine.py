@@ -4,8 +4,8 @@ This is the only module of sandpool that touches aiodocker's private API
 (``Docker._query_json``, ``Docker._query``, ``Stream``'s setup callable). Each
 use says why the public call does not do: readiness probes must not cost
 dockerd an ``/info``, an attach must not cost it an inspect, and the event
-stream must outlive aiodocker's own timeouts. An aiodocker upgrade that
-changes them breaks here and nowhere else.
+stream must run in a task of ours, not one aiodocker starts. An aiodocker
+upgrade that changes them breaks here and nowhere else.
 
 Every Docker call has a timeout: aiodocker's defaults never time out.
 """
