@@ -21,8 +21,8 @@ import pytest
 
 from api.client import Client
 from pool.backends.base import RunRequest, Sandbox, SandboxEvent
-from pool.backends.process import ProcessBackend, ProcessSandbox
-from pool.backends.process import backend as process
+from pool.backends.process import ProcessBackend, ProcessSandbox, definition
+from pool.backends.process import cgroups as process_cgroups
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.uids import SandboxUids
@@ -334,7 +334,7 @@ async def test_a_cancelled_start_leaves_nothing(backend: ProcessBackend, delay_s
 
 
 async def test_missing_interpreter_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(process, "INTERPRETER", "/usr/bin/no-such-python3")
+    monkeypatch.setattr(definition, "INTERPRETER", "/usr/bin/no-such-python3")
     backend = ProcessBackend(PoolConfig(name="broken", backend="process"), "broken")
     with pytest.raises(BackendError, match="install python3"):
         await backend.start()
@@ -394,9 +394,9 @@ def daemon_cgroups(daemon_pid: int) -> list[Path]:
     """The cgroup directories a daemon made for its process pools (root only)."""
     return [
         path
-        for controller, own in process.own_cgroups().items()
+        for controller, own in process_cgroups.own_cgroups().items()
         if controller
-        for path in (process.CGROUP_ROOT / controller / own.lstrip("/")).glob(
+        for path in (process_cgroups.CGROUP_ROOT / controller / own.lstrip("/")).glob(
             f"sandpool-{daemon_pid}-*"
         )
     ]
@@ -404,7 +404,7 @@ def daemon_cgroups(daemon_pid: int) -> list[Path]:
 
 def backend_cgroup_members(backend: ProcessBackend) -> list[int]:
     """Host pids whose cgroup is one of this backend's, by /proc/PID/cgroup."""
-    name = process.cgroup_dir_name(backend.config.name, backend.instance_id)
+    name = process_cgroups.cgroup_dir_name(backend.config.name, backend.instance_id)
     members = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -419,12 +419,12 @@ def backend_cgroup_members(backend: ProcessBackend) -> list[int]:
 
 def sandbox_cgroups(backend: ProcessBackend) -> list[Path]:
     """The sandbox cgroup directories below this backend's pool directories."""
-    name = process.cgroup_dir_name(backend.config.name, backend.instance_id)
+    name = process_cgroups.cgroup_dir_name(backend.config.name, backend.instance_id)
     return [
         sandbox_dir
-        for controller, own in process.own_cgroups().items()
+        for controller, own in process_cgroups.own_cgroups().items()
         if controller
-        for pool_dir in (process.CGROUP_ROOT / controller / own.lstrip("/")).glob(name)
+        for pool_dir in (process_cgroups.CGROUP_ROOT / controller / own.lstrip("/")).glob(name)
         for sandbox_dir in pool_dir.iterdir()
         if sandbox_dir.is_dir()
     ]

@@ -19,14 +19,13 @@ in between leaves mounts under its directory; the next daemon's start sweeps
 them (the pid in the name says whose they were).
 
 A daemon that is not root cannot mount at all: its sandboxes keep bwrap's own
-tmpfs, where programs can be executed (README, "The process tier").
+tmpfs, where programs can be executed (docs/process-tier.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import structlog
 
 from pool.errors import BackendError
+from pool.mounts import detach, mount_points
 from pool.procfs import pid_alive
 
 log = structlog.get_logger("sandpool.process")
@@ -46,7 +46,7 @@ SCRATCH_DIRS = (("tmp", "/tmp", "1777"), ("shm", "/dev/shm", "1777"), ("work", "
 
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
-_MNT_DETACH = 2
+# mount(2) itself, which the standard library does not offer (pool/mounts.py unmounts).
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -67,14 +67,6 @@ def _mount(source: str, target: Path, fstype: str | None, flags: int, data: str 
         ),
         f"mount {target}",
     )
-
-
-def _detach(target: Path) -> None:
-    """Lazily unmount ``target``; one that is not a mount point (any more) is fine."""
-    if _libc.umount2(bytes(target), _MNT_DETACH) != 0:
-        error = ctypes.get_errno()
-        if error not in (errno.EINVAL, errno.ENOENT):
-            raise OSError(error, f"umount {target}: {os.strerror(error)}")
 
 
 @dataclass(slots=True)
@@ -98,7 +90,7 @@ class SandboxScratch:
         """
         try:
             for path in reversed(self.mounted):
-                _detach(path)
+                detach(path)
                 with contextlib.suppress(FileNotFoundError):
                     path.rmdir()
             self.mounted.clear()
@@ -131,7 +123,7 @@ class ScratchMounts:
     def close(self) -> None:
         """Remove this pool's directory; the sandboxes' own mounts are gone by now. Blocking."""
         try:
-            _detach(self.directory)
+            detach(self.directory)
             self.directory.rmdir()
         except OSError as e:
             log.warning("scratch_not_removed", path=str(self.directory), error=e.strerror)
@@ -164,7 +156,7 @@ def sweep_stale_scratch(root: Path) -> None:
     A directory is ``sandpool-<pid>-...`` (the process tier's cgroup name);
     one whose daemon still runs is left alone.
     """
-    mounts = _mount_points()
+    mounts = mount_points()
     for stale in root.iterdir():
         pid = stale.name.removeprefix("sandpool-").partition("-")[0]
         if not pid.isdigit() or pid_alive(int(pid)):
@@ -173,21 +165,10 @@ def sweep_stale_scratch(root: Path) -> None:
         # Deepest first: the sandboxes' mounts, then the pool directory's own.
         for point in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
             with contextlib.suppress(OSError):
-                _detach(Path(point))
+                detach(point)
         with contextlib.suppress(OSError):
-            _detach(stale)
+            detach(stale)
         for directory in sorted(stale.glob("**/"), key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 directory.rmdir()  # empty once detached: never deletes a file
         log.info("stale_scratch_removed", path=str(stale))
-
-
-def _mount_points() -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            # Field 5 is the mount point, with spaces and the like octal-escaped.
-            points.append(line.split()[4].encode().decode("unicode_escape"))
-    return points
-
-

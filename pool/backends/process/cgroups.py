@@ -1,0 +1,283 @@
+"""The process tier's cgroups: one directory per pool, one per sandbox below it.
+
+The memory cgroup is what bounds a sandbox's memory: RLIMIT_AS does not count
+shared memory (memfds, tmpfs, SysV and POSIX shm), so without one the backend
+refuses to start. Its ``oom_kill`` counter gives the OOM verdict the way
+Docker's events do. pids and cpu are extras where the host offers them.
+
+Cgroup v1 (one directory per controller) and v2 (one unified directory) alike;
+as root, or as a user systemd delegated a subtree to (``Delegate=yes``). Every
+function here writes kernfs files and blocks briefly: run it in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from pool.config import PoolConfig
+from pool.errors import BackendError
+from pool.procfs import pid_alive
+
+log = structlog.get_logger("sandpool.process")
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_DAEMON_LEAF = "sandpool-daemon"  # cgroup v2: where the daemon moves itself
+CPU_PERIOD_US = 100_000
+RMDIR_ATTEMPTS = 50  # x 10 ms: a cgroup is busy until the kernel has freed its last task
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupTree:
+    """This pool's cgroup directories: one per v1 controller, or one v2 directory."""
+
+    version: Literal[1, 2]
+    pool_dirs: dict[str, Path]  # controller -> directory ("unified" for v2)
+
+    @property
+    def controllers(self) -> list[str]:
+        return sorted(self.pool_dirs)
+
+
+@dataclass(slots=True)
+class SandboxCgroup:
+    """One sandbox's cgroup directories, and what the backend reads and writes in them."""
+
+    dirs: list[Path]
+    procs_files: list[str] = field(default_factory=list)
+    oom_counter_fd: int | None = None  # memory.oom_control (v1) or memory.events (v2)
+    cpu_limit: tuple[Path, str] | None = None  # written once the runner is ready
+
+    def apply_cpu_limit(self) -> None:
+        """Set the CPU quota. Blocking (one kernfs write): run in a thread.
+
+        Not at creation: the runner's own start-up would be throttled at a
+        fractional ``cpus``, which slows every refill (docs/performance.md).
+        """
+        if self.cpu_limit is not None:
+            path, value = self.cpu_limit
+            path.write_text(value)
+
+    def oom_kills(self) -> int:
+        """The kernel's count of OOM kills in this cgroup: one pread of a kernfs file, no I/O."""
+        if self.oom_counter_fd is None:
+            return 0
+        for line in os.pread(self.oom_counter_fd, 4096, 0).decode().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+
+def own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per v1 controller, and under "" its v2 path."""
+    paths: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path
+    return paths
+
+
+def prepare_cgroups(dir_name: str) -> tuple[CgroupTree | None, str]:
+    """Create this pool's cgroup directory below the daemon's own cgroup.
+
+    Returns the tree, or None and the reason (not root, no delegation, no memory
+    controller): the backend then relies on rlimits alone. Blocking: run in a thread.
+    """
+    try:
+        own = own_cgroups()
+        if (CGROUP_ROOT / "cgroup.controllers").exists():
+            return _prepare_v2(own.get("", "/"), dir_name), ""
+        return _prepare_v1(own, dir_name), ""
+    except (OSError, ValueError) as e:
+        return None, str(e)
+
+
+def _prepare_v1(own: dict[str, str], dir_name: str) -> CgroupTree:
+    pool_dirs: dict[str, Path] = {}
+    for controller in ("memory", "pids", "cpu"):
+        if controller not in own:
+            continue
+        base = CGROUP_ROOT / controller / own[controller].lstrip("/")
+        directory = base / dir_name
+        try:
+            sweep_stale_cgroups(base)
+            directory.mkdir(exist_ok=True)
+        except OSError as e:
+            if controller == "memory":
+                raise OSError(e.errno, f"cannot create {directory}: {e.strerror}") from None
+            continue  # pids and cpu are extras; rlimits still bound processes
+        pool_dirs[controller] = directory
+    if "memory" not in pool_dirs:
+        raise OSError(errno.ENOENT, "no cgroup v1 memory controller")
+    return CgroupTree(version=1, pool_dirs=pool_dirs)
+
+
+def _prepare_v2(own: str, dir_name: str) -> CgroupTree:
+    base = CGROUP_ROOT / own.lstrip("/")
+    if base.name == CGROUP_DAEMON_LEAF:  # moved there by another pool of this daemon
+        base = base.parent
+    if own != "/" and os.geteuid() == 0 and not _delegated(base):
+        # Root could write anywhere, but a cgroup systemd did not delegate is
+        # systemd's: moving the daemon inside it would confuse the service manager.
+        raise OSError(errno.EPERM, f"{base} is not delegated (systemd: Delegate=yes)")
+    available = (base / "cgroup.controllers").read_text().split()
+    controllers = [c for c in ("memory", "pids", "cpu") if c in available]
+    if "memory" not in controllers:
+        raise OSError(errno.ENOENT, f"no memory controller delegated to {base}")
+    enable = " ".join(f"+{c}" for c in controllers)
+    try:
+        (base / "cgroup.subtree_control").write_text(enable)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        # "No internal processes": a cgroup that hands controllers to children
+        # may hold no process itself, so the daemon moves to a leaf of its own
+        # (what systemd expects of a service with Delegate=yes).
+        leaf = base / CGROUP_DAEMON_LEAF
+        leaf.mkdir(exist_ok=True)
+        (leaf / "cgroup.procs").write_text(str(os.getpid()))
+        (base / "cgroup.subtree_control").write_text(enable)
+    sweep_stale_cgroups(base)
+    directory = base / dir_name
+    directory.mkdir(exist_ok=True)
+    (directory / "cgroup.subtree_control").write_text(enable)
+    return CgroupTree(version=2, pool_dirs={"unified": directory})
+
+
+def _delegated(cgroup: Path) -> bool:
+    """Whether systemd (>= 251) marked this cgroup as delegated to the service in it."""
+    try:
+        return os.getxattr(cgroup, "trusted.delegate") == b"1"
+    except OSError:
+        return False
+
+
+def cgroup_dir_name(pool_name: str, instance_id: str) -> str:
+    """``sandpool-<daemon pid>-<instance>-<pool>``: the pid lets a later daemon sweep it."""
+    return f"sandpool-{os.getpid()}-{instance_id}-{pool_name}"
+
+
+def sweep_stale_cgroups(base: Path) -> None:
+    """Remove the empty cgroups of daemons that died without cleaning up (SIGKILL, crash).
+
+    Their sandboxes died with them (--die-with-parent); a daemon still alive, or
+    a cgroup that still holds a process, is left alone.
+    """
+    for stale in base.glob("sandpool-*"):
+        daemon_pid = stale.name.split("-")[1]
+        if not daemon_pid.isdigit() or pid_alive(int(daemon_pid)):
+            continue
+        for sandbox_dir in [d for d in stale.iterdir() if d.is_dir()]:
+            with contextlib.suppress(OSError):
+                sandbox_dir.rmdir()
+        with contextlib.suppress(OSError):
+            stale.rmdir()
+            log.info("stale_cgroup_removed", path=str(stale))
+
+
+def create_sandbox_cgroup(tree: CgroupTree, sandbox_id: str, config: PoolConfig) -> SandboxCgroup:
+    """Make one sandbox's cgroup(s) with the pool's limits. Blocking: run in a thread.
+
+    Raises BackendError; on failure nothing is left behind.
+    """
+    memory = config.memory_mb * 1024 * 1024
+    cpu_quota_us = max(1000, int(config.cpus * CPU_PERIOD_US))
+    if tree.version == 1:
+        settings = {
+            "memory": [
+                ("memory.limit_in_bytes", str(memory)),
+                ("memory.memsw.limit_in_bytes", str(memory)),  # no swap either
+            ],
+            "pids": [("pids.max", str(config.pids_limit))],
+            "cpu": [("cpu.cfs_period_us", str(CPU_PERIOD_US))],
+        }
+        cpu_limit = ("cpu", "cpu.cfs_quota_us", str(cpu_quota_us))
+        counter = ("memory", "memory.oom_control")
+    else:
+        settings = {
+            "unified": [
+                ("memory.max", str(memory)),
+                ("memory.swap.max", "0"),
+                ("pids.max", str(config.pids_limit)),
+            ]
+        }
+        cpu_limit = ("unified", "cpu.max", f"{cpu_quota_us} {CPU_PERIOD_US}")
+        counter = ("unified", "memory.events")
+    cgroup = SandboxCgroup(dirs=[])
+    try:
+        for controller, pool_dir in tree.pool_dirs.items():
+            directory = pool_dir / sandbox_id
+            directory.mkdir()
+            cgroup.dirs.append(directory)
+            for name, value in settings[controller]:
+                target = directory / name
+                if name.startswith(("memory.memsw", "memory.swap", "cpu.")) and not target.exists():
+                    continue  # no swap accounting, or no cpu controller: nothing to bound
+                target.write_text(value)
+            cgroup.procs_files.append(str(directory / "cgroup.procs"))
+            if controller == counter[0]:
+                cgroup.oom_counter_fd = os.open(directory / counter[1], os.O_RDONLY | os.O_CLOEXEC)
+            if controller == cpu_limit[0] and (directory / cpu_limit[1]).exists():
+                cgroup.cpu_limit = (directory / cpu_limit[1], cpu_limit[2])
+    except OSError as e:
+        remove_sandbox_cgroup(cgroup)
+        raise BackendError(f"cannot create the sandbox's cgroup: {e}") from None
+    return cgroup
+
+
+def remove_sandbox_cgroup(cgroup: SandboxCgroup) -> None:
+    """Remove a sandbox's cgroup(s) once its processes are gone. Blocking: run in a thread.
+
+    Raises BackendError if a directory stays busy for half a second.
+    """
+    if cgroup.oom_counter_fd is not None:
+        os.close(cgroup.oom_counter_fd)
+        cgroup.oom_counter_fd = None
+    for directory in reversed(cgroup.dirs):
+        for _ in range(RMDIR_ATTEMPTS):
+            try:
+                directory.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise BackendError(f"cannot remove cgroup {directory}: {e}") from None
+                # Normally empty once bwrap is reaped; anything still inside
+                # (a child bwrap lost in a failed start) dies now.
+                _kill_members(directory)
+                time.sleep(0.01)  # a worker thread, not the event loop
+        else:
+            raise BackendError(f"cgroup {directory} still has processes")
+    cgroup.dirs.clear()
+
+
+def _kill_members(directory: Path) -> None:
+    try:
+        members = (directory / "cgroup.procs").read_text().split()
+    except OSError:
+        return
+    for pid in members:  # listed, hence alive and ours: the pid is not reused
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def remove_pool_cgroups(tree: CgroupTree) -> None:
+    """Remove this pool's directories; one still busy is left to the next daemon's sweep."""
+    for directory in tree.pool_dirs.values():
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cgroup_not_removed", path=str(directory), error=e.strerror)

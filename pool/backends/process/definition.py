@@ -1,0 +1,215 @@
+"""How every sandbox of one process pool is started: the bwrap command line and its hardening.
+
+New user, PID, network, IPC, UTS and cgroup namespaces; no capabilities;
+uid 65534 inside and, for a root daemon, a host uid of the sandbox's own
+outside (``pool/uids.py``: the daemon drops to it with ``setpriv`` before
+bwrap); a read-only root holding the host's ``/usr`` and the guest programs;
+sandpool's seccomp filter (``pool/seccomp.py``); rlimits the runner sets on
+itself before anything else. Everything that does not change per sandbox is
+found and checked once, by ``define()``, when the backend starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from pool import guest
+from pool.backends.process.cgroups import SandboxCgroup
+from pool.backends.process.scratch import SandboxScratch
+from pool.config import PoolConfig
+from pool.errors import BackendError
+from pool.seccomp import build_filter
+from pool.wire import DIRECT, WORKDIR, RunnerArguments
+
+INTERPRETER = "/usr/bin/python3"  # the host's; /usr is all the sandbox sees of it
+SANDBOX_UID = 65534  # nobody, as the code sees itself inside the sandbox
+VERSION_TIMEOUT_S = 5.0  # ``bwrap --version``
+# The memory cgroup decides; the address-space limit is only a backstop this
+# many times larger (threads reserve far more address space than they use).
+ADDRESS_SPACE_FACTOR = 8
+
+# Run by /bin/sh with the daemon's rights (root, or the owner of a delegated
+# subtree): join the sandbox's cgroups, then exec the rest of the command line.
+# Joining from inside the child is the only way to have every process of the
+# tree born in the cgroup (asyncio cannot spawn into one).
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SandboxDefinition:
+    """One pool's sandbox command line but for what each sandbox has of its own."""
+
+    config: PoolConfig
+    bwrap: str
+    # A root daemon's: it drops to the sandbox's host uid before bwrap, because
+    # bwrap's sandbox uid would otherwise map to real uid 0, which the kernel
+    # exempts from RLIMIT_NPROC. None for a daemon that is not root.
+    setpriv: str | None
+    seccomp: bytes  # the compiled filter, handed to bwrap on a fresh memfd per sandbox
+    filesystem: tuple[str, ...]  # bwrap's read-only binds (filesystem_args) and the guest dir
+    limits: dict[str, tuple[int, int]]  # the runner's rlimits (runner_limits)
+    version: str  # bwrap's own
+
+    def seccomp_fd(self) -> int:
+        """A fresh memfd holding the filter, at offset 0: bwrap reads the program to its end."""
+        fd = os.memfd_create("sandpool-seccomp", os.MFD_CLOEXEC)
+        os.write(fd, self.seccomp)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def command(
+        self,
+        seccomp_fd: int,
+        info_fd: int,
+        cgroup: SandboxCgroup | None,
+        output_fds: tuple[int, ...],
+        host_uid: int | None = None,
+        scratch: SandboxScratch | None = None,
+    ) -> list[str]:
+        """The full command line of one sandbox; every limit comes from the pool config.
+
+        ``host_uid``: what a root daemon drops to before bwrap, the sandbox's own
+        uid of the range (inside, the code still sees 65534). Raises ValueError
+        when a root daemon's sandbox has none.
+        """
+        c = self.config
+        stdout_w, stderr_w, status_w = output_fds  # the runner's direct mode
+        tmpfs_bytes = str(c.tmpfs_mb * 1024 * 1024)
+        command: list[str] = []
+        if cgroup is not None and cgroup.procs_files:
+            command += ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *cgroup.procs_files, "--"]
+        if self.setpriv is not None:
+            if host_uid is None:
+                raise ValueError("a root daemon's sandbox needs a host uid of its own")
+            uid = str(host_uid)
+            command += [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        command += [
+            self.bwrap,
+            # --unshare-all only *tries* the user namespace; --disable-userns needs it.
+            "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session",
+            # The runner is PID 1: killing it empties the namespace, and bwrap reaps
+            # it itself (with an init of bwrap's, a zombie would outlive bwrap).
+            "--as-pid-1",
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL",
+            "--hostname", "sandbox",
+            "--clearenv",
+            "--setenv", "PATH", "/usr/bin:/bin",
+            "--setenv", "HOME", WORKDIR,
+            "--setenv", "LANG", "C.UTF-8",
+            *self.filesystem,
+            "--proc", "/proc",
+            "--dev", "/dev",
+            # A root daemon's own noexec tmpfs mounts (scratch.py);
+            # otherwise bwrap's, which it cannot make noexec.
+            *(scratch.bwrap_args() if scratch is not None else [
+                "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/tmp",
+                "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/dev/shm",
+                "--perms", "0700", "--size", tmpfs_bytes, "--tmpfs", WORKDIR,
+            ]),
+            # bwrap's root and /dev are writable tmpfs without a size: make them read-only.
+            "--remount-ro", "/dev", "--remount-ro", "/",
+            "--chdir", WORKDIR,
+            "--seccomp", str(seccomp_fd),
+            "--info-fd", str(info_fd),
+            "--",
+            INTERPRETER, "-I", guest.path_in_sandbox(guest.RUNNER),
+            *RunnerArguments(
+                DIRECT, c.language, (stdout_w, stderr_w, status_w), self.limits
+            ).to_argv(),
+        ]  # fmt: skip
+        return command
+
+
+async def define(config: PoolConfig) -> SandboxDefinition:
+    """Find bwrap (and setpriv for a root daemon), compile the seccomp filter, install the
+    guest programs and check the host's interpreter.
+
+    Raises BackendError saying what to install. Costs a ``bwrap --version`` and a
+    few file checks, in threads.
+    """
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise BackendError(
+            "bubblewrap is not installed: `apt-get install bubblewrap`", code="bwrap_missing"
+        )
+    setpriv = None
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise BackendError("setpriv (util-linux) is missing", code="setpriv_missing")
+    seccomp = await asyncio.to_thread(build_filter)
+    guest_dir = await asyncio.to_thread(guest.install)
+    filesystem = await asyncio.to_thread(filesystem_args)
+    filesystem += ["--ro-bind", str(guest_dir), guest.GUEST_DIR]
+    return SandboxDefinition(
+        config=config,
+        bwrap=bwrap,
+        setpriv=setpriv,
+        seccomp=seccomp,
+        filesystem=tuple(filesystem),
+        limits=runner_limits(config),
+        version=await bwrap_version(bwrap),
+    )
+
+
+def runner_limits(config: PoolConfig) -> dict[str, tuple[int, int]]:
+    """The rlimits the runner sets on itself before anything else, inherited by the code.
+
+    Set by the runner, not by ``preexec_fn``, which would cost a full fork
+    of the daemon per sandbox.
+    """
+    memory = config.memory_mb * 1024 * 1024
+    cpu_s = math.ceil(config.max_timeout_s) + 1  # the daemon's timeout always comes first
+    address_space = memory * ADDRESS_SPACE_FACTOR
+    file_size = config.tmpfs_mb * 1024 * 1024
+    return {
+        "RLIMIT_AS": (address_space, address_space),
+        "RLIMIT_CPU": (cpu_s, cpu_s + 1),
+        # Also bounds memfds, which no tmpfs size covers; the request's stdin is one.
+        "RLIMIT_FSIZE": (file_size, file_size),
+        "RLIMIT_NOFILE": (1024, 1024),
+        "RLIMIT_CORE": (0, 0),
+        "RLIMIT_NPROC": (config.pids_limit, config.pids_limit),
+    }
+
+
+def filesystem_args() -> list[str]:
+    """Read-only binds of what the interpreter needs, following the host's /usr layout.
+
+    Raises BackendError when the host has no INTERPRETER.
+    """
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):  # merged /usr: /bin -> usr/bin
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    if os.path.exists("/etc/ld.so.cache"):
+        args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    if not os.access(INTERPRETER, os.X_OK):
+        raise BackendError(
+            f"the process backend runs the host's {INTERPRETER}: install python3",
+            code="python_missing",
+        )
+    return args
+
+
+async def bwrap_version(bwrap: str) -> str:
+    """``bwrap --version``'s answer, or "unknown"."""
+    process = await asyncio.create_subprocess_exec(
+        bwrap, "--version", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        async with asyncio.timeout(VERSION_TIMEOUT_S):
+            out, _ = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return "unknown"
+    return out.decode().strip() or "unknown"
