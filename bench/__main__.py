@@ -297,7 +297,7 @@ def _get(doc: dict[str, Any], *keys: str) -> Any:
 
 
 def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets sandpool set itself, against this run's numbers (met is None when not measured)."""
+    """sandpool's own targets against this run's numbers (met is None when not measured)."""
     sp = doc["sandpool"]
     pools = {entry["backend"]: (name, entry) for name, entry in (sp.get("latency") or {}).items()}
     rows: list[dict[str, Any]] = []

@@ -33,8 +33,8 @@ DOCKER_URL = "unix:///var/run/docker.sock"
 ENGINE_WAIT_S = 120.0
 IMAGE = "sandpool/python:bookworm"  # python -m bench --image changes it, for A/B runs
 CALL_TIMEOUT_S = 60.0  # one Docker call; aiodocker's own defaults never time out
-# The seed's settings (the `docker run` path sandpool replaced): network disabled, read-only, tmpfs /tmp, pids 64,
-# 128 MiB with swap equal to memory, half a CPU.
+# The seed's settings (the `docker run` path sandpool replaced): network disabled,
+# read-only, tmpfs /tmp, pids 64, 128 MiB with swap equal to memory, half a CPU.
 SEED_SETTINGS: dict[str, Any] = {
     "network_disabled": True,
     "network_mode": "none",
@@ -48,7 +48,7 @@ SEED_SETTINGS: dict[str, Any] = {
 
 
 def sandpool_container_config(run_id: str) -> dict[str, Any]:
-    """sandpool's own hardened container definition (pool/backends/docker.py), bench-labelled.
+    """sandpool's hardened container definition (pool/backends/docker/definition.py), labelled.
 
     Built by the Docker backend itself with a default pool config, so the
     churn ceiling uses exactly the settings the pool's containers get.
