@@ -190,7 +190,6 @@ class WasmBackend(BackendBase[WasmSandbox]):
 
     # --- sandboxes ---------------------------------------------------------
 
-
     async def start_sandbox(self) -> WasmSandbox:
         runtime, ticker = self._runtime, self._ticker
         if runtime is None or ticker is None:
