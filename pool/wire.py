@@ -21,6 +21,7 @@ an exit status is 0-255 or a forgery, and the output capture counts bytes
 itself and stops at its cap.
 """
 
+import base64
 import json
 import struct
 
@@ -28,7 +29,12 @@ FRAME = struct.Struct(">cI")  # type byte, payload length
 REQUEST = struct.Struct(">I")  # length of the JSON request that follows
 STATUS = struct.Struct(">i")  # an X frame's payload
 READY, STDOUT, STDERR, EXIT = b"R", b"O", b"E", b"X"
-KNOWN_KINDS = frozenset((READY, STDOUT, STDERR, EXIT))
+# What a run leaves besides its output, sent by the guest before its EXIT frame
+# (see "Outcome" below): a file under OUT_DIR, a rich result, a content chunk
+# of the last file or result, the uncaught exception.
+FILE_OUT, DISPLAY, CONTENT, ERROR = b"F", b"D", b"C", b"T"
+OUTCOME_KINDS = frozenset((FILE_OUT, DISPLAY, CONTENT, ERROR))
+KNOWN_KINDS = frozenset((READY, STDOUT, STDERR, EXIT)) | OUTCOME_KINDS
 READY_FRAME = FRAME.pack(READY, 0)
 CHUNK = 65536  # one read of an output pipe, and so the largest frame a runner sends
 MAX_FRAME_BYTES = 1 << 20  # what the decoder accepts: the runner sends at most CHUNK
@@ -36,6 +42,7 @@ MAX_EXIT_CODE = 255  # what a process status can be: 0-255, 128 + N for signal N
 
 # Paths inside every sandbox.
 WORKDIR = "/sandbox"  # the code's working directory and HOME, a fresh tmpfs
+OUT_DIR = "out"  # under WORKDIR: every file the code leaves there comes back
 # wasm only: WASI's proc_exit carries statuses 0..WASI_MAX_STATUS; a larger one
 # is written to STATUS_DIR/STATUS_FILE and the guest exits WASI_MAX_STATUS.
 WASI_MAX_STATUS = 125
@@ -189,3 +196,240 @@ class RunnerArguments:
                 raise WireError(f"bad limit {word!r}: expected RLIMIT_<NAME>=<soft>:<hard>")
             limits[name] = (int(soft), int(hard))
         return cls(mode, language, fds, limits)
+
+
+# --- Outcome: files out, rich results and the error, besides the output ------------
+#
+# After the code ends, the guest sends, before its EXIT frame:
+# - per entry under OUT_DIR: FILE_OUT with a JSON header {"path": "out/...",
+#   "kind": "file"|"symlink"|"fifo"|"socket"|"device"|"directory"|"other",
+#   "size": int}, then (regular files only) the content as CONTENT frames;
+# - per rich result: DISPLAY with a JSON header {"type": "image/png" |
+#   "text/plain"}, then its bytes as CONTENT frames;
+# - at most one ERROR: JSON {"name", "value", "traceback"}.
+# Every frame stays within CHUNK bytes, so no decoder buffers more. None of it
+# is a verdict: it is what the program says it produced, held to OutcomeLimits
+# by the daemon whatever the guest does (the guest is told the limits in its
+# request only to stop early).
+
+FILE_KINDS = ("file", "symlink", "fifo", "socket", "device", "directory", "other")
+DISPLAY_TYPES = ("image/png", "text/plain")
+MAX_PATH_CHARS = 1024
+MAX_ERROR_BYTES = 64 * 1024  # an ERROR frame's payload, traceback included
+
+
+class OutcomeLimits:
+    """Caps on what one run may return besides its output."""
+
+    __slots__ = ("max_display_bytes", "max_file_bytes", "max_files", "max_files_bytes")
+
+    def __init__(
+        self, max_files: int, max_file_bytes: int, max_files_bytes: int, max_display_bytes: int
+    ) -> None:
+        self.max_files = max_files  # entries reported from OUT_DIR
+        self.max_file_bytes = max_file_bytes  # content returned per file
+        self.max_files_bytes = max_files_bytes  # content returned for all files together
+        self.max_display_bytes = max_display_bytes  # all rich results together
+
+    def to_json(self) -> "dict[str, int]":
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_json(cls, value: object) -> "OutcomeLimits":
+        if not isinstance(value, dict) or set(value) != set(cls.__slots__) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values()
+        ):
+            raise WireError("malformed outcome limits")
+        return cls(**value)
+
+
+class GuestRequest:
+    """What the guest is asked to run: the code and everything around it."""
+
+    __slots__ = ("argv", "code", "env", "files", "limits", "stdin")
+
+    def __init__(
+        self,
+        code: str,
+        stdin: str = "",
+        files: "list[tuple[str, bytes]] | None" = None,
+        env: "dict[str, str] | None" = None,
+        argv: "list[str] | None" = None,
+        limits: "OutcomeLimits | None" = None,
+    ) -> None:
+        self.code = code
+        self.stdin = stdin
+        self.files = list(files or [])  # (path relative to WORKDIR, content), validated upstream
+        self.env = dict(env or {})  # added to the sandbox's environment
+        self.argv = list(argv or [])  # sys.argv[1:] / process.argv.slice(2)
+        self.limits = limits or OutcomeLimits(0, 0, 0, 0)
+
+    def encode(self) -> bytes:
+        """The length-prefixed request; lone surrogates survive the round trip."""
+        body = json.dumps({
+            "code": self.code,
+            "stdin": self.stdin,
+            "files": [[path, base64.b64encode(content).decode()] for path, content in self.files],
+            "env": self.env,
+            "argv": self.argv,
+            "limits": self.limits.to_json(),
+        }, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        return REQUEST.pack(len(body)) + body
+
+    @classmethod
+    def decode(cls, body: bytes) -> "GuestRequest":
+        """A request from its body (the bytes after its length). Raises WireError."""
+        try:
+            request = json.loads(body.decode("utf-8", "surrogatepass"))
+        except ValueError:
+            raise WireError("the request is not JSON") from None
+        if not isinstance(request, dict):
+            raise WireError("the request is not a JSON object")
+        code, stdin = request.get("code"), request.get("stdin", "")
+        if not isinstance(code, str) or not isinstance(stdin, str):
+            raise WireError("the request's code and stdin must be strings")
+        files, env, argv = request.get("files", []), request.get("env", {}), request.get("argv", [])
+        if not isinstance(files, list) or not all(
+            isinstance(f, list) and len(f) == 2 and all(isinstance(x, str) for x in f)
+            for f in files
+        ):
+            raise WireError("the request's files must be [path, base64] pairs")
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise WireError("the request's env must map strings to strings")
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise WireError("the request's argv must be a list of strings")
+        try:
+            decoded = [(path, base64.b64decode(data, validate=True)) for path, data in files]
+        except ValueError:
+            raise WireError("a request file is not base64") from None
+        limits = OutcomeLimits.from_json(request["limits"]) if "limits" in request else None
+        return cls(code, stdin, decoded, env, argv, limits)
+
+
+def header_frame(kind: bytes, header: "dict[str, object]") -> bytes:
+    """A FILE_OUT, DISPLAY or ERROR frame: its JSON header, cut to fit one frame."""
+    return frame(kind, json.dumps(header, ensure_ascii=False).encode("utf-8", "replace"))
+
+
+def content_frames(data: bytes) -> bytes:
+    """``data`` as CONTENT frames of at most CHUNK bytes each."""
+    return b"".join(frame(CONTENT, data[i : i + CHUNK]) for i in range(0, len(data), CHUNK))
+
+
+class OutFile:
+    __slots__ = ("content", "kind", "path", "size", "truncated")
+
+    def __init__(self, path: str, kind: str, size: int) -> None:
+        self.path = path
+        self.kind = kind
+        self.size = size  # as the guest saw it (st_size)
+        self.content = bytearray()
+        self.truncated = False  # content stops short of ``size`` (a limit, or it changed)
+
+
+class Display:
+    __slots__ = ("data", "mime", "truncated")
+
+    def __init__(self, mime: str) -> None:
+        self.mime = mime
+        self.data = bytearray()
+        self.truncated = False
+
+
+class Outcome:
+    """What the guest returned besides its output, within the limits, as the daemon keeps it."""
+
+    def __init__(self, limits: OutcomeLimits) -> None:
+        self.limits = limits
+        self.files: list[OutFile] = []
+        self.results: list[Display] = []
+        self.error: dict[str, str] | None = None
+        self.files_dropped = 0  # entries past limits.max_files
+        self.results_dropped = 0  # results past limits.max_display_bytes
+        self._files_bytes = 0
+        self._display_bytes = 0
+        self._current: OutFile | Display | None = None  # what CONTENT frames extend
+
+    def add(self, kind: bytes, payload: bytes) -> None:
+        """Take one outcome frame. Raises WireError on a malformed one; a frame past
+        a limit is counted or cut, never buffered."""
+        if kind == CONTENT:
+            self._add_content(payload)
+            return
+        header = _json_object(payload)
+        if kind == FILE_OUT:
+            path, file_kind, size = header.get("path"), header.get("kind"), header.get("size")
+            if not _valid_out_path(path) or file_kind not in FILE_KINDS or not (
+                isinstance(size, int) and not isinstance(size, bool) and size >= 0
+            ):
+                raise WireError("malformed file header from the sandbox")
+            if len(self.files) >= self.limits.max_files:
+                self.files_dropped += 1
+                self._current = None
+                return
+            out = OutFile(str(path), str(file_kind), size)
+            self.files.append(out)
+            self._current = out
+        elif kind == DISPLAY:
+            mime = header.get("type")
+            if mime not in DISPLAY_TYPES:
+                raise WireError("malformed result header from the sandbox")
+            if self._display_bytes >= self.limits.max_display_bytes:
+                self.results_dropped += 1
+                self._current = None
+                return
+            display = Display(str(mime))
+            self.results.append(display)
+            self._current = display
+        elif kind == ERROR:
+            if not all(isinstance(header.get(key), str) for key in ("name", "value", "traceback")):
+                raise WireError("malformed error from the sandbox")
+            if self.error is None:
+                self.error = {key: str(header[key]) for key in ("name", "value", "traceback")}
+            self._current = None
+        else:
+            raise WireError(f"unexpected frame {kind!r} in a run's outcome")
+
+    def _add_content(self, data: bytes) -> None:
+        current = self._current
+        if current is None:
+            return  # the content of something dropped past a limit
+        if isinstance(current, OutFile):
+            if current.kind != "file":
+                raise WireError("content for a file that is not a regular file")
+            room = max(0, min(
+                self.limits.max_file_bytes - len(current.content),
+                self.limits.max_files_bytes - self._files_bytes,
+            ))
+            kept = data[:room]
+            self._files_bytes += len(kept)
+            current.content += kept
+        else:
+            room = max(0, self.limits.max_display_bytes - self._display_bytes)
+            kept = data[:room]
+            self._display_bytes += len(kept)
+            current.data += kept
+        if len(kept) < len(data):
+            current.truncated = True
+
+
+def _json_object(payload: bytes) -> "dict[str, object]":
+    try:
+        value = json.loads(payload.decode("utf-8"))
+    except ValueError:
+        raise WireError("malformed outcome frame from the sandbox") from None
+    if not isinstance(value, dict):
+        raise WireError("malformed outcome frame from the sandbox")
+    return value
+
+
+def _valid_out_path(path: object) -> bool:
+    """``out/...``, relative, no ``..``, no NUL: a name to report, never a host path."""
+    if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS or "\0" in path:
+        return False
+    parts = path.split("/")
+    return parts[0] == OUT_DIR and len(parts) > 1 and all(
+        part not in ("", ".", "..") for part in parts
+    )

@@ -239,3 +239,96 @@ def test_install_refuses_a_directory_another_user_owns(tmp_path: Path) -> None:
     with pytest.raises(BackendError) as raised:
         guest.install(base)
     assert raised.value.code == "guest_programs_untrusted"
+
+
+# --- outcome: files out, rich results, the error ------------------------------------
+
+
+LIMITS = wire.OutcomeLimits(max_files=2, max_file_bytes=10, max_files_bytes=15,
+                            max_display_bytes=8)
+
+
+def outcome_of(stream: bytes, limits: wire.OutcomeLimits = LIMITS) -> wire.Outcome:
+    outcome = wire.Outcome(limits)
+    for kind, payload in wire.FrameDecoder().feed(stream):
+        outcome.add(kind, payload)
+    return outcome
+
+
+def file_out(path: str, content: bytes, kind: str = "file") -> bytes:
+    header = wire.header_frame(wire.FILE_OUT, {"path": path, "kind": kind, "size": len(content)})
+    return header + wire.content_frames(content)
+
+
+def test_a_guest_request_round_trips_files_env_argv_and_limits() -> None:
+    request = wire.GuestRequest(
+        "print(1)", "in\udc80", [("data.csv", b"a,b\n\x00\xff"), ("sub/x", b"")],
+        {"K": "v"}, ["-x", "\x00"], LIMITS,
+    )
+    encoded = request.encode()
+    decoded = wire.GuestRequest.decode(encoded[wire.REQUEST.size :])
+    assert (decoded.code, decoded.stdin, decoded.files, decoded.env, decoded.argv) == (
+        "print(1)", "in\udc80", [("data.csv", b"a,b\n\x00\xff"), ("sub/x", b"")],
+        {"K": "v"}, ["-x", "\x00"],
+    )
+    assert decoded.limits.to_json() == LIMITS.to_json()
+
+
+@pytest.mark.parametrize("body", [
+    b'{"code": "", "files": [["a"]]}', b'{"code": "", "files": [["a", "!!"]]}',
+    b'{"code": "", "env": {"a": 1}}', b'{"code": "", "argv": "x"}',
+    b'{"code": "", "limits": {"max_files": -1}}',
+])
+def test_a_malformed_guest_request_is_a_wire_error(body: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.GuestRequest.decode(body)
+
+
+def test_files_results_and_the_error_are_kept_within_their_limits() -> None:
+    stream = (
+        file_out("out/a.txt", b"0123456789ABC")  # over the per-file cap: cut at 10
+        + file_out("out/b.txt", b"xyzxyz")  # the total cap leaves 5
+        + file_out("out/c.txt", b"dropped")  # past max_files
+        + wire.header_frame(wire.DISPLAY, {"type": "image/png"}) + wire.content_frames(b"PNG")
+        + wire.header_frame(wire.DISPLAY, {"type": "text/plain"}) + wire.content_frames(b"12345")
+        + wire.header_frame(wire.DISPLAY, {"type": "text/plain"}) + wire.content_frames(b"gone")
+        + wire.header_frame(wire.ERROR, {"name": "E", "value": "v", "traceback": "tb"})
+    )
+    outcome = outcome_of(stream)
+    assert [(f.path, bytes(f.content), f.truncated) for f in outcome.files] == [
+        ("out/a.txt", b"0123456789", True), ("out/b.txt", b"xyzxy", True),
+    ]
+    assert outcome.files_dropped == 1
+    assert [(d.mime, bytes(d.data), d.truncated) for d in outcome.results] == [
+        ("image/png", b"PNG", False), ("text/plain", b"12345", False),
+    ]
+    assert outcome.results_dropped == 1
+    assert outcome.error == {"name": "E", "value": "v", "traceback": "tb"}
+
+
+def test_a_symlink_is_reported_with_no_content() -> None:
+    outcome = outcome_of(file_out("out/link", b"", kind="symlink"))
+    assert [(f.path, f.kind, bytes(f.content)) for f in outcome.files] == [
+        ("out/link", "symlink", b"")]
+    with pytest.raises(wire.WireError):
+        outcome_of(file_out("out/link", b"/etc/passwd", kind="symlink"))
+
+
+@pytest.mark.parametrize("header", [
+    {"path": "../etc/passwd", "kind": "file", "size": 1},
+    {"path": "/out/a", "kind": "file", "size": 1},
+    {"path": "out/../../x", "kind": "file", "size": 1},
+    {"path": "out/a\x00b", "kind": "file", "size": 1},
+    {"path": "out", "kind": "file", "size": 1},
+    {"path": "out/a", "kind": "hardlink", "size": 1},
+    {"path": "out/a", "kind": "file", "size": -1},
+    {"path": "out/a", "kind": "file", "size": True},
+])
+def test_a_forged_file_header_is_a_wire_error(header: dict[str, object]) -> None:
+    with pytest.raises(wire.WireError):
+        outcome_of(wire.header_frame(wire.FILE_OUT, header))
+
+
+def test_outcome_frames_never_exceed_a_chunk() -> None:
+    frames = wire.FrameDecoder().feed(wire.content_frames(b"x" * (3 * wire.CHUNK + 1)))
+    assert [len(payload) for _, payload in frames] == [wire.CHUNK] * 3 + [1]
