@@ -26,6 +26,7 @@ from pool.errors import ConfigError
 from pool.uids import DEFAULT_BASE as DEFAULT_UID_BASE
 from pool.uids import DEFAULT_COUNT as DEFAULT_UID_COUNT
 from pool.uids import HOST_UID_BACKENDS
+from pool.wire import OutcomeLimits
 
 BackendName = Literal["docker", "process", "wasm", "fake"]
 Language = Literal["python", "shell"]
@@ -61,6 +62,19 @@ class PoolConfig:
     timeout_s: float = 10.0
     max_timeout_s: float = 60.0
     max_output_bytes: int = 1024 * 1024
+    # Files in (the request's "files") and out (what the code leaves in out/),
+    # each way: how many, bytes per file, bytes of all files together.
+    max_files: int = 32
+    max_file_bytes: int = 4 * 1024 * 1024
+    max_files_bytes: int = 8 * 1024 * 1024
+    # Rich results (figures, a final expression's repr) of one run together.
+    max_results_bytes: int = 4 * 1024 * 1024
+
+    def outcome_limits(self) -> OutcomeLimits:
+        """What one run of this pool may return besides its output (files out, results)."""
+        return OutcomeLimits(
+            self.max_files, self.max_file_bytes, self.max_files_bytes, self.max_results_bytes
+        )
 
     def validate(self) -> None:
         where = f"pools.{self.name}"
@@ -78,6 +92,10 @@ class PoolConfig:
             "pids_limit",
             "tmpfs_mb",
             "max_output_bytes",
+            "max_files",
+            "max_file_bytes",
+            "max_files_bytes",
+            "max_results_bytes",
             "wasm_max_open_files",
             "acquire_timeout_s",
             "cpus",
@@ -95,6 +113,10 @@ class PoolConfig:
             )
         if not self.image:
             raise ConfigError(f"{where}.image must not be empty")
+        if self.max_file_bytes > self.max_files_bytes:
+            raise ConfigError(
+                f"{where}.max_file_bytes must not exceed max_files_bytes ({self.max_files_bytes})"
+            )
         if self.backend == "wasm" and self.language != "python":
             # The guest is CPython-WASI with no shell: a shell pool would run
             # shell code as Python.
@@ -128,7 +150,8 @@ class ServerConfig:
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
     metrics_address: str = "127.0.0.1:9464"  # "off" disables the TCP listener
-    max_request_bytes: int = 1024 * 1024
+    # Files in travel base64 in the body: room for a pool's max_files_bytes.
+    max_request_bytes: int = 16 * 1024 * 1024
     max_concurrent_requests: int = 256
     shutdown_timeout_s: float = 30.0
     body_timeout_s: float = 10.0  # a client that stalls mid-body gets 400 body_timeout

@@ -10,11 +10,11 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
-from pool.wire import OutputCapture
+from pool.wire import GuestRequest, Outcome, OutcomeLimits, OutputCapture
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,16 @@ class RunRequest:
     code: str
     stdin: str
     timeout_s: float
+    # Validated by the API (api/schema.py): relative paths under the working directory.
+    files: tuple[tuple[str, bytes], ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    argv: tuple[str, ...] = ()
+
+    def to_guest(self, limits: OutcomeLimits) -> GuestRequest:
+        """What the guest is sent; ``limits`` are the pool's (outcome_limits)."""
+        return GuestRequest(
+            self.code, self.stdin, list(self.files), dict(self.env), list(self.argv), limits
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +46,9 @@ class RunResult:
     stdout_truncated: bool
     stderr_truncated: bool
     execution_s: float
+    # Files under out/, rich results and the uncaught error: the program's
+    # claims, kept within the pool's limits (None: the tier returned none).
+    outcome: Outcome | None = None
 
     @classmethod
     def from_capture(
@@ -46,6 +59,7 @@ class RunResult:
         timed_out: bool,
         oom_killed: bool,
         execution_s: float,
+        outcome: Outcome | None = None,
     ) -> RunResult:
         return cls(
             exit_code=exit_code,
@@ -56,6 +70,7 @@ class RunResult:
             stdout_truncated=capture.stdout_truncated,
             stderr_truncated=capture.stderr_truncated,
             execution_s=execution_s,
+            outcome=outcome,
         )
 
 
