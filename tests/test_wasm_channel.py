@@ -18,8 +18,8 @@ import pytest
 from pool.backends.wasm.channel import (
     TRAP_EXIT_CODE,
     GuestChannel,
+    GuestExit,
     Handshake,
-    Outcome,
     ReadyFrame,
     exit_code,
     open_pipes,
@@ -195,14 +195,14 @@ def no_status_file() -> bytes:
 
 @pytest.mark.parametrize("status", [0, 1, 3, WASI_MAX_STATUS - 1])
 def test_a_wasi_exit_status_is_the_exit_code(status: int) -> None:
-    assert exit_code(Outcome(status=status), no_status_file, sandbox_id="s") == status
+    assert exit_code(GuestExit(status=status), no_status_file, sandbox_id="s") == status
 
 
 def test_a_trap_is_reported_like_sigabrt() -> None:
-    outcome = Outcome(status=None, trap="wasm trap: call stack exhausted")
+    outcome = GuestExit(status=None, trap="wasm trap: call stack exhausted")
     assert exit_code(outcome, no_status_file, sandbox_id="s") == TRAP_EXIT_CODE == 134
     assert outcome.describe() == "wasm trap: call stack exhausted"
-    assert Outcome(status=7).describe() == "exit status 7"
+    assert GuestExit(status=7).describe() == "exit status 7"
 
 
 @pytest.mark.parametrize(
@@ -220,7 +220,7 @@ def test_a_trap_is_reported_like_sigabrt() -> None:
 def test_the_status_file_speaks_only_for_statuses_wasi_cannot_carry(
     status_file: bytes, expected: int
 ) -> None:
-    outcome = Outcome(status=WASI_MAX_STATUS)
+    outcome = GuestExit(status=WASI_MAX_STATUS)
     assert exit_code(outcome, lambda: status_file, sandbox_id="s") == expected
 
 
@@ -228,6 +228,6 @@ def test_an_unreadable_or_missing_status_file_leaves_the_wasi_status() -> None:
     def unreadable() -> bytes:
         raise OSError("a link the guest planted")
 
-    outcome = Outcome(status=WASI_MAX_STATUS)
+    outcome = GuestExit(status=WASI_MAX_STATUS)
     assert exit_code(outcome, unreadable, sandbox_id="s") == WASI_MAX_STATUS
     assert exit_code(outcome, None, sandbox_id="s") == WASI_MAX_STATUS

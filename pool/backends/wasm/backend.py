@@ -48,7 +48,7 @@ from pool.backends.wasm.cache import (
     verify_module,
     wasmtime_version,
 )
-from pool.backends.wasm.channel import Outcome, exit_code, open_pipes
+from pool.backends.wasm.channel import GuestExit, exit_code, open_pipes
 from pool.backends.wasm.epoch import Guest, Ticker
 from pool.backends.wasm.instance import GuestRuntime, run_start
 from pool.backends.wasm.sandbox import WasmSandbox
@@ -240,7 +240,7 @@ class WasmBackend(BackendBase[WasmSandbox]):
 
     def _serve(
         self, runtime: GuestRuntime, sandbox: WasmSandbox, guest_fds: tuple[int, int, int]
-    ) -> Outcome:
+    ) -> GuestExit:
         """Worker thread: instantiate, run ``_start`` (parks, then runs one request), drop.
 
         Every reference to the Store dies here, before returning, on every path:

@@ -8,7 +8,7 @@ closes its end, so the guest's stdin ends where the request's data ends
 (``GuestChannel.send``). stdout and stderr count against the output cap as
 Docker's attach stream does; past the cap they are drained and discarded, so
 the guest never blocks on a full pipe while it is being stopped. How
-``_start`` returned (``Outcome``) and the status file decide the exit code
+``_start`` returned (``GuestExit``) and the status file decide the exit code
 (``exit_code``).
 
 Nothing here imports wasmtime: the tests feed it bytes and outcomes.
@@ -35,7 +35,7 @@ TRAP_EXIT_CODE = 128 + 6  # a wasm trap (abort, stack overflow): reported like S
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class GuestExit:
     """How ``_start`` returned: a WASI exit status, or a trap's first line."""
 
     status: int | None
@@ -193,7 +193,7 @@ class GuestChannel:
 
 
 def exit_code(
-    outcome: Outcome, read_status: Callable[[], bytes] | None, *, sandbox_id: str
+    outcome: GuestExit, read_status: Callable[[], bytes] | None, *, sandbox_id: str
 ) -> int:
     """The exit code of a guest that ended by itself.
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import wasmtime
 
 from pool.backends.wasm import epoch
-from pool.backends.wasm.channel import Outcome
+from pool.backends.wasm.channel import GuestExit
 from pool.backends.wasm.epoch import Guest
 from pool.backends.wasm.sandbox import WasmSandbox
 from pool.backends.wasm.scratch import Scratch, TmpfsSource
@@ -105,25 +105,25 @@ class GuestRuntime:
         return store, instance
 
 
-def run_start(guest: Guest, store: wasmtime.Store, instance: wasmtime.Instance) -> Outcome:
+def run_start(guest: Guest, store: wasmtime.Store, instance: wasmtime.Instance) -> GuestExit:
     """Call ``_start``: the runner parks, runs one request, exits. Never raises."""
     if guest.killed.is_set():
-        return Outcome(status=None, trap="destroyed before it started")
+        return GuestExit(status=None, trap="destroyed before it started")
     start = instance.exports(store)["_start"]
     if not isinstance(start, wasmtime.Func):
-        return Outcome(status=None, trap="the wasm module has no _start function")
+        return GuestExit(status=None, trap="the wasm module has no _start function")
     try:
         start(store)
     except wasmtime.ExitTrap as e:
         _clear_frames(e)
-        return Outcome(status=e.code)
+        return GuestExit(status=e.code)
     except wasmtime.WasmtimeError as e:  # Trap is not a subclass of it
         _clear_frames(e)
-        return Outcome(status=None, trap=_first_line(str(e)))
+        return GuestExit(status=None, trap=_first_line(str(e)))
     except wasmtime.Trap as e:
         _clear_frames(e)
-        return Outcome(status=None, trap=_first_line(e.message))
-    return Outcome(status=0)
+        return GuestExit(status=None, trap=_first_line(e.message))
+    return GuestExit(status=0)
 
 
 def _clear_frames(error: BaseException) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 
 from pool.backends.base import Sandbox
-from pool.backends.wasm.channel import GuestChannel, Outcome
+from pool.backends.wasm.channel import GuestChannel, GuestExit
 from pool.backends.wasm.epoch import Guest
 from pool.backends.wasm.scratch import Scratch
 
@@ -27,11 +27,11 @@ class WasmSandbox(Sandbox):
         self.scratch: Scratch | None = None  # made by the worker thread
         self._loop = loop
         # Set as soon as _start returns, before the worker drops the Store.
-        self.exited: asyncio.Future[Outcome] = loop.create_future()
-        self.worker: asyncio.Future[Outcome] | None = None
+        self.exited: asyncio.Future[GuestExit] = loop.create_future()
+        self.worker: asyncio.Future[GuestExit] | None = None
         self.thread_id: int | None = None  # the worker's native id, for demote_thread
 
-    def report_exit(self, outcome: Outcome) -> None:
+    def report_exit(self, outcome: GuestExit) -> None:
         """Called by the worker thread when the guest has ended."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
             self._loop.call_soon_threadsafe(_resolve, self.exited, outcome)
@@ -63,6 +63,6 @@ class WasmSandbox(Sandbox):
         return worker.result().describe()
 
 
-def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+def _resolve(future: asyncio.Future[GuestExit], outcome: GuestExit) -> None:
     if not future.done():
         future.set_result(outcome)
