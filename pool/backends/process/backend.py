@@ -23,7 +23,6 @@ import contextlib
 import os
 import subprocess
 import time
-from typing import Any
 
 import structlog
 
@@ -371,7 +370,10 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         if sandbox.runner_pidfd is None and not protocol.exited.done():
             # A start cut short. bwrap names the runner only once it has cloned
             # it; killing bwrap before could orphan the child mid-setup.
-            either: list[asyncio.Future[Any]] = [protocol.ready, protocol.exited]
+            either: list[asyncio.Future[None] | asyncio.Future[int]] = [
+                protocol.ready,
+                protocol.exited,
+            ]
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(READY_TIMEOUT_S):
                     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)

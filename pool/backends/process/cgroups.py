@@ -6,8 +6,9 @@ refuses to start. Its ``oom_kill`` counter gives the OOM verdict the way
 Docker's events do. pids and cpu are extras where the host offers them.
 
 Cgroup v1 (one directory per controller) and v2 (one unified directory) alike;
-as root, or as a user systemd delegated a subtree to (``Delegate=yes``). Every
-function here writes kernfs files and blocks briefly: run it in a thread.
+as root, or as a user systemd delegated a subtree to (``Delegate=yes``). What
+makes, sweeps or removes cgroups writes kernfs files and blocks briefly: run it
+in a thread. Reading the OOM counter is one pread, fine on the event loop.
 """
 
 from __future__ import annotations
