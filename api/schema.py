@@ -4,12 +4,19 @@ What a ``/v1/run`` body may hold and what each way of getting it wrong answers
 (a ``BadRequestError`` or ``UnknownPoolError`` with a stable code), the body of a
 run's result, and one pool's summary in ``GET /v1/pools``. ``api/server.py``
 wires these to HTTP; the contract itself is defined here once.
+
+Files in are checked here, not in the guest: a path that would leave the
+sandbox's working directory, or one the guest could not create, never
+reaches a sandbox. The guest still writes them without following symlinks.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypedDict
@@ -17,9 +24,28 @@ from typing import TypedDict
 from pool.backends.base import RunRequest, RunResult
 from pool.config import PoolConfig
 from pool.errors import BadRequestError, UnknownPoolError
+from pool.wire import Outcome
 
-RUN_FIELDS = frozenset({"code", "language", "pool", "stdin", "timeout_s"})
+RUN_FIELDS = frozenset(
+    {"argv", "code", "env", "files", "language", "pool", "stdin", "timeout_s"}
+)
 DEFAULT_POOL = "python"  # the pool a request that names neither pool nor language gets
+
+# Files in: what Linux can create (NAME_MAX per component) and a whole path
+# short enough to name in an error and a log line.
+FILE_FIELDS = frozenset({"path", "content", "encoding"})
+ENCODINGS = ("utf-8", "base64")
+MAX_PATH_BYTES = 1024
+MAX_NAME_BYTES = 255
+# env and argv are small by nature; these bounds keep one request from
+# growing a sandbox's environment or command line towards the kernel's
+# ARG_MAX (where exec fails) whatever max_request_bytes allows.
+MAX_ENV_ENTRIES = 64
+MAX_ENV_BYTES = 64 * 1024
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ARGV_ITEMS = 256
+MAX_ARGV_BYTES = 64 * 1024
+SHOWN_CHARS = 60  # of a client's string quoted back in an error message
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +56,35 @@ class RunBody:
     request: RunRequest
 
 
-class RunResultBody(TypedDict):
+class FileBody(TypedDict):
+    path: str
+    type: str
+    size: int
+    content: str | None
+    truncated: bool
+
+
+class DisplayBody(TypedDict):
+    type: str
+    data: str
+    truncated: bool
+
+
+class ErrorBody(TypedDict):
+    name: str
+    value: str
+    traceback: str
+
+
+class OutcomeBody(TypedDict):
+    files: list[FileBody]
+    files_omitted: int
+    results: list[DisplayBody]
+    results_omitted: int
+    error: ErrorBody | None
+
+
+class RunResultBody(OutcomeBody):
     exit_code: int | None
     stdout: str
     stderr: str
@@ -76,8 +130,10 @@ def parse_run(body: Mapping[str, object], pools: Mapping[str, PoolConfig]) -> Ru
     """Validate a ``/v1/run`` body against the pools the daemon serves.
 
     Fields are checked in a fixed order (unknown fields, ``code``, ``stdin``,
-    the pool, ``timeout_s``), so a body wrong in two ways always gets the same
-    answer. Raises BadRequestError (400) or UnknownPoolError (404).
+    the pool, ``timeout_s``, ``files``, ``env``, ``argv``; within ``files``,
+    item by item), so a body wrong in two ways always gets the same answer.
+    Raises BadRequestError (400) or UnknownPoolError (404). Costs one pass
+    over the body; base64 content is decoded once, here.
     """
     unknown = sorted(set(body) - RUN_FIELDS)
     if unknown:
@@ -93,7 +149,139 @@ def parse_run(body: Mapping[str, object], pools: Mapping[str, PoolConfig]) -> Ru
     timeout_s = pool.timeout_s
     if "timeout_s" in body:
         timeout_s = _timeout(body["timeout_s"], pool)
-    return RunBody(pool=pool.name, request=RunRequest(code=code, stdin=stdin, timeout_s=timeout_s))
+    files = parse_files(body["files"], pool) if "files" in body else ()
+    env = parse_env(body["env"]) if "env" in body else {}
+    argv = parse_argv(body["argv"]) if "argv" in body else ()
+    return RunBody(pool=pool.name, request=RunRequest(
+        code=code, stdin=stdin, timeout_s=timeout_s, files=files, env=env, argv=argv
+    ))
+
+
+def parse_files(value: object, pool: PoolConfig) -> tuple[tuple[str, bytes], ...]:
+    """``files`` as (path, content) pairs, within the pool's ``max_files*`` limits.
+
+    Checked in order: the list and its length, then item by item: its shape,
+    its path, its content, its size, the running total, then whether its path
+    repeats (``duplicate_path``) or nests with (``path_conflict``) an earlier
+    one. Raises BadRequestError naming the first offending item.
+    """
+    if not isinstance(value, list):
+        raise BadRequestError(
+            "the field 'files' must be a list of {path, content, encoding} objects",
+            code="invalid_files",
+        )
+    if len(value) > pool.max_files:
+        raise BadRequestError(
+            f"{len(value)} files given; pool {pool.name!r} takes at most {pool.max_files}",
+            code="too_many_files",
+        )
+    files: list[tuple[str, bytes]] = []
+    paths: set[str] = set()
+    under: dict[str, str] = {}  # each directory a given path lies under -> that path
+    total = 0
+    for index, item in enumerate(value):
+        where = f"files[{index}]"
+        path, content, encoding = _file_fields(item, where)
+        parts = _check_path(path, where)
+        data = _decode_content(content, encoding, where, path)
+        if len(data) > pool.max_file_bytes:
+            raise BadRequestError(
+                f"{where} {_shown(path)} holds {len(data)} bytes; pool {pool.name!r} takes "
+                f"at most {pool.max_file_bytes} per file",
+                code="file_too_large",
+            )
+        total += len(data)
+        if total > pool.max_files_bytes:
+            raise BadRequestError(
+                f"{where} {_shown(path)} brings the files to {total} bytes; pool "
+                f"{pool.name!r} takes at most {pool.max_files_bytes} in all",
+                code="files_too_large",
+            )
+        if path in paths:
+            raise BadRequestError(f"{where} {_shown(path)} is given twice", code="duplicate_path")
+        ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        clash = next((a for a in ancestors if a in paths), None)
+        if clash is not None:
+            raise BadRequestError(
+                f"{where} {_shown(path)} lies under {_shown(clash)}, which is given as a file",
+                code="path_conflict",
+            )
+        if path in under:
+            raise BadRequestError(
+                f"{where} {_shown(path)} is a directory of {_shown(under[path])}, given earlier",
+                code="path_conflict",
+            )
+        paths.add(path)
+        for ancestor in ancestors:
+            under.setdefault(ancestor, path)
+        files.append((path, data))
+    return tuple(files)
+
+
+def parse_env(value: object) -> dict[str, str]:
+    """``env`` as a name -> value map. Raises BadRequestError (``invalid_env``)."""
+    if not isinstance(value, dict):
+        raise BadRequestError(
+            "the field 'env' must be an object of strings", code="invalid_env"
+        )
+    if len(value) > MAX_ENV_ENTRIES:
+        raise BadRequestError(
+            f"env has {len(value)} entries; at most {MAX_ENV_ENTRIES} are allowed",
+            code="invalid_env",
+        )
+    total = 0
+    for name, text in value.items():
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
+            raise BadRequestError(
+                f"env name {_shown(str(name))} must match [A-Za-z_][A-Za-z0-9_]*",
+                code="invalid_env",
+            )
+        if not isinstance(text, str):
+            raise BadRequestError(f"env[{name!r}] must be a string", code="invalid_env")
+        if "\0" in text:
+            raise BadRequestError(f"env[{name!r}] holds a NUL byte", code="invalid_env")
+        size = _utf8_size(text)
+        if size is None:
+            raise BadRequestError(
+                f"env[{name!r}] is not valid Unicode (a lone surrogate)", code="invalid_env"
+            )
+        total += len(name) + size
+        if total > MAX_ENV_BYTES:
+            raise BadRequestError(
+                f"env reaches {total} bytes at {name!r}; at most {MAX_ENV_BYTES} are allowed",
+                code="invalid_env",
+            )
+    return dict(value)
+
+
+def parse_argv(value: object) -> tuple[str, ...]:
+    """``argv`` as a tuple of arguments. Raises BadRequestError (``invalid_argv``)."""
+    if not isinstance(value, list):
+        raise BadRequestError("the field 'argv' must be a list of strings", code="invalid_argv")
+    if len(value) > MAX_ARGV_ITEMS:
+        raise BadRequestError(
+            f"argv has {len(value)} items; at most {MAX_ARGV_ITEMS} are allowed",
+            code="invalid_argv",
+        )
+    total = 0
+    for index, argument in enumerate(value):
+        if not isinstance(argument, str):
+            raise BadRequestError(f"argv[{index}] must be a string", code="invalid_argv")
+        if "\0" in argument:
+            raise BadRequestError(f"argv[{index}] holds a NUL byte", code="invalid_argv")
+        size = _utf8_size(argument)
+        if size is None:
+            raise BadRequestError(
+                f"argv[{index}] is not valid Unicode (a lone surrogate)", code="invalid_argv"
+            )
+        total += size
+        if total > MAX_ARGV_BYTES:
+            raise BadRequestError(
+                f"argv reaches {total} bytes at argv[{index}]; at most {MAX_ARGV_BYTES} "
+                "are allowed",
+                code="invalid_argv",
+            )
+    return tuple(value)
 
 
 def choose_pool(body: Mapping[str, object], pools: Mapping[str, PoolConfig]) -> PoolConfig:
@@ -140,7 +328,44 @@ def result_body(
         "queued_ms": round(acquire_wait_s * 1000, 3),
         "pool": pool,
         "sandbox_id": sandbox_id,
+        **outcome_body(result.outcome),
     }
+
+
+def outcome_body(outcome: Outcome | None) -> OutcomeBody:
+    """Files out, rich results and the error of a run; none of them when the tier sent none.
+
+    A file's content and an image are base64; only a regular file has content
+    (a symlink, FIFO or device is reported by name, kind and size: null).
+    Text results are decoded as UTF-8 with U+FFFD, like stdout.
+    """
+    if outcome is None:
+        return {"files": [], "files_omitted": 0, "results": [], "results_omitted": 0,
+                "error": None}
+    files: list[FileBody] = [{
+        "path": out.path,
+        "type": out.kind,
+        "size": out.size,
+        "content": base64.b64encode(out.content).decode("ascii") if out.kind == "file" else None,
+        "truncated": out.truncated,
+    } for out in outcome.files]
+    results: list[DisplayBody] = [{
+        "type": display.mime,
+        "data": (
+            display.data.decode("utf-8", "replace") if display.mime.startswith("text/")
+            else base64.b64encode(display.data).decode("ascii")
+        ),
+        "truncated": display.truncated,
+    } for display in outcome.results]
+    error: ErrorBody | None = None
+    if outcome.error is not None:
+        error = {
+            "name": outcome.error["name"],
+            "value": outcome.error["value"],
+            "traceback": outcome.error["traceback"],
+        }
+    return {"files": files, "files_omitted": outcome.files_dropped, "results": results,
+            "results_omitted": outcome.results_dropped, "error": error}
 
 
 def pool_summary(config: PoolConfig, counts: Mapping[str, int]) -> PoolSummary:
@@ -187,3 +412,91 @@ def _timeout(value: object, pool: PoolConfig) -> float:
             code="invalid_timeout",
         )
     return seconds
+
+
+def _file_fields(item: object, where: str) -> tuple[str, str, str]:
+    if not isinstance(item, dict):
+        raise BadRequestError(
+            f"{where} must be an object {{path, content, encoding}}", code="invalid_files"
+        )
+    unknown = sorted(set(item) - FILE_FIELDS)
+    if unknown:
+        raise BadRequestError(
+            f"{where} has an unknown field {unknown[0]!r} (allowed: content, encoding, path)",
+            code="invalid_files",
+        )
+    for key in ("path", "content"):
+        if key not in item:
+            raise BadRequestError(f"{where} needs the field {key!r}", code="invalid_files")
+        if not isinstance(item[key], str):
+            raise BadRequestError(f"{where}.{key} must be a string", code="invalid_files")
+    encoding = item.get("encoding", "utf-8")
+    if encoding not in ENCODINGS:
+        raise BadRequestError(
+            f"{where}.encoding must be \"utf-8\" or \"base64\"", code="invalid_files"
+        )
+    return item["path"], item["content"], encoding
+
+
+def _check_path(path: str, where: str) -> list[str]:
+    """The path's components, if it names a file the guest may create under its workdir.
+
+    Backslashes are refused although Linux allows them in a name: a client on
+    Windows means a directory by them, and a tool that treats them as
+    separators would see a different (perhaps escaping) path than the guest.
+    """
+    def bad(reason: str) -> BadRequestError:
+        return BadRequestError(f"{where}.path {_shown(path)} {reason}", code="invalid_path")
+
+    if not path:
+        raise bad("is empty")
+    if "\0" in path:
+        raise bad("holds a NUL byte")
+    if "\\" in path:
+        raise bad("holds a backslash; separate directories with '/'")
+    if path.startswith("/"):
+        raise bad("is absolute; paths are relative to the working directory")
+    size = _utf8_size(path)
+    if size is None:
+        raise bad("is not valid Unicode (a lone surrogate)")
+    if size > MAX_PATH_BYTES:
+        raise bad(f"is {size} bytes long; at most {MAX_PATH_BYTES} are allowed")
+    parts = path.split("/")
+    for part in parts:
+        if part in (".", ".."):
+            raise bad(f"has a {part!r} component")
+        if not part:
+            raise bad("has an empty component (a leading, doubled or trailing '/')")
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise bad(f"has a component over {MAX_NAME_BYTES} bytes")
+    return parts
+
+
+def _decode_content(content: str, encoding: str, where: str, path: str) -> bytes:
+    try:
+        if encoding == "base64":
+            # Strict: the standard alphabet with padding, no line breaks, so a
+            # client's mistake is an error rather than silently different bytes.
+            return base64.b64decode(content, validate=True)
+        return content.encode("utf-8")
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        what = "base64" if encoding == "base64" else "UTF-8 text (a lone surrogate)"
+        raise BadRequestError(
+            f"{where}.content of {_shown(path)} is not valid {what}",
+            code="invalid_file_content",
+        ) from None
+
+
+def _utf8_size(text: str) -> int | None:
+    """Bytes of ``text`` as UTF-8; None if it holds a lone surrogate (JSON allows them)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+def _shown(text: str) -> str:
+    """A client's string quoted in a message, cut so one line stays short."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return repr(text[:SHOWN_CHARS]) + "..."

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import math
 
 import pytest
 
 from api.schema import (
+    MAX_ARGV_BYTES,
+    MAX_ENV_BYTES,
     RUN_FIELDS,
     choose_pool,
     decode_json_object,
@@ -14,6 +17,7 @@ from api.schema import (
     pool_summary,
     result_body,
 )
+from pool import wire
 from pool.backends.base import RunRequest, RunResult
 from pool.config import PoolConfig
 from pool.errors import BadRequestError, SandpoolError, UnknownPoolError
@@ -26,6 +30,8 @@ POOLS = {
     # must not land here.
     "bash": PoolConfig(name="bash", language="python"),
     "sh-2": PoolConfig(name="sh-2", language="shell"),
+    # Small file limits, so every one of them is reached by a small body.
+    "files": PoolConfig(name="files", max_files=3, max_file_bytes=4, max_files_bytes=6),
 }
 
 
@@ -71,9 +77,12 @@ def test_unknown_field_names_the_first_and_the_allowed() -> None:
     error = refused({"code": "1", "timeout": 5, "colour": "red"})
     assert (error.status, error.code) == (400, "unknown_field")
     assert error.message == (
-        "unknown field 'colour' (allowed: code, language, pool, stdin, timeout_s)"
+        "unknown field 'colour' (allowed: argv, code, env, files, language, pool, stdin, "
+        "timeout_s)"
     )
-    assert sorted(RUN_FIELDS) == ["code", "language", "pool", "stdin", "timeout_s"]
+    assert sorted(RUN_FIELDS) == [
+        "argv", "code", "env", "files", "language", "pool", "stdin", "timeout_s",
+    ]
 
 
 @pytest.mark.parametrize("body", [{}, {"code": None}, {"stdin": "x"}])
@@ -216,6 +225,11 @@ def test_result_body() -> None:
         "queued_ms": 0.444,
         "pool": "python",
         "sandbox_id": "sb-1",
+        "files": [],
+        "files_omitted": 0,
+        "results": [],
+        "results_omitted": 0,
+        "error": None,
     }
 
 
@@ -241,3 +255,342 @@ def test_pool_summary() -> None:
         "min_idle": 1,
         "max_size": 3,
     }
+
+
+# --- /v1/run: files in ------------------------------------------------------------
+
+
+def refused_files(files: object, pool: str = "files") -> SandpoolError:
+    return refused({"code": "1", "pool": pool, "files": files})
+
+
+def test_files_are_written_as_given_utf8_by_default_or_base64() -> None:
+    parsed = parse_run({"code": "1", "files": [
+        {"path": "data.csv", "content": "a,b\n1,é\n"},
+        {"path": "in/raw.bin", "content": base64.b64encode(b"\0\xff").decode(),
+         "encoding": "base64"},
+        {"path": "in/empty", "content": "", "encoding": "utf-8"},
+        {"path": "out/seed.txt", "content": "back"},
+    ]}, POOLS)
+    assert parsed.request.files == (
+        ("data.csv", "a,b\n1,é\n".encode()), ("in/raw.bin", b"\0\xff"), ("in/empty", b""),
+        ("out/seed.txt", b"back"),
+    )
+
+
+def test_no_files_env_or_argv_leave_the_request_as_before() -> None:
+    request = parse_run({"code": "1", "files": [], "env": {}, "argv": []}, POOLS).request
+    assert (request.files, request.env, request.argv) == ((), {}, ())
+    assert request == RunRequest(code="1", stdin="", timeout_s=10.0)
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"path": "a", "content": ""}, "the field 'files' must be a list of {path, content, "
+     "encoding} objects"),
+    ("a", "the field 'files' must be a list of {path, content, encoding} objects"),
+    (None, "the field 'files' must be a list of {path, content, encoding} objects"),
+    (["a"], "files[0] must be an object {path, content, encoding}"),
+    ([{"path": "a", "content": "", "mode": 0o755}],
+     "files[0] has an unknown field 'mode' (allowed: content, encoding, path)"),
+    ([{"content": ""}], "files[0] needs the field 'path'"),
+    ([{"path": "a"}], "files[0] needs the field 'content'"),
+    ([{"path": 1, "content": ""}], "files[0].path must be a string"),
+    ([{"path": "a", "content": None}], "files[0].content must be a string"),
+    ([{"path": "a", "content": b"x".hex(), "encoding": "hex"}],
+     'files[0].encoding must be "utf-8" or "base64"'),
+    ([{"path": "a", "content": "", "encoding": None}],
+     'files[0].encoding must be "utf-8" or "base64"'),
+    ([{"path": "ok", "content": ""}, 7], "files[1] must be an object {path, content, encoding}"),
+])
+def test_files_of_the_wrong_shape(files: object, message: str) -> None:
+    error = refused_files(files)
+    assert (error.status, error.code, error.message) == (400, "invalid_files", message)
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("", "'' is empty"),
+    ("/etc/passwd", "'/etc/passwd' is absolute; paths are relative to the working directory"),
+    ("..", "'..' has a '..' component"),
+    ("../x", "'../x' has a '..' component"),
+    ("a/../../x", "'a/../../x' has a '..' component"),
+    ("./a", "'./a' has a '.' component"),
+    ("a/.", "'a/.' has a '.' component"),
+    (".", "'.' has a '.' component"),
+    ("a//b", "'a//b' has an empty component (a leading, doubled or trailing '/')"),
+    ("a/", "'a/' has an empty component (a leading, doubled or trailing '/')"),
+    ("a\0b", "'a\\x00b' holds a NUL byte"),
+    ("a\\b", "'a\\\\b' holds a backslash; separate directories with '/'"),
+    ("..\\..\\x", "'..\\\\..\\\\x' holds a backslash; separate directories with '/'"),
+    ("a\udc80", "'a\\udc80' is not valid Unicode (a lone surrogate)"),
+    ("n" * 256, f"{'n' * 60!r}... has a component over 255 bytes"),
+    ("é" * 128, f"{'é' * 60!r}... has a component over 255 bytes"),
+    ("/".join(["d" * 255] * 4) + "/x",
+     f"{('d' * 60)!r}... is 1025 bytes long; at most 1024 are allowed"),
+])
+def test_paths_that_could_leave_the_working_directory_or_not_be_created(
+    path: str, says: str
+) -> None:
+    error = refused_files([{"path": "fine.txt", "content": ""}, {"path": path, "content": ""}])
+    assert (error.status, error.code, error.message) == (
+        400, "invalid_path", f"files[1].path {says}",
+    )
+
+
+def test_the_longest_path_and_names_are_allowed() -> None:
+    longest = "/".join(["d" * 255] * 3 + ["d" * 254]) + "/x"  # 1024 bytes
+    name = "é" * 127  # 254 bytes
+    files = parse_run({"code": "1", "files": [
+        {"path": longest, "content": ""}, {"path": name, "content": ""},
+        {"path": "dir with spaces/-x", "content": ""},
+    ]}, POOLS).request.files
+    assert [path for path, _ in files] == [longest, name, "dir with spaces/-x"]
+
+
+@pytest.mark.parametrize(("content", "encoding", "says"), [
+    ("AAE", "base64", "not valid base64"),  # no padding
+    ("AA E=", "base64", "not valid base64"),
+    ("AAE=\n", "base64", "not valid base64"),
+    ("AA-_", "base64", "not valid base64"),  # the URL-safe alphabet
+    ("AAé=", "base64", "not valid base64"),
+    ("a\udc80", "utf-8", "not valid UTF-8 text (a lone surrogate)"),
+])
+def test_file_content_that_cannot_be_decoded(content: str, encoding: str, says: str) -> None:
+    error = refused_files([{"path": "x.bin", "content": content, "encoding": encoding}])
+    assert (error.status, error.code, error.message) == (
+        400, "invalid_file_content", f"files[0].content of 'x.bin' is {says}",
+    )
+
+
+def test_more_files_than_the_pool_takes() -> None:
+    error = refused_files([{"path": f"f{i}", "content": ""} for i in range(4)])
+    assert (error.status, error.code, error.message) == (
+        400, "too_many_files", "4 files given; pool 'files' takes at most 3",
+    )
+    # The default pool takes 32.
+    assert refused_files([{"path": f"f{i}", "content": ""} for i in range(33)],
+                         "python").code == "too_many_files"
+    assert len(parse_run({"code": "1", "files": [
+        {"path": f"f{i}", "content": ""} for i in range(32)]}, POOLS).request.files) == 32
+
+
+def test_a_file_over_the_per_file_limit_counts_decoded_bytes() -> None:
+    error = refused_files([{"path": "big", "content": "héllo"[:4]}])  # 5 bytes as UTF-8
+    assert (error.status, error.code, error.message) == (
+        400, "file_too_large", "files[0] 'big' holds 5 bytes; pool 'files' takes at most 4 "
+        "per file",
+    )
+    # 8 characters of base64 are 4 bytes: within the limit.
+    four = base64.b64encode(b"1234").decode()
+    assert parse_run({"code": "1", "pool": "files", "files": [
+        {"path": "ok", "content": four, "encoding": "base64"}]}, POOLS).request.files == (
+        ("ok", b"1234"),)
+
+
+def test_files_over_the_total_limit() -> None:
+    error = refused_files([{"path": "a", "content": "1234"}, {"path": "b", "content": "123"}])
+    assert (error.status, error.code, error.message) == (
+        400, "files_too_large",
+        "files[1] 'b' brings the files to 7 bytes; pool 'files' takes at most 6 in all",
+    )
+    assert len(parse_run({"code": "1", "pool": "files", "files": [
+        {"path": "a", "content": "1234"}, {"path": "b", "content": "12"}]},
+        POOLS).request.files) == 2
+
+
+def test_a_path_given_twice() -> None:
+    error = refused_files([{"path": "a/x", "content": ""}, {"path": "b", "content": ""},
+                           {"path": "a/x", "content": "b"}])
+    assert (error.status, error.code, error.message) == (
+        400, "duplicate_path", "files[2] 'a/x' is given twice",
+    )
+
+
+@pytest.mark.parametrize(("first", "second", "message"), [
+    ("a", "a/b", "files[1] 'a/b' lies under 'a', which is given as a file"),
+    ("a", "a/b/c", "files[1] 'a/b/c' lies under 'a', which is given as a file"),
+    ("a/b", "a", "files[1] 'a' is a directory of 'a/b', given earlier"),
+    ("a/b/c", "a/b", "files[1] 'a/b' is a directory of 'a/b/c', given earlier"),
+])
+def test_a_path_that_would_be_both_a_file_and_a_directory(
+    first: str, second: str, message: str
+) -> None:
+    error = refused_files([{"path": first, "content": ""}, {"path": second, "content": ""}])
+    assert (error.status, error.code, error.message) == (400, "path_conflict", message)
+
+
+def test_paths_that_only_share_a_prefix_or_a_directory_do_not_conflict() -> None:
+    paths = ["a/b", "a/c", "ab", "a/bc", "a.txt"]
+    files = parse_run({"code": "1", "files": [{"path": p, "content": ""} for p in paths]},
+                      POOLS).request.files
+    assert [path for path, _ in files] == paths
+
+
+def test_file_checks_run_in_a_fixed_order() -> None:
+    # Too many wins over any item's fault; then the first faulty item, and
+    # within an item: shape, path, content, size, total, duplicate, conflict.
+    assert refused_files([1, 2, 3, 4]).code == "too_many_files"
+    assert refused_files([{"path": "/x", "content": "!", "encoding": "base64"}]
+                         ).code == "invalid_path"
+    assert refused_files([{"path": "x", "content": "!!!!!", "encoding": "base64"}]
+                         ).code == "invalid_file_content"
+    assert refused_files([{"path": "x", "content": "12345"}, {"path": "/y", "content": ""}]
+                         ).code == "file_too_large"
+    assert refused_files([{"path": "x", "content": "1234"}, {"path": "x", "content": "123"}]
+                         ).code == "files_too_large"
+    assert refused_files([{"path": "x", "content": ""}, {"path": "x", "content": ""},
+                          {"path": "x/y", "content": ""}]).code == "duplicate_path"
+    # files after timeout_s, and before env and argv.
+    assert refused({"code": "1", "timeout_s": 0, "files": 1}).code == "invalid_timeout"
+    assert refused({"code": "1", "files": 1, "env": 1, "argv": 1}).code == "invalid_files"
+    assert refused({"code": "1", "env": 1, "argv": 1}).code == "invalid_env"
+    # And after the pool, whose limits they are.
+    assert refused({"code": "1", "pool": "nope", "files": 1}).code == "unknown_pool"
+
+
+# --- /v1/run: env and argv --------------------------------------------------------
+
+
+def test_env_and_argv_are_passed_as_given() -> None:
+    request = parse_run({"code": "1", "env": {"A": "1", "_b9": "", "LANG": "é x=y"},
+                         "argv": ["-v", "", "é", "a b"]}, POOLS).request
+    assert request.env == {"A": "1", "_b9": "", "LANG": "é x=y"}
+    assert request.argv == ("-v", "", "é", "a b")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    (["A=1"], "the field 'env' must be an object of strings"),
+    ("A=1", "the field 'env' must be an object of strings"),
+    ({"": "x"}, "env name '' must match [A-Za-z_][A-Za-z0-9_]*"),
+    ({"1A": "x"}, "env name '1A' must match [A-Za-z_][A-Za-z0-9_]*"),
+    ({"A-B": "x"}, "env name 'A-B' must match [A-Za-z_][A-Za-z0-9_]*"),
+    ({"A=B": "x"}, "env name 'A=B' must match [A-Za-z_][A-Za-z0-9_]*"),
+    ({"É": "x"}, "env name 'É' must match [A-Za-z_][A-Za-z0-9_]*"),
+    ({"A\0": "x"}, "env name 'A\\x00' must match [A-Za-z_][A-Za-z0-9_]*"),
+    ({"A\n": "x"}, "env name 'A\\n' must match [A-Za-z_][A-Za-z0-9_]*"),
+    ({"A": 1}, "env['A'] must be a string"),
+    ({"A": None}, "env['A'] must be a string"),
+    ({"A": "x\0y"}, "env['A'] holds a NUL byte"),
+    ({"A": "\udc80"}, "env['A'] is not valid Unicode (a lone surrogate)"),
+    ({f"V{i}": "" for i in range(65)}, "env has 65 entries; at most 64 are allowed"),
+    ({"A": "x" * (MAX_ENV_BYTES - 1), "B": ""},
+     f"env reaches {MAX_ENV_BYTES + 1} bytes at 'B'; at most {MAX_ENV_BYTES} are allowed"),
+])
+def test_bad_env(env: object, message: str) -> None:
+    error = refused({"code": "1", "env": env})
+    assert (error.status, error.code, error.message) == (400, "invalid_env", message)
+
+
+def test_the_largest_env_is_allowed() -> None:
+    env = {f"V{i}": "" for i in range(64)}
+    assert parse_run({"code": "1", "env": env}, POOLS).request.env == env
+    env = {"A": "é" * ((MAX_ENV_BYTES - 1) // 2)}
+    assert parse_run({"code": "1", "env": env}, POOLS).request.env == env
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ("-v", "the field 'argv' must be a list of strings"),
+    ({"0": "-v"}, "the field 'argv' must be a list of strings"),
+    (["-v", 1], "argv[1] must be a string"),
+    ([None], "argv[0] must be a string"),
+    (["a\0b"], "argv[0] holds a NUL byte"),
+    (["\udc80"], "argv[0] is not valid Unicode (a lone surrogate)"),
+    ([""] * 257, "argv has 257 items; at most 256 are allowed"),
+    (["x" * MAX_ARGV_BYTES, "y"],
+     f"argv reaches {MAX_ARGV_BYTES + 1} bytes at argv[1]; at most {MAX_ARGV_BYTES} are allowed"),
+])
+def test_bad_argv(argv: object, message: str) -> None:
+    error = refused({"code": "1", "argv": argv})
+    assert (error.status, error.code, error.message) == (400, "invalid_argv", message)
+
+
+def test_the_largest_argv_is_allowed() -> None:
+    assert len(parse_run({"code": "1", "argv": [""] * 256}, POOLS).request.argv) == 256
+    argv = ["é" * (MAX_ARGV_BYTES // 4), "é" * (MAX_ARGV_BYTES // 4)]
+    assert parse_run({"code": "1", "argv": argv}, POOLS).request.argv == tuple(argv)
+
+
+def test_env_is_checked_before_argv() -> None:
+    assert refused({"code": "1", "env": {"1": ""}, "argv": 1}).code == "invalid_env"
+
+
+# --- the result's files, results and error ----------------------------------------
+
+
+LIMITS = wire.OutcomeLimits(max_files=2, max_file_bytes=4, max_files_bytes=100,
+                            max_display_bytes=6)
+
+
+def outcome_of(stream: bytes) -> wire.Outcome:
+    outcome = wire.Outcome(LIMITS)
+    for kind, payload in wire.FrameDecoder().feed(stream):
+        outcome.add(kind, payload)
+    return outcome
+
+
+def file_out(path: str, content: bytes, kind: str = "file", size: int | None = None) -> bytes:
+    header = {"path": path, "kind": kind, "size": len(content) if size is None else size}
+    return wire.header_frame(wire.FILE_OUT, header) + wire.content_frames(content)
+
+
+def display(mime: str, data: bytes) -> bytes:
+    return wire.header_frame(wire.DISPLAY, {"type": mime}) + wire.content_frames(data)
+
+
+def result_with(outcome: wire.Outcome | None) -> RunResult:
+    return RunResult(
+        exit_code=1, stdout=b"", stderr=b"", timed_out=False, oom_killed=False,
+        stdout_truncated=False, stderr_truncated=False, execution_s=0.001, outcome=outcome,
+    )
+
+
+def test_files_results_and_the_error_in_the_result_body() -> None:
+    outcome = outcome_of(
+        file_out("out/chart.png", b"\x89PNG\r\n")  # over 4 bytes: cut
+        + file_out("out/link", b"", kind="symlink", size=11)
+        + file_out("out/dropped", b"x")  # past max_files
+        + display("image/png", b"\x89PN")
+        + display("text/plain", b"\xc3\xa9\xff")  # not UTF-8 at its end
+        + display("text/plain", b"gone")  # past max_display_bytes
+        + wire.header_frame(wire.ERROR, {"name": "ZeroDivisionError", "value": "division by zero",
+                                         "traceback": "Traceback ...\n"})
+    )
+    body = result_body(result_with(outcome), "python", "sb-3", 0.0)
+    assert body["files"] == [
+        {"path": "out/chart.png", "type": "file", "size": 6,
+         "content": base64.b64encode(b"\x89PNG").decode(), "truncated": True},
+        {"path": "out/link", "type": "symlink", "size": 11, "content": None,
+         "truncated": False},
+    ]
+    assert body["files_omitted"] == 1
+    assert body["results"] == [
+        {"type": "image/png", "data": base64.b64encode(b"\x89PN").decode(), "truncated": False},
+        {"type": "text/plain", "data": "é\ufffd", "truncated": False},
+    ]
+    assert body["results_omitted"] == 1
+    assert body["error"] == {"name": "ZeroDivisionError", "value": "division by zero",
+                             "traceback": "Traceback ...\n"}
+    assert body["exit_code"] == 1  # the error claims nothing about the verdict
+
+
+def test_a_result_cut_at_its_limit_says_so() -> None:
+    body = result_body(result_with(outcome_of(display("text/plain", b"1234567"))), "p", "s", 0)
+    assert body["results"] == [{"type": "text/plain", "data": "123456", "truncated": True}]
+
+
+def test_an_empty_file_and_an_empty_outcome() -> None:
+    body = result_body(result_with(outcome_of(file_out("out/empty", b""))), "p", "s", 0)
+    assert body["files"] == [{"path": "out/empty", "type": "file", "size": 0, "content": "",
+                              "truncated": False}]
+    assert (body["results"], body["error"]) == ([], None)
+    empty = result_body(result_with(wire.Outcome(LIMITS)), "p", "s", 0)
+    assert {key: empty[key] for key in ("files", "files_omitted", "results", "results_omitted",
+                                        "error")} == {
+        "files": [], "files_omitted": 0, "results": [], "results_omitted": 0, "error": None}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device", "directory", "other"])
+def test_entries_that_are_not_regular_files_have_no_content(kind: str) -> None:
+    body = result_body(result_with(outcome_of(file_out("out/x", b"", kind=kind, size=0))),
+                       "p", "s", 0)
+    assert body["files"] == [{"path": "out/x", "type": kind, "size": 0, "content": None,
+                              "truncated": False}]
