@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from api.client import DEFAULT_SOCKET, ApiError, Client
+from api.client import DEFAULT_SOCKET, ApiError, Client, save_files
 from pool.errors import SandpoolError
 
 EXIT_TIMEOUT = 124
@@ -82,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="python or shell: the daemon picks a pool of that language",
     )
     run.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is killed")
+    run.add_argument(
+        "--file", dest="files", action="append", default=[], metavar="PATH[=NAME]",
+        help="upload the local file PATH into the sandbox's working directory as NAME "
+        "(default: its base name); repeatable",
+    )
+    run.add_argument(
+        "-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+        help="set an environment variable for the program; repeatable",
+    )
+    run.add_argument(
+        "--arg", dest="argv", action="append", default=[], metavar="ARG",
+        help="append ARG to the program's arguments (sys.argv[1:]); repeatable",
+    )
+    run.add_argument(
+        "--out-dir", metavar="DIR",
+        help="save the files the program left under out/ as DIR/out/..., and image "
+        "results as DIR/result-N.png",
+    )
     run.add_argument(
         "-i",
         "--input",
@@ -189,13 +208,21 @@ def command_run(args: argparse.Namespace) -> int:
     elif args.input is not None:
         with open(args.input, encoding="utf-8", errors="surrogateescape") as f:
             stdin = f.read()
+    files = dict(upload_file(spec) for spec in args.files)
+    env = dict(env_entry(spec) for spec in args.env)
     with Client(args.socket) as client:
         result = client.run(
-            code, pool=args.pool, language=args.language, stdin=stdin, timeout_s=args.timeout
+            code, pool=args.pool, language=args.language, stdin=stdin, timeout_s=args.timeout,
+            files=files or None, env=env or None, argv=args.argv or None,
         )
     sys.stdout.write(result["stdout"])
+    # A final bare expression's value, as a notebook cell shows it.
+    for display in result.get("results", []):
+        if display["type"] == "text/plain":
+            sys.stdout.write(display["data"] + "\n")
     sys.stdout.flush()
     sys.stderr.write(result["stderr"])
+    report_outcome(result, args.out_dir)
     for stream in ("stdout", "stderr"):
         if result[f"{stream}_truncated"]:
             print(
@@ -210,6 +237,61 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_TIMEOUT
     exit_code = result["exit_code"]
     return int(exit_code) if exit_code is not None else EXIT_SANDPOOL_ERROR
+
+
+def upload_file(spec: str) -> tuple[str, bytes]:
+    """``PATH[=NAME]`` of ``--file`` as (NAME, content). An existing file named by the
+    whole argument wins, so a local path holding "=" needs no NAME."""
+    path, name = spec, os.path.basename(spec)
+    if "=" in spec and not os.path.isfile(spec):
+        path, _, name = spec.rpartition("=")
+    with open(path, "rb") as f:
+        return name, f.read()
+
+
+def env_entry(spec: str) -> tuple[str, str]:
+    name, equals, value = spec.partition("=")
+    if not equals:
+        raise SandpoolError(f"--env {spec!r}: expected NAME=VALUE")
+    return name, value
+
+
+def report_outcome(result: dict[str, Any], out_dir: str | None) -> None:
+    """Save what the run returned besides its output into ``out_dir``, or say it was left.
+
+    One stderr line per thing the user would otherwise miss: a file cut at the
+    pool's limit, an entry that is not a regular file, entries over the count.
+    """
+    files, images = result.get("files", []), [
+        r for r in result.get("results", []) if r["type"] != "text/plain"
+    ]
+    if out_dir is None:
+        if files or images:
+            print(f"sandpool: the run returned {len(files)} file(s) under out/ and "
+                  f"{len(images)} image(s); save them with --out-dir DIR", file=sys.stderr)
+    else:
+        save_files(result, out_dir)
+        if images:
+            os.makedirs(out_dir, exist_ok=True)
+        for number, image in enumerate(images, 1):
+            extension = image["type"].rpartition("/")[2]
+            target = os.path.join(out_dir, f"result-{number}.{extension}")
+            with open(target, "wb") as f:
+                f.write(base64.b64decode(image["data"]))
+    for entry in files:
+        if entry["type"] != "file":
+            print(f"sandpool: {entry['path']} is a {entry['type']}; only regular files "
+                  "come back", file=sys.stderr)
+        elif entry["truncated"]:
+            print(f"sandpool: {entry['path']} was cut at the pool's file limit "
+                  f"({len(base64.b64decode(entry['content']))} of {entry['size']} bytes)",
+                  file=sys.stderr)
+    if result.get("files_omitted"):
+        print(f"sandpool: {result['files_omitted']} more entries under out/ were left out "
+              "(over the pool's max_files)", file=sys.stderr)
+    if any(r["truncated"] for r in result.get("results", [])) or result.get("results_omitted"):
+        print("sandpool: some results were cut or left out at the pool's max_results_bytes",
+              file=sys.stderr)
 
 
 def command_status(args: argparse.Namespace) -> int:

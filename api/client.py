@@ -3,6 +3,8 @@
     with Client("/run/sandpool/sandpool.sock") as client:
         result = client.run("print(1)")
         result["stdout"]  # "1\\n"
+        result = client.run(code, files={"data.csv": csv_bytes})
+        save_files(result, "results")  # what the code left under out/
 
 One keep-alive connection per client, so an agent calling it hundreds of times
 a minute pays no connection set-up per call. Not thread-safe: use one per thread.
@@ -10,10 +12,12 @@ a minute pays no connection set-up per call. Not thread-safe: use one per thread
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 DEFAULT_SOCKET = os.environ.get("SANDPOOL_SOCKET", "/run/sandpool/sandpool.sock")
@@ -54,8 +58,15 @@ class Client:
         pool: str | None = None,
         stdin: str | None = None,
         timeout_s: float | None = None,
+        files: Mapping[str, bytes | str] | None = None,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Run ``code`` in a fresh sandbox and return the result object of POST /v1/run."""
+        """Run ``code`` in a fresh sandbox and return the result object of POST /v1/run.
+
+        ``files`` maps a path relative to the sandbox's working directory to its
+        content: bytes travel as base64, str as UTF-8 text.
+        """
         body: dict[str, Any] = {"code": code}
         for key, value in (
             ("language", language),
@@ -65,6 +76,17 @@ class Client:
         ):
             if value is not None:
                 body[key] = value
+        if files is not None:
+            body["files"] = [
+                {"path": path, "content": base64.b64encode(content).decode("ascii"),
+                 "encoding": "base64"}
+                if isinstance(content, bytes) else {"path": path, "content": content}
+                for path, content in files.items()
+            ]
+        if env is not None:
+            body["env"] = dict(env)
+        if argv is not None:
+            body["argv"] = list(argv)
         return self.request("POST", "/v1/run", body)
 
     def pools(self) -> list[dict[str, Any]]:
@@ -177,3 +199,30 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def save_files(result: Mapping[str, Any], directory: str | os.PathLike[str]) -> list[str]:
+    """Write the regular files of a run's result under ``directory``, at their ``out/...`` paths.
+
+    Returns the paths written (those the result reports as something else, a
+    symlink or a FIFO, have no content and are skipped). A truncated file is
+    written as far as it came back. Never follows a symlink at a file's own
+    name, so a stale link in ``directory`` cannot send content elsewhere.
+    Raises ValueError for a path that is not plain and relative (the daemon
+    never sends one), OSError when a file cannot be written.
+    """
+    written = []
+    for entry in result.get("files", []):
+        path = str(entry["path"])
+        parts = path.split("/")
+        if path.startswith("/") or "\0" in path or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"refusing to write the returned path {path!r}")
+        if entry["type"] != "file" or entry["content"] is None:
+            continue
+        target = os.path.join(directory, *parts)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(target, flags, 0o666), "wb") as f:
+            f.write(base64.b64decode(entry["content"]))
+        written.append(path)
+    return written

@@ -205,3 +205,109 @@ def test_client_raises_api_error(client: Client) -> None:
     with pytest.raises(ApiError) as caught:
         client.run("1", pool="nope")
     assert (caught.value.status, caught.value.code) == (404, "unknown_pool")
+
+
+# --- files, env and argv: what the daemon refuses before any sandbox runs --------
+# (What a sandbox does with them, and the files, results and error it returns,
+# is tested per tier against the real engines.)
+
+
+def run_body(**fields: Any) -> bytes:
+    return json.dumps({"code": "print(1)", **fields}).encode()
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (run_body(files={"a.txt": "x"}), "invalid_files"),
+    (run_body(files=[{"path": "a.txt"}]), "invalid_files"),
+    (run_body(files=[{"path": "a.txt", "content": "x", "encoding": "gzip"}]), "invalid_files"),
+    (run_body(files=[{"path": "/etc/passwd", "content": "x"}]), "invalid_path"),
+    (run_body(files=[{"path": "../escape", "content": "x"}]), "invalid_path"),
+    (run_body(files=[{"path": "a/../../escape", "content": "x"}]), "invalid_path"),
+    (run_body(files=[{"path": "a\0b", "content": "x"}]), "invalid_path"),
+    (run_body(files=[{"path": "..\\escape", "content": "x"}]), "invalid_path"),
+    (run_body(files=[{"path": "x" * 256, "content": "x"}]), "invalid_path"),
+    (run_body(files=[{"path": "a", "content": "not base64!", "encoding": "base64"}]),
+     "invalid_file_content"),
+    (run_body(files=[{"path": "a", "content": ""}, {"path": "a", "content": ""}]),
+     "duplicate_path"),
+    (run_body(files=[{"path": "a", "content": ""}, {"path": "a/b", "content": ""}]),
+     "path_conflict"),
+    (run_body(files=[{"path": f"f{i}", "content": ""} for i in range(33)]), "too_many_files"),
+    (run_body(env={"1BAD": "x"}), "invalid_env"),
+    (run_body(env={"A": 1}), "invalid_env"),
+    (run_body(env={"A": "x\0y"}), "invalid_env"),
+    (run_body(env=["A=1"]), "invalid_env"),
+    (run_body(argv="-v"), "invalid_argv"),
+    (run_body(argv=["a\0b"]), "invalid_argv"),
+    (run_body(argv=[""] * 257), "invalid_argv"),
+])
+def test_bad_files_env_and_argv_are_400(daemon: Daemon, body: bytes, code: str) -> None:
+    status, _, document = raw(daemon, "POST", "/v1/run", body)
+    assert (status, document["error"]["code"]) == (400, code)
+    assert document["error"]["message"]
+
+
+def test_file_size_limits_are_the_pools(spawn_daemon: Callable[..., Daemon]) -> None:
+    small = spawn_daemon('[server]\nmetrics_address = "off"\n'
+                         "[pools.python]\nmin_idle = 0\nmax_size = 1\n"
+                         "max_file_bytes = 4\nmax_files_bytes = 6\n")
+    status, _, document = raw(small, "POST", "/v1/run",
+                              run_body(files=[{"path": "a", "content": "12345"}]))
+    assert (status, document["error"]["code"]) == (400, "file_too_large")
+    assert document["error"]["message"] == (
+        "files[0] 'a' holds 5 bytes; pool 'python' takes at most 4 per file"
+    )
+    status, _, document = raw(small, "POST", "/v1/run", run_body(files=[
+        {"path": "a", "content": "1234"}, {"path": "b", "content": "MTIz", "encoding": "base64"},
+    ]))
+    assert (status, document["error"]["code"]) == (400, "files_too_large")
+    # Nothing was started for a refused request.
+    with small.client() as client:
+        assert pool_counts(client, "python")["busy"] == 0
+
+
+def test_the_client_sends_files_env_and_argv(client: Client) -> None:
+    # Refused ones prove what the client put on the wire: bytes as base64, str as text.
+    with pytest.raises(ApiError) as caught:
+        client.run("1", files={"ok": b"\xff\x00", "../x": "text"})
+    assert (caught.value.status, caught.value.code) == (400, "invalid_path")
+    assert caught.value.message == "files[1].path '../x' has a '..' component"
+    with pytest.raises(ApiError) as caught:
+        client.run("1", env={"A B": "x"})
+    assert caught.value.code == "invalid_env"
+    with pytest.raises(ApiError) as caught:
+        client.run("1", argv=["ok", "\0"])
+    assert (caught.value.code, caught.value.message) == ("invalid_argv",
+                                                         "argv[1] holds a NUL byte")
+
+
+def test_a_result_always_carries_files_results_and_error(client: Client) -> None:
+    result = client.run("print(1)")
+    assert result["stdout"] == "1\n"
+    assert isinstance(result["files"], list)
+    assert isinstance(result["results"], list)
+    assert (result["files_omitted"], result["results_omitted"]) == (0, 0)
+    assert "error" in result
+
+
+def test_cli_file_and_env_errors_are_one_line(daemon: Daemon, tmp_path: Any) -> None:
+    base = [sys.executable, "-m", "api.cli", "run", "--socket", daemon.socket]
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n")
+    done = subprocess.run([*base, "--file", f"{data}=../data.csv", "-c", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        125, "sandpool: files[0].path '../data.csv' has a '..' component\n")
+    done = subprocess.run([*base, "--file", str(tmp_path / "missing.csv"), "-c", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 125
+    assert done.stderr.startswith("sandpool: ")
+    assert done.stderr.count("\n") == 1
+    done = subprocess.run([*base, "--env", "NOVALUE", "-c", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        125, "sandpool: --env 'NOVALUE': expected NAME=VALUE\n")
+    done = subprocess.run([*base, "--env", "1X=y", "-c", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        125, "sandpool: env name '1X' must match [A-Za-z_][A-Za-z0-9_]*\n")
