@@ -126,14 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", nargs="?", metavar="FILE", help="TOML file (default: no file)")
 
-    image = commands.add_parser("image", help="manage the sandbox image")
+    image = commands.add_parser("image", help="manage the sandbox images")
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_commands.add_parser(
-        "build", help="build sandpool/python:bookworm from Debian packages (no registry needed)"
+        "build", help="build a sandbox image from Debian packages (no registry needed)",
+        description="Build a sandbox image from Debian packages; see docs/images.md.",
     )
     build.add_argument(
-        "--tag", default="sandpool/python:bookworm",
-        help="the tag to build (default: sandpool/python:bookworm)",
+        "--profile", default="python", choices=["python", "datasci", "node"],
+        help="what goes in: python (python3 only), datasci (numpy, pandas, matplotlib, "
+        "scipy, scikit-learn...), node (nodejs and python3) (default: python)",
+    )
+    build.add_argument(
+        "--tag",
+        help="the tag to build (default: sandpool/<profile>:bookworm, "
+        "e.g. sandpool/python:bookworm)",
+    )
+    build.add_argument(
+        "--packages", metavar="'PKG ...'", default="",
+        help="more Debian packages to install, separated by spaces",
+    )
+    build.add_argument(
+        "--pip-requirements", metavar="FILE",
+        help="a pip requirements file (hashes allowed) installed into the image at build "
+        "time; the sandboxes themselves have no network",
     )
     build.add_argument("--mirror", metavar="URL", help="Debian mirror (default: the host's apt's)")
     build.add_argument(
@@ -143,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="build from this image (with python3) instead of debootstrap",
     )
     build.add_argument("--force", action="store_true", help="rebuild even if the image is current")
+    export = image_commands.add_parser(
+        "export",
+        help="export an image's root file system for the process tier",
+        description="Export IMAGE's root file system, read-only, into "
+        "STATE_DIR/rootfs/<image>/<image id>, once; print its path.",
+    )
+    export.add_argument(
+        "image", nargs="?", default="sandpool/python:bookworm", metavar="IMAGE",
+        help="the image (default: sandpool/python:bookworm)",
+    )
+    export.add_argument(
+        "--state-dir", default="/var/lib/sandpool", metavar="DIR",
+        help="the state directory (default: /var/lib/sandpool)",
+    )
     return parser
 
 
@@ -157,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_status(args)
         if args.command == "config":
             return command_config_check(args)
+        if args.image_command == "export":
+            return command_image_export(args)
         return command_image_build(args)
     except (SandpoolError, ApiError) as e:
         print(f"sandpool: {e.message}", file=sys.stderr)
@@ -313,7 +345,7 @@ def command_config_check(args: argparse.Namespace) -> int:
 
 
 def command_image_build(args: argparse.Namespace) -> int:
-    from pool.image import build_image_interruptibly
+    from pool.image import Recipe, build_image_interruptibly, profile_named
 
     began = time.monotonic()
 
@@ -321,18 +353,42 @@ def command_image_build(args: argparse.Namespace) -> int:
         # Progress is plain; only a failure is a "sandpool: ..." line.
         print(line, file=sys.stderr, flush=True)
 
+    requirements = None
+    if args.pip_requirements is not None:
+        with open(args.pip_requirements, encoding="utf-8") as f:
+            requirements = f.read()
+    image_recipe = Recipe(
+        profile=profile_named(args.profile),
+        extra_packages=tuple(args.packages.split()),
+        pip_requirements=requirements,
+    )
+    tag = args.tag or image_recipe.profile.tag
     try:
         built = asyncio.run(build_image_interruptibly(
-            tag=args.tag, mirror=args.mirror, base=args.base, force=args.force,
-            progress=progress,
+            tag=tag, image_recipe=image_recipe, mirror=args.mirror, base=args.base,
+            force=args.force, progress=progress,
         ))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("sandpool: interrupted; nothing was tagged", file=sys.stderr)
         return 130
     if built:
-        progress(f"built {args.tag} in {time.monotonic() - began:.0f} s")
+        progress(f"built {tag} in {time.monotonic() - began:.0f} s")
     else:
-        progress(f"{args.tag} is up to date")
+        progress(f"{tag} is up to date")
+    return 0
+
+
+def command_image_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pool.image import export_rootfs
+
+    try:
+        path = asyncio.run(export_rootfs(args.image, Path(args.state_dir)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("sandpool: interrupted; nothing was exported", file=sys.stderr)
+        return 130
+    print(path)
     return 0
 
 

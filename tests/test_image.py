@@ -1,32 +1,45 @@
-"""The sandbox image: what the pool relies on, and how a failed or interrupted build ends.
+"""The sandbox images: what the pool relies on, how a failed or interrupted build ends,
+the profiles' recipes and runtime labels, and the root file system export.
 
-The image tests build ``sandpool/python:bookworm`` when it is missing (about a
-minute with debootstrap); under ``make test`` it is already built and they take
-seconds.
+The image tests build ``sandpool/python:bookworm`` (and the datasci and node
+images for their own tests) when missing (a minute to several with debootstrap);
+under ``make test`` they are already built and the tests take seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
+import stat
 import sys
+import tarfile
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from pool.errors import ImageBuildError
 from pool.image import (
     BUILD_DIR_PREFIX,
     DEFAULT_TAG,
+    MATPLOTLIB_CACHE_DIR,
+    PROFILES,
     RECIPE_LABEL,
     RECIPE_VERSION,
+    RUNTIME_LABEL,
+    Recipe,
     build_image,
+    export_rootfs,
     host_debian_mirror,
     image_is_current,
+    parse_runtime,
     recipe,
+    runtime_info,
 )
 from pool.image.debootstrap import debootstrap_failure
 
@@ -92,7 +105,7 @@ async def sandbox_image() -> str:
 
 
 @pytest.fixture
-async def test_tag(unique: str):
+async def test_tag(unique: str) -> AsyncIterator[str]:
     """A unique tag for an image a test builds; the image is removed afterwards."""
     tag = f"sandpool-test/{unique}:latest"
     try:
@@ -373,3 +386,313 @@ def test_debootstrap_failures_read_as_one_reason() -> None:
     other = "E: first problem\nI: more\nE: Couldn't find   these debs:\n python3"
     assert debootstrap_failure(other, 1, mirror) == "Couldn't find these debs:"
     assert debootstrap_failure("I: nothing useful\n", 2, mirror) == "exit status 2"
+
+
+def inspected_with(labels: dict[str, str]) -> dict[str, object]:
+    return {"Id": "sha256:0", "Config": {"Labels": labels}}
+
+
+def test_each_profile_has_its_own_recipe_version_and_additions_change_it() -> None:
+    python, datasci, node = (Recipe(PROFILES[name]) for name in ("python", "datasci", "node"))
+
+    assert python.version == RECIPE_VERSION
+    assert len({python.version, datasci.version, node.version}) == 3
+    with_packages = Recipe(PROFILES["datasci"], extra_packages=("python3-nltk",))
+    with_pip = Recipe(PROFILES["datasci"], pip_requirements="polars==1.0\n")
+    versions = {datasci.version, with_packages.version, with_pip.version}
+    assert len(versions) == 3
+    assert all(version.startswith(datasci.version) for version in versions)
+    # The digest is of the set of packages, not of the order they were typed in.
+    assert Recipe(extra_packages=("b", "a")).version == Recipe(extra_packages=("a", "b")).version
+
+
+def test_an_image_is_current_only_for_the_recipe_that_built_it() -> None:
+    datasci = Recipe(PROFILES["datasci"])
+    more = Recipe(PROFILES["datasci"], extra_packages=("python3-nltk",))
+
+    assert recipe.is_current(inspected_with({RECIPE_LABEL: datasci.version}), datasci)
+    assert not recipe.is_current(inspected_with({RECIPE_LABEL: datasci.version}), more)
+    assert not recipe.is_current(inspected_with({RECIPE_LABEL: RECIPE_VERSION}), datasci)
+    assert not recipe.is_current(inspected_with({RECIPE_LABEL: datasci.version}))
+
+
+def test_recipe_packages_keep_order_drop_duplicates_and_bring_pip_for_requirements() -> None:
+    node = Recipe(PROFILES["node"], extra_packages=("nodejs", "git"))
+    assert node.packages == ("nodejs", "git")
+    assert Recipe().packages == ()
+    assert Recipe(pip_requirements="x==1\n").packages == ("python3-pip",)
+
+
+def test_datasci_profile_asks_for_the_analysis_stack_and_the_agg_backend() -> None:
+    datasci = PROFILES["datasci"]
+
+    for package in ("python3-numpy", "python3-pandas", "python3-matplotlib", "python3-scipy"):
+        assert package in datasci.packages
+    assert datasci.has_matplotlib
+    assert "MPLBACKEND=Agg" in datasci.env
+    assert "ENV MPLBACKEND=Agg" in recipe.import_changes("debootstrap:bookworm", Recipe(datasci))
+    assert not PROFILES["python"].has_matplotlib
+
+
+def test_runtime_label_names_the_pool_languages_interpreter_version() -> None:
+    interpreters = {"python3": "3.11.2", "node": "18.19.0"}
+
+    node = recipe.runtime_label(PROFILES["node"], interpreters, {})
+    python = recipe.runtime_label(PROFILES["datasci"], interpreters, {"numpy": "1.24.2"})
+
+    assert (node["language"], node["version"]) == ("javascript", "18.19.0")
+    assert (python["language"], python["version"]) == ("python", "3.11.2")
+    assert python["packages"] == {"numpy": "1.24.2"}
+
+
+def test_parse_runtime_reads_the_label_and_shrugs_at_anything_else() -> None:
+    runtime = {"language": "python", "version": "3.11.2", "packages": {"numpy": "1.24.2"}}
+
+    assert parse_runtime(inspected_with({RUNTIME_LABEL: json.dumps(runtime)})) == runtime
+    assert parse_runtime(inspected_with({RUNTIME_LABEL: "not json"})) == {}
+    assert parse_runtime(inspected_with({RUNTIME_LABEL: "[1, 2]"})) == {}
+    assert parse_runtime(inspected_with({})) == {}
+    assert parse_runtime({"Id": "sha256:0", "Config": None}) == {}
+    assert parse_runtime(None) == {}
+
+
+def tiny_rootfs_tar(marker: str) -> bytes:
+    """A root file system of three entries, enough for docker import/create/export."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name in ("etc", "sandbox"):
+            directory = tarfile.TarInfo(name)
+            directory.type, directory.mode = tarfile.DIRTYPE, 0o1777 if name == "sandbox" else 0o755
+            archive.addfile(directory)
+        data = marker.encode()
+        entry = tarfile.TarInfo("etc/marker")
+        entry.size, entry.mode = len(data), 0o664
+        archive.addfile(entry, io.BytesIO(data))
+        link = tarfile.TarInfo("etc/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "marker"
+        archive.addfile(link)
+    return buffer.getvalue()
+
+
+async def docker_import(tar: bytes, changes: list[str], tag: str) -> str:
+    argv = ["docker", "import"]
+    for change in changes:
+        argv += ["--change", change]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, "-", tag,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(DOCKER_TIMEOUT_S):
+        stdout, stderr = await proc.communicate(tar)
+    assert proc.returncode == 0, stderr.decode()
+    return stdout.decode().strip().removeprefix("sha256:")
+
+
+@pytest.fixture
+async def tiny_images(unique: str) -> AsyncIterator[list[str]]:
+    """Make tiny images tagged sandpool-test/<unique>-N:latest; removed afterwards."""
+    tags: list[str] = []
+    try:
+        yield tags
+    finally:
+        for tag in tags:
+            await run("docker", "image", "rm", "--force", tag)
+
+
+async def tiny_image(tags: list[str], unique: str, changes: list[str] | None = None) -> str:
+    tag = f"sandpool-test/{unique}-{len(tags)}:latest"
+    tags.append(tag)
+    await docker_import(tiny_rootfs_tar(tag), changes or [], tag)
+    return tag
+
+
+async def image_id(tag: str) -> str:
+    _, stdout, _ = await run("docker", "image", "inspect", "--format", "{{.Id}}", tag)
+    return stdout.strip().removeprefix("sha256:")
+
+
+async def export_containers() -> str:
+    _, names, _ = await run(
+        "docker", "ps", "--all", "--format", "{{.Names}}", "--filter", "name=sandpool-export-"
+    )
+    return names.strip()
+
+
+@pytest.mark.docker
+async def test_runtime_label_written_at_import_reads_back_through_docker(
+    tiny_images: list[str], unique: str
+) -> None:
+    runtime = recipe.runtime_label(
+        PROFILES["datasci"], {"python3": "3.11.2"}, {"numpy": "1.24.2", "odd \"name\"": "1 2"}
+    )
+    changes = recipe.import_changes("debootstrap:bookworm", Recipe(PROFILES["datasci"]), runtime)
+
+    tag = await tiny_image(tiny_images, unique, changes)
+
+    assert await runtime_info(tag) == runtime
+    assert await runtime_info(f"sandpool-no-such-image-{unique}:nope") == {}
+
+
+@pytest.mark.docker
+async def test_export_is_read_only_named_by_image_id_and_reused(
+    tiny_images: list[str], unique: str, tmp_path: Path
+) -> None:
+    tag = await tiny_image(tiny_images, unique)
+
+    exported = await export_rootfs(tag, tmp_path)
+
+    assert exported == tmp_path / "rootfs" / await image_id(tag)
+    assert (exported / "etc/marker").read_text() == tag
+    assert os.readlink(exported / "etc/link") == "marker"
+    assert not (exported / ".dockerenv").exists()
+    writable = [
+        path for path in [exported, *exported.rglob("*")]
+        if not path.is_symlink() and path.lstat().st_mode & 0o222
+    ]  # fmt: skip
+    assert writable == []
+    assert stat.S_IMODE((exported / "sandbox").stat().st_mode) == 0o1555
+    assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]
+    assert await export_containers() == ""
+    # Reused as it is: a second export neither rewrites nor duplicates it.
+    before = (exported / "etc/marker").stat().st_ino
+    assert await export_rootfs(tag, tmp_path) == exported
+    assert (exported / "etc/marker").stat().st_ino == before
+
+
+@pytest.mark.docker
+async def test_export_sweeps_exports_of_gone_images_and_interrupted_stagings(
+    tiny_images: list[str], unique: str, tmp_path: Path
+) -> None:
+    kept_tag = await tiny_image(tiny_images, unique)
+    kept = await export_rootfs(kept_tag, tmp_path)
+    gone_tag = await tiny_image(tiny_images, unique)
+    gone = await export_rootfs(gone_tag, tmp_path)
+    staging = tmp_path / "rootfs" / ".staging-0123456789ab-feedfacecafe"
+    staging.mkdir()
+    (staging / "half").write_text("an interrupted export")
+    await run("docker", "image", "rm", "--force", gone_tag)
+    current_tag = await tiny_image(tiny_images, unique)
+
+    current = await export_rootfs(current_tag, tmp_path)
+
+    left = sorted(p.name for p in (tmp_path / "rootfs").iterdir())
+    assert left == sorted([kept.name, current.name])
+    assert not gone.exists()
+    assert not staging.exists()
+
+
+@pytest.mark.docker
+async def test_exporting_a_missing_image_says_so(unique: str, tmp_path: Path) -> None:
+    with pytest.raises(ImageBuildError, match=r"no image .* to export"):
+        await export_rootfs(f"sandpool-no-such-image-{unique}:nope", tmp_path)
+
+    assert not (tmp_path / "rootfs").exists() or list((tmp_path / "rootfs").iterdir()) == []
+
+
+@pytest.mark.docker
+async def test_image_export_command_prints_the_exported_path(
+    tiny_images: list[str], unique: str, tmp_path: Path
+) -> None:
+    tag = await tiny_image(tiny_images, unique)
+
+    code, stdout, stderr = await run(
+        sys.executable, "-m", "api.cli", "image", "export", tag, "--state-dir", str(tmp_path)
+    )
+
+    assert code == 0, stderr
+    assert stdout.strip() == str(tmp_path / "rootfs" / await image_id(tag))
+
+
+async def test_from_base_refuses_a_profile_with_one_line() -> None:
+    code, _, stderr = await run(
+        sys.executable, "-m", "api.cli", "image", "build",
+        "--from", "python:3.12-slim", "--profile", "datasci",
+    )  # fmt: skip
+
+    assert code == 1
+    assert the_one_error_line(stderr).startswith("sandpool: --from flattens an image as it is")
+
+
+@pytest.fixture
+async def datasci_image() -> str:
+    """The datasci image, built when missing (several minutes; a no-op after `make setup`)."""
+    image_recipe = Recipe(PROFILES["datasci"])
+    await build_image(image_recipe=image_recipe, progress=lambda line: print(line, file=sys.stderr))
+    return image_recipe.profile.tag
+
+
+@pytest.fixture
+async def node_image() -> str:
+    """The node image, built when missing (a no-op after `make setup`)."""
+    image_recipe = Recipe(PROFILES["node"])
+    await build_image(image_recipe=image_recipe, progress=lambda line: print(line, file=sys.stderr))
+    return image_recipe.profile.tag
+
+
+DATASCI_SCRIPT = f"""
+import os, shutil, time
+shutil.copytree({MATPLOTLIB_CACHE_DIR!r}, "/tmp/mpl")
+os.environ["MPLCONFIGDIR"] = "/tmp/mpl"
+import pandas as pd, matplotlib, matplotlib.pyplot as plt
+frame = pd.DataFrame({{"k": ["a", "b", "a"], "v": [1, 2, 3]}})
+print(frame.groupby("k").v.sum().to_dict(), matplotlib.get_backend())
+plt.plot([1, 2, 3]); plt.savefig("/tmp/chart.png")
+print(open("/tmp/chart.png", "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n")
+built = {MATPLOTLIB_CACHE_DIR!r}
+print(all(os.stat(f"/tmp/mpl/{{n}}").st_mtime == os.stat(f"{{built}}/{{n}}").st_mtime
+          for n in os.listdir(built)), sorted(os.listdir("/tmp/mpl")) == sorted(os.listdir(built)))
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1800)
+async def test_datasci_image_analyses_and_draws_offline_from_the_built_font_cache(
+    datasci_image: str, unique: str
+) -> None:
+    label = f"sandpool.test={unique}"
+    name = f"sandpool-test-{unique}"
+    try:
+        code, stdout, stderr = await run(
+            "docker", "run", "--name", name, "--label", label, "--network", "none",
+            "--read-only", "--tmpfs", "/tmp", datasci_image, "python3", "-c", DATASCI_SCRIPT,
+        )  # fmt: skip
+    finally:
+        await run("docker", "rm", "--force", name)
+
+    assert code == 0, stderr
+    # The last line: matplotlib used the copied cache as it is and wrote nothing beside it.
+    assert stdout.splitlines() == ["{'a': 4, 'b': 2} agg", "True", "True True"]
+    runtime = await runtime_info(datasci_image)
+    assert (runtime["language"], runtime["profile"]) == ("python", "datasci")
+    assert runtime["version"].startswith("3.11.")
+    for distribution in ("numpy", "pandas", "matplotlib", "scipy", "scikit-learn"):
+        assert runtime["packages"][distribution], distribution
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(1200)
+async def test_node_image_runs_node_and_python3(node_image: str, unique: str) -> None:
+    for argv in (["node", "-e", "console.log(process.version)"],
+                 ["python3", "-c", "print('py')"]):
+        code, stdout, stderr = await run_sandbox_argv(node_image, unique, argv)
+        assert code == 0, stderr
+        runtime = await runtime_info(node_image)
+        expected = "py" if argv[0] == "python3" else "v" + runtime["version"]
+        assert stdout.strip() == expected
+
+    assert runtime["language"] == "javascript"
+    assert runtime["version"].startswith("18.")
+    assert runtime["interpreters"]["python3"].startswith("3.11.")
+
+
+async def run_sandbox_argv(image_tag: str, unique: str, argv: list[str]) -> tuple[int, str, str]:
+    name = f"sandpool-test-{unique}-{uuid.uuid4().hex[:6]}"
+    try:
+        return await run(
+            "docker", "run", "--name", name, "--network", "none", "--read-only",
+            image_tag, *argv,
+        )  # fmt: skip
+    finally:
+        await run("docker", "rm", "--force", name)

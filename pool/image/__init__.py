@@ -14,26 +14,48 @@ entry point). ``python -m pool.image build --help`` is ``sandpool image build``.
 """
 
 from pool.image.apt_sources import host_debian_mirror
-from pool.image.build import build_image, build_image_interruptibly, image_is_current
+from pool.image.build import (
+    build_image,
+    build_image_interruptibly,
+    image_is_current,
+    runtime_info,
+)
 from pool.image.files import BUILD_DIR_PREFIX, BUILD_LOG
 from pool.image.recipe import (
     DEFAULT_MIRROR,
     DEFAULT_TAG,
+    MATPLOTLIB_CACHE_DIR,
+    PROFILES,
     RECIPE_LABEL,
     RECIPE_VERSION,
+    RUNTIME_LABEL,
     SOURCE_LABEL,
+    Profile,
+    Recipe,
+    parse_runtime,
+    profile_named,
 )
+from pool.image.rootfs import export_rootfs
 
 __all__ = [
     "BUILD_DIR_PREFIX",
     "BUILD_LOG",
     "DEFAULT_MIRROR",
     "DEFAULT_TAG",
+    "MATPLOTLIB_CACHE_DIR",
+    "PROFILES",
     "RECIPE_LABEL",
     "RECIPE_VERSION",
+    "RUNTIME_LABEL",
     "SOURCE_LABEL",
+    "Profile",
+    "Recipe",
     "build_image",
     "build_image_interruptibly",
+    "export_rootfs",
     "host_debian_mirror",
     "image_is_current",
+    "parse_runtime",
+    "profile_named",
+    "runtime_info",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 from pool.errors import ImageBuildError
 from pool.image.processes import Completed, pipe, run
 from pool.image.progress import Clock
-from pool.image.recipe import PYTHON_CHECK, import_changes
+from pool.image.recipe import Profile, Recipe, import_changes
 
 DOCKER_QUERY_TIMEOUT_S = 60.0
 DOCKER_PULL_TIMEOUT_S = 900.0
@@ -23,15 +23,23 @@ DOCKER_IMPORT_TIMEOUT_S = 900.0
 SMOKE_TEST_TIMEOUT_S = 120.0
 
 
-async def tar_into_docker(producer: list[str], *, source: str, what: str) -> str:
-    """Pipe ``producer``'s tar stream into ``docker import`` and return the new image
+async def tar_into_docker(
+    producer: list[str],
+    *,
+    source: str,
+    what: str,
+    recipe: Recipe | None = None,
+    runtime: dict[str, Any] | None = None,
+) -> str:
+    """Pipe ``producer``'s tar stream into ``docker import`` with the settings and
+    labels of ``recipe`` and ``runtime`` (see ``import_changes``), and return the new image
     id. The image is untagged: a producer failing halfway must not leave a truncated
     image under the final tag.
 
     Raises ``ImageBuildError`` naming ``what`` when the producer fails, or the import.
     """
     importer = ["docker", "import"]
-    for change in import_changes(source):
+    for change in import_changes(source, recipe, runtime):
         importer += ["--change", change]
     importer.append("-")
     produced, imported = await pipe(producer, importer, timeout_s=DOCKER_IMPORT_TIMEOUT_S)
@@ -45,26 +53,32 @@ async def tar_into_docker(producer: list[str], *, source: str, what: str) -> str
     return image_id
 
 
-async def smoke_test(image_id: str) -> None:
-    """Run the check the pool relies on, the way the pool runs sandboxes.
+async def smoke_test(image_id: str, profile: Profile) -> None:
+    """Run ``profile``'s checks the way the pool runs sandboxes: no network, a
+    read-only root with a writable /tmp.
 
-    Raises ``ImageBuildError`` when the image cannot run it.
+    Raises ``ImageBuildError`` when the image cannot run one.
     """
-    name = f"sandpool-check-{uuid.uuid4().hex[:12]}"
-    argv = [
-        "docker", "run", "--name", name, "--label", "sandpool.build=1",
-        "--network", "none", "--read-only",
-        image_id, "python3", "-c", PYTHON_CHECK,
-    ]  # fmt: skip
-    try:
-        result = await run(argv, timeout_s=SMOKE_TEST_TIMEOUT_S, what="docker run")
-    finally:
-        await asyncio.shield(remove_container(name))
-    if result.returncode != 0:
-        raise ImageBuildError(
-            f"the new image cannot run `python3 -c '{PYTHON_CHECK}'`: "
-            f"{result.last_error_line or f'exit status {result.returncode}'}"
-        )
+    checks = [["python3", "-c", profile.python_check]]
+    if profile.node_check is not None:
+        checks.append(["node", "-e", profile.node_check])
+    for check in checks:
+        name = f"sandpool-check-{uuid.uuid4().hex[:12]}"
+        argv = [
+            "docker", "run", "--name", name, "--label", "sandpool.build=1",
+            "--network", "none", "--read-only", "--tmpfs", "/tmp",
+            image_id, *check,
+        ]  # fmt: skip
+        try:
+            result = await run(argv, timeout_s=SMOKE_TEST_TIMEOUT_S, what="docker run")
+        finally:
+            await asyncio.shield(remove_container(name))
+        if result.returncode != 0:
+            shown = check[2].splitlines()[-1] if check[0] == "python3" else check[2]
+            raise ImageBuildError(
+                f"the new image cannot run `{check[0]} {check[1]} '{shown}'`: "
+                f"{result.last_error_line or f'exit status {result.returncode}'}"
+            )
 
 
 async def inspect_image(reference: str) -> dict[str, Any] | None:
