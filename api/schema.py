@@ -5,9 +5,9 @@ What a ``/v1/run`` body may hold and what each way of getting it wrong answers
 run's result, and one pool's summary in ``GET /v1/pools``. ``api/server.py``
 wires these to HTTP; the contract itself is defined here once.
 
-Files in are checked here, not in the guest: a path that would leave the
-sandbox's working directory, or one the guest could not create, never
-reaches a sandbox. The guest still writes them without following symlinks.
+Files in are checked here, before any sandbox is involved: a path that would
+leave the sandbox's working directory, or one the guest could not create
+(a name too long, a file where a directory must be), never reaches a guest.
 """
 
 from __future__ import annotations
@@ -237,18 +237,18 @@ def parse_env(value: object) -> dict[str, str]:
                 code="invalid_env",
             )
         if not isinstance(text, str):
-            raise BadRequestError(f"env[{name!r}] must be a string", code="invalid_env")
+            raise BadRequestError(f"env[{_shown(name)}] must be a string", code="invalid_env")
         if "\0" in text:
-            raise BadRequestError(f"env[{name!r}] holds a NUL byte", code="invalid_env")
+            raise BadRequestError(f"env[{_shown(name)}] holds a NUL byte", code="invalid_env")
         size = _utf8_size(text)
         if size is None:
             raise BadRequestError(
-                f"env[{name!r}] is not valid Unicode (a lone surrogate)", code="invalid_env"
+                f"env[{_shown(name)}] is not valid Unicode (a lone surrogate)", code="invalid_env"
             )
         total += len(name) + size
         if total > MAX_ENV_BYTES:
             raise BadRequestError(
-                f"env reaches {total} bytes at {name!r}; at most {MAX_ENV_BYTES} are allowed",
+                f"env reaches {total} bytes at {_shown(name)}; at most {MAX_ENV_BYTES} are allowed",
                 code="invalid_env",
             )
     return dict(value)
