@@ -6,6 +6,8 @@ import base64
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from api.schema import (
     MAX_ARGV_BYTES,
@@ -594,3 +596,55 @@ def test_entries_that_are_not_regular_files_have_no_content(kind: str) -> None:
                        "p", "s", 0)
     assert body["files"] == [{"path": "out/x", "type": kind, "size": 0, "content": None,
                               "truncated": False}]
+
+
+# --- any JSON in files, env and argv: a 400 with its code, or a valid request -----
+
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=12)  # NUL, surrogates too
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), any_text),
+    lambda children: st.one_of(st.lists(children, max_size=4),
+                               st.dictionaries(any_text, children, max_size=4)),
+    max_leaves=10,
+)
+file_items = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {"path": st.one_of(any_text, st.sampled_from(["a", "a/b", "../a", "/a", "a//b"])),
+         "content": st.one_of(any_text, st.sampled_from(["AAE=", "MTIz", "12345"]))},
+        optional={"encoding": st.sampled_from(["utf-8", "base64", "gzip"])},
+    ),
+)
+CODES = {"files": {"invalid_files", "too_many_files", "invalid_path", "invalid_file_content",
+                   "file_too_large", "files_too_large", "duplicate_path", "path_conflict"},
+         "env": {"invalid_env"}, "argv": {"invalid_argv"}}
+
+
+@settings(database=None)  # no .hypothesis/ in the shared tree; a failure prints its example
+@given(field=st.sampled_from(["files", "env", "argv"]), value=st.one_of(
+    json_values, st.lists(file_items, max_size=5), st.lists(any_text, max_size=5),
+    st.dictionaries(any_text, any_text, max_size=5),
+))
+def test_any_json_in_files_env_or_argv_is_a_400_with_its_code_or_valid(
+    field: str, value: object
+) -> None:
+    try:
+        request = parse_run({"code": "1", "pool": "files", field: value}, POOLS).request
+    except BadRequestError as error:
+        refusal: BadRequestError | None = error
+    else:
+        refusal = None
+    if refusal is not None:
+        assert refusal.code in CODES[field], refusal.message
+        assert refusal.message
+        return
+    for path, data in request.files:
+        parts = path.split("/")
+        assert not path.startswith("/")
+        assert ".." not in parts
+        assert "" not in parts
+        assert "\0" not in path
+        assert "\\" not in path
+        assert len(data) <= 4
+    assert all("\0" not in v for v in (*request.env.values(), *request.argv))
