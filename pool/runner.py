@@ -42,18 +42,32 @@ import sys
 import threading
 from typing import NoReturn
 
-from pool.runcode import flush_std_streams, fresh_main, run_main, take_request, write_all
+from pool.runcode import (
+    Results,
+    flush_std_streams,
+    fresh_main,
+    out_dir_frames,
+    outcome_frames,
+    prepare,
+    prepare_interpreter,
+    run_main,
+    take_request,
+    write_all,
+)
 from pool.wire import (
     CHUNK,
     DIRECT,
     EXIT,
+    OUTCOME_KINDS,
     READY,
     STATUS,
     STDERR,
     STDOUT,
+    FrameDecoder,
+    GuestRequest,
+    OutcomeLimits,
     RunnerArguments,
     WireError,
-    encode_request,
     frame,
 )
 
@@ -62,27 +76,56 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
 
-
-
-
-
-
-
 def park() -> NoReturn:
     while True:
         signal.pause()
 
 
+def run_python(request: GuestRequest, base: str, status_w: int, results: Results) -> NoReturn:
+    """Run the code, then send its outcome and status on the status channel, and park."""
+    real_exit, me = os._exit, os.getpid()
 
+    def exit_with_outcome(status: int) -> NoReturn:
+        # The code's own os._exit(n): its files still come back. Not from a
+        # process the code forked: only this one's exit ends the run.
+        if os.getpid() == me:
+            report(status_w, base, request.limits, results, None, status)
+        real_exit(status)
 
-
-
-def run_python(code: str, status_w: int) -> NoReturn:
+    os._exit = exit_with_outcome
     # Wait for non-daemon threads first, as interpreter exit would.
-    status = run_main(code, [threading._shutdown])  # type: ignore[attr-defined]
+    status, error = run_main(request, [threading._shutdown], results)  # type: ignore[attr-defined]
+    os._exit = real_exit
+    report(status_w, base, request.limits, results, error, status)
+    park()
+
+
+def report(
+    status_w: int, base: str, limits: OutcomeLimits, results: Results,
+    error: dict[str, str] | None, status: int,
+) -> None:
+    """The outcome, then the EXIT frame; exits with ``status`` if the code closed the channel."""
     try:
-        os.write(status_w, STATUS.pack(status))
+        outcome = outcome_frames(base, limits, results, error)
+        write_all(status_w, outcome + frame(EXIT, STATUS.pack(status)))
     except OSError:  # the code closed the status pipe: report by exiting instead
+        os._exit(status)
+
+
+def run_shell(request: GuestRequest, base: str, status_w: int) -> NoReturn:
+    """``sh -c`` in a process of its own, so the files it leaves in out/ still come back."""
+    if "\0" in request.code:
+        os.write(2, b"sh: the script contains a NUL byte\n")
+        status = 2
+    else:
+        pid = os.fork()
+        if pid == 0:
+            os.execv("/bin/sh", ["sh", "-c", request.code, "sh", *request.argv])
+        status = reap(pid)
+    try:
+        files = b"".join(out_dir_frames(base, request.limits))
+        write_all(status_w, files + frame(EXIT, STATUS.pack(status)))
+    except OSError:
         os._exit(status)
     park()
 
@@ -91,8 +134,6 @@ def prctl(option: int, value: int) -> None:
     # Without libc or prctl the sandbox's own isolation still holds.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
-
-
 
 
 def stdin_memfd(data: str) -> int:
@@ -106,42 +147,41 @@ def rehearse_request() -> None:
     """Walk the request path once on a dummy request before parking.
 
     The child is a fork of the runner, so its first write to each shared page
-    (a refcount, an allocator pool) copies that page in a page fault. On this
-    project's target host a fault costs ~7 µs, and a ``print(1)`` request took
-    ~85 of them; walking the path here first leaves ~25 (median request to
-    exit frame, runner on the host: 1.16 -> 0.87 ms, with ``rehearse_relay``).
-    Copying the whole heap instead (MADV_POPULATE_WRITE) gained 0.07 ms more
-    for ~8 MiB per sandbox.
+    (a refcount, an allocator pool) copies that page in a page fault, which
+    costs microseconds each on a VM; walking the path here first leaves far
+    fewer for the request (docs/performance.md has the figures).
     """
     request_r, request_w = os.pipe()
-    write_all(request_w, encode_request("pass", ""))
-    code, stdin = take_request(request_r)
-    exec(compile(code, "<string>", "exec"), fresh_main())
+    write_all(request_w, GuestRequest("pass").encode())
+    request = take_request(request_r)
+    exec(compile(request.code, "<string>", "exec"), fresh_main())
     # print() and flush() as the code's would, into /dev/null: fd 1 is the runner's channel.
     saved_stdout = os.dup(1)
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)
-    print(stdin, end="x")
+    print(request.stdin, end="x")
     flush_std_streams()
     os.dup2(saved_stdout, 1)
-    for fd in (stdin_memfd(stdin), null, saved_stdout, request_r, request_w):
+    for fd in (stdin_memfd(request.stdin), null, saved_stdout, request_r, request_w):
         os.close(fd)
 
 
 def rehearse_relay() -> None:
     """The runner's side of ``rehearse_request``: its pages are shared with the child too."""
     status_r, status_w = os.pipe()
-    write_all(status_w, STATUS.pack(0))
+    write_all(status_w, frame(EXIT, STATUS.pack(0)))
     poller = select.poll()
     poller.register(status_r, select.POLLIN)
-    frames = [frame(STDOUT, os.read(fd, CHUNK)) for fd, _ in poller.poll()]
-    frames.append(frame(EXIT, STATUS.pack(0)))
-    b"".join(frames)
+    decoder = FrameDecoder()
+    frames = [decoder.feed(os.read(fd, CHUNK)) for fd, _ in poller.poll()]
+    b"".join(frame(kind, payload) for batch in frames for kind, payload in batch)
     os.close(status_r)
     os.close(status_w)
 
 
-def child(runner: int, language: str, out_w: int, err_w: int, status_w: int) -> NoReturn:
+def child(
+    runner: int, language: str, out_w: int, err_w: int, status_w: int, results: Results
+) -> NoReturn:
     # Die with the runner: a killed runner must never leave the code running.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != runner:
@@ -149,20 +189,24 @@ def child(runner: int, language: str, out_w: int, err_w: int, status_w: int) -> 
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")  # under memory pressure the kernel kills the code, not the runner
     rehearse_request()
-    code, stdin = take_request(0)
-    stdin_fd = stdin_memfd(stdin)
+    request = take_request(0)
+    results.limit = request.limits.max_display_bytes
+    stdin_fd = stdin_memfd(request.stdin)
     os.dup2(stdin_fd, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     for fd in (stdin_fd, out_w, err_w):
         os.close(fd)
+    try:
+        base = prepare(request)
+    except OSError as e:  # a full scratch disk: the code never runs
+        os.write(2, f"sandpool: cannot write the request's files: {e}\n".encode())
+        write_all(status_w, frame(EXIT, STATUS.pack(1)))
+        park()
     gc.enable()
     if language == "shell":
-        if "\0" in code:
-            os.write(2, b"sh: the script contains a NUL byte\n")
-            os._exit(2)
-        os.execv("/bin/sh", ["sh", "-c", code])  # status_w is close-on-exec
-    run_python(code, status_w)
+        run_shell(request, base, status_w)
+    run_python(request, base, status_w, results)
 
 
 def reap(pid: int) -> int:
@@ -178,6 +222,7 @@ def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
     poller = select.poll()
     for fd in (out_r, err_r, status_r, pidfd):
         poller.register(fd, select.POLLIN)
+    status_frames = FrameDecoder()
     status = None
     while status is None:
         frames = []
@@ -189,15 +234,26 @@ def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
                 else:
                     poller.unregister(fd)
             elif fd == status_r:
-                data = os.read(status_r, STATUS.size)
-                if len(data) == STATUS.size:
-                    (status,) = STATUS.unpack(data)
-                else:  # closed by exec, or garbage: wait for the process instead
+                # The child's outcome frames pass on as they are (the daemon holds
+                # them to its limits); its EXIT frame is the status.
+                data = os.read(status_r, CHUNK)
+                try:
+                    for kind, payload in status_frames.feed(data) if data else []:
+                        if kind == EXIT and len(payload) == STATUS.size:
+                            (status,) = STATUS.unpack(payload)
+                        elif kind in OUTCOME_KINDS:
+                            frames.append(frame(kind, payload))
+                        else:
+                            raise WireError("not an outcome frame")
+                except WireError:
+                    data = b""
+                if not data:  # closed before its status, or garbage: wait for the process
                     poller.unregister(status_r)
             else:
                 status = reap(pid)
         if frames and status is None:
             write_all(1, b"".join(frames))
+            frames = []
     # Output the child wrote before it finished is in the pipes; a process it
     # left behind may hold them open and keep writing, so read what is there, then stop.
     for fd, kind in kinds.items():
@@ -253,7 +309,12 @@ def main() -> None:
     set_limits(arguments.limits)
     language = arguments.language
     direct = arguments.mode == DIRECT
-    # One throw-away compile saves ~0.8 ms on the first real one.
+    results = Results(0)  # its limit comes with the request
+    try:
+        prepare_interpreter(arguments.preload, results)
+    except Exception as e:  # a preload that fails: the sandbox never reports ready
+        usage_error(f"preload failed: {type(e).__name__}: {e}")
+    # One throw-away compile makes the first real one cheaper.
     compile("warm = [i * 2 for i in range(3)]", "<warm>", "exec")
     # No collection may walk the heap after the fork: it would copy every page.
     gc.collect()
@@ -274,7 +335,7 @@ def main() -> None:
         for fd in read_ends:
             os.close(fd)
         try:
-            child(runner, language, out_w, err_w, status_w)
+            child(runner, language, out_w, err_w, status_w, results)
         finally:
             os._exit(70)  # only reached if the runner itself failed
     for fd in (out_w, err_w, status_w):

@@ -21,16 +21,40 @@ The channel (the host side is ``WasmBackend``; framing in pool/wire.py):
   status is written to ``STATUS_DIR/STATUS_FILE`` first and the runner exits 125;
   the host reads that file only for status 125. Either way the status is the
   program's claim about itself, never a verdict.
+- The run's outcome (pool/wire.py: files under out/, rich results, the
+  error, then EXIT) has no pipe of its own in WASI preview 1: the runner
+  writes its frames to ``STATUS_DIR/OUTCOME_FILE``, which the host reads, held
+  to its limits, once the guest has ended.
 """
 
 import io
 import json
 import os
+import sys
 import traceback
 from typing import NoReturn
 
-from pool.runcode import run_main, take_request
-from pool.wire import READY_FRAME, STATUS_DIR, STATUS_FILE, WASI_MAX_STATUS, WORKDIR
+from pool.runcode import (
+    Results,
+    outcome_frames,
+    prepare,
+    prepare_interpreter,
+    run_main,
+    take_request,
+    write_all,
+)
+from pool.wire import (
+    EXIT,
+    OUTCOME_FILE,
+    PRELOAD,
+    READY_FRAME,
+    STATUS,
+    STATUS_DIR,
+    STATUS_FILE,
+    WASI_MAX_STATUS,
+    WORKDIR,
+    frame,
+)
 
 _wasi_exit = os._exit
 
@@ -49,7 +73,31 @@ def exit_process(status: int) -> NoReturn:
     _wasi_exit(status)
 
 
+def write_outcome(outcome: bytes) -> None:
+    """The run's outcome frames, for the host to read once the guest has ended."""
+    try:
+        fd = os.open(f"{STATUS_DIR}/{OUTCOME_FILE}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError:
+        return  # the code removed the status directory: no outcome
+    try:
+        write_all(fd, outcome)
+    except OSError:
+        pass  # a full status tmpfs: what was written is what the host gets
+    finally:
+        os.close(fd)
+
+
+def preload_argument(argv: "list[str]") -> "list[str]":
+    for word in argv:
+        name, _, value = word.partition("=")
+        if name == PRELOAD and value:
+            return value.split(",")
+    return []
+
+
 def main() -> None:
+    results = Results(0)  # its limit comes with the request
+    prepare_interpreter(preload_argument(sys.argv[1:]), results)
     # A throw-away compile makes the first real one cheaper.
     compile("warm = [i * 2 for i in range(3)]", "<warm>", "exec")
     io.TextIOWrapper(io.BytesIO(b"warm"), encoding="utf-8").read()
@@ -62,9 +110,25 @@ def main() -> None:
     os.chdir(WORKDIR)
     json.loads('{"code": "print(1)", "stdin": ""}')
     os.write(1, READY_FRAME)
-    code, _ = take_request(0)  # the request's stdin follows it on fd 0, raw
-    os._exit = exit_process  # so the code's own os._exit(200) reports 200 too
-    exit_process(run_main(code, []))
+    request = take_request(0)  # the request's stdin follows it on fd 0, raw
+    results.limit = request.limits.max_display_bytes
+    try:
+        base = prepare(request)
+    except OSError as e:  # a full scratch disk: the code never runs
+        os.write(2, f"sandpool: cannot write the request's files: {e}\n".encode())
+        exit_process(1)
+
+    def exit_with_outcome(status: int) -> NoReturn:
+        # The code's own os._exit(200): its status and its files still come back.
+        write_outcome(outcome_frames(base, request.limits, results, None)
+                      + frame(EXIT, STATUS.pack(status & 0xFF)))
+        exit_process(status)
+
+    os._exit = exit_with_outcome
+    status, error = run_main(request, [], results)
+    outcome = outcome_frames(base, request.limits, results, error)
+    write_outcome(outcome + frame(EXIT, STATUS.pack(status)))
+    exit_process(status)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ itself and stops at its cap.
 
 import base64
 import json
+import re
 import struct
+from collections.abc import Mapping
 
 FRAME = struct.Struct(">cI")  # type byte, payload length
 REQUEST = struct.Struct(">I")  # length of the JSON request that follows
@@ -43,16 +45,24 @@ MAX_EXIT_CODE = 255  # what a process status can be: 0-255, 128 + N for signal N
 # Paths inside every sandbox.
 WORKDIR = "/sandbox"  # the code's working directory and HOME, a fresh tmpfs
 OUT_DIR = "out"  # under WORKDIR: every file the code leaves there comes back
+# matplotlib's font cache, built into an image when it is built (pool/image),
+# copied by the runner into MATPLOTLIB_CONFIG_DIR, a writable one, at start.
+MATPLOTLIB_CACHE = "/usr/share/sandpool/matplotlib"
+MATPLOTLIB_CONFIG_DIR = "/tmp/.matplotlib"
 # wasm only: WASI's proc_exit carries statuses 0..WASI_MAX_STATUS; a larger one
 # is written to STATUS_DIR/STATUS_FILE and the guest exits WASI_MAX_STATUS.
 WASI_MAX_STATUS = 125
 STATUS_DIR, STATUS_FILE = "/.sandpool", "status"
+OUTCOME_FILE = "outcome"  # wasm only: the run's outcome frames, in STATUS_DIR
 
 
-# The runner's command line: ``<mode> <language> [<3 fds>] [RLIMIT_<NAME>=<soft>:<hard> ...]``.
+# The runner's command line:
+# ``<mode> <language> [<3 fds>] [RLIMIT_<NAME>=<soft>:<hard> ...] [preload=<modules>]``.
 RELAY, DIRECT = "relay", "direct"  # output as frames on the runner's stdout, or on pipes of its own
 LANGUAGES = ("python", "shell")
 RLIMIT_PREFIX = "RLIMIT_"
+PRELOAD = "preload"  # preload=<module>[,<module>...]
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z").match
 
 
 class WireError(ValueError):
@@ -61,28 +71,6 @@ class WireError(ValueError):
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:
     return FRAME.pack(kind, len(payload)) + payload
-
-
-def encode_request(code: str, stdin: str) -> bytes:
-    """One length-prefixed request; lone surrogates survive the round trip."""
-    body = json.dumps({"code": code, "stdin": stdin}, ensure_ascii=False).encode(
-        "utf-8", "surrogatepass"
-    )
-    return REQUEST.pack(len(body)) + body
-
-
-def decode_request(body: bytes) -> "tuple[str, str]":
-    """(code, stdin) of a request body, the bytes after its length. Raises WireError."""
-    try:
-        request = json.loads(body.decode("utf-8", "surrogatepass"))
-    except ValueError:
-        raise WireError("the request is not JSON") from None
-    if not isinstance(request, dict):
-        raise WireError("the request is not a JSON object")
-    code, stdin = request.get("code"), request.get("stdin", "")
-    if not isinstance(code, str) or not isinstance(stdin, str):
-        raise WireError("the request's code and stdin must be strings")
-    return code, stdin
 
 
 def decode_exit(payload: bytes) -> int:
@@ -153,7 +141,7 @@ class OutputCapture:
 class RunnerArguments:
     """What the runner is told on its command line; ``parse`` and ``to_argv`` are inverses."""
 
-    __slots__ = ("fds", "language", "limits", "mode")
+    __slots__ = ("fds", "language", "limits", "mode", "preload")
 
     def __init__(
         self,
@@ -161,15 +149,19 @@ class RunnerArguments:
         language: str,
         fds: "tuple[int, int, int] | None" = None,
         limits: "dict[str, tuple[int, int]] | None" = None,
+        preload: "list[str] | None" = None,
     ) -> None:
         self.mode = mode
         self.language = language
         self.fds = fds  # direct mode: the write ends for the code's stdout, stderr and status
         self.limits = dict(limits or {})  # RLIMIT_<NAME> -> (soft, hard)
+        self.preload = list(preload or [])  # modules imported and warmed before ready
 
     def to_argv(self) -> "list[str]":
         argv = [self.mode, self.language, *(str(fd) for fd in self.fds or ())]
         argv += [f"{name}={soft}:{hard}" for name, (soft, hard) in self.limits.items()]
+        if self.preload:
+            argv.append(f"{PRELOAD}={','.join(self.preload)}")
         return argv
 
     @classmethod
@@ -189,13 +181,19 @@ class RunnerArguments:
             fds = (int(rest[0]), int(rest[1]), int(rest[2]))
             rest = rest[3:]
         limits = {}
+        preload: list[str] = []
         for word in rest:
             name, _, value = word.partition("=")
+            if name == PRELOAD:
+                preload = value.split(",") if value else []
+                if not all(_MODULE_NAME(module) for module in preload):
+                    raise WireError(f"bad preload {value!r}: expected module names")
+                continue
             soft, _, hard = value.partition(":")
             if not name.startswith(RLIMIT_PREFIX) or not soft.isdigit() or not hard.isdigit():
                 raise WireError(f"bad limit {word!r}: expected RLIMIT_<NAME>=<soft>:<hard>")
             limits[name] = (int(soft), int(hard))
-        return cls(mode, language, fds, limits)
+        return cls(mode, language, fds, limits, preload)
 
 
 # --- Outcome: files out, rich results and the error, besides the output ------------
@@ -233,6 +231,13 @@ class OutcomeLimits:
 
     def to_json(self) -> "dict[str, int]":
         return {name: getattr(self, name) for name in self.__slots__}
+
+    def frame_bytes(self) -> int:
+        """The most a guest within these limits sends as outcome and exit frames."""
+        content = self.max_files_bytes + self.max_display_bytes
+        headers = (self.max_files + 1) * (FRAME.size + MAX_PATH_CHARS * 6 + 64)  # JSON-escaped
+        chunks = (content // CHUNK + self.max_files + 2) * FRAME.size
+        return content + headers + chunks + FRAME.size + MAX_ERROR_BYTES + 2 * FRAME.size
 
     @classmethod
     def from_json(cls, value: object) -> "OutcomeLimits":
@@ -308,7 +313,7 @@ class GuestRequest:
         return cls(code, stdin, decoded, env, argv, limits)
 
 
-def header_frame(kind: bytes, header: "dict[str, object]") -> bytes:
+def header_frame(kind: bytes, header: "Mapping[str, object]") -> bytes:
     """A FILE_OUT, DISPLAY or ERROR frame: its JSON header, cut to fit one frame."""
     return frame(kind, json.dumps(header, ensure_ascii=False).encode("utf-8", "replace"))
 

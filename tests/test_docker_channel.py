@@ -12,7 +12,24 @@ from pool.backends.base import RunRequest
 from pool.backends.docker.channel import RunEnd, RunnerChannel
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
-from pool.wire import EXIT, READY, REQUEST, STATUS, STDERR, STDOUT, OutputCapture, frame
+from pool.wire import (
+    DISPLAY,
+    EXIT,
+    FILE_OUT,
+    READY,
+    REQUEST,
+    STATUS,
+    STDERR,
+    STDOUT,
+    Outcome,
+    OutcomeLimits,
+    OutputCapture,
+    content_frames,
+    frame,
+    header_frame,
+)
+
+LIMITS = OutcomeLimits(max_files=4, max_file_bytes=4, max_files_bytes=64, max_display_bytes=64)
 
 STDOUT_STREAM, STDERR_STREAM = 1, 2
 
@@ -85,30 +102,54 @@ async def test_ready_needs_the_ready_frame_first() -> None:
 
 async def test_the_request_is_one_length_prefixed_json_object() -> None:
     stream = FakeStream()
-    await RunnerChannel(stream, "sbx-test").send_request(RunRequest("print(1)", "in\0put", 5.0))
+    await RunnerChannel(stream, "sbx-test").send_request(
+        RunRequest("print(1)", "in\0put", 5.0, files=(("a.txt", b"\xff"),), env={"K": "v"},
+                   argv=("x",)), LIMITS)
     (size,) = REQUEST.unpack_from(stream.written)
     body = bytes(stream.written[REQUEST.size :])
     assert size == len(body)
-    assert json.loads(body) == {"code": "print(1)", "stdin": "in\0put"}
+    assert json.loads(body) == {
+        "code": "print(1)", "stdin": "in\0put", "files": [["a.txt", "/w=="]], "env": {"K": "v"},
+        "argv": ["x"], "limits": LIMITS.to_json(),
+    }
 
 
 async def test_a_stream_that_refuses_the_request_is_a_lost_sandbox() -> None:
     runner = RunnerChannel(FakeStream(refuse=True), "sbx-test")
     with pytest.raises(SandboxLostError, match="sbx-test did not take its request"):
-        await runner.send_request(RunRequest("print(1)", "", 5.0))
+        await runner.send_request(RunRequest("print(1)", "", 5.0), LIMITS)
 
 
 async def test_collect_captures_output_until_the_exit_frame() -> None:
     capture = OutputCapture(1024)
     runner = channel(out(frame(STDOUT, b"a") + frame(READY) + frame(STDERR, b"b") + exit_frame(0)))
-    assert await runner.collect(capture, 5.0) == (RunEnd.EXITED, 0)
+    assert await runner.collect(capture, Outcome(LIMITS), 5.0) == (RunEnd.EXITED, 0)
     assert (bytes(capture.stdout), bytes(capture.stderr)) == (b"a", b"b")
+
+
+async def test_collect_keeps_the_outcome_frames_within_the_pools_limits() -> None:
+    capture, outcome = OutputCapture(1024), Outcome(LIMITS)
+    file_header = header_frame(FILE_OUT, {"path": "out/a", "kind": "file", "size": 5})
+    runner = channel(out(frame(STDOUT, b"a") + file_header + content_frames(b"12345")
+                         + header_frame(DISPLAY, {"type": "text/plain"}) + content_frames(b"42")
+                         + exit_frame(0)))
+    assert await runner.collect(capture, outcome, 5.0) == (RunEnd.EXITED, 0)
+    assert [(f.path, bytes(f.content), f.truncated) for f in outcome.files] == [
+        ("out/a", b"1234", True)]
+    assert [(d.mime, bytes(d.data)) for d in outcome.results] == [("text/plain", b"42")]
+
+
+async def test_a_forged_outcome_frame_is_a_protocol_violation() -> None:
+    forged = header_frame(FILE_OUT, {"path": "/etc/passwd", "kind": "file", "size": 1})
+    runner = channel(out(frame(STDOUT, b"x") + forged + exit_frame(0)))
+    result = await runner.collect(OutputCapture(1024), Outcome(LIMITS), 5.0)
+    assert result == (RunEnd.PROTOCOL_VIOLATION, None)
 
 
 async def test_collect_stops_at_the_output_cap() -> None:
     capture = OutputCapture(4)
     runner = channel(out(frame(STDOUT, b"abc") + frame(STDOUT, b"defg") + exit_frame(0)))
-    assert await runner.collect(capture, 5.0) == (RunEnd.OUTPUT_CAPPED, None)
+    assert await runner.collect(capture, Outcome(LIMITS), 5.0) == (RunEnd.OUTPUT_CAPPED, None)
     assert bytes(capture.stdout) == b"abcd"
     assert capture.stdout_truncated
 
@@ -116,14 +157,14 @@ async def test_collect_stops_at_the_output_cap() -> None:
 async def test_collect_reports_a_stream_that_ends_without_an_exit_frame() -> None:
     capture = OutputCapture(1024)
     runner = channel(out(frame(STDOUT, b"partial")), out(b"X\0"))  # cut mid-frame
-    assert await runner.collect(capture, 5.0) == (RunEnd.STREAM_ENDED, None)
+    assert await runner.collect(capture, Outcome(LIMITS), 5.0) == (RunEnd.STREAM_ENDED, None)
     assert bytes(capture.stdout) == b"partial"
 
 
 async def test_collect_times_out_on_a_silent_runner() -> None:
     capture = OutputCapture(1024)
     runner = channel(out(frame(STDOUT, b"x")), hang=True)
-    assert await runner.collect(capture, 0.05) == (RunEnd.TIMED_OUT, None)
+    assert await runner.collect(capture, Outcome(LIMITS), 0.05) == (RunEnd.TIMED_OUT, None)
     assert bytes(capture.stdout) == b"x"
 
 
@@ -142,7 +183,7 @@ async def test_collect_stops_at_garbled_or_forged_frames_keeping_what_came_befor
 ) -> None:
     capture = OutputCapture(1024)
     runner = channel(out(frame(STDOUT, b"before")), out(garbage + frame(STDOUT, b"after")))
-    assert await runner.collect(capture, 5.0) == (RunEnd.PROTOCOL_VIOLATION, None)
+    assert await runner.collect(capture, Outcome(LIMITS), 5.0) == (RunEnd.PROTOCOL_VIOLATION, None)
     assert bytes(capture.stdout) == b"before"
 
 

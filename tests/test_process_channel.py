@@ -16,7 +16,22 @@ import pytest
 from pool.backends.process.channel import OutputPipes, Run, RunnerProtocol, RunState
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
-from pool.wire import EXIT, READY_FRAME, STATUS, STDOUT, OutputCapture, frame
+from pool.wire import (
+    EXIT,
+    FILE_OUT,
+    READY_FRAME,
+    STATUS,
+    STDOUT,
+    Outcome,
+    OutcomeLimits,
+    OutputCapture,
+    content_frames,
+    frame,
+    header_frame,
+)
+
+LIMITS = OutcomeLimits(max_files=2, max_file_bytes=1 << 20, max_files_bytes=1 << 21,
+                       max_display_bytes=1 << 20)
 
 CAP = 64  # bytes of stdout or stderr a run keeps
 
@@ -30,7 +45,7 @@ def ready_protocol() -> RunnerProtocol:
 
 
 def new_run(protocol: RunnerProtocol | None = None) -> Run:
-    run = Run(OutputCapture(CAP), asyncio.get_running_loop().create_future())
+    run = Run(OutputCapture(CAP), asyncio.get_running_loop().create_future(), Outcome(LIMITS))
     if protocol is not None:
         protocol.run = run
     return run
@@ -237,11 +252,40 @@ async def test_the_status_pipe_ends_the_run_with_the_output_before_it(
     stdout_w, stderr_w, status_w = write_ends(pipes)
     os.write(stdout_w, b"out")
     os.write(stderr_w, b"err")
-    os.write(status_w, STATUS.pack(7))
+    os.write(status_w, frame(EXIT, STATUS.pack(7)))
     await asyncio.wait_for(run.done, 5)
     pipes.unwatch(loop, run)
     assert (run.state, run.exit_code) == (RunState.EXITED, 7)
     assert (bytes(run.capture.stdout), bytes(run.capture.stderr)) == (b"out", b"err")
+
+
+async def test_outcome_frames_on_the_status_pipe_come_before_its_status(
+    pipes: OutputPipes,
+) -> None:
+    loop = asyncio.get_running_loop()
+    run = new_run()
+    pipes.watch(loop, run)
+    big = bytes(range(256)) * 1024  # 256 KiB: several chunks and wake-ups
+    header = header_frame(FILE_OUT, {"path": "out/big", "kind": "file", "size": len(big)})
+    status_w = write_ends(pipes)[2]
+    writer = asyncio.create_task(asyncio.to_thread(
+        os.write, status_w, header + content_frames(big) + frame(EXIT, STATUS.pack(0))))
+    await asyncio.wait_for(run.done, 5)
+    await writer
+    pipes.unwatch(loop, run)
+    assert (run.state, run.exit_code) == (RunState.EXITED, 0)
+    assert run.outcome is not None
+    assert [(f.path, bytes(f.content)) for f in run.outcome.files] == [("out/big", big)]
+
+
+async def test_an_output_frame_on_the_status_pipe_is_a_violation(pipes: OutputPipes) -> None:
+    loop = asyncio.get_running_loop()
+    run = new_run()
+    pipes.watch(loop, run)
+    os.write(write_ends(pipes)[2], frame(STDOUT, b"forged") + frame(EXIT, STATUS.pack(0)))
+    await asyncio.wait_for(run.done, 5)
+    pipes.unwatch(loop, run)
+    assert (run.state, run.exit_code) == (RunState.VIOLATION, None)
 
 
 async def test_a_status_drains_what_the_code_wrote_before_it(pipes: OutputPipes) -> None:
@@ -259,7 +303,7 @@ async def test_a_forged_status_on_the_pipe_is_a_violation(pipes: OutputPipes) ->
     loop = asyncio.get_running_loop()
     run = new_run()
     pipes.watch(loop, run)
-    os.write(write_ends(pipes)[2], STATUS.pack(-9))
+    os.write(write_ends(pipes)[2], frame(EXIT, STATUS.pack(-9)))
     await asyncio.wait_for(run.done, 5)
     pipes.unwatch(loop, run)
     assert (run.state, run.exit_code) == (RunState.VIOLATION, None)

@@ -78,17 +78,18 @@ def test_impossible_exit_statuses_are_forgeries(payload: bytes) -> None:
     ("print(1)", ""), ("x = '\x00'", "a\x00b"), ("s = '\udcff'", "\U0001f600\udc80"),
 ])
 def test_requests_round_trip_nul_bytes_and_lone_surrogates(code: str, stdin: str) -> None:
-    encoded = wire.encode_request(code, stdin)
+    encoded = wire.GuestRequest(code, stdin).encode()
     (size,) = wire.REQUEST.unpack(encoded[: wire.REQUEST.size])
     assert size == len(encoded) - wire.REQUEST.size
-    assert wire.decode_request(encoded[wire.REQUEST.size :]) == (code, stdin)
+    decoded = wire.GuestRequest.decode(encoded[wire.REQUEST.size :])
+    assert (decoded.code, decoded.stdin) == (code, stdin)
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[1]", b'{"stdin": ""}', b'{"code": 1}',
                                   b'{"code": "", "stdin": 2}', b"\xff"])
 def test_a_malformed_request_is_a_wire_error(body: bytes) -> None:
     with pytest.raises(wire.WireError):
-        wire.decode_request(body)
+        wire.GuestRequest.decode(body)
 
 
 def test_the_output_capture_stops_each_stream_at_its_cap() -> None:
@@ -184,32 +185,137 @@ def test_the_runner_refuses_a_bad_command_line_with_one_line(
     assert ran.stdout == ""  # never a ready frame
 
 
-def test_the_installed_runner_speaks_the_wire_from_its_own_file(tmp_path: Path) -> None:
-    """relay mode end to end, outside any sandbox: ready, one request, framed output, exit."""
+class Relayed:
+    """What the relay-mode runner sent for one request: output, outcome, exit status."""
+
+    def __init__(self, frames: list[tuple[bytes, bytes]], limits: wire.OutcomeLimits) -> None:
+        self.stdout = b"".join(p for k, p in frames if k == wire.STDOUT)
+        self.stderr = b"".join(p for k, p in frames if k == wire.STDERR)
+        self.outcome = wire.Outcome(limits)
+        for kind, payload in frames:
+            if kind in wire.OUTCOME_KINDS:
+                self.outcome.add(kind, payload)
+        assert frames[-1][0] == wire.EXIT
+        self.exit_code = decode_exit(frames[-1][1])
+
+
+ROOMY = wire.OutcomeLimits(max_files=8, max_file_bytes=1 << 20, max_files_bytes=1 << 21,
+                           max_display_bytes=1 << 20)
+
+
+def relay(
+    tmp_path: Path, request: wire.GuestRequest, *arguments: str, language: str = "python"
+) -> Relayed:
+    """The installed runner, outside any sandbox, in relay mode with ``tmp_path/work`` as cwd."""
     directory = guest.install(tmp_path / "guest")
+    work = tmp_path / "work"
+    work.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-I", str(directory / guest.RUNNER), "relay", "python",
-         "RLIMIT_CORE=0:0"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-I", str(directory / guest.RUNNER), "relay", language, *arguments],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=work,
     )
     try:
         assert process.stdin is not None
         assert process.stdout is not None
         decoder = wire.FrameDecoder()
         assert decoder.feed(process.stdout.read(wire.FRAME.size)) == [(wire.READY, b"")]
-        process.stdin.write(wire.encode_request(
-            "import resource, sys; print(resource.getrlimit(resource.RLIMIT_CORE)); "
-            "print(sys.stdin.read()); sys.exit(3)", "in"))
+        process.stdin.write(request.encode())
         process.stdin.flush()
         frames: list[tuple[bytes, bytes]] = []
         while not frames or frames[-1][0] != wire.EXIT:
-            frames += decoder.feed(os.read(process.stdout.fileno(), 65536))
+            data = os.read(process.stdout.fileno(), 65536)
+            assert data, "the runner ended without its exit frame"
+            frames += decoder.feed(data)
     finally:
         process.kill()
         process.communicate(timeout=30)
-    output = b"".join(payload for kind, payload in frames if kind == wire.STDOUT)
-    assert output == b"(0, 0)\nin\n"
-    assert decode_exit(frames[-1][1]) == 3
+    return Relayed(frames, request.limits)
+
+
+def test_the_installed_runner_speaks_the_wire_from_its_own_file(tmp_path: Path) -> None:
+    ran = relay(tmp_path, wire.GuestRequest(
+        "import resource, sys; print(resource.getrlimit(resource.RLIMIT_CORE)); "
+        "print(sys.stdin.read()); sys.exit(3)", "in", limits=ROOMY), "RLIMIT_CORE=0:0")
+    assert ran.stdout == b"(0, 0)\nin\n"
+    assert ran.exit_code == 3
+
+
+def test_files_env_and_argv_reach_the_code_and_out_comes_back(tmp_path: Path) -> None:
+    code = """
+import os, sys
+print(open("data/in.csv").read(), os.environ["GREETING"], sys.argv[1:])
+os.makedirs("out/deep", exist_ok=True)
+open("out/deep/b.txt", "w").write("bee")
+open("out/a.bin", "wb").write(bytes(range(256)))
+os.symlink("/etc/passwd", "out/link")
+os.mkfifo("out/fifo")
+os.chdir("/")  # the scan still finds out/ where the run began
+"""
+    ran = relay(tmp_path, wire.GuestRequest(
+        code, files=[("data/in.csv", b"a,b")], env={"GREETING": "hi"}, argv=["x", "y"],
+        limits=ROOMY))
+    assert ran.stdout == b"a,b hi ['x', 'y']\n"
+    assert ran.exit_code == 0
+    assert [(f.path, f.kind, bytes(f.content)) for f in ran.outcome.files] == [
+        ("out/a.bin", "file", bytes(range(256))),
+        ("out/deep/b.txt", "file", b"bee"),
+        ("out/fifo", "fifo", b""),
+        ("out/link", "symlink", b""),
+    ]
+
+
+def test_a_final_expression_and_an_uncaught_error_are_results(tmp_path: Path) -> None:
+    value = relay(tmp_path / "v", wire.GuestRequest("x = 20\nx * 2 + 2", limits=ROOMY))
+    assert [(d.mime, bytes(d.data)) for d in value.outcome.results] == [("text/plain", b"42")]
+    assert value.outcome.error is None
+    failed = relay(tmp_path / "e", wire.GuestRequest("def f():\n    1 / 0\nf()", limits=ROOMY))
+    assert failed.exit_code == 1
+    assert failed.outcome.error is not None
+    assert failed.outcome.error["name"] == "ZeroDivisionError"
+    assert failed.outcome.error["value"] == "division by zero"
+    assert 'line 2, in f' in failed.outcome.error["traceback"]
+    assert b"ZeroDivisionError: division by zero" in failed.stderr  # stderr as always
+
+
+def test_os_exit_still_returns_the_files(tmp_path: Path) -> None:
+    ran = relay(tmp_path, wire.GuestRequest(
+        "import os\nopen('out/x', 'w').write('x')\nos._exit(7)", limits=ROOMY))
+    assert ran.exit_code == 7
+    assert [f.path for f in ran.outcome.files] == ["out/x"]
+
+
+def test_a_shell_run_returns_its_files_and_argv(tmp_path: Path) -> None:
+    ran = relay(tmp_path, wire.GuestRequest(
+        'echo "$1-$2" > out/args; cat in.txt; exit 4', files=[("in.txt", b"file")],
+        argv=["a", "b"], limits=ROOMY), language="shell")
+    assert (ran.stdout, ran.exit_code) == (b"file", 4)
+    assert [(f.path, bytes(f.content)) for f in ran.outcome.files] == [("out/args", b"a-b\n")]
+
+
+def test_the_guest_keeps_to_the_limits_it_is_sent(tmp_path: Path) -> None:
+    limits = wire.OutcomeLimits(max_files=1, max_file_bytes=3, max_files_bytes=3,
+                                max_display_bytes=0)
+    ran = relay(tmp_path, wire.GuestRequest(
+        "open('out/a', 'w').write('12345')\nopen('out/b', 'w').write('x')\n'value'",
+        limits=limits))
+    assert [(f.path, bytes(f.content), f.truncated) for f in ran.outcome.files] == [
+        ("out/a", b"123", False)]  # the guest cut it; the daemon saw nothing to cut
+    assert ran.outcome.files_dropped == 1
+    assert ran.outcome.results == []
+
+
+def test_preloaded_modules_are_imported_before_ready(tmp_path: Path) -> None:
+    ran = relay(tmp_path, wire.GuestRequest(
+        "import sys; print('decimal' in sys.modules)", limits=ROOMY), "preload=decimal")
+    assert ran.stdout == b"True\n"
+
+
+def test_a_preload_that_fails_never_reports_ready(tmp_path: Path) -> None:
+    directory = guest.install(tmp_path / "guest")
+    ran = run_runner(directory, "relay", "python", "preload=no_such_module_here")
+    assert ran.returncode == 64
+    assert "preload failed: ModuleNotFoundError" in ran.stderr
+    assert ran.stdout == ""
 
 
 def test_install_writes_read_only_files_once_and_replaces_damaged_ones(tmp_path: Path) -> None:

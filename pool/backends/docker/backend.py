@@ -43,7 +43,7 @@ from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
 from pool.seccomp import docker_profile
 from pool.uids import SandboxUids, default_uids
-from pool.wire import OutputCapture
+from pool.wire import Outcome, OutputCapture
 
 log = structlog.get_logger("sandpool.docker")
 
@@ -247,10 +247,11 @@ class DockerBackend(BackendBase[DockerSandbox]):
         if not sandbox.take_request():
             raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
         began = time.monotonic()
-        await sandbox.channel.send_request(request)
-        capture = OutputCapture(self.config.max_output_bytes)
+        limits = self.config.outcome_limits()
+        await sandbox.channel.send_request(request, limits)
+        capture, outcome = OutputCapture(self.config.max_output_bytes), Outcome(limits)
         try:
-            end, exit_code = await sandbox.channel.collect(capture, request.timeout_s)
+            end, exit_code = await sandbox.channel.collect(capture, outcome, request.timeout_s)
         except DOCKER_ERRORS as e:
             raise BackendError(f"lost the stream of sandbox {sandbox.id}: {describe(e)}") from None
         execution_s = time.monotonic() - began
@@ -267,6 +268,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
             timed_out=end is RunEnd.TIMED_OUT,
             oom_killed=oom_killed,
             execution_s=execution_s,
+            outcome=outcome,
         )
 
     async def _exit_code(self, sandbox: DockerSandbox) -> int:

@@ -24,7 +24,15 @@ import structlog
 from pool.backends.base import RunRequest
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import FrameDecoder, ProtocolViolation, decode_exit
-from pool.wire import EXIT, READY, OutputCapture, encode_request
+from pool.wire import (
+    EXIT,
+    OUTCOME_KINDS,
+    READY,
+    Outcome,
+    OutcomeLimits,
+    OutputCapture,
+    WireError,
+)
 
 log = structlog.get_logger("sandpool.docker")
 
@@ -99,17 +107,20 @@ class RunnerChannel:
         if frame[0] != READY:
             raise ProtocolViolation("the runner sent output before it was ready")
 
-    async def send_request(self, request: RunRequest) -> None:
+    async def send_request(self, request: RunRequest, limits: OutcomeLimits) -> None:
         """Write the one request. Raises SandboxLostError if the stream no longer takes it."""
         try:
-            await self.stream.write_in(encode_request(request.code, request.stdin))
+            await self.stream.write_in(request.to_guest(limits).encode())
         except (RuntimeError, ConnectionError, aiohttp.ClientError) as e:
             raise SandboxLostError(
                 f"sandbox {self.sandbox_id} did not take its request: {e}"
             ) from None
 
-    async def collect(self, capture: OutputCapture, timeout_s: float) -> tuple[RunEnd, int | None]:
-        """Read output frames into ``capture`` until the run ends; how it ended and its status.
+    async def collect(
+        self, capture: OutputCapture, outcome: Outcome, timeout_s: float
+    ) -> tuple[RunEnd, int | None]:
+        """Read output frames into ``capture`` and outcome frames into ``outcome``
+        until the run ends; how it ended and its status.
 
         The status is the runner's, and only with ``RunEnd.EXITED``. Errors of
         the stream itself (the Docker connection) propagate.
@@ -120,12 +131,14 @@ class RunnerChannel:
                     kind, payload = frame
                     if kind == EXIT:
                         return RunEnd.EXITED, decode_exit(payload)
-                    if kind != READY and not capture.add(kind, payload):
+                    if kind in OUTCOME_KINDS:
+                        outcome.add(kind, payload)
+                    elif kind != READY and not capture.add(kind, payload):
                         return RunEnd.OUTPUT_CAPPED, None
                 return RunEnd.STREAM_ENDED, None
         except TimeoutError:
             return RunEnd.TIMED_OUT, None
-        except ProtocolViolation:
+        except (ProtocolViolation, WireError):
             log.warning("sandbox_protocol_violation", sandbox=self.sandbox_id)
             return RunEnd.PROTOCOL_VIOLATION, None
 

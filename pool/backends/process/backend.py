@@ -44,7 +44,7 @@ from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
 from pool.uids import SandboxUids, default_uids
-from pool.wire import OutputCapture, encode_request
+from pool.wire import Outcome, OutputCapture
 
 log = structlog.get_logger("sandpool.process")
 
@@ -282,10 +282,13 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
             raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
         loop = asyncio.get_running_loop()
         began = time.monotonic()
-        run = Run(OutputCapture(self.config.max_output_bytes), loop.create_future())
+        limits = self.config.outcome_limits()
+        run = Run(
+            OutputCapture(self.config.max_output_bytes), loop.create_future(), Outcome(limits)
+        )
         protocol.run = run
         sandbox.pipes.watch(loop, run)
-        stdin.write(encode_request(request.code, request.stdin))
+        stdin.write(request.to_guest(limits).encode())
         timed_out = False
         try:
             async with asyncio.timeout(request.timeout_s):
@@ -314,6 +317,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
             timed_out=timed_out,
             oom_killed=oom_killed,
             execution_s=execution_s,
+            outcome=run.outcome,
         )
 
     async def _exit_status(self, sandbox: ProcessSandbox) -> int | None:

@@ -2,9 +2,10 @@
 
 The runner speaks in its direct mode (``pool/wire.py``): on bwrap's stdout
 only its ready frame and, if the code dies without reporting, an exit frame;
-the code's stdout, stderr and exit status come back raw on three pipes of the
-sandbox's own. ``RunnerProtocol`` reads the former as asyncio delivers it,
-``OutputPipes`` the latter on the event loop, and both move one ``Run``
+the code's stdout and stderr come back raw on two pipes of the sandbox's own,
+and its outcome frames and exit frame on a third, the status pipe.
+``RunnerProtocol`` reads the former as asyncio delivers it, ``OutputPipes``
+the latter on the event loop, and both move one ``Run``
 through its ``RunState``. Nothing here starts or kills a process: the tests
 feed it bytes.
 """
@@ -22,11 +23,14 @@ from dataclasses import dataclass
 from pool.errors import BackendError
 from pool.pipes import PipeReader, read_nonblocking
 from pool.protocol import FrameDecoder, ProtocolViolation, decode_exit
-from pool.wire import EXIT, READY, STATUS, OutputCapture
+from pool.wire import CHUNK, EXIT, OUTCOME_KINDS, READY, Outcome, OutputCapture, WireError
 
 # Once the status is in, output already written is in the pipes; a process the
 # code left behind may keep writing, so read at most this many chunks more.
 DRAIN_READS = 64
+# Chunks of the status pipe read per wake-up: the outcome (files, figures) may
+# be megabytes, and the loop must get back to other sandboxes in between.
+STATUS_READS = 16
 
 
 class RunState(enum.Enum):
@@ -78,6 +82,7 @@ class Run:
 
     capture: OutputCapture
     done: asyncio.Future[None]  # set when the state leaves WAITING and REFUSED
+    outcome: Outcome | None = None  # files, results and error, from the status pipe
     output: PipeReader | None = None  # the code's stdout and stderr, once watched
     exit_code: int | None = None  # the last valid status that came back
     state: RunState = RunState.WAITING
@@ -137,6 +142,7 @@ class OutputPipes:
     """A sandbox's stdout, stderr and status pipes (the runner's direct mode): read ends here."""
 
     def __init__(self) -> None:
+        self.status_frames = FrameDecoder()  # the code's outcome, then its exit frame
         self.stdout_r, stdout_w = os.pipe()
         self.stderr_r, stderr_w = os.pipe()
         self.status_r, status_w = os.pipe()
@@ -159,13 +165,31 @@ class OutputPipes:
         loop.remove_reader(self.status_r)
 
     def _on_status(self, loop: asyncio.AbstractEventLoop, run: Run) -> None:
-        data = read_nonblocking(self.status_r, STATUS.size)
-        if data is None:
-            return
-        loop.remove_reader(self.status_r)
-        if len(data) != STATUS.size:
-            return  # closed by exec, or garbage: the runner reports the exit instead
-        run.answer(data)
+        """Outcome frames into the run's outcome until the exit frame (its status).
+
+        The code can write here too: a frame the wire refuses ends the run as a
+        VIOLATION; the pipe closing first leaves the status to the runner.
+        """
+        for _ in range(STATUS_READS):
+            data = read_nonblocking(self.status_r, CHUNK)
+            if data is None:
+                return
+            if not data:
+                loop.remove_reader(self.status_r)
+                return
+            try:
+                for kind, payload in self.status_frames.feed(data):
+                    if kind == EXIT:
+                        loop.remove_reader(self.status_r)
+                        run.answer(payload)
+                        return
+                    if kind not in OUTCOME_KINDS or run.outcome is None:
+                        raise WireError(f"unexpected frame {kind!r} on the status pipe")
+                    run.outcome.add(kind, payload)
+            except (ProtocolViolation, WireError):
+                loop.remove_reader(self.status_r)
+                run.finish(RunState.VIOLATION)
+                return
 
     def close(self) -> None:
         for fd in (*self.write_ends, self.stdout_r, self.stderr_r, self.status_r):

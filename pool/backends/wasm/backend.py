@@ -52,7 +52,7 @@ from pool.backends.wasm.channel import GuestExit, exit_code, open_pipes
 from pool.backends.wasm.epoch import Guest, Ticker
 from pool.backends.wasm.instance import GuestRuntime, run_start
 from pool.backends.wasm.sandbox import WasmSandbox
-from pool.backends.wasm.scratch import TmpfsSource
+from pool.backends.wasm.scratch import Scratch, TmpfsSource
 from pool.backends.wasm.threads import (
     BUSY_AFTER_S,
     demote_thread,
@@ -64,7 +64,7 @@ from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.guest import install as install_guest_programs
 from pool.paths import cache_dir
-from pool.wire import OutputCapture, encode_request
+from pool.wire import EXIT, FrameDecoder, Outcome, OutcomeLimits, OutputCapture, WireError
 
 __all__ = ["WasmBackend", "WasmSandbox"]
 
@@ -285,8 +285,12 @@ class WasmBackend(BackendBase[WasmSandbox]):
         loop = asyncio.get_running_loop()
         began = time.monotonic()
         stdin = request.stdin.encode("utf-8", "surrogatepass")
+        limits = self.config.outcome_limits()
+        # The stdin data follows the request raw: the guest reads it as its fd 0.
+        guest_request = RunRequest(request.code, "", request.timeout_s, request.files,
+                                   request.env, request.argv).to_guest(limits)
         try:
-            sandbox.channel.send(encode_request(request.code, "") + stdin)
+            sandbox.channel.send(guest_request.encode() + stdin)
             sandbox.guest.meter()
         except OSError as e:
             raise SandboxLostError(f"sandbox {sandbox.id} did not take its request: {e}") from None
@@ -327,6 +331,7 @@ class WasmBackend(BackendBase[WasmSandbox]):
             raise BackendError(f"the wasm worker of sandbox {sandbox.id} failed: "
                                f"{sandbox.how_it_ended()}")
         code: int | None = None
+        outcome: Outcome | None = None
         if stopped is None and not sandbox.guest.killed.is_set():
             scratch = sandbox.scratch
             code = exit_code(
@@ -334,12 +339,15 @@ class WasmBackend(BackendBase[WasmSandbox]):
                 scratch.read_status if scratch is not None else None,
                 sandbox_id=sandbox.id,
             )
+            if scratch is not None:
+                outcome = await asyncio.to_thread(read_outcome, scratch, limits, sandbox.id)
         return RunResult.from_capture(
             capture,
             exit_code=code,
             timed_out=stopped is Stop.TIMEOUT,
             oom_killed=False,  # see the module docstring: MemoryError is the guest's claim
             execution_s=execution_s,
+            outcome=outcome,
         )
 
     async def _join(self, sandbox: WasmSandbox) -> None:
@@ -365,3 +373,21 @@ class WasmBackend(BackendBase[WasmSandbox]):
             self._sandboxes.discard(sandbox)
             if sandbox.scratch is not None:
                 await asyncio.to_thread(sandbox.scratch.close)
+
+
+def read_outcome(scratch: Scratch, limits: OutcomeLimits, sandbox_id: str) -> Outcome | None:
+    """The guest's outcome file decoded within ``limits``; None if it is not one.
+
+    The guest wrote it (pool/wasm_runner.py) and may have forged it: a file the
+    wire refuses gives no outcome at all, and never fails the run.
+    """
+    outcome = Outcome(limits)
+    try:
+        frames = FrameDecoder().feed(scratch.read_outcome(limits.frame_bytes()))
+        for kind, payload in frames:
+            if kind != EXIT:
+                outcome.add(kind, payload)
+    except (OSError, WireError) as e:
+        log.warning("wasm_outcome_refused", sandbox=sandbox_id, error=str(e))
+        return None
+    return outcome

@@ -30,7 +30,7 @@ from pool.backends.wasm import epoch
 from pool.backends.wasm.channel import GuestExit
 from pool.backends.wasm.epoch import Guest
 from pool.backends.wasm.sandbox import WasmSandbox
-from pool.backends.wasm.scratch import Scratch, TmpfsSource
+from pool.backends.wasm.scratch import STATUS_LIMIT_KB, Scratch, TmpfsSource
 from pool.backends.wasm.wasi import WASI_MODULE, OpenFiles, poll_oneoff
 from pool.config import PoolConfig
 from pool.guest import GUEST_DIR, WASM_RUNNER, path_in_sandbox
@@ -67,7 +67,10 @@ class GuestRuntime:
         calls ``epoch.forget`` once the Store is gone, on every path.
         """
         guest = sandbox.guest
-        sandbox.scratch = scratch = Scratch(self._tmpfs, self.config.tmpfs_mb)
+        sandbox.scratch = scratch = Scratch(
+            self._tmpfs, self.config.tmpfs_mb,
+            self.config.outcome_limits().frame_bytes() // 1024 + STATUS_LIMIT_KB,
+        )
         store = wasmtime.Store(self.engine)
         epoch.watch(store, guest)
         store.set_limits(memory_size=self.config.memory_mb * 1024 * 1024)

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Sequence
 
 from pool.errors import BackendError
-from pool.wire import STATUS_FILE
+from pool.wire import OUTCOME_FILE, STATUS_FILE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # The new mount API (Linux 5.2+), the same numbers on every architecture.
@@ -209,20 +209,23 @@ def _try_direct() -> str | None:
 class Scratch:
     """A sandbox's writable directories: ``sandbox`` (its workdir), ``tmp``, ``status``.
 
-    Each is a tmpfs of its own (``tmpfs_mb``, the status one 64 KiB), so a full
-    one says ENOSPC as Docker's tmpfs does and nothing reaches the host's disk.
+    Each is a tmpfs of its own (``tmpfs_mb``; the status one ``status_kb``,
+    room for the status and outcome files), so a full one says ENOSPC as
+    Docker's tmpfs does and nothing reaches the host's disk.
     """
 
     NAMES = ("sandbox", "tmp", "status")
 
-    def __init__(self, source: TmpfsSource, tmpfs_mb: int) -> None:
+    def __init__(
+        self, source: TmpfsSource, tmpfs_mb: int, status_kb: int = STATUS_LIMIT_KB
+    ) -> None:
         self.paths: dict[str, str] = {}  # name -> the path wasmtime opens
         self._fds: list[int] = []
         self._status_dir = -1
         try:
             size = {"sandbox": f"{tmpfs_mb}m", "tmp": f"{tmpfs_mb}m"}
             self._fds = source.mount([
-                (size.get(name, f"{STATUS_LIMIT_KB}k"), SCRATCH_INODES) for name in self.NAMES
+                (size.get(name, f"{status_kb}k"), SCRATCH_INODES) for name in self.NAMES
             ])
             for name, fd in zip(self.NAMES, self._fds, strict=True):
                 self.paths[name] = f"/proc/self/fd/{fd}"
@@ -241,6 +244,25 @@ class Scratch:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError("not a regular file")
             return os.read(fd, 16)
+        finally:
+            os.close(fd)
+
+    def read_outcome(self, limit: int) -> bytes:
+        """The runner's outcome file, at most ``limit`` bytes, b"" if there is none;
+        never follows a link the guest made. Raises OSError for anything but a file."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(OUTCOME_FILE, flags, dir_fd=self._status_dir)
+        except FileNotFoundError:
+            return b""
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file")
+            parts: list[bytes] = []
+            while limit > 0 and (chunk := os.read(fd, min(limit, 1 << 20))):
+                parts.append(chunk)
+                limit -= len(chunk)
+            return b"".join(parts)
         finally:
             os.close(fd)
 
