@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--arg", dest="argv", action="append", default=[], metavar="ARG",
-        help="append ARG to the program's arguments (sys.argv[1:]); repeatable",
+        help="append ARG to the program's arguments (sys.argv[1:]); repeatable; "
+        "write --arg=-v for one that starts with '-'",
     )
     run.add_argument(
         "--out-dir", metavar="DIR",

@@ -299,6 +299,11 @@ def test_cli_file_and_env_errors_are_one_line(daemon: Daemon, tmp_path: Any) -> 
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (
         125, "sandpool: files[0].path '../data.csv' has a '..' component\n")
+    done = subprocess.run([*base, "--file", str(data), "--file", f"{data}=in/copy.csv", "-e",
+                           "MODE=x=y", "--arg=-v", "--out-dir", str(tmp_path / "kept"),
+                           "-c", "print(1)"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "1\n", "")
+    assert not (tmp_path / "kept").exists()  # nothing came back, nothing was made
     done = subprocess.run([*base, "--file", str(tmp_path / "missing.csv"), "-c", "1"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 125
