@@ -69,6 +69,8 @@ class PoolConfig:
     max_files_bytes: int = 8 * 1024 * 1024
     # Rich results (figures, a final expression's repr) of one run together.
     max_results_bytes: int = 4 * 1024 * 1024
+    # Modules every sandbox imports and warms before it is ready (python pools).
+    preload: tuple[str, ...] = ()
 
     def outcome_limits(self) -> OutcomeLimits:
         """What one run of this pool may return besides its output (files out, results)."""
@@ -117,6 +119,11 @@ class PoolConfig:
             raise ConfigError(
                 f"{where}.max_file_bytes must not exceed max_files_bytes ({self.max_files_bytes})"
             )
+        for module in self.preload:
+            if not _MODULE_NAME.match(module):
+                raise ConfigError(f"{where}.preload: {module!r} is not a module name")
+        if self.preload and self.language != "python":
+            raise ConfigError(f"{where}.preload applies to python pools only")
         if self.backend == "wasm" and self.language != "python":
             # The guest is CPython-WASI with no shell: a shell pool would run
             # shell code as Python.
@@ -339,6 +346,11 @@ def _fields(
     for key, value in table.items():
         default = hints[key].default
         expected: tuple[type, ...]
+        if key in STRING_LISTS:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}.{key} must be a list of strings")
+            values[key] = tuple(value)
+            continue
         if isinstance(default, tuple):  # lists of ids
             if not isinstance(value, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
@@ -359,6 +371,10 @@ def _fields(
             raise ConfigError(f"{where}.{key} must be of type {kind}, not {type(value).__name__}")
         values[key] = float(value) if float in expected else value
     return values
+
+
+STRING_LISTS = frozenset({"preload"})  # the tuple-valued keys that hold strings, not ids
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
 def _positive(key: str, value: float) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,18 @@ def test_default_config_is_valid() -> None:
     for pool in config.pools:
         pool.validate()
     config.server.validate()
+
+
+def test_preload_is_a_list_of_module_names_for_python_pools() -> None:
+    config = parse_config({"pools": {"p": {"preload": ["pandas", "matplotlib.pyplot"]}}})
+    assert config.pools[0].preload == ("pandas", "matplotlib.pyplot")
+    assert parse_config(tomllib.loads(to_toml(config))).pools[0].preload == config.pools[0].preload
+    for bad, message in (
+        (["os; import x"], "pools.p.preload: 'os; import x' is not a module name"),
+        ("pandas", "pools.p.preload must be a list of strings"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"pools": {"p": {"preload": bad}}})
+        assert caught.value.message == message
+    with pytest.raises(ConfigError, match="applies to python pools only"):
+        parse_config({"pools": {"p": {"language": "shell", "preload": ["json"]}}})

@@ -79,7 +79,7 @@ def container_definition(
         "Image": c.image,
         "Cmd": [
             "python3", "-I", guest.path_in_sandbox(guest.RUNNER),
-            *RunnerArguments(RELAY, c.language).to_argv(),
+            *RunnerArguments(RELAY, c.language, preload=list(c.preload)).to_argv(),
         ],
         # No user namespace: the uid is the host's, one per sandbox, so no
         # two sandboxes share a per-user kernel quota (pool/uids.py).

@@ -120,7 +120,8 @@ class SandboxDefinition:
             "--",
             INTERPRETER, "-I", guest.path_in_sandbox(guest.RUNNER),
             *RunnerArguments(
-                DIRECT, c.language, (stdout_w, stderr_w, status_w), self.limits
+                DIRECT, c.language, (stdout_w, stderr_w, status_w), self.limits,
+                list(c.preload),
             ).to_argv(),
         ]  # fmt: skip
         return command

@@ -34,7 +34,7 @@ from pool.backends.wasm.scratch import STATUS_LIMIT_KB, Scratch, TmpfsSource
 from pool.backends.wasm.wasi import WASI_MODULE, OpenFiles, poll_oneoff
 from pool.config import PoolConfig
 from pool.guest import GUEST_DIR, WASM_RUNNER, path_in_sandbox
-from pool.wire import STATUS_DIR, WORKDIR
+from pool.wire import PRELOAD, STATUS_DIR, WORKDIR
 
 GUEST_ENV = (("HOME", WORKDIR), ("LANG", "C.UTF-8"), ("PYTHONDONTWRITEBYTECODE", "1"))
 
@@ -88,7 +88,9 @@ class GuestRuntime:
             access_caller=True,
         )
         wasi = wasmtime.WasiConfig()
-        wasi.argv = ["python3", "-I", path_in_sandbox(WASM_RUNNER)]
+        wasi.argv = ["python3", "-I", path_in_sandbox(WASM_RUNNER), *(
+            [f"{PRELOAD}={','.join(self.config.preload)}"] if self.config.preload else []
+        )]
         wasi.env = GUEST_ENV
         stdin_r, stdout_w, stderr_w = guest_fds
         # By /proc path: wasmtime opens files by name, and a pipe has none.
