@@ -347,7 +347,9 @@ def outcome_body(outcome: Outcome | None) -> OutcomeBody:
         "type": out.kind,
         "size": out.size,
         "content": base64.b64encode(out.content).decode("ascii") if out.kind == "file" else None,
-        "truncated": out.truncated,
+        # A guest told the limits stops sending early: content short of the
+        # size it reported is cut (or the file changed), whoever cut it.
+        "truncated": out.truncated or (out.kind == "file" and len(out.content) < out.size),
     } for out in outcome.files]
     results: list[DisplayBody] = [{
         "type": display.mime,

@@ -648,3 +648,10 @@ def test_any_json_in_files_env_or_argv_is_a_400_with_its_code_or_valid(
         assert "\\" not in path
         assert len(data) <= 4
     assert all("\0" not in v for v in (*request.env.values(), *request.argv))
+
+
+def test_a_file_whose_content_stops_short_of_its_size_is_truncated() -> None:
+    # The guest, told the limits, stops sending early; or the file shrank as it was read.
+    body = result_body(result_with(outcome_of(file_out("out/cut", b"ab", size=10))), "p", "s", 0)
+    assert body["files"] == [{"path": "out/cut", "type": "file", "size": 10,
+                              "content": base64.b64encode(b"ab").decode(), "truncated": True}]
