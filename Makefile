@@ -4,6 +4,9 @@ SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.installed
 IMAGE_BUILD := $(VENV)/bin/sandpool image build
+# The images `make setup` builds (docs/images.md); each is skipped when current.
+# `make setup IMAGE_PROFILES=python` builds only the small one.
+IMAGE_PROFILES ?= python datasci node
 
 .PHONY: run test setup lint soak hostile
 
@@ -30,7 +33,7 @@ hostile: setup
 setup: $(STAMP)
 	bash scripts/ensure-docker.sh
 	bash scripts/ensure-tools.sh
-	$(IMAGE_BUILD)
+	for profile in $(IMAGE_PROFILES); do $(IMAGE_BUILD) --profile $$profile || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pool api metrics tests bench

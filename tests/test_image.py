@@ -42,6 +42,7 @@ from pool.image import (
     runtime_info,
 )
 from pool.image.debootstrap import debootstrap_failure
+from pool.image.files import strip_rootfs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER_TIMEOUT_S = 60.0
@@ -696,3 +697,28 @@ async def run_sandbox_argv(image_tag: str, unique: str, argv: list[str]) -> tupl
         )  # fmt: skip
     finally:
         await run("docker", "rm", "--force", name)
+
+
+def test_strip_removes_package_test_suites_but_not_testing_modules(tmp_path: Path) -> None:
+    packages = tmp_path / recipe.PACKAGE_TESTS_DIR
+    for relative in ("pandas/tests/frame/test_x.py", "numpy/testing/__init__.py",
+                     "scipy/stats/tests/test_y.py", "scipy/stats/_stats.py"):
+        (packages / relative).parent.mkdir(parents=True, exist_ok=True)
+        (packages / relative).write_text("")
+
+    strip_rootfs(tmp_path)
+
+    left = sorted(str(p.relative_to(packages)) for p in packages.rglob("*.py"))
+    assert left == ["numpy/testing/__init__.py", "scipy/stats/_stats.py"]
+    assert stat.S_IMODE((tmp_path / "sandbox").stat().st_mode) == 0o1777
+
+
+def test_stand_in_is_an_empty_package_of_that_name_for_any_version() -> None:
+    control = recipe.stand_in_control("python3-pythran")
+
+    fields = dict(line.split(": ", 1) for line in control.splitlines() if not line.startswith(" "))
+    assert fields["Package"] == "python3-pythran"
+    assert fields["Architecture"] == "all"
+    assert "Depends" not in fields
+    assert control.endswith("\n")
+    assert PROFILES["datasci"].stand_ins == ("python3-pythran",)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from pool.image.recipe import (
     SUITE,
     Recipe,
     runtime_label,
+    stand_in_control,
 )
 
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -76,7 +78,7 @@ async def import_from_debootstrap(
         await _debootstrap(mirror, rootfs, clock)
         if recipe.packages:
             clock.phase(f"apt-get install {' '.join(recipe.packages)}")
-            await _apt_install(rootfs, recipe.packages, clock)
+            await _apt_install(rootfs, recipe.packages, recipe.profile.stand_ins, clock)
         if recipe.pip_requirements is not None:
             clock.phase("pip install -r the requirements file")
             await _pip_install(rootfs, recipe.pip_requirements, clock)
@@ -225,9 +227,14 @@ async def _chroot_logged(rootfs: Path, argv: list[str], *, what: str, timeout_s:
         )
 
 
-async def _apt_install(rootfs: Path, packages: tuple[str, ...], clock: Clock) -> None:
+async def _apt_install(
+    rootfs: Path, packages: tuple[str, ...], stand_ins: tuple[str, ...], clock: Clock
+) -> None:
     """Install ``packages`` (without recommends) with the root file system's own apt,
-    from the mirror debootstrap wrote into its sources.list."""
+    from the mirror debootstrap wrote into its sources.list, after empty packages
+    held in place of ``stand_ins``."""
+    for package in stand_ins:
+        await _install_stand_in(rootfs, package)
     await _chroot_logged(rootfs, ["apt-get", "update"], what="apt-get update",
                          timeout_s=APT_TIMEOUT_S, clock=clock)
     install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
@@ -235,6 +242,24 @@ async def _apt_install(rootfs: Path, packages: tuple[str, ...], clock: Clock) ->
                          clock=clock)
     await _chroot_logged(rootfs, ["apt-get", "clean"], what="apt-get clean",
                          timeout_s=APT_TIMEOUT_S, clock=clock)
+
+
+async def _install_stand_in(rootfs: Path, package: str) -> None:
+    source = f"/tmp/sandpool-stand-in-{package}"
+    control = rootfs / source.lstrip("/") / "DEBIAN" / "control"
+    await asyncio.to_thread(control.parent.mkdir, parents=True)
+    await asyncio.to_thread(control.write_text, stand_in_control(package))
+    try:
+        build = ["dpkg-deb", "--root-owner-group", "--build", source, f"{source}.deb"]
+        await _chroot(rootfs, build, what=f"building a stand-in for {package}")
+        await _chroot(rootfs, ["dpkg", "--install", f"{source}.deb"],
+                      what=f"installing a stand-in for {package}")
+        await _chroot(rootfs, ["apt-mark", "hold", package], what=f"holding {package}")
+    finally:
+        await asyncio.shield(asyncio.to_thread(
+            shutil.rmtree, rootfs / source.lstrip("/"), ignore_errors=True))
+        await asyncio.shield(asyncio.to_thread(
+            (rootfs / f"{source.lstrip('/')}.deb").unlink, missing_ok=True))
 
 
 async def _pip_install(rootfs: Path, requirements: str, clock: Clock) -> None:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pool.image.recipe import KEPT_LOCALES, SANDBOX_DIR, STRIPPED_DIRS
+from pool.image.recipe import KEPT_LOCALES, PACKAGE_TESTS_DIR, SANDBOX_DIR, STRIPPED_DIRS
 from pool.mounts import detach, mount_points_under
 
 # The temporary root file systems live in tempfile.gettempdir() under this prefix;
@@ -53,8 +53,9 @@ def remove_build_dir(build_dir: Path) -> str | None:
 
 
 def strip_rootfs(rootfs: Path) -> None:
-    """Delete what a sandbox never reads (~40% of the debootstrap output), and
-    create the sandbox's working directory, mode 1777."""
+    """Delete what a sandbox never reads (~40% of the debootstrap output; the
+    Debian Python packages' test suites), and create the sandbox's working
+    directory, mode 1777."""
     root_device = rootfs.lstat().st_dev
     for relative in STRIPPED_DIRS:
         stripped = rootfs / relative
@@ -66,6 +67,12 @@ def strip_rootfs(rootfs: Path) -> None:
         for entry in locale_dir.iterdir():
             if entry.name not in KEPT_LOCALES:
                 _remove_path(entry)
+    packages = rootfs / PACKAGE_TESTS_DIR
+    if packages.is_dir() and not packages.is_symlink():
+        for directory, subdirs, _files in os.walk(packages):
+            if "tests" in subdirs:
+                subdirs.remove("tests")
+                _remove_path(Path(directory) / "tests")
     for directory, subdirs, files in os.walk(rootfs):
         # Never descend into anything mounted inside the root file system.
         subdirs[:] = [
