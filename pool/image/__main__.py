@@ -1,4 +1,4 @@
-"""``python -m pool.image build [--tag TAG] [--mirror URL] [--from IMAGE] [--force]``.
+"""``python -m pool.image build [--profile NAME] ...`` and ``python -m pool.image export``.
 
 The same command, parser and error handling as ``sandpool image build``: this only
 puts ``image`` in front of the arguments, so the two cannot drift apart.

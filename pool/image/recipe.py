@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pool.wire import MATPLOTLIB_CACHE
+
 # Bump whenever the common recipe changes what ends up in every image: is_current()
 # compares it with the image's label, so every host rebuilds on its next `make`.
 RECIPE_VERSION = "3"
@@ -35,9 +37,9 @@ SUITE = "bookworm"
 SANDBOX_DIR = "/sandbox"
 SANDBOX_USER = "65534:65534"
 # matplotlib's font cache, built at image build time. Read-only in a sandbox:
-# a runner copies it into a writable MPLCONFIGDIR before importing matplotlib,
-# else the first import scans every font (about a second).
-MATPLOTLIB_CACHE_DIR = "/usr/share/sandpool/matplotlib"
+# the runner copies it into a writable MPLCONFIGDIR before importing matplotlib,
+# else the first import scans every font. The wire module names it for both sides.
+MATPLOTLIB_CACHE_DIR = MATPLOTLIB_CACHE
 # What the pool relies on the image's python3 to import; checked before tagging.
 PYTHON_CHECK = "import json, asyncio, sqlite3"
 # The datasci check renders a figure from the copied font cache and fails if
