@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -16,7 +17,14 @@ from typing import Any
 import pytest
 
 from api.client import ApiError, Client
-from tests.support import DAEMON_CONFIG, Daemon, start_daemon, stop_daemon
+from tests.support import (
+    DAEMON_CONFIG,
+    PYTHON_POOLS,
+    WASI_POOLS,
+    Daemon,
+    start_daemon,
+    stop_daemon,
+)
 
 
 class Raw(http.client.HTTPConnection):
@@ -261,10 +269,18 @@ def test_file_size_limits_are_the_pools(spawn_daemon: Callable[..., Daemon]) -> 
         {"path": "a", "content": "1234"}, {"path": "b", "content": "MTIz", "encoding": "base64"},
     ]))
     assert (status, document["error"]["code"]) == (400, "files_too_large")
-    # At the limits exactly, the run goes ahead.
+    # At the limits exactly, the run goes ahead; the same limits cap what comes back.
     with small.client() as client:
-        result = client.run("print(1)", files={"a": "1234", "b": b"12"})
-    assert (result["exit_code"], result["stdout"]) == (0, "1\n")
+        result = client.run(
+            "import os\nos.makedirs('out', exist_ok=True)\n"
+            "open('out/big', 'w').write('0123456789')\n"
+            "print(open('a').read() + open('b').read())",
+            files={"a": "1234", "b": b"12"},
+        )
+    assert (result["exit_code"], result["stdout"]) == (0, "123412\n")
+    assert result["files"] == [{"path": "out/big", "type": "file", "size": 10,
+                                "content": base64.b64encode(b"0123").decode(),
+                                "truncated": True}]
 
 
 def test_the_client_sends_files_env_and_argv(client: Client) -> None:
@@ -317,3 +333,82 @@ def test_cli_file_and_env_errors_are_one_line(daemon: Daemon, tmp_path: Any) -> 
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (
         125, "sandpool: env name '1X' must match [A-Za-z_][A-Za-z0-9_]*\n")
+
+
+# --- files in and out, results and the error, through every Python tier ----------
+
+
+@pytest.mark.parametrize("pool", PYTHON_POOLS)
+def test_files_env_and_argv_reach_the_program_and_out_comes_back(
+    client: Client, pool: str
+) -> None:
+    code = (
+        "import os, sys\n"
+        "print(open('data/in.csv').read().strip(), open('raw.bin', 'rb').read(),\n"
+        "      os.environ['MODE'], sys.argv[1:])\n"
+        "os.makedirs('out/sub')\n"
+        "open('out/sub/r.bin', 'wb').write(bytes(range(256)))\n"
+        "open('out/empty', 'w').close()\n"
+        "{'answer': 6 * 7}\n"
+    )
+    result = client.run(code, pool=pool, files={"data/in.csv": "a,é\n", "raw.bin": b"\0\xff"},
+                        env={"MODE": "x=y é"}, argv=["-v", "", "two words"])
+    assert (result["exit_code"], result["stderr"]) == (0, "")
+    assert result["stdout"] == "a,é b'\\x00\\xff' x=y é ['-v', '', 'two words']\n"
+    files = {entry["path"]: entry for entry in result["files"]}
+    assert set(files) == {"out/sub/r.bin", "out/empty"}
+    assert base64.b64decode(files["out/sub/r.bin"]["content"]) == bytes(range(256))
+    assert (files["out/sub/r.bin"]["size"], files["out/sub/r.bin"]["truncated"]) == (256, False)
+    assert (files["out/empty"]["content"], files["out/empty"]["size"]) == ("", 0)
+    assert result["results"] == [
+        {"type": "text/plain", "data": "{'answer': 42}", "truncated": False}]
+    assert (result["files_omitted"], result["results_omitted"], result["error"]) == (0, 0, None)
+
+
+@pytest.mark.parametrize("pool", PYTHON_POOLS)
+def test_an_uncaught_exception_is_the_error_and_stays_on_stderr(
+    client: Client, pool: str
+) -> None:
+    result = client.run("def f():\n    return {}['total']\nf()\n", pool=pool)
+    assert result["exit_code"] == 1
+    error = result["error"]
+    assert (error["name"], error["value"]) == ("KeyError", "'total'")
+    assert "return {}['total']" in error["traceback"]
+    assert "KeyError: 'total'" in result["stderr"]
+    assert result["results"] == []
+
+
+@pytest.mark.parametrize("pool", PYTHON_POOLS)
+def test_a_file_given_to_one_run_is_not_in_the_next(client: Client, pool: str) -> None:
+    client.run("open('out/kept', 'w')", pool=pool, files={"secret.txt": "s", "out/kept": ""})
+    result = client.run(
+        "import os; print(sorted(os.listdir('.')), os.path.exists('out'))", pool=pool
+    )
+    assert "secret.txt" not in result["stdout"]
+    assert result["files"] == []
+
+
+# WASI's preopened directories refuse symlink() (EPERM): nothing to report there.
+@pytest.mark.parametrize("pool", [p for p in PYTHON_POOLS if p not in WASI_POOLS])
+def test_a_symlink_under_out_is_reported_never_followed(client: Client, pool: str) -> None:
+    result = client.run(
+        "import os\nos.makedirs('out', exist_ok=True)\nos.symlink('/etc/passwd', 'out/link')\n",
+        pool=pool,
+    )
+    assert result["exit_code"] == 0, result["stderr"]
+    assert result["files"] == [{"path": "out/link", "type": "symlink", "size": len("/etc/passwd"),
+                                "content": None, "truncated": False}]
+
+
+def test_cli_saves_what_a_run_returns(daemon: Daemon, tmp_path: Any) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n1,2\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "run", "--socket", daemon.socket, "--file", str(data),
+         "--out-dir", str(tmp_path / "kept"), "-c",
+         "import os\nos.makedirs('out', exist_ok=True)\n"
+         "open('out/copy.csv', 'w').write(open('data.csv').read())\n1 + 1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "2\n", "")
+    assert (tmp_path / "kept/out/copy.csv").read_text() == "a,b\n1,2\n"
