@@ -21,6 +21,7 @@ import atexit
 import builtins
 import contextlib
 import importlib
+import importlib.util
 import io
 import linecache
 import os
@@ -198,25 +199,41 @@ class Results:
             self.add("text/plain", text.encode("utf-8", "replace"))
 
 
-def install_display_backend(results: Results) -> None:
+class DisplayBackend:
     """The matplotlib backend ``module://sandpool_display``, for MPLBACKEND.
 
-    A module made here rather than a file: nothing on the guest's path needs
-    to be writable or importable by the code.
+    Made by this import finder when matplotlib first imports it, so its
+    FigureCanvas is a real attribute (matplotlib reads the module's vars) and
+    Agg is loaded only by code that plots. Nothing on disk: no path the code
+    could write to is ever imported.
     """
-    module = types.ModuleType(DISPLAY_BACKEND)
 
-    def backend_attribute(name: str) -> object:
-        if name == "FigureCanvas":  # imported only once matplotlib asks for it
-            return importlib.import_module("matplotlib.backends.backend_agg").FigureCanvasAgg
-        raise AttributeError(name)
+    def __init__(self, results: "Results") -> None:
+        self.results = results
 
-    def show(*args: object, **kwargs: object) -> None:
-        results.add_figures()
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        if name != DISPLAY_BACKEND:
+            return None
+        return importlib.util.spec_from_loader(name, self)  # type: ignore[arg-type]
 
-    module.__dict__["__getattr__"] = backend_attribute
-    module.__dict__["show"] = show
-    sys.modules[DISPLAY_BACKEND] = module
+    def create_module(self, spec: object) -> None:
+        return None  # the default module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        agg = importlib.import_module("matplotlib.backends.backend_agg")
+        results = self.results
+
+        def show(*args: object, **kwargs: object) -> None:
+            results.add_figures()
+
+        module.FigureCanvas = agg.FigureCanvasAgg  # type: ignore[attr-defined]
+        module.FigureManager = agg.FigureManagerBase  # type: ignore[attr-defined]
+        module.show = show  # type: ignore[attr-defined]
+
+
+def install_display_backend(results: Results) -> None:
+    """Make matplotlib draw through DisplayBackend (pyplot.show() hands it the figures)."""
+    sys.meta_path.append(DisplayBackend(results))  # type: ignore[arg-type]
     os.environ["MPLBACKEND"] = f"module://{DISPLAY_BACKEND}"
 
 
@@ -253,7 +270,8 @@ def run_main(
         error = {"name": type(e).__name__, "value": str(e)[:MAX_ERROR_BYTES // 4],
                  "traceback": text[-MAX_ERROR_BYTES // 2 :]}
         status = 1
-    for step in [*before_exit, atexit._run_exitfuncs, results.add_figures]:
+    # Figures before atexit: matplotlib registers one that closes them all.
+    for step in [*before_exit, results.add_figures, atexit._run_exitfuncs]:
         try:
             step()
         except BaseException:

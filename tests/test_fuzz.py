@@ -24,6 +24,7 @@ from tests.support import Daemon
 RESULT_KEYS = {
     "exit_code", "stdout", "stderr", "timed_out", "oom_killed", "stdout_truncated",
     "stderr_truncated", "duration_ms", "queued_ms", "pool", "sandbox_id",
+    "files", "files_omitted", "results", "results_omitted", "error",
 }
 # Longer than any run the fixture's pools allow (max_timeout_s is at most 60 s), so a
 # socket timeout means the daemon hung, not that the code was slow.
@@ -154,10 +155,27 @@ languages = st.sampled_from(["python", "python", "shell", "cobol", ""])
 pools = st.sampled_from(["python", "python", "shell", "tiny", "nope"])
 
 
+paths = st.one_of(
+    st.sampled_from(["a.txt", "d/b.csv", "out/z", "../x", "/abs", "a\\b", "", "a//b", "a/./b"]),
+    any_text,
+)
+files = st.lists(
+    st.fixed_dictionaries(
+        {"path": paths, "content": any_text},
+        optional={"encoding": st.sampled_from(["utf-8", "base64", "latin-1"])},
+    ),
+    max_size=4,
+)
+env = st.dictionaries(st.one_of(st.sampled_from(["A", "B_1", "1X", "", "PATH"]), any_text),
+                      any_text, max_size=4)
+argv = st.lists(any_text, max_size=4)
+
+
 def run_body(timeouts: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
         {"code": cheap_code},
-        optional={"language": languages, "pool": pools, "stdin": any_text, "timeout_s": timeouts},
+        optional={"language": languages, "pool": pools, "stdin": any_text, "timeout_s": timeouts,
+                  "files": files, "env": env, "argv": argv},
     )
 
 
@@ -166,7 +184,8 @@ valid_bodies = run_body(st.floats(0.05, 2))
 # The same with edge values of timeout_s, or one field replaced by any JSON value.
 edge_timeout_bodies = run_body(edge_numbers)
 one_field_wrong = st.tuples(
-    valid_bodies, st.sampled_from(["code", "language", "pool", "stdin", "timeout_s"]),
+    valid_bodies,
+    st.sampled_from(["code", "language", "pool", "stdin", "timeout_s", "files", "env", "argv"]),
     json_values,
 ).map(lambda case: {**case[0], case[1]: case[2]})
 # The real field names with anything at all in them, and a typo of timeout_s.
@@ -179,6 +198,9 @@ wild_bodies = st.fixed_dictionaries(
         "stdin": json_values,
         "timeout_s": json_values,
         "timeout": json_values,
+        "files": json_values,
+        "env": json_values,
+        "argv": json_values,
     },
 )
 deeply_nested = st.integers(1, 100_000).map(lambda depth: "[" * depth + "]" * depth)
