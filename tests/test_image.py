@@ -548,12 +548,15 @@ async def test_export_is_read_only_named_by_image_id_and_reused(
     assert (exported / "etc/marker").read_text() == tag
     assert os.readlink(exported / "etc/link") == "marker"
     assert not (exported / ".dockerenv").exists()
-    writable = [
+    shared_writable = [
         path for path in [exported, *exported.rglob("*")]
-        if not path.is_symlink() and path.lstat().st_mode & 0o222
+        if not path.is_symlink() and path.lstat().st_mode & 0o022
     ]  # fmt: skip
-    assert writable == []
-    assert stat.S_IMODE((exported / "sandbox").stat().st_mode) == 0o1555
+    assert shared_writable == []
+    # The owner's bits stay as the image has them, so a copy is as writable in
+    # both tiers; the world-writable directories are not.
+    assert stat.S_IMODE((exported / "etc/marker").stat().st_mode) == 0o644
+    assert stat.S_IMODE((exported / "sandbox").stat().st_mode) == 0o1755
     assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]
     assert await export_containers() == ""
     # Reused as it is: a second export neither rewrites nor duplicates it.

@@ -2,7 +2,8 @@
 
 The process tier runs from the same root file system as the Docker image of its
 pool: ``export_rootfs`` flattens the image once into
-``<state_dir>/rootfs/<image id>``, read-only. The directory appears by one
+``<state_dir>/rootfs/<image id>``, writable by its owner only (the process tier
+binds it read-only). The directory appears by one
 ``rename`` of a complete staging directory, so a directory named by an image id is
 always a complete export of it; an interrupted export leaves only a staging
 directory, which the next export sweeps with the exports of images Docker no
@@ -37,7 +38,7 @@ _EXCLUDED = ("dev/*", ".dockerenv")
 
 async def export_rootfs(image: str, state_dir: Path) -> Path:
     """Return ``<state_dir>/rootfs/<image id>``: ``image``'s root file system, with
-    every write permission bit cleared, exported now unless it already was.
+    no group or other write permission, exported now unless it already was.
 
     Exports of images Docker no longer has (a rebuilt tag's previous image) and
     staging directories of interrupted exports are removed. Call it before the
@@ -88,27 +89,29 @@ async def _export(image: str, image_id: str, exports: Path) -> None:
             raise ImageBuildError(
                 f"unpacking {image} into {staging} failed: {extracted.last_error_line}"
             )
-        await asyncio.to_thread(_clear_write_bits, staging)
+        await asyncio.to_thread(_clear_shared_write_bits, staging)
         await asyncio.to_thread(_publish, staging, exports / image_id)
     finally:
         await asyncio.shield(remove_container(container))
         await asyncio.shield(asyncio.to_thread(_remove_tree, staging))
 
 
-def _clear_write_bits(root: Path) -> None:
-    """Clear every write bit below ``root`` (symlinks have none of their own), so
-    no uid but root can change the export."""
-    for directory, _subdirs, files in os.walk(root):
-        for name in files:
+def _clear_shared_write_bits(root: Path) -> None:
+    """Clear the group and other write bits below ``root`` (symlinks have none of
+    their own), so only the owner (root, when root exports) may change the export.
+
+    The owner's bits stay as the image has them: a sandbox that copies a directory
+    of the image (matplotlib's font cache, say) must get a writable copy in both
+    tiers alike. The world-writable directories (/tmp, /sandbox) lose their
+    write bits too; a sandbox mounts its own there.
+    """
+    for directory, subdirs, files in os.walk(root):
+        for name in [*files, *subdirs]:
             path = os.path.join(directory, name)
             mode = os.lstat(path).st_mode
             if not stat.S_ISLNK(mode):
-                os.chmod(path, stat.S_IMODE(mode) & ~0o222)
-    # Directories last, deepest first: a directory without write bits cannot be
-    # entered for changes by a non-root exporter.
-    for directory, _subdirs, _files in os.walk(root, topdown=False):
-        mode = os.lstat(directory).st_mode
-        os.chmod(directory, stat.S_IMODE(mode) & ~0o222)
+                os.chmod(path, stat.S_IMODE(mode) & ~0o022)
+    os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) & ~0o022)
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -141,7 +144,9 @@ def _remove_stale(exports: Path, present: set[str]) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove an export or staging directory whose write bits may be cleared."""
+    """Remove an export or staging directory, making directories writable as
+    needed (a non-root exporter owns the files, but an image may hold a
+    directory without the owner's write bit)."""
     if not path.exists():
         return
 
