@@ -42,14 +42,15 @@ SANDBOX_USER = "65534:65534"
 MATPLOTLIB_CACHE_DIR = MATPLOTLIB_CACHE
 # What the pool relies on the image's python3 to import; checked before tagging.
 PYTHON_CHECK = "import json, asyncio, sqlite3"
-# The datasci check renders a figure from the copied font cache and fails if
-# matplotlib had to rebuild it, so a stale or missing cache cannot be tagged.
+# The datasci check renders a figure from a copy of the font cache and fails if
+# matplotlib rewrote it, so a stale or missing cache cannot be tagged.
 DATASCI_CHECK = f"""\
 import os, shutil, tempfile
 config = tempfile.mkdtemp()
-shutil.copytree({MATPLOTLIB_CACHE_DIR!r}, config, dirs_exist_ok=True)
+shutil.copytree({MATPLOTLIB_CACHE!r}, config, dirs_exist_ok=True)
 os.environ["MPLCONFIGDIR"] = config
-import logging; logging.basicConfig(level=logging.INFO)
+def stamps(): return {{n: os.stat(f"{{config}}/{{n}}").st_mtime_ns for n in os.listdir(config)}}
+copied = stamps()
 import numpy, pandas, scipy, sklearn, statsmodels, seaborn, sympy, openpyxl, PIL, bs4, lxml
 import scipy.optimize, scipy.stats, scipy.signal, scipy.interpolate, scipy.sparse.linalg
 import sklearn.linear_model, sklearn.ensemble, statsmodels.api
@@ -57,6 +58,8 @@ import matplotlib.font_manager as fm
 assert fm.fontManager.ttflist, "no fonts"
 import matplotlib.pyplot as plt
 plt.plot([1, 2]); plt.savefig(os.path.join(config, "check.png"))
+assert any(name.startswith("fontlist") for name in copied), "no font cache"
+assert stamps().items() >= copied.items(), "matplotlib rebuilt its font cache"
 """
 NODE_CHECK = "process.stdout.write(String(1 + 1))"
 
@@ -141,7 +144,7 @@ PROFILES: dict[str, Profile] = {
             tag="sandpool/datasci:bookworm",
             language="python",
             packages=DATASCI_PACKAGES,
-            revision="2",
+            revision="3",
             env=("MPLBACKEND=Agg",),
             key_distributions=DATASCI_DISTRIBUTIONS,
             # bookworm's python3-scipy depends on the pythran compiler, which it needs
