@@ -29,9 +29,14 @@ from pool.uids import HOST_UID_BACKENDS
 from pool.wire import OutcomeLimits
 
 BackendName = Literal["docker", "process", "wasm", "fake"]
-Language = Literal["python", "shell"]
+Language = Literal["python", "shell", "javascript"]
 
 DEFAULT_IMAGE = "sandpool/python:bookworm"
+NODE_IMAGE = "sandpool/node:bookworm"  # `sandpool image build --profile node`
+# A Docker pool whose image is missing stops the daemon at start
+# (image_missing): the default JavaScript pool stays off until whatever
+# starts a default daemon (`make run`) builds NODE_IMAGE first.
+JAVASCRIPT_BY_DEFAULT = False
 DEFAULT_SOCKET = "/run/sandpool/sandpool.sock"
 _POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
@@ -43,7 +48,7 @@ class PoolConfig:
     name: str
     backend: BackendName = "docker"
     language: Language = "python"
-    image: str = DEFAULT_IMAGE  # docker backend
+    image: str = DEFAULT_IMAGE  # docker, and process (its exported root file system)
     runtime: str | None = None  # docker backend: e.g. "runsc" where gVisor is installed
     wasm_module: str | None = None  # wasm backend: another CPython WASI build than the pinned one
     # wasm backend: files and directories one guest may hold open (each costs the daemon an fd).
@@ -139,7 +144,7 @@ class PoolConfig:
 # key at load rather than ignore it: a limit nothing enforces must not look set.
 # Keys not listed here apply to every backend.
 BACKEND_ONLY_KEYS: Mapping[str, tuple[BackendName, ...]] = {
-    "image": ("docker",),
+    "image": ("docker", "process"),
     "runtime": ("docker",),
     "wasm_module": ("wasm",),
     "wasm_max_open_files": ("wasm",),
@@ -255,6 +260,8 @@ def default_pools() -> tuple[PoolConfig, ...]:
         pools += (PoolConfig(name="python-process", backend="process", min_idle=2, max_size=8),)
     # wasmtime and the CPython WASI build are runtime dependencies.
     pools += (PoolConfig(name="python-wasm", backend="wasm", min_idle=2, max_size=4),)
+    if JAVASCRIPT_BY_DEFAULT:
+        pools += (PoolConfig(name="javascript", language="javascript", image=NODE_IMAGE),)
     return pools
 
 

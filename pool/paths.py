@@ -21,3 +21,16 @@ def guest_programs_dir() -> Path:
     """Beside cache_dir(), not in it: the wasm cache is private (0700), while this
     directory must be traversable by every sandbox uid that bind-mounts from it."""
     return cache_dir().with_name("sandpool-guest")
+
+
+def state_dir() -> Path:
+    """Exported root file systems: systemd's ``$STATE_DIRECTORY``, else
+    ``/var/lib/sandpool`` for root, else ``$XDG_STATE_HOME/sandpool`` or
+    ``~/.local/state/sandpool``."""
+    systemd = os.environ.get("STATE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandpool")
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return Path(xdg) / "sandpool" if xdg else Path.home() / ".local" / "state" / "sandpool"

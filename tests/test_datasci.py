@@ -26,7 +26,17 @@ max_size = 2
 timeout_s = 30
 memory_mb = 512
 preload = ["numpy", "pandas", "matplotlib.pyplot"]
+
+[pools.datasci-process]
+backend = "process"
+image = "sandpool/datasci:bookworm"
+min_idle = 1
+max_size = 2
+timeout_s = 30
+memory_mb = 512
+preload = ["numpy", "pandas", "matplotlib.pyplot"]
 """
+POOLS = ["datasci", "datasci-process"]
 
 ANALYSIS = """
 import pandas as pd
@@ -67,9 +77,12 @@ def assert_png(data: str) -> None:
     assert 5_000 < len(png) < 1_000_000
 
 
-def test_a_csv_analysis_returns_its_chart_its_file_and_its_value(datasci: Daemon) -> None:
+@pytest.mark.parametrize("pool", POOLS)
+def test_a_csv_analysis_returns_its_chart_its_file_and_its_value(
+    datasci: Daemon, pool: str
+) -> None:
     with datasci.client() as client:
-        result = client.run(ANALYSIS, pool="datasci", files={"orders.csv": orders_csv()})
+        result = client.run(ANALYSIS, pool=pool, files={"orders.csv": orders_csv()})
     assert (result["exit_code"], result["error"]) == (0, None), result["stderr"]
     assert result["stderr"] == ""  # no font-cache or backend warnings
     types = [item["type"] for item in result["results"]]
@@ -83,11 +96,12 @@ def test_a_csv_analysis_returns_its_chart_its_file_and_its_value(datasci: Daemon
     assert base64.b64decode(totals["content"]).decode().splitlines()[-1].startswith("west,")
 
 
-def test_preloaded_modules_are_already_imported(datasci: Daemon) -> None:
+@pytest.mark.parametrize("pool", POOLS)
+def test_preloaded_modules_are_already_imported(datasci: Daemon, pool: str) -> None:
     with datasci.client() as client:
         result = client.run(
             "import sys\nsorted(m for m in ('numpy', 'pandas', 'matplotlib.pyplot')"
-            " if m in sys.modules)", pool="datasci")
+            " if m in sys.modules)", pool=pool)
     assert result["results"] == [{
         "type": "text/plain", "data": "['matplotlib.pyplot', 'numpy', 'pandas']",
         "truncated": False,

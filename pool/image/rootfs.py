@@ -28,6 +28,7 @@ from pool.image.docker_cli import (
     remove_container,
 )
 from pool.image.processes import pipe, run
+from pool.procfs import pid_alive
 
 ROOTFS_SUBDIR = "rootfs"
 STAGING_PREFIX = ".staging-"
@@ -68,7 +69,8 @@ async def export_rootfs(image: str, state_dir: Path) -> Path:
 
 async def _export(image: str, image_id: str, exports: Path) -> None:
     token = uuid.uuid4().hex[:12]
-    staging = exports / f"{STAGING_PREFIX}{image_id[:12]}-{token}"
+    # The exporter's pid in the name: a sweep removes only a dead exporter's staging.
+    staging = exports / f"{STAGING_PREFIX}{image_id[:12]}-{os.getpid()}-{token}"
     container = f"sandpool-export-{token}"
     # The entrypoint is never run; `docker create` only needs some command.
     await docker(
@@ -139,8 +141,18 @@ async def _sweep(exports: Path, *, keep: str) -> None:
 
 def _remove_stale(exports: Path, present: set[str]) -> None:
     for entry in exports.iterdir():
-        if entry.name.startswith(STAGING_PREFIX) or entry.name not in present:
+        if entry.name.startswith(STAGING_PREFIX):
+            if not _exporter_alive(entry.name):
+                _remove_tree(entry)
+        elif entry.name not in present:
             _remove_tree(entry)
+
+
+def _exporter_alive(staging_name: str) -> bool:
+    """Whether the process that named this staging directory still runs (so its
+    export is in progress, maybe in another daemon). Unreadable names count as dead."""
+    parts = staging_name.removeprefix(STAGING_PREFIX).split("-")
+    return len(parts) == 3 and parts[1].isdigit() and pid_alive(int(parts[1]))
 
 
 def _remove_tree(path: Path) -> None:

@@ -37,7 +37,7 @@ from pool.backends.process.cgroups import (
     remove_sandbox_cgroup,
 )
 from pool.backends.process.channel import OutputPipes, Run, RunnerProtocol, RunState
-from pool.backends.process.definition import SandboxDefinition, define
+from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
 from pool.backends.process.sandbox import ProcessSandbox
 from pool.backends.process.scratch import SandboxScratch, ScratchMounts
 from pool.config import PoolConfig
@@ -94,6 +94,11 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                 "Delegate=yes on a cgroup v2 host (see docs/process-tier.md)",
                 code="process_needs_cgroups",
             )
+        try:
+            definition = await with_rootfs(definition)
+        except BaseException:
+            await self.close()  # the cgroups made above
+            raise
         if definition.setpriv is not None:
             scratch = ScratchMounts(dir_name)
             try:

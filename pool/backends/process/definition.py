@@ -12,21 +12,25 @@ found and checked once, by ``define()``, when the backend starts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from pool import guest
 from pool.backends.process.cgroups import SandboxCgroup
 from pool.backends.process.scratch import SandboxScratch
 from pool.config import PoolConfig
-from pool.errors import BackendError
+from pool.errors import BackendError, ImageBuildError
+from pool.image.rootfs import export_rootfs
+from pool.paths import state_dir
 from pool.seccomp import build_filter
 from pool.wire import DIRECT, WORKDIR, RunnerArguments
 
-INTERPRETER = "/usr/bin/python3"  # the host's; /usr is all the sandbox sees of it
+INTERPRETER = "/usr/bin/python3"  # the image's (filesystem_args)
 SANDBOX_UID = 65534  # nobody, as the code sees itself inside the sandbox
 VERSION_TIMEOUT_S = 5.0  # ``bwrap --version``
 # The memory cgroup decides; the address-space limit is only a backstop this
@@ -146,14 +150,12 @@ async def define(config: PoolConfig) -> SandboxDefinition:
             raise BackendError("setpriv (util-linux) is missing", code="setpriv_missing")
     seccomp = await asyncio.to_thread(build_filter)
     guest_dir = await asyncio.to_thread(guest.install)
-    filesystem = await asyncio.to_thread(filesystem_args)
-    filesystem += ["--ro-bind", str(guest_dir), guest.GUEST_DIR]
     return SandboxDefinition(
         config=config,
         bwrap=bwrap,
         setpriv=setpriv,
         seccomp=seccomp,
-        filesystem=tuple(filesystem),
+        filesystem=("--ro-bind", str(guest_dir), guest.GUEST_DIR),
         limits=runner_limits(config),
         version=await bwrap_version(bwrap),
     )
@@ -169,8 +171,14 @@ def runner_limits(config: PoolConfig) -> dict[str, tuple[int, int]]:
     cpu_s = math.ceil(config.max_timeout_s) + 1  # the daemon's timeout always comes first
     address_space = memory * ADDRESS_SPACE_FACTOR
     file_size = config.tmpfs_mb * 1024 * 1024
+    # V8 reserves far more address space than it uses (its heap cage alone is
+    # gigabytes): no backstop fits, so for node the memory cgroup, which every
+    # process sandbox has, is the only memory limit.
+    backstop = {} if config.language == "javascript" else {
+        "RLIMIT_AS": (address_space, address_space)
+    }
     return {
-        "RLIMIT_AS": (address_space, address_space),
+        **backstop,
         "RLIMIT_CPU": (cpu_s, cpu_s + 1),
         # Also bounds memfds, which no tmpfs size covers; the request's stdin is one.
         "RLIMIT_FSIZE": (file_size, file_size),
@@ -180,25 +188,57 @@ def runner_limits(config: PoolConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def filesystem_args() -> list[str]:
-    """Read-only binds of what the interpreter needs, following the host's /usr layout.
+# What a sandbox sees of its image's root file system, each bound read-only;
+# bwrap's own tmpfs root holds the rest (/proc, /dev, scratch, the guest dir).
+ROOTFS_TOPS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 
-    Raises BackendError when the host has no INTERPRETER.
+
+def filesystem_args(rootfs: Path) -> list[str]:
+    """Read-only binds of the image's root file system (``pool.image.export_rootfs``).
+
+    The sandbox runs the image's interpreter and libraries, never the host's:
+    the same as the docker tier's pool on that image. Raises BackendError when
+    the image has no INTERPRETER.
     """
-    args = ["--ro-bind", "/usr", "/usr"]
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(top):  # merged /usr: /bin -> usr/bin
-            args += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            args += ["--ro-bind", top, top]
-    if os.path.exists("/etc/ld.so.cache"):
-        args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    if not os.access(INTERPRETER, os.X_OK):
+    args: list[str] = []
+    for top in ROOTFS_TOPS:
+        path = rootfs / top
+        if path.is_symlink():  # merged /usr: /bin -> usr/bin
+            args += ["--symlink", os.readlink(path), f"/{top}"]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), f"/{top}"]
+    interpreter = rootfs / INTERPRETER.lstrip("/")
+    if interpreter.is_symlink():  # python3 -> python3.11, inside the image
+        link = os.readlink(interpreter)
+        interpreter = rootfs / link.lstrip("/") if link.startswith("/") else (
+            interpreter.parent / link
+        )
+    if not os.access(interpreter, os.X_OK):
         raise BackendError(
-            f"the process backend runs the host's {INTERPRETER}: install python3",
+            f"the pool's image has no {INTERPRETER}: the process tier runs the image's python3",
             code="python_missing",
         )
     return args
+
+
+async def with_rootfs(definition: SandboxDefinition) -> SandboxDefinition:
+    """The definition with its pool's image's root file system bound in, exported
+    under the state directory now unless it already was (seconds, once per image).
+
+    Raises BackendError ``rootfs_unavailable`` when the image cannot be exported
+    (no such image, or no access to Docker).
+    """
+    try:
+        rootfs = await export_rootfs(definition.config.image, state_dir())
+    except (ImageBuildError, OSError) as e:
+        message = e.message if isinstance(e, ImageBuildError) else str(e)
+        raise BackendError(
+            f"the process tier runs from its image's root file system, and exporting "
+            f"{definition.config.image} failed: {message}",
+            code="rootfs_unavailable",
+        ) from None
+    binds = await asyncio.to_thread(filesystem_args, rootfs)
+    return dataclasses.replace(definition, filesystem=(*binds, *definition.filesystem))
 
 
 async def bwrap_version(bwrap: str) -> str:
