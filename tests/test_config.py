@@ -48,9 +48,9 @@ def test_bad_values_name_the_key(document: dict[str, object], message: str) -> N
 
 
 @pytest.mark.parametrize(("backend", "key", "value", "readers"), [
-    ("wasm", "image", "sandpool/python:bookworm", "the docker backend"),
+    ("wasm", "image", "sandpool/python:bookworm", "the docker and process backends"),
     ("process", "runtime", "runsc", "the docker backend"),
-    ("fake", "image", "x", "the docker backend"),
+    ("fake", "image", "x", "the docker and process backends"),
     ("docker", "wasm_module", "/opt/python.wasm", "the wasm backend"),
     ("process", "wasm_max_open_files", 64, "the wasm backend"),
     ("wasm", "pids_limit", 64, "the docker and process backends"),
@@ -109,7 +109,8 @@ def test_effective_config_of_every_backend_loads_back(tmp_path: Path) -> None:
     }})
     text = to_toml(config)
     assert "image = " in text.split("[pools.d]")[1].split("[pools.p]")[0]
-    assert "image = " not in text.split("[pools.p]")[1]
+    assert "image = " in text.split("[pools.p]")[1].split("[pools.w]")[0]
+    assert "image = " not in text.split("[pools.w]")[1]
     path = tmp_path / "effective.toml"
     path.write_text(text)
     assert load_config(path) == config
