@@ -52,6 +52,9 @@ PIP_TIMEOUT_S = 1800.0
 COMPILE_TIMEOUT_S = 900.0
 # Where the requirements file sits in the root file system while pip reads it.
 REQUIREMENTS_IN_ROOTFS = "/tmp/sandpool-requirements.txt"
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+HOST_CA_IN_ROOTFS = "/tmp/sandpool-host-ca.crt"
+_PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "no_proxy", "all_proxy"})
 # What chroot'ed commands run with: the build's own environment is not the image's.
 _CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -264,18 +267,31 @@ async def _install_stand_in(rootfs: Path, package: str) -> None:
 
 async def _pip_install(rootfs: Path, requirements: str, clock: Clock) -> None:
     """pip-install ``requirements`` (a requirements file's text; with hashes, pip
-    checks them) into /usr/local of the root file system."""
+    checks them) into /usr/local of the root file system.
+
+    pip reaches the index the way the host does: through the host's proxy settings
+    and trusting the host's certificate authorities (a proxy that inspects TLS
+    signs with a CA the new root file system does not know). Neither stays in the
+    image.
+    """
     inside = rootfs / REQUIREMENTS_IN_ROOTFS.lstrip("/")
+    ca_inside = rootfs / HOST_CA_IN_ROOTFS.lstrip("/")
     await asyncio.to_thread(inside.write_text, requirements)
     try:
         # Debian marks its python3 externally managed; /usr/local is ours to fill.
         argv = ["python3", "-m", "pip", "install", "--no-cache-dir", "--break-system-packages",
                 "--root-user-action=ignore", "--disable-pip-version-check",
                 "-r", REQUIREMENTS_IN_ROOTFS]
+        if await asyncio.to_thread(HOST_CA_BUNDLE.is_file):
+            await asyncio.to_thread(shutil.copyfile, HOST_CA_BUNDLE, ca_inside)
+            argv += ["--cert", HOST_CA_IN_ROOTFS]
+        proxies = {name: value for name, value in os.environ.items()
+                   if name.lower() in _PROXY_VARIABLES}
         await _chroot_logged(rootfs, argv, what="pip install", timeout_s=PIP_TIMEOUT_S,
-                             clock=clock)
+                             clock=clock, env=proxies)
     finally:
         await asyncio.shield(asyncio.to_thread(inside.unlink, missing_ok=True))
+        await asyncio.shield(asyncio.to_thread(ca_inside.unlink, missing_ok=True))
 
 
 async def _compile_python(rootfs: Path) -> None:
