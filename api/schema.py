@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from pool.backends.base import RunRequest, RunResult
+from pool.backends.runtime import Runtime
 from pool.config import PoolConfig
 from pool.errors import BadRequestError, UnknownPoolError
 from pool.wire import Outcome
@@ -98,10 +99,16 @@ class RunResultBody(OutcomeBody):
     sandbox_id: str
 
 
+class RuntimeSummary(TypedDict):
+    version: str
+    packages: dict[str, str]
+
+
 class PoolSummary(TypedDict):
     name: str
     backend: str
     language: str
+    runtime: RuntimeSummary
     idle: int
     busy: int
     starting: int
@@ -370,12 +377,17 @@ def outcome_body(outcome: Outcome | None) -> OutcomeBody:
             "results_omitted": outcome.results_dropped, "error": error}
 
 
-def pool_summary(config: PoolConfig, counts: Mapping[str, int]) -> PoolSummary:
-    """One entry of ``GET /v1/pools``: the pool's settings and its sandboxes by state."""
+def pool_summary(
+    config: PoolConfig, counts: Mapping[str, int], runtime: Runtime | None = None
+) -> PoolSummary:
+    """One entry of ``GET /v1/pools``: the pool's settings, what runs in it (the
+    language's version and key packages, as Piston's /runtimes), its sandboxes by state."""
+    runtime = runtime or Runtime()
     return {
         "name": config.name,
         "backend": config.backend,
         "language": config.language,
+        "runtime": {"version": runtime.version, "packages": dict(runtime.packages)},
         "idle": counts["idle"],
         "busy": counts["busy"],
         "starting": counts["starting"],

@@ -38,6 +38,7 @@ from api.connections import (
 from api.schema import decode_json_object, parse_run, pool_summary, result_body
 from metrics import Metrics
 from pool.backends.base import RunRequest, RunResult
+from pool.backends.runtime import Runtime
 from pool.config import Config, PoolConfig, ServerConfig, parse_address
 from pool.errors import (
     BadRequestError,
@@ -104,6 +105,8 @@ class ServedPool(Protocol):
     async def ready(self) -> bool: ...
 
     def counts(self) -> dict[str, int]: ...
+
+    def runtime(self) -> Runtime: ...
 
 
 class ApiServer:
@@ -331,7 +334,9 @@ class ApiServer:
         )
 
     async def handle_pools(self, request: web.Request) -> web.Response:
-        summaries = [pool_summary(p.config, p.counts()) for p in self.pools.values()]
+        summaries = [
+            pool_summary(p.config, p.counts(), p.runtime()) for p in self.pools.values()
+        ]
         return web.json_response({"pools": summaries})
 
     async def handle_healthz(self, request: web.Request) -> web.Response:

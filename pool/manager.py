@@ -19,6 +19,7 @@ import structlog
 
 from metrics import Metrics
 from pool.backends.base import Backend, RunRequest, RunResult, Sandbox, SandboxEvent, SandboxT
+from pool.backends.runtime import Runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError, UnavailableError
 
@@ -104,6 +105,8 @@ class PoolHandle(Protocol):
     def waiters(self) -> int: ...
 
     def backend_version(self) -> str: ...
+
+    def runtime(self) -> Runtime: ...
 
 
 class Pool(Generic[SandboxT]):
@@ -196,6 +199,9 @@ class Pool(Generic[SandboxT]):
 
     def backend_version(self) -> str:
         return self.backend.version()
+
+    def runtime(self) -> Runtime:
+        return self.backend.runtime()
 
     async def ready(self) -> bool:
         """Warmed once and the backend answers now."""

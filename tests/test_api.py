@@ -134,8 +134,12 @@ def test_pools_health_and_readiness(client: Client) -> None:
     assert pools["python"]["backend"] == "docker"
     assert pools["python-process"]["backend"] == "process"
     assert pools["shell"]["language"] == "shell"
-    assert set(pools["python"]) == {"name", "backend", "language", "idle", "busy", "starting",
-                                    "min_idle", "max_size"}
+    assert set(pools["python"]) == {"name", "backend", "language", "runtime", "idle", "busy",
+                                    "starting", "min_idle", "max_size"}
+    # The image's runtime label and the pinned wasm module say what runs where.
+    for name in ("python", "python-process"):
+        assert pools[name]["runtime"]["version"].startswith("3.11"), pools[name]
+    assert pools["python-wasm"]["runtime"]["version"].startswith("3.")
     assert client.request("GET", "/healthz") == {"status": "ok"}
     assert client.request("GET", "/readyz")["ready"] is True
 

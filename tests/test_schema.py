@@ -21,6 +21,7 @@ from api.schema import (
 )
 from pool import wire
 from pool.backends.base import RunRequest, RunResult
+from pool.backends.runtime import Runtime
 from pool.config import PoolConfig
 from pool.errors import BadRequestError, SandpoolError, UnknownPoolError
 
@@ -247,16 +248,23 @@ def test_result_body_of_a_killed_sandbox_has_no_exit_code() -> None:
 def test_pool_summary() -> None:
     config = PoolConfig(name="python-process", backend="process", min_idle=1, max_size=3)
     counts = {"idle": 1, "busy": 2, "starting": 0, "destroying": 4}
-    assert pool_summary(config, counts) == {
+    runtime = Runtime(version="3.11.2", packages={"pandas": "1.5.3"})
+    assert pool_summary(config, counts, runtime) == {
         "name": "python-process",
         "backend": "process",
         "language": "python",
+        "runtime": {"version": "3.11.2", "packages": {"pandas": "1.5.3"}},
         "idle": 1,
         "busy": 2,
         "starting": 0,
         "min_idle": 1,
         "max_size": 3,
     }
+
+
+def test_a_pool_summary_without_a_known_runtime_says_unknown() -> None:
+    summary = pool_summary(PoolConfig(name="p"), {"idle": 0, "busy": 0, "starting": 0})
+    assert summary["runtime"] == {"version": "unknown", "packages": {}}
 
 
 # --- /v1/run: files in ------------------------------------------------------------

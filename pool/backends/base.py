@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
+from pool.backends.runtime import Runtime
 from pool.wire import GuestRequest, Outcome, OutcomeLimits, OutputCapture
 
 
@@ -189,6 +190,10 @@ class Backend(Protocol[SandboxT]):
 
     def version(self) -> str:
         """The backend's version string, for sandpool_build_info."""
+        ...
+
+    def runtime(self) -> Runtime:
+        """What runs in the sandboxes (language version, key packages); known after start."""
         ...
 
 

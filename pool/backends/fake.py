@@ -11,6 +11,7 @@ import asyncio
 import time
 
 from pool.backends.base import EventListener, RunRequest, RunResult, Sandbox, new_sandbox_id
+from pool.backends.runtime import Runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.wire import OutputCapture
@@ -84,6 +85,9 @@ class FakeBackend:
 
     def version(self) -> str:
         return "fake"
+
+    def runtime(self) -> Runtime:
+        return Runtime(version="fake")
 
     def kill_idle(self, sandbox: Sandbox) -> None:
         """Simulate a sandbox dying while parked (the Docker backend learns this from events)."""

@@ -38,6 +38,7 @@ from pool.backends.docker.engine import CALL_TIMEOUT_S, DOCKER_ERRORS, describe
 from pool.backends.docker.events import OomEvents, follow_events
 from pool.backends.docker.ownership import owner_label
 from pool.backends.docker.reaper import Reaper
+from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
@@ -88,6 +89,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
         self._tasks: list[asyncio.Task[None]] = []  # event follower and leak sweeper
         self._creating: set[str] = set()  # names of containers not yet in _sandboxes
         self._server_version = "unknown"
+        self._runtime = Runtime()
         self._owner = ""  # owner_label(), read once at start
 
     # --- lifecycle ---------------------------------------------------------
@@ -121,6 +123,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
                 version = await docker.version()
                 self._server_version = str(version.get("Version", "unknown"))
                 await docker.images.inspect(self.config.image)
+            self._runtime = await image_runtime(self.config.language, self.config.image)
             await self.reap_orphans()
         except aiodocker.DockerError as e:
             if e.status == 404:
@@ -158,6 +161,9 @@ class DockerBackend(BackendBase[DockerSandbox]):
 
     def version(self) -> str:
         return self._server_version
+
+    def runtime(self) -> Runtime:
+        return self._runtime
 
     async def ping(self) -> bool:
         try:

@@ -40,6 +40,7 @@ from pool.backends.process.channel import OutputPipes, Run, RunnerProtocol, RunS
 from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
 from pool.backends.process.sandbox import ProcessSandbox
 from pool.backends.process.scratch import SandboxScratch, ScratchMounts
+from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
@@ -71,6 +72,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         self._cgroups: CgroupTree | None = None
         self._scratch: ScratchMounts | None = None  # a root daemon's noexec scratch mounts
         self._version = "unknown"
+        self._runtime = Runtime()
         self._sandboxes: set[ProcessSandbox] = set()
 
     def __repr__(self) -> str:
@@ -99,6 +101,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         except BaseException:
             await self.close()  # the cgroups made above
             raise
+        self._runtime = await image_runtime(self.config.language, self.config.image)
         if definition.setpriv is not None:
             scratch = ScratchMounts(dir_name)
             try:
@@ -147,6 +150,9 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
 
     def version(self) -> str:
         return self._version
+
+    def runtime(self) -> Runtime:
+        return self._runtime
 
     async def ping(self) -> bool:
         return self._definition is not None

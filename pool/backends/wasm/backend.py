@@ -41,12 +41,13 @@ import structlog
 import wasmtime
 
 from pool.backends.base import BackendBase, RunRequest, RunResult, new_sandbox_id
+from pool.backends.runtime import Runtime
 from pool.backends.wasm import epoch
 from pool.backends.wasm.cache import compiled_module, engine_config, wasmtime_version
 from pool.backends.wasm.channel import GuestExit, exit_code, open_pipes
 from pool.backends.wasm.epoch import Guest, Ticker
 from pool.backends.wasm.instance import GuestRuntime, run_start
-from pool.backends.wasm.modules import select_module
+from pool.backends.wasm.modules import runtime_of, select_module
 from pool.backends.wasm.sandbox import WasmSandbox
 from pool.backends.wasm.scratch import Scratch, TmpfsSource
 from pool.backends.wasm.threads import (
@@ -176,6 +177,9 @@ class WasmBackend(BackendBase[WasmSandbox]):
 
     def version(self) -> str:
         return f"wasmtime {wasmtime_version()}"
+
+    def runtime(self) -> Runtime:
+        return runtime_of(self.config.wasm_module)
 
     async def ping(self) -> bool:
         # wasmtime runs in this process: it answers whenever the module is loaded.

