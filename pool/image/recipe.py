@@ -189,7 +189,7 @@ class Recipe:
     def version(self) -> str:
         """The recipe label's value: ``RECIPE_VERSION`` for the plain python profile,
         with the profile's revision and a digest of the user's additions appended
-        otherwise (``3-datasci.1``, ``3-python-1f2e3d4c5b6a``)."""
+        otherwise (``3-datasci.3``, ``3-node.1``, ``3-1f2e3d4c5b6a``)."""
         version = RECIPE_VERSION
         if self.profile.revision:
             version += f"-{self.profile.name}.{self.profile.revision}"
