@@ -14,6 +14,10 @@ Standard library only. The channel (see pool/wire.py):
   half-close alone costs milliseconds inside dockerd.
 - The child points fds 0/1/2 at the request's stdin data and two pipes, then
   runs the code (Python as ``__main__``, or ``sh -c`` for shell).
+- JavaScript: the child, set up the same way, execs node on NODE_RUNNER
+  (``pool/node_runner.js``) before the runner reports ready; node reads the
+  request and sends the outcome and status itself, and the runner waits for
+  its one ready byte first, so a request never waits for node to start.
 - relay mode (docker): the runner relays the pipes as ``O``/``E`` frames on its
   own stdout and ends with one ``X`` frame carrying the exit status. A Python
   child reports its status on a private pipe and parks, so its exit teardown
@@ -72,6 +76,12 @@ from pool.wire import (
 )
 
 DRAIN_READS = 64  # after the child is done, read at most this many chunks of leftovers
+JAVASCRIPT = "javascript"
+NODE_RUNNER = "node_runner.js"  # installed beside this file (pool/guest.py's NODE_RUNNER)
+# node's start to its ready byte: far above a normal start (docs/javascript.md),
+# and above the daemon's own wait, which ends a slow sandbox first.
+NODE_READY_TIMEOUT_S = 60.0
+EX_UNAVAILABLE = 69  # node never became ready: the sandbox fails to start
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
@@ -209,6 +219,50 @@ def child(
     run_python(request, base, status_w, results)
 
 
+def exec_node(runner: int, out_w: int, err_w: int, status_w: int, ready_w: int) -> NoReturn:
+    """The JavaScript child: set up as a Python one, then node in its place.
+
+    fd 0 becomes an empty memfd that node fills with the request's stdin (node
+    cannot dup2, and code reading fd 0 must not read the request channel);
+    node gets the channel on another fd with the status and ready fds.
+    """
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # kept across exec
+    if os.getppid() != runner:
+        os._exit(70)
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+    runner_stderr = os.dup(2)  # not inheritable: closed by a successful exec
+    request_fd = os.dup(0)
+    stdin_fd = os.memfd_create("stdin")
+    os.dup2(stdin_fd, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    for fd in (stdin_fd, out_w, err_w):
+        os.close(fd)
+    for fd in (request_fd, status_w, ready_w):
+        os.set_inheritable(fd, True)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), NODE_RUNNER)
+    try:
+        os.execvp("node", ["node", script, str(request_fd), str(status_w), str(ready_w)])
+    except OSError as e:
+        os.write(runner_stderr, f"runner: cannot run node: {e}\n".encode())
+    os._exit(127)
+
+
+def wait_for_node(pid: int, ready_r: int) -> None:
+    """Return once node has written its ready byte; exit EX_UNAVAILABLE if it ended
+    or was not ready within NODE_READY_TIMEOUT_S first."""
+    readable, _, _ = select.select([ready_r], [], [], NODE_READY_TIMEOUT_S)
+    ready = bool(readable) and os.read(ready_r, 1) != b""
+    os.close(ready_r)
+    if ready:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.write(2, f"runner: node ended with status {reap(pid)} before it was ready\n".encode())
+    os._exit(EX_UNAVAILABLE)
+
+
 def reap(pid: int) -> int:
     """Wait for the child; its exit status as a shell reports it (``128 + signal``)."""
     _, wait_status = os.waitpid(pid, 0)
@@ -310,8 +364,10 @@ def main() -> None:
     language = arguments.language
     direct = arguments.mode == DIRECT
     results = Results(0)  # its limit comes with the request
+    javascript = language == JAVASCRIPT
     try:
-        prepare_interpreter(arguments.preload, results)
+        if not javascript:  # matplotlib's set-up and its environment are Python's
+            prepare_interpreter(arguments.preload, results)
     except Exception as e:  # a preload that fails: the sandbox never reports ready
         usage_error(f"preload failed: {type(e).__name__}: {e}")
     # One throw-away compile makes the first real one cheaper.
@@ -329,18 +385,25 @@ def main() -> None:
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
         read_ends = (out_r, err_r, status_r)
+    ready_r, ready_w = os.pipe() if javascript else (-1, -1)
     runner = os.getpid()
     pid = os.fork()
     if pid == 0:
         for fd in read_ends:
             os.close(fd)
         try:
+            if javascript:
+                os.close(ready_r)
+                exec_node(runner, out_w, err_w, status_w, ready_w)
             child(runner, language, out_w, err_w, status_w, results)
         finally:
             os._exit(70)  # only reached if the runner itself failed
     for fd in (out_w, err_w, status_w):
         os.close(fd)
     protect_runner()
+    if javascript:
+        os.close(ready_w)
+        wait_for_node(pid, ready_r)
     if direct:
         write_all(1, frame(READY))
         watch_child(pid)

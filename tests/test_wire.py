@@ -7,7 +7,9 @@ lists, and the composed runners run as plain subprocesses.
 from __future__ import annotations
 
 import ast
+import json
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -137,7 +139,7 @@ def test_bad_runner_arguments_say_what_is_wrong(argv: list[str], says: str) -> N
 # --- the guest programs ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("program", guest.PROGRAMS)
+@pytest.mark.parametrize("program", [p for p in guest.PROGRAMS if p.endswith(".py")])
 def test_a_composed_guest_program_imports_nothing_of_sandpool(program: str) -> None:
     source = guest.compose(program)
     imported = {
@@ -438,3 +440,93 @@ def test_a_forged_file_header_is_a_wire_error(header: dict[str, object]) -> None
 def test_outcome_frames_never_exceed_a_chunk() -> None:
     frames = wire.FrameDecoder().feed(wire.content_frames(b"x" * (3 * wire.CHUNK + 1)))
     assert [len(payload) for _, payload in frames] == [wire.CHUNK] * 3 + [1]
+
+
+# --- the JavaScript child -----------------------------------------------------------
+
+
+def test_the_composed_javascript_carries_the_wires_values() -> None:
+    source = guest.compose(guest.NODE_RUNNER)
+    assert guest.WIRE_MARKER not in source
+    start = source.index("const WIRE = Object.freeze(") + len("const WIRE = Object.freeze(")
+    constants = json.loads(source[start : source.index(");\n", start)])
+    assert constants == guest.wire_constants()
+    assert (constants["EXIT"], constants["FILE_OUT"], constants["CONTENT"], constants["ERROR"]) == (
+        "X", "F", "C", "T")
+    assert (constants["FRAME_BYTES"], constants["CHUNK"], constants["OUT_DIR"]) == (
+        wire.FRAME.size, wire.CHUNK, wire.OUT_DIR)
+    assert constants["LIMITS"] == sorted(wire.OutcomeLimits.__slots__)
+    # The program's own source names none of those values: they come from the header.
+    raw = guest._source(guest.NODE_RUNNER)
+    for value in (wire.CHUNK, wire.MAX_ERROR_BYTES, wire.MAX_FRAME_BYTES):
+        assert str(value) not in raw
+
+
+def test_a_wire_struct_the_javascript_does_not_encode_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "STATUS", struct.Struct(">q"))
+    with pytest.raises(ValueError, match=r"wire\.STATUS"):
+        guest.compose(guest.NODE_RUNNER)
+
+
+needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="no node on this host")
+
+
+@needs_node
+def test_the_javascript_child_speaks_the_wire(tmp_path: Path) -> None:
+    code = """
+const fs = require('fs');
+console.log(fs.readFileSync(0, 'utf8'), fs.readFileSync('data/in.csv', 'utf8'),
+            process.env.GREETING, process.argv.slice(2));
+fs.mkdirSync('out/deep');
+fs.writeFileSync('out/deep/b.txt', 'bee');
+fs.symlinkSync('/etc/passwd', 'out/link');
+process.chdir('/');  // out/ is still found where the run began
+process.exitCode = 3;
+"""
+    ran = relay(tmp_path, wire.GuestRequest(
+        code, "in", files=[("data/in.csv", b"a,b")], env={"GREETING": "hi"}, argv=["x"],
+        limits=ROOMY), language="javascript")
+    assert ran.stdout == b"in a,b hi [ 'x' ]\n"
+    assert ran.exit_code == 3
+    assert [(f.path, f.kind, bytes(f.content)) for f in ran.outcome.files] == [
+        ("out/deep/b.txt", "file", b"bee"), ("out/link", "symlink", b"")]
+
+
+@needs_node
+def test_an_uncaught_javascript_error_is_the_outcomes_error(tmp_path: Path) -> None:
+    ran = relay(tmp_path, wire.GuestRequest(
+        "function f() {\n  throw new TypeError('bad');\n}\nf();", limits=ROOMY),
+        language="javascript")
+    assert ran.exit_code == 1
+    assert ran.outcome.error is not None
+    assert (ran.outcome.error["name"], ran.outcome.error["value"]) == ("TypeError", "bad")
+    assert "main.js:2:" in ran.outcome.error["traceback"]
+    assert ran.stderr.decode() == ran.outcome.error["traceback"] + "\n"
+
+
+@needs_node
+def test_the_javascript_child_keeps_to_the_limits_it_is_sent(tmp_path: Path) -> None:
+    limits = wire.OutcomeLimits(max_files=1, max_file_bytes=3, max_files_bytes=3,
+                                max_display_bytes=0)
+    ran = relay(tmp_path, wire.GuestRequest(
+        "const fs = require('fs');\n"
+        "fs.writeFileSync('out/a', '12345');\nfs.writeFileSync('out/b', 'x');", limits=limits),
+        language="javascript")
+    assert [(f.path, bytes(f.content), f.truncated) for f in ran.outcome.files] == [
+        ("out/a", b"123", False)]
+    assert ran.outcome.files_dropped == 1
+
+
+def test_a_runner_whose_node_cannot_start_never_reports_ready(tmp_path: Path) -> None:
+    directory = guest.install(tmp_path / "guest")
+    ran = subprocess.run(
+        [sys.executable, "-I", str(directory / guest.RUNNER), "relay", "javascript"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        env={"PATH": str(tmp_path)},  # no node on it
+    )
+    assert ran.returncode == 69
+    assert ran.stdout == ""
+    assert "runner: cannot run node" in ran.stderr
+    assert "before it was ready" in ran.stderr
