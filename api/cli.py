@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the image (default: sandpool/python:bookworm)",
     )
     export.add_argument(
-        "--state-dir", default="/var/lib/sandpool", metavar="DIR",
-        help="the state directory (default: /var/lib/sandpool)",
+        "--state-dir", metavar="DIR",
+        help="the state directory (default: the daemon's: $STATE_DIRECTORY, else "
+        "/var/lib/sandpool for root, else ~/.local/state/sandpool)",
     )
     return parser
 
@@ -383,9 +384,10 @@ def command_image_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pool.image import export_rootfs
+    from pool.paths import state_dir
 
     try:
-        path = asyncio.run(export_rootfs(args.image, Path(args.state_dir)))
+        path = asyncio.run(export_rootfs(args.image, Path(args.state_dir or state_dir())))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("sandpool: interrupted; nothing was exported", file=sys.stderr)
         return 130

@@ -566,23 +566,26 @@ async def test_export_is_read_only_named_by_image_id_and_reused(
 
 
 @pytest.mark.docker
-async def test_export_sweeps_exports_of_gone_images_and_interrupted_stagings(
+async def test_export_sweeps_exports_of_gone_images_and_dead_exporters_stagings(
     tiny_images: list[str], unique: str, tmp_path: Path
 ) -> None:
     kept_tag = await tiny_image(tiny_images, unique)
     kept = await export_rootfs(kept_tag, tmp_path)
     gone_tag = await tiny_image(tiny_images, unique)
     gone = await export_rootfs(gone_tag, tmp_path)
-    staging = tmp_path / "rootfs" / ".staging-0123456789ab-feedfacecafe"
+    # The staging of an exporter that is gone, and of one still at work (this process).
+    staging = tmp_path / "rootfs" / f".staging-0123456789ab-{2**22 + 1}-feedfacecafe"
     staging.mkdir()
     (staging / "half").write_text("an interrupted export")
+    in_progress = tmp_path / "rootfs" / f".staging-0123456789ab-{os.getpid()}-feedfacecafe"
+    in_progress.mkdir()
     await run("docker", "image", "rm", "--force", gone_tag)
     current_tag = await tiny_image(tiny_images, unique)
 
     current = await export_rootfs(current_tag, tmp_path)
 
     left = sorted(p.name for p in (tmp_path / "rootfs").iterdir())
-    assert left == sorted([kept.name, current.name])
+    assert left == sorted([kept.name, current.name, in_progress.name])
     assert not gone.exists()
     assert not staging.exists()
 

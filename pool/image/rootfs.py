@@ -6,8 +6,8 @@ pool: ``export_rootfs`` flattens the image once into
 binds it read-only). The directory appears by one
 ``rename`` of a complete staging directory, so a directory named by an image id is
 always a complete export of it; an interrupted export leaves only a staging
-directory, which the next export sweeps with the exports of images Docker no
-longer has.
+directory, which the next export sweeps once its exporter is gone, with the
+exports of images Docker no longer has.
 """
 
 from __future__ import annotations
