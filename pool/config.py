@@ -1,8 +1,9 @@
 """sandpool's configuration: frozen dataclasses loaded from TOML and validated once.
 
-With no file, the default configuration (``default_pools``) has up to four pools:
+With no file, the default configuration (``default_pools``) has up to five pools:
 ``python`` and ``shell`` on Docker, ``python-process`` on bubblewrap (only where
-``bwrap`` is installed and the daemon runs as root) and ``python-wasm``. A file
+``bwrap`` is installed and the daemon runs as root), ``python-wasm`` and, once
+JAVASCRIPT_BY_DEFAULT is on, ``javascript`` on Docker. A file
 overrides: a ``[server]`` table and one ``[pools.<name>]`` table per pool (a file
 that names pools replaces the default pools). Every unknown key and bad value is
 rejected at load with the key's dotted name, and so is a key that only another
@@ -37,6 +38,7 @@ NODE_IMAGE = "sandpool/node:bookworm"  # `sandpool image build --profile node`
 # (image_missing): the default JavaScript pool stays off until whatever
 # starts a default daemon (`make run`) builds NODE_IMAGE first.
 JAVASCRIPT_BY_DEFAULT = False
+JAVASCRIPT_MIN_MEMORY_MB = 64  # below it node is killed before the sandbox is ready
 DEFAULT_SOCKET = "/run/sandpool/sandpool.sock"
 _POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
@@ -112,6 +114,11 @@ class PoolConfig:
             _positive(f"{where}.{key}", getattr(self, key))
         if self.memory_mb < 16:
             raise ConfigError(f"{where}.memory_mb must be at least 16 (Python needs ~10 MiB)")
+        if self.language == "javascript" and self.memory_mb < JAVASCRIPT_MIN_MEMORY_MB:
+            raise ConfigError(
+                f"{where}.memory_mb must be at least {JAVASCRIPT_MIN_MEMORY_MB} for javascript "
+                "(a started node holds ~50 MiB)"
+            )
         if self.pids_limit < 4:
             raise ConfigError(f"{where}.pids_limit must be at least 4 (the runner needs 2)")
         if self.timeout_s > self.max_timeout_s:

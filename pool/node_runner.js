@@ -360,8 +360,7 @@ function run(request, base, statusFd) {
   // when the code's own listeners have run, then this process parks.
   function onExit(code) {
     exiting = true;
-    const status = Number(process.exitCode ?? code) & WIRE.MAX_EXIT_CODE;
-    report(Number.isNaN(status) ? 1 : status);
+    report(Number(process.exitCode ?? code) & WIRE.MAX_EXIT_CODE); // as the OS cuts it; NaN is 0
     park();
   }
 
@@ -471,6 +470,15 @@ function rehearse() {
   createRequire(SELF);
   Buffer.concat([headerFrame(WIRE.FILE_OUT, { path: `${WIRE.OUT_DIR}/x`, kind: 'file', size: 1 }),
                  ...contentFrames(Buffer.from('x')), exitFrame(0)]);
+  // The code's stdout and stderr streams, made now (node makes them on first
+  // use) and written once with nothing: fds 1 and 2 are already the code's,
+  // and an empty write on a pipe wakes no reader.
+  process.stdout.write('');
+  process.stderr.write('');
+  const nowhere = new (require('stream').Writable)({ write: (chunk, encoding, done) => done() });
+  const quiet = new console.Console({ stdout: nowhere });
+  quiet.log('%s %d %j', 'x', 1, { a: [1, 'b'] });
+  quiet.log({ a: [1, 'b'] });
   for (const stats of [fs.lstatSync('/'), fs.lstatSync('/dev/null')]) {
     if (!WIRE.FILE_KINDS.includes(kindOf(stats))) throw new Error('kindOf: not a wire file kind');
   }
