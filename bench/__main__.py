@@ -3,8 +3,11 @@
 Order: machine description, churn ceiling, the cold paths (seed docker-py,
 aiodocker, llm-sandbox), then a dedicated sandpool daemon (idle CPU, low-load
 latency per pool, open-loop load per pool), then a Docker-only daemon with 16
-warm sandboxes (RSS, idle CPU). Each section has a time budget so the full run
-stays under 10 minutes; a section that runs out records fewer samples (``n``).
+warm sandboxes (RSS, idle CPU), then the data analysis (a cold ``docker run``
+of the datasci image, and a daemon with datasci pools in the docker and
+process tiers: low-load latency, a warm sandbox's RSS and PSS, open-loop
+load). Each section has a time budget so the full run stays under 15 minutes;
+a section that runs out records fewer samples (``n``).
 Every container and daemon the run starts is gone when it ends, or it fails.
 """
 
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -24,10 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import docker_paths, peers, report, sandpool_paths
+from aiodocker import Docker as aiodocker_client
+from aiodocker import DockerError
+
+from bench import docker_paths, peers, report, sandbox_memory, sandpool_paths
 from bench.daemon import BenchDaemon, DaemonFailed
 from bench.machine import CpuMeter, describe_machine, dockerd_pid
-from bench.workloads import Workload, build_workloads
+from bench.workloads import DATASCI_ROWS, Workload, build_datasci_workload, build_workloads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Quick runs (make bench-quick, the test suite) must not litter bench/results/.
@@ -53,11 +61,21 @@ class Mode:
     rss_warm: int
     docker_rate_fractions: tuple[float, ...]
     start_cpu_samples: int
+    datasci_cold_samples: int
+    datasci_floor_runs: int
+    datasci_cold_budget_s: float
+    datasci_latency_samples: int
+    datasci_print1_samples: int
+    datasci_latency_budget_s: float
+    datasci_load_step_s: float
+    datasci_load_steps: int
+    datasci_load_budget_s: float
     pool_sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    datasci_sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 FULL = Mode(
-    name="full", budget_s=570, churn_s=8.0, cold_samples=30, seed_budget_s=45,
+    name="full", budget_s=870, churn_s=8.0, cold_samples=30, seed_budget_s=45,
     aiodocker_budget_s=40, llm_session_budget_s=55, llm_pool_budget_s=25,
     latency_samples=200, latency_budget_s=45, idle_window_s=10.0,
     # Docker rates are a few per second: longer steps, so each counts enough arrivals.
@@ -66,15 +84,22 @@ FULL = Mode(
     load_step_s={"docker": 15.0, "process": 6.0, "wasm": 6.0}, load_steps=8,
     load_budget_s={"docker": 120.0, "process": 50.0, "wasm": 50.0}, rss_warm=16,
     docker_rate_fractions=(0.5, 0.75, 0.9, 1.0, 1.1, 1.25), start_cpu_samples=8,
+    datasci_cold_samples=12, datasci_floor_runs=30, datasci_cold_budget_s=60,
+    datasci_latency_samples=100, datasci_print1_samples=30, datasci_latency_budget_s=50,
+    datasci_load_step_s=12.0, datasci_load_steps=7, datasci_load_budget_s=85,
 )
 QUICK = Mode(
-    name="quick", budget_s=55, churn_s=0.8, cold_samples=1, seed_budget_s=4,
+    name="quick", budget_s=95, churn_s=0.8, cold_samples=1, seed_budget_s=4,
     aiodocker_budget_s=4, llm_session_budget_s=3, llm_pool_budget_s=3,
     latency_samples=6, latency_budget_s=2, idle_window_s=1.0,
     load_step_s={"docker": 1.5, "process": 1.5, "wasm": 1.5}, load_steps=2,
     load_budget_s={"docker": 6.0, "process": 6.0, "wasm": 6.0}, rss_warm=4,
     docker_rate_fractions=(0.25, 0.5), start_cpu_samples=1,
     pool_sizes={"docker": (2, 4, 2), "process": (2, 4, 2), "wasm": (2, 4, 1)},
+    datasci_cold_samples=1, datasci_floor_runs=2, datasci_cold_budget_s=5,
+    datasci_latency_samples=4, datasci_print1_samples=3, datasci_latency_budget_s=3,
+    datasci_load_step_s=1.5, datasci_load_steps=2, datasci_load_budget_s=6,
+    datasci_sizes={"docker": (1, 2, 1), "process": (1, 2, 1)},
 )
 GEOMETRIC_STEP = 1.6  # process and wasm: rates rise by this factor per step
 CPU_BOUND_PERCENT = 85.0  # a load step this busy (all cores) counts as CPU-bound
@@ -288,6 +313,147 @@ def run_rss(mode: Mode, workdir: Path, daemons: list[BenchDaemon]) -> dict[str, 
     return out
 
 
+def _image_present(image: str) -> bool:
+    async def query() -> bool:
+        async with aiodocker_client() as docker:
+            try:
+                await docker.images.inspect(image)
+            except DockerError as e:
+                if e.status == 404:
+                    return False
+                raise
+        return True
+
+    return asyncio.run(query())
+
+
+def _datasci_rates(plan: sandpool_paths.PoolPlan, mode: Mode) -> list[float]:
+    return [round(plan.first_load_rate_per_s * GEOMETRIC_STEP**i, 2)
+            for i in range(mode.datasci_load_steps)]
+
+
+def _sandbox_memory(daemon: BenchDaemon, plan: sandpool_paths.PoolPlan) -> dict[str, Any]:
+    """RSS and PSS of the pool's warm sandboxes, all idle (its min_idle of them)."""
+    if not daemon.wait_idle(plan.name, plan.min_idle):
+        raise RuntimeError(f"{plan.name} did not get back to {plan.min_idle} idle sandboxes")
+    time.sleep(0.5)  # a refill's last bookkeeping
+    if plan.backend == "docker":
+        roots = asyncio.run(sandbox_memory.docker_sandbox_roots(daemon.instance_id, plan.name))
+    else:  # the datasci daemon has no other process-tier pool whose bwraps could mix in
+        roots = sandbox_memory.bwrap_roots(daemon.pid)
+    return sandbox_memory.warm_sandboxes(roots)
+
+
+def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, workload: Workload,
+                workdir: Path, daemons: list[BenchDaemon]) -> dict[str, Any]:
+    """The data analysis: a cold docker run, then datasci pools in the docker and process tiers."""
+    image = sandpool_paths.DATASCI_IMAGE
+    if not _image_present(image):
+        return {"skipped": f"the image {image} is not built (make setup, or "
+                           "sandpool image build --profile datasci)"}
+    plans = sandpool_paths.datasci_plans(mode.datasci_sizes or None)
+    out: dict[str, Any] = {}
+    out["cold"] = _part(
+        doc, "datasci cold docker run", docker_paths.seed_docker_py_datasci, run_id, workload,
+        image, sandpool_paths.DATASCI_MEMORY_MB, sandpool_paths.DATASCI_CPUS,
+        mode.datasci_cold_samples, clock.section(mode.datasci_cold_budget_s),
+        workdir / "datasci-cold")
+    _say(f"datasci cold: {_get(out, 'cold', workload.name, 'result')}")
+    out["floor"] = _part(
+        doc, "datasci floor", docker_paths.datasci_floor, run_id, workload, image,
+        sandpool_paths.DATASCI_MEMORY_MB, sandpool_paths.DATASCI_CPUS,
+        mode.datasci_floor_runs, workdir / "datasci-floor")
+    _say(f"datasci floor: {out['floor'].get('wall')}")
+    out["config"] = sandpool_paths.daemon_config(plans)
+    out["pools_not_started"] = {}
+    daemon = BenchDaemon(workdir / "datasci-daemon", out["config"])
+    daemons.append(daemon)
+    try:
+        daemon.start()
+    except DaemonFailed as e:
+        # Without bubblewrap (or not root) the process tier cannot start: the
+        # docker tier is still measured.
+        failed = [p for p in plans if p.backend == "process"]
+        if not failed:
+            raise
+        out["pools_not_started"] = {p.name: str(e)[-600:] for p in failed}
+        _say("left out the process-tier datasci pool: the daemon failed to start")
+        daemon.stop()
+        plans = [p for p in plans if p not in failed]
+        out["config"] = sandpool_paths.daemon_config(plans)
+        daemon = BenchDaemon(workdir / "datasci-daemon-docker", out["config"])
+        daemons.append(daemon)
+        daemon.start()
+    _say(f"datasci daemon {daemon.instance_id} ready after {daemon.ready_after_s:.1f} s")
+    out["instance"] = daemon.instance_id
+    out["ready_after_s"] = round(daemon.ready_after_s, 2)
+    out["pools"] = daemon.pools()
+    out["pool_settings"] = {p.name: {"backend": p.backend, "min_idle": p.min_idle,
+                                     "max_size": p.max_size,
+                                     "start_concurrency": p.start_concurrency,
+                                     "memory_mb": p.memory_mb, "cpus": p.cpus,
+                                     "preload": list(p.preload)} for p in plans}
+    out["latency"], out["print1_latency"], out["memory"], out["load"] = {}, {}, {}, {}
+    print1 = build_workloads()[0]
+    for plan in plans:
+        daemon.wait_idle(plan.name, plan.min_idle)
+        latency = _part(
+            doc, f"{plan.name} datasci latency", sandpool_paths.low_load_latency,
+            daemon.socket, plan.name, workload, mode.datasci_latency_samples,
+            plan.low_load_rate_per_s, clock.section(mode.datasci_latency_budget_s))
+        latency["backend"] = plan.backend
+        out["latency"][plan.name] = latency
+        _say(f"{plan.name} datasci: e2e {latency.get('e2e')}")
+        # What a preloaded sandbox adds to any request, the analysis aside.
+        daemon.wait_idle(plan.name, plan.min_idle)
+        out["print1_latency"][plan.name] = _part(
+            doc, f"{plan.name} print(1) latency", sandpool_paths.low_load_latency,
+            daemon.socket, plan.name, print1, mode.datasci_print1_samples,
+            plan.low_load_rate_per_s, clock.section(mode.datasci_latency_budget_s / 2))
+        out["memory"][plan.name] = _part(doc, f"{plan.name} memory", _sandbox_memory, daemon, plan)
+        _say(f"{plan.name} warm sandbox memory: {out['memory'][plan.name]}")
+    for plan in plans:
+        load = _part(
+            doc, f"{plan.name} datasci load", sandpool_paths.load_test,
+            daemon.socket, plan.name, workload, _datasci_rates(plan, mode),
+            mode.datasci_load_step_s, clock.section(mode.datasci_load_budget_s),
+            settle=lambda name=plan.name, floor=plan.min_idle: daemon.wait_idle(name, floor),
+            meter=CpuMeter(daemon.pid),
+        )
+        load["backend"] = plan.backend
+        load["pool_settings"] = out["pool_settings"][plan.name]
+        out["load"][plan.name] = load
+        _say(f"{plan.name} datasci load: sustained {load.get('sustained_ok_per_s')}/s, "
+             f"peak {load.get('peak_ok_per_s')}/s, {load.get('stopped')}")
+    out["stop_status"] = daemon.stop()
+    out["leftover_containers"] = len(asyncio.run(
+        docker_paths.list_labelled(f"sandpool.instance={daemon.instance_id}")))
+    return out
+
+
+REFERENCE_NAME = re.compile(r"\d{4}-\d{2}-\d{2}\.json")
+
+
+def reference_run(out_dir: Path, own_name: str) -> dict[str, Any] | None:
+    """The latest full run in ``out_dir`` named by its date alone, other than this one.
+
+    Its print(1) p50 per backend, to compare this run's with: a comparison
+    across runs, so across whatever else the host was doing then.
+    """
+    names = sorted(p.name for p in out_dir.glob("*.json")
+                   if REFERENCE_NAME.fullmatch(p.name) and p.stem != own_name)
+    for name in reversed(names):
+        old = json.loads((out_dir / name).read_text())
+        if old.get("mode") != "full":
+            continue
+        latency = (old.get("sandpool") or {}).get("latency") or {}
+        return {"name": old["name"], "started_at": old.get("started_at"),
+                "loadavg_at_start": (old.get("machine") or {}).get("loadavg_at_start"),
+                "print1_p50_ms": {entry["backend"]: _get(entry, "print1", "e2e", "p50_ms")
+                                  for entry in latency.values()}}
+    return None
+
+
 def _get(doc: dict[str, Any], *keys: str) -> Any:
     for key in keys:
         if not isinstance(doc, dict) or key not in doc:
@@ -333,6 +499,27 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
                                           "print1", "e2e", "p50_ms"), 1.5, " ms")
     add("wasm pool p50 ≤ 3 ms", _get(pools.get("wasm", (None, {}))[1],
                                      "print1", "e2e", "p50_ms"), 3.0, " ms")
+    datasci = doc.get("datasci") or {}
+    cold = _get(datasci, "cold", "datasci", "result", "p50_ms")
+    for plan in sandpool_paths.datasci_plans():
+        name, entry = plan.name, (datasci.get("latency") or {}).get(plan.name) or {}
+        ours = _get(entry, "e2e", "p50_ms")
+        add(f"datasci pool `{name}` ({plan.backend}) p50 ≤ 80 ms (1 MB CSV, pandas, "
+            "one PNG)", ours, 80.0, " ms")
+        add(f"datasci pool `{name}` ≥ 10x faster than a cold docker run (p50, same run)",
+            round(cold / ours, 1) if cold and ours else None, 10.0, "x", at_least=True,
+            detail=f"cold {cold:.0f} ms" if cold else "")
+    reference = doc.get("reference") or {}
+    for backend in ("docker", "process", "wasm"):
+        entry = pools.get(backend, (None, {}))[1]
+        before = (reference.get("print1_p50_ms") or {}).get(backend)
+        now = _get(entry, "print1", "e2e", "p50_ms")
+        # Unchanged: within 25 % or 0.5 ms of the reference run's p50, whichever is wider
+        # (run-to-run spread on this shared host is about that).
+        limit = max(before * 1.25, before + 0.5) if before else 0.0
+        add(f"{backend} pool print(1) p50 unchanged since {reference.get('name')} "
+            f"(≤ {limit:.2f} ms; across runs)", now if before else None, limit, " ms",
+            detail=f"then {before:.2f} ms" if before else "")
     rss = sp.get("rss") or {}
     add(f"daemon RSS ≤ 80 MB with {rss.get('warm_docker_sandboxes', 16)} warm Docker sandboxes",
         rss.get("rss_mib"), 80 * 1000**2 / 1024**2, " MiB")
@@ -369,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(mode.budget_s)
     run_id = uuid.uuid4().hex[:12]
     workloads = build_workloads()
+    datasci = build_datasci_workload()
     date = time.strftime("%Y-%m-%d")
     doc: dict[str, Any] = {
         "schema": report.SCHEMA,
@@ -391,10 +579,21 @@ def main(argv: list[str] | None = None) -> int:
             "code_bytes": len(workloads[1].code),
             "expected_stdout": workloads[1].expected_stdout,
         },
+        "datasci": {
+            "description": f"a {len(datasci.files[0][1]) / 1e6:.2f} MB CSV of {DATASCI_ROWS} "
+                           "orders uploaded with the request (files), read with pandas, "
+                           "revenue summed per region (groupby), one matplotlib bar chart "
+                           "shown (plt.show(): a PNG in the response's results)",
+            "code": datasci.code,
+            "csv_bytes": len(datasci.files[0][1]),
+            "expected_stdout": datasci.expected_stdout,
+            "result_types": list(datasci.result_types),
+        },
     }
     doc["churn_ceiling"] = {}
     doc["cold_paths"] = {}
     doc["sandpool"] = {}
+    doc["datasci"] = {}
     daemons: list[BenchDaemon] = []
     exit_status = 0
     with tempfile.TemporaryDirectory(prefix="sandpool-bench-") as tmp:
@@ -414,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                 doc, mode, clock, workloads, Path(tmp), daemons))
             doc["sandpool"]["rss"] = _section(doc, "daemon RSS", lambda: run_rss(
                 mode, Path(tmp), daemons))
+            doc["datasci"] = _section(doc, "data analysis", lambda: run_datasci(
+                doc, mode, clock, run_id, datasci, Path(tmp), daemons))
         except KeyboardInterrupt:
             doc["errors"].append("interrupted")
             exit_status = 130
@@ -438,11 +639,13 @@ def main(argv: list[str] | None = None) -> int:
                         asyncio.run(docker_paths.remove_labelled(
                             f"sandpool.instance={daemon.instance_id}"))
                 doc["errors"].append(f"{len(leftovers)} containers were left behind (removed)")
+    out_dir = args.out or (QUICK_RESULTS if mode is QUICK else RESULTS)
+    doc["reference"] = reference_run(RESULTS, doc["name"])
     doc["targets"] = targets(doc)
     doc["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["dockerd_restarted_during_run"] = dockerd_pid() != doc["machine"]["dockerd_pid_at_start"]
     doc["duration_s"] = round(clock.elapsed(), 1)
-    paths = report.write(doc, args.out or (QUICK_RESULTS if mode is QUICK else RESULTS))
+    paths = report.write(doc, out_dir)
     print(report.markdown(doc))
     print(f"bench: wrote {', '.join(paths.values())} in {doc['duration_s']:.0f} s",
           file=sys.stderr)

@@ -21,9 +21,10 @@ import aiohttp
 
 from bench.machine import CpuMeter
 from bench.stats import summarize
-from bench.workloads import Workload
+from bench.workloads import PNG_SIGNATURE, Workload
 from pool.backends.docker import DockerBackend
 from pool.config import PoolConfig
+from pool.wire import MATPLOTLIB_CACHE, WORKDIR
 
 T = TypeVar("T")
 LABEL_RUN = "sandpool.bench"
@@ -69,49 +70,220 @@ def _cold_config(run_id: str, code: str) -> dict[str, Any]:
     return config
 
 
+def _seed_client() -> Any:
+    """A docker-py client, or None when the bench extra is not installed."""
+    try:
+        import docker  # the bench extra
+    except ImportError:
+        return None
+    return docker.DockerClient(base_url="unix:///var/run/docker.sock", timeout=120)
+
+
+def _seed_samples(
+    client: Any, samples: int, time_left: Callable[[], float],
+    run_one: Callable[[], tuple[float, float]],
+) -> dict[str, Any]:
+    """``run_one()`` (result ms, with-remove ms) ``samples`` + 1 times; the first is dropped."""
+    result_ms: list[float] = []
+    total_ms: list[float] = []
+    for _ in range(samples + 1):  # the first one warms caches and is dropped
+        if len(total_ms) > 1 and time_left() <= 0:  # one kept sample at least
+            break
+        result, total = run_one()
+        result_ms.append(result)
+        total_ms.append(total)
+    return {"result": summarize(result_ms[1:]), "with_remove": summarize(total_ms[1:])}
+
+
 def seed_docker_py(
     run_id: str, workloads: tuple[Workload, ...], samples: int, time_left: Callable[[], float]
 ) -> dict[str, Any]:
     """docker-py ``containers.run`` + ``wait`` + ``logs`` + ``remove`` per request (the seed)."""
-    try:
-        import docker  # the bench extra
-    except ImportError:
+    client = _seed_client()
+    if client is None:
         return {"skipped": "docker-py is not installed (pip install -e '.[bench]')"}
-    client = docker.DockerClient(base_url="unix:///var/run/docker.sock", timeout=120)
     out: dict[str, Any] = {
         "description": "docker-py containers.run(detach) + wait + logs + remove(force), "
                        "one container per request",
         "settings": SEED_SETTINGS,
     }
+
+    def run_one(workload: Workload) -> tuple[float, float]:
+        began = time.perf_counter()
+        container = client.containers.run(
+            IMAGE, ["python3", "-c", workload.code], detach=True,
+            labels={LABEL_RUN: run_id}, **SEED_SETTINGS,
+        )
+        try:
+            status = container.wait(timeout=60)
+            stdout = container.logs(stdout=True, stderr=False).decode()
+            got_result = time.perf_counter()
+        finally:
+            container.remove(force=True)
+        ended = time.perf_counter()
+        if status["StatusCode"] != 0 or stdout != workload.expected_stdout:
+            raise RuntimeError(f"seed path: wrong result {status} {stdout[:200]!r}")
+        return (got_result - began) * 1000, (ended - began) * 1000
+
     try:
         for workload in workloads:
-            result_ms: list[float] = []
-            total_ms: list[float] = []
-            for _ in range(samples + 1):  # the first one warms caches and is dropped
-                if len(total_ms) > 1 and time_left() <= 0:  # one kept sample at least
-                    break
-                began = time.perf_counter()
-                container = client.containers.run(
-                    IMAGE, ["python3", "-c", workload.code], detach=True,
-                    labels={LABEL_RUN: run_id}, **SEED_SETTINGS,
-                )
-                try:
-                    status = container.wait(timeout=60)
-                    stdout = container.logs(stdout=True, stderr=False).decode()
-                    got_result = time.perf_counter()
-                finally:
-                    container.remove(force=True)
-                ended = time.perf_counter()
-                if status["StatusCode"] != 0 or stdout != workload.expected_stdout:
-                    raise RuntimeError(f"seed path: wrong result {status} {stdout[:200]!r}")
-                result_ms.append((got_result - began) * 1000)
-                total_ms.append((ended - began) * 1000)
-            out[workload.name] = {
-                "result": summarize(result_ms[1:]), "with_remove": summarize(total_ms[1:]),
-            }
+            out[workload.name] = _seed_samples(
+                client, samples, time_left, lambda w=workload: run_one(w))
     finally:
         client.close()
     return out
+
+
+def seed_docker_py_datasci(
+    run_id: str, workload: Workload, image: str, memory_mb: int, cpus: float, samples: int,
+    time_left: Callable[[], float], workdir: Path,
+) -> dict[str, Any]:
+    """The seed's path for the data analysis: a ``docker run`` of ``image`` per request.
+
+    The seed's settings but the pool's memory and CPU; the uploaded files are
+    bind-mounted read-only into the working directory, and the script is the
+    workload's with ``plt.show()`` replaced by a ``savefig`` into a
+    bind-mounted ``out/`` (the result is read once the PNG is read back). The
+    image's font cache is copied to a writable MPLCONFIGDIR first, as the
+    pool's runner does, else matplotlib rebuilds it in every container.
+    """
+    client = _seed_client()
+    if client is None:
+        return {"skipped": "docker-py is not installed (pip install -e '.[bench]')"}
+    code = workload.code.replace("plt.show()", 'plt.savefig("out/chart.png")')
+    if code == workload.code:
+        raise ValueError("the datasci workload must call plt.show()")
+    settings = {**SEED_SETTINGS, "mem_limit": f"{memory_mb}m", "memswap_limit": f"{memory_mb}m",
+                "nano_cpus": int(cpus * 1e9), "working_dir": WORKDIR,
+                "environment": {"MPLCONFIGDIR": "/tmp/matplotlib"}}
+    command = ["sh", "-c", f"cp -R {MATPLOTLIB_CACHE} /tmp/matplotlib && exec python3 -c \"$0\"",
+               code]
+    inputs = workdir / "in"
+    inputs.mkdir(parents=True, exist_ok=True)
+    volumes = {}
+    for path, content in workload.files:
+        (inputs / path).write_bytes(content)
+        volumes[str(inputs / path)] = {"bind": f"{WORKDIR}/{path}", "mode": "ro"}
+    out: dict[str, Any] = {
+        "description": f"docker-py containers.run(detach) of {image} + wait + logs + read the "
+                       "PNG + remove(force), one container per request; the CSV bind-mounted "
+                       "read-only, the PNG written to a bind-mounted out/",
+        "settings": {key: value for key, value in settings.items() if key != "environment"},
+        "image": image,
+        "code": code,
+    }
+    runs = 0
+
+    def run_one() -> tuple[float, float]:
+        nonlocal runs
+        runs += 1
+        out_dir = workdir / f"out-{runs}"
+        out_dir.mkdir()
+        out_dir.chmod(0o777)  # the image's user (nobody) writes the PNG
+        began = time.perf_counter()
+        container = client.containers.run(
+            image, command, detach=True, labels={LABEL_RUN: run_id},
+            volumes={**volumes, str(out_dir): {"bind": f"{WORKDIR}/out", "mode": "rw"}},
+            **settings,
+        )
+        try:
+            status = container.wait(timeout=60)
+            stdout = container.logs(stdout=True, stderr=False).decode()
+            png = (out_dir / "chart.png").read_bytes() if status["StatusCode"] == 0 else b""
+            got_result = time.perf_counter()
+            if status["StatusCode"] != 0:
+                stderr = container.logs(stdout=False, stderr=True).decode()
+                raise RuntimeError(f"cold datasci: exit {status} {stderr[-600:]!r}")
+        finally:
+            container.remove(force=True)
+        ended = time.perf_counter()
+        if stdout != workload.expected_stdout or not png.startswith(PNG_SIGNATURE):
+            raise RuntimeError(f"cold datasci: wrong result {stdout[:200]!r}, {len(png)} B PNG")
+        return (got_result - began) * 1000, (ended - began) * 1000
+
+    try:
+        out[workload.name] = _seed_samples(client, samples, time_left, run_one)
+    finally:
+        client.close()
+    return out
+
+
+_FLOOR_SCRIPT = """\
+import contextlib, io, json, shutil, sys, time
+shutil.copytree({cache!r}, "/tmp/matplotlib", dirs_exist_ok=True)
+import numpy, pandas, matplotlib.pyplot as plt
+# The runner's warm-up after preload: one small CSV grouped, one figure to PNG.
+pandas.read_csv(io.StringIO("k,v\\na,1\\nb,2\\n")).groupby("k")["v"].sum()
+plt.figure().gca().plot([0, 1], [1, 0], label="warm")
+plt.legend(); plt.savefig(io.BytesIO(), format="png"); plt.close("all")
+code = compile(sys.argv[1], "<workload>", "exec")
+wall, cpu, ok = [], [], True
+for _ in range({runs}):
+    out = io.StringIO()
+    began, began_cpu = time.perf_counter(), time.process_time()
+    with contextlib.redirect_stdout(out):
+        exec(code, {{"__name__": "__main__"}})
+    wall.append((time.perf_counter() - began) * 1000)
+    cpu.append((time.process_time() - began_cpu) * 1000)
+    ok = ok and out.getvalue() == {expected!r}
+print(json.dumps({{"wall_ms": wall, "cpu_ms": cpu, "ok": ok}}))
+"""
+
+
+def datasci_floor(
+    run_id: str, workload: Workload, image: str, memory_mb: int, cpus: float, runs: int,
+    workdir: Path,
+) -> dict[str, Any]:
+    """The workload's own cost: run ``runs`` + 1 times in one warm interpreter, in one container.
+
+    No sandbox, no HTTP, no fork: the imports and the runner's warm-up are done
+    once before the first run, ``plt.show()`` becomes a PNG rendered into
+    memory and the figure closed. The first run is what a preloaded sandbox
+    can at best do (its code paths run once); the others, with every lazy
+    cache filled, are the floor under any sandbox's latency for this workload
+    on this host. Same image, memory and CPU quota as the pool.
+    """
+    client = _seed_client()
+    if client is None:
+        return {"skipped": "docker-py is not installed (pip install -e '.[bench]')"}
+    code = workload.code.replace(
+        "plt.show()", '_png = io.BytesIO(); plt.savefig(_png, format="png"); plt.close("all")')
+    code = "import io\n" + code
+    script = _FLOOR_SCRIPT.format(cache=MATPLOTLIB_CACHE, runs=runs + 1,
+                                  expected=workload.expected_stdout)
+    inputs = workdir / "in"
+    inputs.mkdir(parents=True, exist_ok=True)
+    volumes = {}
+    for path, content in workload.files:
+        (inputs / path).write_bytes(content)
+        volumes[str(inputs / path)] = {"bind": f"{WORKDIR}/{path}", "mode": "ro"}
+    container = client.containers.run(
+        image, ["python3", "-c", script, code], detach=True, labels={LABEL_RUN: run_id},
+        volumes=volumes, working_dir=WORKDIR, environment={"MPLCONFIGDIR": "/tmp/matplotlib"},
+        **{**SEED_SETTINGS, "mem_limit": f"{memory_mb}m", "memswap_limit": f"{memory_mb}m",
+           "nano_cpus": int(cpus * 1e9)},
+    )
+    try:
+        status = container.wait(timeout=120)
+        stdout = container.logs(stdout=True, stderr=False).decode()
+        stderr = container.logs(stdout=False, stderr=True).decode()
+    finally:
+        container.remove(force=True)
+        client.close()
+    if status["StatusCode"] != 0:
+        raise RuntimeError(f"datasci floor: exit {status} {stderr[-600:]!r}")
+    measured = json.loads(stdout)
+    if not measured["ok"]:
+        raise RuntimeError("datasci floor: wrong output")
+    return {
+        "description": "the workload exec'd in one warm interpreter (imports done, first run "
+                       "dropped), plt.show() replaced by a PNG rendered into memory; one "
+                       "container of the image with the pool's memory and cpus",
+        "first_run_wall_ms": round(measured["wall_ms"][0], 1),
+        "first_run_cpu_ms": round(measured["cpu_ms"][0], 1),
+        "wall": summarize(measured["wall_ms"][1:]),
+        "cpu": summarize(measured["cpu_ms"][1:]),
+    }
 
 
 async def aiodocker_cold(

@@ -9,7 +9,8 @@ from typing import Any
 SCHEMA = "sandpool-bench/1"
 WORKLOADS = ("print1", "realistic")
 # Every result carries these top-level sections, in quick mode too.
-SECTIONS = ("machine", "workloads", "churn_ceiling", "cold_paths", "sandpool", "targets", "cleanup")
+SECTIONS = ("machine", "workloads", "churn_ceiling", "cold_paths", "sandpool", "datasci", "targets",
+            "cleanup")
 COLD_PATHS = ("seed_docker_py", "aiodocker_cold", "llm_sandbox")
 
 
@@ -57,6 +58,107 @@ def headline_rows(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None,
         rows.append((f"sandpool `{name}` ({pool['backend']}) via socket", print1.get("e2e"),
                      realistic.get("e2e"), "; ".join([note, *errors]).strip("; ")))
     return rows
+
+
+def _load_table(name: str, load: dict[str, Any]) -> list[str]:
+    """One pool's open-loop steps as a markdown table."""
+    lines: list[str] = []
+    if "steps" not in load:
+        lines += [f"### `{name}`", "", f"Not measured: {load.get('error')}", ""]
+        return lines
+    lines += [
+        f"### `{name}`", "",
+        "| offered/s | arrived/s | completed/s | rejected | failed | p50 ms | p95 ms | p99 ms "
+        "| hand-out p99 ms | drain s | CPU: daemon / dockerd / host "
+        "| CPU ms/req: daemon / host | saturated (queue grows) | latency knee |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for step in load["steps"]:
+        cpu = step.get("cpu") or {}
+        cpu_cell = " / ".join(
+            f"{cpu[k]:g} %" if cpu.get(k) is not None else "-"
+            for k in ("daemon_cpu_percent", "dockerd_cpu_percent", "host_busy_percent")
+        )
+        lines.append(
+            f"| {step['offered_per_s']:g} | {step['arrived_per_s']:g} | "
+            f"{step['achieved_ok_per_s']:g} | {step['rejected']} | {step['failed']} | "
+            f"{_ms(step['e2e'], 'p50_ms')} | {_ms(step['e2e'], 'p95_ms')} | "
+            f"{_ms(step['e2e'], 'p99_ms')} | {_ms(step['handout'], 'p99_ms')} | "
+            f"{step['drain_s']:g} | {cpu_cell} | "
+            f"{step.get('daemon_cpu_ms_per_request') or '-'} / "
+            f"{step.get('host_cpu_ms_per_request') or '-'} | {step['saturated'] or 'no'} | "
+            f"{step.get('latency_knee') or 'no'} |"
+        )
+    lines += ["", f"Sustained (highest completed/s of an unsaturated step): "
+                  f"{load['sustained_ok_per_s']}/s; peak completed/s: "
+                  f"{load['peak_ok_per_s']}/s; stopped: {load['stopped']}.", ""]
+    return lines
+
+
+def datasci_markdown(doc: dict[str, Any]) -> list[str]:
+    """The data analysis: cold path against the datasci pools, memory, load."""
+    datasci = doc.get("datasci") or {}
+    lines = ["", "## Data analysis (1 MB CSV in, pandas groupby, one PNG out)", ""]
+    if "latency" not in datasci:
+        why = datasci.get("skipped") or datasci.get("error") or "not run"
+        return [*lines, f"Not measured: {why}", ""]
+    lines += [doc["workloads"]["datasci"]["description"] + ".", "",
+              "| path | p50 ms | p95 ms | p99 ms | n | p50 vs cold | note |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    cold = datasci.get("cold") or {}
+    cold_stats = (cold.get("datasci") or {}).get("result")
+    cold_p50 = cold_stats.get("p50_ms") if cold_stats and cold_stats.get("n") else None
+    if cold_stats:
+        lines.append("| cold: docker-py run+wait+logs+read PNG+remove | "
+                     + " | ".join(_stats_cells(cold_stats)) + " | 1x | result read, before "
+                     f"remove; with remove p50 {_ms(cold['datasci']['with_remove'], 'p50_ms')} |")
+    else:
+        lines.append(f"| cold: docker run | - | - | - | 0 | - | "
+                     f"{cold.get('skipped') or cold.get('error', '')} |")
+    settings = datasci.get("pool_settings", {})
+    for name, entry in datasci["latency"].items():
+        e2e = entry.get("e2e")
+        ratio = (f"{cold_p50 / e2e['p50_ms']:.1f}x faster" if cold_p50 and e2e and e2e.get("n")
+                 else "-")
+        pool = settings.get(name, {})
+        note = (f"paced {entry.get('rate_per_s', 0):g}/s, warm pool, cpus {pool.get('cpus')}, "
+                f"memory_mb {pool.get('memory_mb')}, hand-out to result p50 "
+                f"{_ms(entry.get('execution'), 'p50_ms')} ms")
+        if "error" in entry:
+            note = entry["error"]
+        lines.append(f"| sandpool `{name}` ({entry.get('backend')}) via socket | "
+                     + " | ".join(_stats_cells(e2e)) + f" | {ratio} | {note} |")
+    floor = datasci.get("floor") or {}
+    if floor.get("wall"):
+        lines.append("| floor: the script alone in one warm interpreter (no sandbox) | "
+                     + " | ".join(_stats_cells(floor["wall"])) + " | - | CPU p50 "
+                     f"{_ms(floor['cpu'], 'p50_ms')} ms; imports done, PNG into memory; the "
+                     f"first run after the warm-up {floor['first_run_wall_ms']} ms |")
+    for name, entry in (datasci.get("print1_latency") or {}).items():
+        lines.append(f"| sandpool `{name}`, `print(1)` | " + " | ".join(
+            _stats_cells(entry.get("e2e"))) + " | - | what a preloaded sandbox adds to any "
+            f"request; hand-out to result p50 {_ms(entry.get('execution'), 'p50_ms')} ms |")
+    for name, why in datasci.get("pools_not_started", {}).items():
+        lines.append(f"| sandpool `{name}` | - | - | - | 0 | - | did not start: "
+                     f"`{why.strip().splitlines()[-1]}` |")
+    lines += ["", "Warm sandbox memory (idle, after preload; /proc/<pid>/smaps_rollup summed "
+                  "over the sandbox's processes; PSS shares each shared page among the "
+                  "processes mapping it):", "",
+              "| pool | warm sandboxes | processes each | RSS MiB (median) | PSS MiB (median) "
+              "| PSS MiB, all warm together |", "|---|---:|---:|---:|---:|---:|"]
+    for name, memory in datasci.get("memory", {}).items():
+        if not memory.get("sandboxes"):
+            lines.append(f"| `{name}` | 0 | - | - | - | {memory.get('error', '')} |")
+            continue
+        lines.append(f"| `{name}` | {memory['sandboxes']} | {memory['processes_per_sandbox']} "
+                     f"| {memory['rss_mib_median']} | {memory['pss_mib_median']} "
+                     f"| {memory['pss_mib_total']} |")
+    lines += ["", "Open-loop load, the data analysis (Poisson arrivals):", ""]
+    if datasci.get("config"):
+        lines += ["Daemon configuration:", "", "```toml", datasci["config"].rstrip(), "```", ""]
+    for name, load in datasci.get("load", {}).items():
+        lines += _load_table(name, load)
+    return lines
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -121,35 +223,7 @@ def markdown(doc: dict[str, Any]) -> str:
     if sandpool.get("config"):
         lines += ["Daemon configuration:", "", "```toml", sandpool["config"].rstrip(), "```", ""]
     for name, load in sandpool.get("load", {}).items():
-        if "steps" not in load:
-            lines += [f"### `{name}`", "", f"Not measured: {load.get('error')}", ""]
-            continue
-        lines += [
-            f"### `{name}`", "",
-            "| offered/s | arrived/s | completed/s | rejected | failed | p50 ms | p95 ms | p99 ms "
-            "| hand-out p99 ms | drain s | CPU: daemon / dockerd / host "
-            "| CPU ms/req: daemon / host | saturated (queue grows) | latency knee |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
-        ]
-        for step in load["steps"]:
-            cpu = step.get("cpu") or {}
-            cpu_cell = " / ".join(
-                f"{cpu[k]:g} %" if cpu.get(k) is not None else "-"
-                for k in ("daemon_cpu_percent", "dockerd_cpu_percent", "host_busy_percent")
-            )
-            lines.append(
-                f"| {step['offered_per_s']:g} | {step['arrived_per_s']:g} | "
-                f"{step['achieved_ok_per_s']:g} | {step['rejected']} | {step['failed']} | "
-                f"{_ms(step['e2e'], 'p50_ms')} | {_ms(step['e2e'], 'p95_ms')} | "
-                f"{_ms(step['e2e'], 'p99_ms')} | {_ms(step['handout'], 'p99_ms')} | "
-                f"{step['drain_s']:g} | {cpu_cell} | "
-                f"{step.get('daemon_cpu_ms_per_request') or '-'} / "
-                f"{step.get('host_cpu_ms_per_request') or '-'} | {step['saturated'] or 'no'} | "
-                f"{step.get('latency_knee') or 'no'} |"
-            )
-        lines += ["", f"Sustained (highest completed/s of an unsaturated step): "
-                      f"{load['sustained_ok_per_s']}/s; peak completed/s: "
-                      f"{load['peak_ok_per_s']}/s; stopped: {load['stopped']}.", ""]
+        lines += _load_table(name, load)
     versus = sandpool.get("docker_vs_ceiling")
     if versus:
         lines += [f"Docker pool sustained single-use throughput (the highest completed/s of "
@@ -187,6 +261,7 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{_ms(print1['handout_idle'], 'p99_ms')} ms; hand-out to result "
                      f"(`duration_ms`) p50 {_ms(print1['execution'], 'p50_ms')} ms; e2e minus "
                      f"both p50 {_ms(print1.get('outside_backend'), 'p50_ms')} ms.")
+    lines += datasci_markdown(doc)
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for target in doc["targets"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[target["met"]]
@@ -212,6 +287,8 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]'): no plot"
     loads = {k: v for k, v in doc["sandpool"].get("load", {}).items() if "steps" in v}
+    loads |= {f"{k}, data analysis": v for k, v in
+              ((doc.get("datasci") or {}).get("load") or {}).items() if "steps" in v}
     if not loads:
         return "no load test ran: no plot"
     fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 4), squeeze=False)
@@ -236,7 +313,7 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
         ax.set_title(f"{name} ({load.get('backend')})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"sandpool {doc['name']}: latency vs offered load (print(1)); "
+    fig.suptitle(f"sandpool {doc['name']}: latency vs offered load (print(1) unless named); "
                  "red = saturated step", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -53,11 +53,22 @@ class PoolPlan:
     start_concurrency: int
     low_load_rate_per_s: float
     first_load_rate_per_s: float  # docker: replaced by a fraction of the churn ceiling
+    image: str | None = None  # None: the run's image for docker, the default for process
+    preload: tuple[str, ...] = ()
+    memory_mb: int | None = None  # None: the pool default
+    cpus: float | None = None  # None: the pool default
 
     def toml(self) -> str:
-        image = f'image = "{docker_paths.IMAGE}"\n' if self.backend == "docker" else ""
+        image = self.image or (docker_paths.IMAGE if self.backend == "docker" else None)
+        extra = f'image = "{image}"\n' if image else ""
+        if self.preload:
+            extra += "preload = [" + ", ".join(f'"{m}"' for m in self.preload) + "]\n"
+        if self.memory_mb is not None:
+            extra += f"memory_mb = {self.memory_mb}\n"
+        if self.cpus is not None:
+            extra += f"cpus = {self.cpus}\n"
         return (
-            f'[pools.{self.name}]\nbackend = "{self.backend}"\nlanguage = "python"\n{image}'
+            f'[pools.{self.name}]\nbackend = "{self.backend}"\nlanguage = "python"\n{extra}'
             f"min_idle = {self.min_idle}\nmax_size = {self.max_size}\n"
             f"start_concurrency = {self.start_concurrency}\n"
             # Deep queue and long acquire timeout: overload shows as latency and
@@ -96,6 +107,38 @@ def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPla
     return plans
 
 
+DATASCI_IMAGE = "sandpool/datasci:bookworm"
+DATASCI_PRELOAD = ("numpy", "pandas", "matplotlib.pyplot")
+DATASCI_MEMORY_MB = 512
+# A data-analysis request is ~100 ms of CPU (read_csv, groupby, a PNG drawn):
+# at the default cpus = 0.5 the CPU quota alone would double it.
+DATASCI_CPUS = 1.0
+# A datasci sandbox's start is ~0.3-1 s of CPU (the imports and the warm-up),
+# so pacing and the first load step are well below print(1)'s.
+DATASCI_LOW_LOAD_RATE = {"docker": 2.0, "process": 3.0}
+DATASCI_FIRST_LOAD_RATE = {"docker": 0.5, "process": 1.0}
+DATASCI_POOL_SIZES = {"docker": (4, 8, 2), "process": (4, 8, 2)}
+
+
+def datasci_plans(sizes: dict[str, tuple[int, int, int]] | None = None) -> list[PoolPlan]:
+    """The data-science pools, docker and process tier, on the datasci image with preload.
+
+    ``sizes`` maps a backend to (min_idle, max_size, start_concurrency).
+    """
+    plans = []
+    for backend, suffix in (("docker", ""), ("process", "-process")):
+        min_idle, max_size, concurrency = (sizes or DATASCI_POOL_SIZES)[backend]
+        plans.append(PoolPlan(
+            name=f"datasci{suffix}", backend=backend, min_idle=min_idle, max_size=max_size,
+            start_concurrency=concurrency,
+            low_load_rate_per_s=DATASCI_LOW_LOAD_RATE[backend],
+            first_load_rate_per_s=DATASCI_FIRST_LOAD_RATE[backend],
+            image=DATASCI_IMAGE, preload=DATASCI_PRELOAD, memory_mb=DATASCI_MEMORY_MB,
+            cpus=DATASCI_CPUS,
+        ))
+    return plans
+
+
 def daemon_config(plans: list[PoolPlan]) -> str:
     header = (
         "# Written by bench/ for one benchmark run.\n[server]\n"
@@ -126,8 +169,9 @@ def low_load_latency(
     not_idle = 0
     failures: dict[str, int] = {}
     with Client(socket_path, timeout_s=60) as client:
+        body = workload.request_body(pool)
         for _ in range(3):  # connect, and warm the daemon's code paths
-            client.run(workload.code, pool=pool)
+            client.request("POST", "/v1/run", body)
         next_send = time.perf_counter()
         for _ in range(samples):
             if time_left() <= 0 and len(e2e_ms) >= 10:
@@ -143,14 +187,14 @@ def low_load_latency(
             sent = time.perf_counter()
             next_send = sent + 1 / rate_per_s
             try:
-                result = client.run(workload.code, pool=pool)
+                result = client.request("POST", "/v1/run", body)
             except ApiError as e:  # counted, not fatal: dockerd may restart under us
                 failures[e.code] = failures.get(e.code, 0) + 1
                 if sum(failures.values()) > max(5, samples // 10):
                     break
                 continue
             e2e_ms.append((time.perf_counter() - sent) * 1000)
-            if result["exit_code"] != 0 or result["stdout"] != workload.expected_stdout:
+            if not workload.check(result):
                 raise RuntimeError(f"sandpool {pool}: wrong result {result!r:.300}")
             handout_all_ms.append(float(result["queued_ms"]))
             execution_ms.append(float(result["duration_ms"]))
@@ -204,7 +248,7 @@ class _Outcome:
 
 
 async def _one(
-    session: aiohttp.ClientSession, body: dict[str, Any], expected: str, outcome: _Outcome,
+    session: aiohttp.ClientSession, body: dict[str, Any], workload: Workload, outcome: _Outcome,
     timeout_s: float,
 ) -> None:
     loop = asyncio.get_running_loop()
@@ -221,7 +265,7 @@ async def _one(
         if outcome.status == 200:
             outcome.queued_ms = float(document["queued_ms"])
             outcome.duration_ms = float(document["duration_ms"])
-            outcome.correct = document["exit_code"] == 0 and document["stdout"] == expected
+            outcome.correct = workload.check(document)
             if not outcome.correct:
                 outcome.code = "wrong_result"
         else:
@@ -236,7 +280,7 @@ async def open_loop_step(
     """Poisson arrivals at ``rate_per_s`` for ``duration_s``; waits for every answer."""
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
-    body = {"code": workload.code, "pool": pool}
+    body = workload.request_body(pool)
     outcomes: list[_Outcome] = []
     # A Poisson process conditioned on its count: exactly rate x duration
     # arrivals, each uniform over the step. The bursts are Poisson's, but the
@@ -258,7 +302,7 @@ async def open_loop_step(
                 outcome = _Outcome(scheduled=arrival)
                 outcomes.append(outcome)
                 group.create_task(
-                    _one(session, body, workload.expected_stdout, outcome, request_timeout_s)
+                    _one(session, body, workload, outcome, request_timeout_s)
                 )
     ok = [o for o in outcomes if o.correct]
     rejected = [o for o in outcomes if o.status == 503]

@@ -1,18 +1,24 @@
-"""The two programs every path runs: ``print(1)`` and a small realistic script.
+"""The programs the paths run: ``print(1)``, a small realistic script, and a data analysis.
 
 The realistic script parses an embedded JSON document of 120 orders (about
 13 KB), aggregates revenue per customer with the standard library, and prints
-one JSON line. It is built deterministically, so every path runs the same bytes
-and the expected output is known before any sandbox runs it.
+one JSON line. The data analysis uploads a ~1 MB CSV of orders with the
+request, reads it with pandas, sums revenue per region and shows one
+matplotlib bar chart (a PNG in the response's ``results``). Each is built
+deterministically, so every path runs the same bytes and the expected output
+is known before any sandbox runs it.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import csv
 import io
 import json
 import random
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +26,32 @@ class Workload:
     name: str
     code: str
     expected_stdout: str
+    files: tuple[tuple[str, bytes], ...] = ()  # uploaded with the request
+    result_types: tuple[str, ...] = ()  # the response's ``results``, in order
+
+    def request_body(self, pool: str) -> dict[str, Any]:
+        """The POST /v1/run body for ``pool``."""
+        body: dict[str, Any] = {"code": self.code, "pool": pool}
+        if self.files:
+            body["files"] = [
+                {"path": path, "content": base64.b64encode(content).decode("ascii"),
+                 "encoding": "base64"}
+                for path, content in self.files
+            ]
+        return body
+
+    def check(self, document: dict[str, Any]) -> bool:
+        """Whether a POST /v1/run answer is this workload's correct result (PNGs by signature)."""
+        if document.get("exit_code") != 0 or document.get("stdout") != self.expected_stdout:
+            return False
+        results = document.get("results") or []
+        if tuple(item.get("type") for item in results) != self.result_types:
+            return False
+        return all(base64.b64decode(item["data"]).startswith(PNG_SIGNATURE)
+                   for item in results if item["type"] == "image/png")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _orders_document() -> str:
@@ -76,3 +108,47 @@ def build_workloads() -> tuple[Workload, ...]:
         Workload("print1", "print(1)", "1\n"),
         Workload("realistic", realistic, _expected(realistic)),
     )
+
+
+# About 1 MB: the size of a CSV an agent is typically handed to analyse.
+DATASCI_ROWS = 28_000
+DATASCI_CSV = "orders.csv"
+DATASCI_REGIONS = ("north", "south", "east", "west", "centre")
+DATASCI_CODE = """\
+import pandas as pd
+import matplotlib.pyplot as plt
+
+orders = pd.read_csv("orders.csv")
+orders["revenue"] = orders["qty"] * orders["unit_price"]
+by_region = orders.groupby("region")["revenue"].sum().sort_values()
+by_region.plot.bar(title="Revenue by region")
+plt.show()
+print(len(orders), by_region.idxmax())
+"""
+
+
+def _orders_csv() -> tuple[bytes, str]:
+    """The CSV, and the stdout DATASCI_CODE prints for it (computed without pandas)."""
+    rng = random.Random(14)  # a fixed seed: the same bytes in every run
+    products = [f"P-{i:03d}" for i in range(40)]
+    revenue = dict.fromkeys(DATASCI_REGIONS, 0.0)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["order", "day", "region", "product", "qty", "unit_price"])
+    for index in range(DATASCI_ROWS):
+        region, qty = rng.choice(DATASCI_REGIONS), rng.randint(1, 9)
+        price = f"{rng.uniform(0.5, 99.0):.2f}"
+        day = f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        writer.writerow([index, day, region, rng.choice(products), qty, price])
+        revenue[region] += qty * float(price)
+    ranked = sorted(revenue.values())
+    # pandas sums in another order; a wide margin keeps the winner the same.
+    assert ranked[-1] - ranked[-2] > 1.0, "regions too close to name a winner"
+    return buffer.getvalue().encode(), f"{DATASCI_ROWS} {max(revenue, key=revenue.__getitem__)}\n"
+
+
+def build_datasci_workload() -> Workload:
+    """``datasci``: a ~1 MB CSV in, pandas groupby, one PNG out in ``results``."""
+    data, expected = _orders_csv()
+    return Workload("datasci", DATASCI_CODE, expected, files=((DATASCI_CSV, data),),
+                    result_types=("image/png",))

@@ -128,9 +128,43 @@ def test_sandpool_sections_are_sane(quick_result: dict[str, Any]) -> None:
     assert sandpool["leftover_containers"] == 0
 
 
+def test_datasci_section_is_sane(quick_result: dict[str, Any]) -> None:
+    datasci = quick_result["datasci"]
+    if "skipped" in datasci:  # the datasci image is not built here
+        assert "image build --profile datasci" in datasci["skipped"]
+        return
+    assert "error" not in datasci, datasci.get("error")
+    assert quick_result["workloads"]["datasci"]["csv_bytes"] > 900_000
+    cold = datasci["cold"]
+    if "skipped" not in cold:
+        assert_stats(cold["datasci"]["result"], "datasci cold")
+        assert cold["datasci"]["with_remove"]["min_ms"] >= cold["datasci"]["result"]["min_ms"]
+    if "skipped" not in datasci["floor"]:
+        assert_stats(datasci["floor"]["wall"], "datasci floor")
+    served = {p["name"]: p["backend"] for p in datasci["pools"]}
+    assert served.get("datasci") == "docker"
+    assert set(datasci["latency"]) == set(served) == set(datasci["load"])
+    for name in served:
+        for key in ("e2e", "handout_all", "execution"):
+            assert_stats(datasci["latency"][name][key], f"{name} datasci {key}")
+            assert_stats(datasci["print1_latency"][name][key], f"{name} print(1) {key}")
+        memory = datasci["memory"][name]
+        assert memory["sandboxes"] >= 1, name
+        for tree in memory["per_sandbox"]:
+            # A preloaded interpreter holds tens of MiB; PSS never exceeds RSS.
+            assert 20 < tree["rss_mib"] < 1024, (name, tree)
+            assert 0 < tree["pss_mib"] <= tree["rss_mib"], (name, tree)
+        for step in datasci["load"][name]["steps"]:
+            assert step["ok"] + step["rejected"] + step["failed"] == step["arrivals"], step
+    assert datasci["stop_status"] == 0
+    assert datasci["leftover_containers"] == 0
+
+
 def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
     targets = quick_result["targets"]
-    assert len(targets) == 9
+    # sandpool's print(1) targets, the datasci pools' latency and speed-up, and
+    # print(1) against the last published run, per backend.
+    assert len(targets) == 9 + 4 + 3
     for target in targets:
         assert target["met"] in (True, False, None)
         assert target["measured"]
@@ -139,6 +173,7 @@ def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
     markdown = (out / "quick.md").read_text()
     assert "## Latency per request (ms)" in markdown
     assert "## Targets" in markdown
+    assert "## Data analysis" in markdown
     if quick_result["plot"]["path"] is not None:
         assert (out / "quick.png").read_bytes().startswith(b"\x89PNG")
     else:
