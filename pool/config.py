@@ -56,6 +56,9 @@ class PoolConfig:
     # wasm backend: files and directories one guest may hold open (each costs the daemon an fd).
     wasm_max_open_files: int = 256
     min_idle: int = 2
+    # With a value above min_idle, the idle target follows demand between the
+    # two (pool/autosize.py); none keeps it at min_idle.
+    max_idle: int | None = None
     max_size: int = 8
     max_queue: int = 64
     acquire_timeout_s: float = 30.0
@@ -94,6 +97,11 @@ class PoolConfig:
         _positive(f"{where}.max_size", self.max_size)
         if not 0 <= self.min_idle <= self.max_size:
             raise ConfigError(f"{where}.min_idle must be between 0 and max_size ({self.max_size})")
+        if self.max_idle is not None and not self.min_idle <= self.max_idle <= self.max_size:
+            raise ConfigError(
+                f"{where}.max_idle must be between min_idle ({self.min_idle}) "
+                f"and max_size ({self.max_size})"
+            )
         for key in (
             "max_queue",
             "start_concurrency",
@@ -198,6 +206,9 @@ class ServerConfig:
     # not the daemon, closes a connection it may be about to reuse.
     header_timeout_s: float = 5.0
     keepalive_timeout_s: float = 30.0
+    # Ceiling of the sum over pools of idle target x memory_mb: what pools with
+    # max_idle may add above their min_idle shares what is left of it.
+    idle_memory_mb: int = 2048
 
     def validate(self) -> None:
         if not self.socket.startswith("/"):
@@ -207,7 +218,7 @@ class ServerConfig:
         for key in ("max_request_bytes", "max_concurrent_requests", "shutdown_timeout_s",
                     "body_timeout_s", "max_connections", "max_connections_per_peer",
                     "metrics_max_connections", "metrics_max_connections_per_peer",
-                    "header_timeout_s", "keepalive_timeout_s"):
+                    "header_timeout_s", "keepalive_timeout_s", "idle_memory_mb"):
             _positive(f"server.{key}", getattr(self, key))
         for prefix in ("", "metrics_"):
             if getattr(self, f"{prefix}max_connections_per_peer") > getattr(
@@ -243,6 +254,16 @@ class Config:
             raise ConfigError(
                 f"server.sandbox_uid_count ({self.server.sandbox_uid_count}) is below the "
                 f"{needed} sandboxes the docker and process pools may hold at once"
+            )
+        # Floors are always kept, within the budget or not: only a pool that
+        # could grow above its floor needs room left in it.
+        growing = [p.name for p in self.pools if p.max_idle is not None and p.max_idle > p.min_idle]
+        floors_mb = sum(p.min_idle * p.memory_mb for p in self.pools)
+        if growing and floors_mb >= self.server.idle_memory_mb:
+            raise ConfigError(
+                f"server.idle_memory_mb ({self.server.idle_memory_mb}) leaves no room above the "
+                f"{floors_mb} MiB that every pool's min_idle x memory_mb holds: the max_idle of "
+                f"{', '.join(growing)} could never be used"
             )
 
     def replace_server(self, **changes: Any) -> Config:
@@ -372,7 +393,9 @@ def _fields(
                 raise ConfigError(f"{where}.{key} must be a list of non-negative integers")
             values[key] = tuple(value)
             continue
-        if isinstance(default, bool):
+        if key in OPTIONAL_INTS:
+            expected = (int,)
+        elif isinstance(default, bool):
             expected = (bool,)
         elif isinstance(default, float):
             expected = (int, float)
@@ -388,6 +411,7 @@ def _fields(
 
 
 STRING_LISTS = frozenset({"preload"})  # the tuple-valued keys that hold strings, not ids
+OPTIONAL_INTS = frozenset({"max_idle"})  # default none, else an integer
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
