@@ -39,6 +39,9 @@ _LATENCY_BUCKETS = (
 )
 _LIFECYCLE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OUTCOMES = ("ok", "error", "timeout", "oom", "rejected")
+# Whether a request found an idle sandbox (hit) or waited for one, or was
+# refused waiting (miss): the hit ratio is hit / (hit + miss).
+ACQUISITION_RESULTS = ("hit", "miss")
 STATES = ("idle", "busy", "starting", "destroying")
 
 # (pool name) -> (state -> count, waiters); read at scrape time, never polled.
@@ -126,6 +129,18 @@ class Metrics:
             ["pool"],
             registry=r,
         )
+        self.acquisitions = Counter(
+            "sandpool_acquisitions",
+            "Requests by whether an idle sandbox was there (hit) or not (miss)",
+            ["pool", "result"],
+            registry=r,
+        )
+        self.idle_target = Gauge(
+            "sandpool_idle_target",
+            "Idle sandboxes the pool keeps warm: min_idle, raised by demand up to max_idle",
+            ["pool"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "sandpool_build_info",
             "sandpool and backend versions",
@@ -156,6 +171,9 @@ class Metrics:
         for outcome in OUTCOMES:
             self.requests.labels(pool, outcome)
             self.request_duration.labels(pool, outcome)
+        for result in ACQUISITION_RESULTS:
+            self.acquisitions.labels(pool, result)
+        self.idle_target.labels(pool)
         for metric in (
             self.oom_kills, self.timeouts, self.start_failures, self.acquire_wait,
             self.execution_duration, self.start_duration, self.destroy_duration,
@@ -170,6 +188,12 @@ class Metrics:
 
     def sandbox_acquired(self, pool: str, wait_s: float) -> None:
         self._series(self.acquire_wait, pool).observe(wait_s)
+
+    def acquisition(self, pool: str, *, hit: bool) -> None:
+        self._series(self.acquisitions, pool, "hit" if hit else "miss").inc()
+
+    def idle_target_set(self, pool: str, target: int) -> None:
+        self.idle_target.labels(pool).set(target)
 
     def sandbox_ran(self, pool: str, execution_s: float) -> None:
         self._series(self.execution_duration, pool).observe(execution_s)

@@ -94,6 +94,8 @@ METRIC_NAMES = [
     "sandpool_oom_kills_total",
     "sandpool_timeouts_total",
     "sandpool_sandbox_start_failures_total",
+    "sandpool_acquisitions_total",
+    "sandpool_idle_target",
     "sandpool_build_info",
 ]
 
