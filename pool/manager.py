@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol
 
 import structlog
 
 from metrics import Metrics
+from pool.autosize import DemandSizer, IdleBudget
 from pool.backends.base import Backend, RunRequest, RunResult, Sandbox, SandboxEvent, SandboxT
 from pool.backends.runtime import Runtime
 from pool.config import PoolConfig
@@ -45,9 +46,15 @@ SETTLE_S = 0.002
 
 
 class Activity:
-    """Counts requests in flight across all pools so refills can wait for a quiet moment."""
+    """What the pools of one daemon share.
 
-    def __init__(self) -> None:
+    It counts requests in flight across all pools so refills can wait for a
+    quiet moment, and holds the idle memory budget (``server.idle_memory_mb``;
+    None: no budget) that the pools' demand-driven idle targets share.
+    """
+
+    def __init__(self, idle_memory_mb: int | None = None) -> None:
+        self.idle_budget = IdleBudget(idle_memory_mb)
         self.in_flight = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
@@ -110,7 +117,13 @@ class PoolHandle(Protocol):
 
 
 class Pool(Generic[SandboxT]):
-    """Keeps ``min_idle`` sandboxes warm, never more than ``max_size`` in all states."""
+    """Keeps an idle target of sandboxes warm, never more than ``max_size`` in all states.
+
+    The idle target is ``min_idle``, or, with ``max_idle`` above it, what the
+    measured demand asks for between the two within the daemon's idle memory
+    budget (pool/autosize.py). ``clock`` times arrivals and reviews of that
+    target; tests pass a fake one.
+    """
 
     def __init__(
         self,
@@ -118,6 +131,7 @@ class Pool(Generic[SandboxT]):
         backend: Backend[SandboxT],
         metrics: Metrics,
         activity: Activity | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -136,8 +150,15 @@ class Pool(Generic[SandboxT]):
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._closing = False
         self.warmed = asyncio.Event()  # reached min_idle at least once
+        self._clock = clock
+        ceiling = config.min_idle if config.max_idle is None else config.max_idle
+        self._sizer = DemandSizer(config.min_idle, ceiling, clock())
+        self._idle_target = config.min_idle
+        self._review_at: float | None = None
+        self._review_timer: asyncio.TimerHandle | None = None
         backend.listener = self._on_sandbox_event
         metrics.pool_created(self.name)
+        metrics.idle_target_set(self.name, self._idle_target)
 
     def __repr__(self) -> str:
         return (
@@ -151,6 +172,9 @@ class Pool(Generic[SandboxT]):
     async def start(self) -> None:
         """Check the backend and begin warming; does not wait for ``min_idle``."""
         await self.backend.start()
+        self.activity.idle_budget.join(
+            self, self.name, self.config.memory_mb, self.config.min_idle, self._grant_changed
+        )
         if self.config.min_idle == 0:
             self.warmed.set()
         self._maintain()
@@ -158,8 +182,10 @@ class Pool(Generic[SandboxT]):
     async def close(self) -> None:
         """Stop refilling, cancel starts, destroy every sandbox; waits for the destroys."""
         self._closing = True
-        if self._backoff_timer is not None:
-            self._backoff_timer.cancel()
+        self.activity.idle_budget.leave(self)
+        for timer in (self._backoff_timer, self._review_timer):
+            if timer is not None:
+                timer.cancel()
         for waiter in self._waiters:
             waiter.cancel()
         for task in self._start_tasks:
@@ -194,6 +220,11 @@ class Pool(Generic[SandboxT]):
         return len(self._waiters)
 
     @property
+    def idle_target(self) -> int:
+        """Idle sandboxes the pool keeps warm now: min_idle, or what demand was granted."""
+        return self._idle_target
+
+    @property
     def total(self) -> int:
         return len(self._idle) + len(self._busy) + self._starting + self._destroying
 
@@ -216,31 +247,41 @@ class Pool(Generic[SandboxT]):
         and BackendError. Cancellation destroys the sandbox too.
         """
         began = time.monotonic()
-        for attempt in range(1, HANDOUT_ATTEMPTS + 1):
-            sandbox = await self._acquire()
-            wait_s = time.monotonic() - began
-            self.activity.begin()
-            try:
-                result = await self.backend.run(sandbox, request)
-            except SandboxLostError:
-                log.info(
-                    "sandbox_lost_at_handout", pool=self.name, sandbox=sandbox.id, attempt=attempt
-                )
-                if attempt == HANDOUT_ATTEMPTS:
-                    raise
-                continue
-            finally:
-                self.activity.end()
-                self._release(sandbox)
-            self.metrics.sandbox_acquired(self.name, wait_s)
-            self.metrics.sandbox_ran(self.name, result.execution_s)
-            return PoolRun(result=result, sandbox_id=sandbox.id, acquire_wait_s=wait_s)
-        raise AssertionError("unreachable")  # pragma: no cover
+        if not self._sizer.fixed:
+            self._sizer.arrived(self._clock())
+        waited = False  # a hit: every hand-out of this request came from the idle sandboxes
+        try:
+            for attempt in range(1, HANDOUT_ATTEMPTS + 1):
+                sandbox = self._take_idle()
+                if sandbox is None:
+                    waited = True
+                    sandbox = await self._wait_for_sandbox()
+                wait_s = time.monotonic() - began
+                self.activity.begin()
+                try:
+                    result = await self.backend.run(sandbox, request)
+                except SandboxLostError:
+                    log.info(
+                        "sandbox_lost_at_handout",
+                        pool=self.name,
+                        sandbox=sandbox.id,
+                        attempt=attempt,
+                    )
+                    if attempt == HANDOUT_ATTEMPTS:
+                        raise
+                    continue
+                finally:
+                    self.activity.end()
+                    self._release(sandbox)
+                self.metrics.sandbox_acquired(self.name, wait_s)
+                self.metrics.sandbox_ran(self.name, result.execution_s)
+                return PoolRun(result=result, sandbox_id=sandbox.id, acquire_wait_s=wait_s)
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            # Refused and timed-out requests count as misses: they were not served at once.
+            self.metrics.acquisition(self.name, hit=not waited)
 
-    async def _acquire(self) -> SandboxT:
-        sandbox = self._take_idle()
-        if sandbox is not None:
-            return sandbox
+    async def _wait_for_sandbox(self) -> SandboxT:
         if self._failing():
             raise UnavailableError(
                 f"pool {self.name!r} cannot start sandboxes: its backend is failing",
@@ -284,7 +325,7 @@ class Pool(Generic[SandboxT]):
         return None
 
     def _give_back(self, sandbox: SandboxT) -> None:
-        # Only called from _acquire's finally when the waiter raised, so the
+        # Only called from _wait_for_sandbox when the waiter raised, so the
         # sandbox never reached a caller.
         self._busy.discard(sandbox)
         self._idle.appendleft(sandbox)
@@ -297,9 +338,59 @@ class Pool(Generic[SandboxT]):
     # --- state machine -----------------------------------------------------
 
     def _maintain(self) -> None:
-        """Start sandboxes until idle + starting covers min_idle and the waiters."""
+        """Bring the idle target up to date, then start sandboxes until idle +
+        starting covers it and the waiters."""
         if self._closing:
             return
+        self._resize()
+        self._refill()
+
+    def _resize(self) -> None:
+        if self._sizer.fixed:
+            return  # min_idle == max_idle: the target is min_idle, as it always was
+        now = self._clock()
+        self._apply_grant(self.activity.idle_budget.want(self, self._sizer.target(now)))
+        review_at = self._sizer.review_at
+        if review_at != self._review_at:
+            if self._review_timer is not None:
+                self._review_timer.cancel()
+                self._review_timer = None
+            if review_at is not None:
+                self._review_timer = asyncio.get_running_loop().call_later(
+                    max(0.0, review_at - now), self._review_due
+                )
+            self._review_at = review_at
+
+    def _review_due(self) -> None:
+        self._review_timer = None
+        self._review_at = None
+        self._maintain()
+
+    def _grant_changed(self) -> None:
+        # Another pool's demand moved this pool's share of the idle budget.
+        if self._closing:
+            return
+        self._apply_grant(self.activity.idle_budget.grant(self))
+        self._refill()
+
+    def _apply_grant(self, target: int) -> None:
+        if target != self._idle_target:
+            log.info(
+                "idle_target_changed",
+                pool=self.name,
+                target=target,
+                previous=self._idle_target,
+                arrivals_per_s=round(self._sizer.rate(self._clock()), 3),
+                refill_s=self._sizer.refill_s,
+            )
+            self._idle_target = target
+            self.metrics.idle_target_set(self.name, target)
+        # Demand added what exceeds the target now: give its memory back. The
+        # oldest first, the likeliest to have gone stale while parked.
+        while len(self._idle) > self._idle_target:
+            self._destroy(self._idle.popleft())
+
+    def _refill(self) -> None:
         if self._backing_off():
             if self._backoff_timer is None:
                 delay = self._backoff_until - time.monotonic()
@@ -307,7 +398,7 @@ class Pool(Generic[SandboxT]):
                     delay, self._backoff_over
                 )
             return
-        wanted = self.config.min_idle + len(self._waiters)
+        wanted = self._idle_target + len(self._waiters)
         while (
             len(self._idle) + self._starting < wanted
             and self.total < self.config.max_size
@@ -408,6 +499,9 @@ class Pool(Generic[SandboxT]):
         return task
 
     async def _start_sandbox(self, urgent: bool) -> None:
+        # A refill lasts from this decision to the sandbox parked, quiet wait
+        # included: that is the W of the idle target's Little's law.
+        decided = time.monotonic()
         try:
             if not urgent:
                 await self.activity.wait_quiet(QUIET_WAIT_MAX_S)
@@ -423,7 +517,9 @@ class Pool(Generic[SandboxT]):
             log.exception("sandbox_start_crashed", pool=self.name)
             self._start_failed(e)
             return
-        self.metrics.sandbox_started(self.name, time.monotonic() - began)
+        parked = time.monotonic()
+        self.metrics.sandbox_started(self.name, parked - began)
+        self._sizer.refilled(parked - decided)
         self._sandbox_started(sandbox)
 
     async def _destroy_when_quiet(self, sandbox: SandboxT) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,11 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from metrics import Metrics
+from pool.autosize import HOLD_S
 from pool.backends.base import RunRequest
 from pool.backends.fake import FakeBackend
 from pool.config import PoolConfig
 from pool.errors import SandboxLostError, UnavailableError
-from pool.manager import Pool
+from pool.manager import Activity, Pool
 
 PoolFactory = Callable[..., Any]
 
@@ -28,13 +30,15 @@ def request(code: str = "hello", timeout_s: float = 5.0) -> RunRequest:
 @asynccontextmanager
 async def make_pool(**overrides: Any) -> AsyncIterator[tuple[Pool[Any], FakeBackend]]:
     start_delay_s = overrides.pop("start_delay_s", 0.0)
+    activity = overrides.pop("activity", None)
+    clock = overrides.pop("clock", time.monotonic)
     config = dataclasses.replace(
         PoolConfig(name="t", backend="fake", min_idle=2, max_size=4, acquire_timeout_s=2.0),
         **overrides,
     )
     backend = FakeBackend(config, "test")
     backend.start_delay_s = start_delay_s
-    pool: Pool[Any] = Pool(config, backend, Metrics(CollectorRegistry()))
+    pool: Pool[Any] = Pool(config, backend, Metrics(CollectorRegistry()), activity, clock)
     await pool.start()
     try:
         yield pool, backend
@@ -267,3 +271,119 @@ async def test_destroy_waits_briefly_for_quiet_but_not_for_long() -> None:
         assert first.sandbox_id in backend.destroyed
         assert not busy.done()
         await busy
+
+
+# --- the idle target ---------------------------------------------------------
+
+
+class FakeClock:
+    """The pool's clock for arrivals and reviews of its idle target; refills keep real time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sample(pool: Pool[Any], name: str, **labels: str) -> float | None:
+    return pool.metrics.registry.get_sample_value(name, {"pool": pool.name, **labels})
+
+
+async def burst(pool: Pool[Any], arrivals: int) -> list[asyncio.Task[Any]]:
+    """``arrivals`` requests at one instant of the fake clock, left waiting or running."""
+    runs = [asyncio.create_task(pool.run(request("hang", timeout_s=30))) for _ in range(arrivals)]
+    await asyncio.sleep(0)  # each has arrived and taken or queued for a sandbox
+    return runs
+
+
+async def cancel(runs: list[asyncio.Task[Any]]) -> None:
+    for run in runs:
+        run.cancel()
+    await asyncio.gather(*runs, return_exceptions=True)
+
+
+async def test_a_burst_raises_the_idle_target_within_max_idle_then_idleness_decays_it() -> None:
+    clock = FakeClock()
+    # Refills take at least 0.2 s; 50 arrivals at once estimate 10 per second,
+    # so Little's law asks for at least 10 x 0.2 x 1.5 = 3, and max_idle caps it at 3.
+    async with make_pool(
+        min_idle=1, max_idle=3, max_size=8, start_delay_s=0.2, clock=clock
+    ) as (pool, _):
+        await settle(pool, idle=1, starting=0)
+        assert pool.idle_target == 1
+        assert sample(pool, "sandpool_idle_target") == 1
+        runs = await burst(pool, 50)
+        assert pool.idle_target == 3
+        assert sample(pool, "sandpool_idle_target") == 3
+        await cancel(runs)
+        # One request found the warm sandbox; the other 49 had to wait.
+        assert sample(pool, "sandpool_acquisitions_total", result="hit") == 1
+        assert sample(pool, "sandpool_acquisitions_total", result="miss") == 49
+        await settle(pool, idle=3, starting=0, busy=0)
+        assert pool._review_timer is not None  # the pool reviews the target on its own
+        # The review timer's callback, run by hand at the fake clock's times:
+        # through the window that saw the burst the target holds ...
+        clock.now += HOLD_S
+        pool._review_due()
+        assert pool.idle_target == 3
+        # ... and after a window without a request it is back at min_idle, and so is the pool.
+        clock.now += HOLD_S
+        pool._review_due()
+        assert pool.idle_target == 1
+        assert pool._review_timer is None
+        await settle(pool, idle=1, destroying=0)
+        assert sample(pool, "sandpool_idle_target") == 1
+
+
+async def test_the_idle_memory_budget_caps_the_pools_together() -> None:
+    clock = FakeClock()
+    # 512 MiB for idle sandboxes of 128 MiB: four in all, whatever each pool
+    # wants, of which the two floors hold two.
+    activity = Activity(idle_memory_mb=512)
+    shape: dict[str, Any] = {
+        "min_idle": 1, "max_idle": 4, "max_size": 8, "memory_mb": 128, "start_delay_s": 0.2,
+        "clock": clock, "activity": activity,
+    }
+    async with make_pool(name="a", **shape) as (a, _), make_pool(name="b", **shape) as (b, _):
+        await settle(a, idle=1, starting=0)
+        await settle(b, idle=1, starting=0)
+        first = await burst(a, 50)
+        assert (a.idle_target, b.idle_target) == (3, 1)
+        await cancel(first)
+        await settle(a, idle=3, starting=0, busy=0)
+        second = await burst(b, 50)
+        # b's demand takes half of the room: a gives back what no longer fits.
+        assert (a.idle_target, b.idle_target) == (2, 2)
+        await cancel(second)
+        await settle(a, idle=2, starting=0, destroying=0)
+        await settle(b, idle=2, starting=0, busy=0)
+        assert (a.idle_target + b.idle_target) * 128 <= 512
+    assert activity.idle_budget.memory_mb == 512
+
+
+async def test_without_max_idle_the_idle_target_is_min_idle_whatever_the_demand() -> None:
+    clock = FakeClock()
+    async with make_pool(min_idle=2, max_size=8, start_delay_s=0.2, clock=clock) as (pool, _):
+        await settle(pool, idle=2, starting=0)
+        runs = await burst(pool, 50)
+        assert pool.idle_target == 2
+        assert pool._review_timer is None
+        await cancel(runs)
+        clock.now += 10 * HOLD_S
+        await settle(pool, starting=0, busy=0, destroying=0)
+        assert pool.idle_target == 2
+        assert sample(pool, "sandpool_idle_target") == 2
+
+
+async def test_hits_and_misses_are_counted_per_request() -> None:
+    async with make_pool(min_idle=1, max_size=2) as (pool, _):
+        await settle(pool, idle=1, starting=0)
+        await pool.run(request())
+        await settle(pool, idle=1, starting=0)
+        await pool.run(request())
+        assert sample(pool, "sandpool_acquisitions_total", result="hit") == 2
+    async with make_pool(min_idle=0, max_size=1) as (pool, _):
+        await pool.run(request())
+        assert sample(pool, "sandpool_acquisitions_total", result="hit") == 0
+        assert sample(pool, "sandpool_acquisitions_total", result="miss") == 1
