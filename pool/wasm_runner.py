@@ -25,11 +25,20 @@ The channel (the host side is ``WasmBackend``; framing in pool/wire.py):
   error, then EXIT) has no pipe of its own in WASI preview 1: the runner
   writes its frames to ``STATUS_DIR/OUTCOME_FILE``, which the host reads, held
   to its limits, once the guest has ended.
+
+Two halves, so a pool's memory image (pool/backends/wasm/image.py) can hold
+the first: ``prepare_guest`` (imports, ``preload``, warm-up; no request, no
+open file) and ``serve`` (fresh randomness, the ready frame, the one request).
+Run as a program, ``main`` does both. A template guest runs ``prepare_image``
+and stops; each guest started from its memory runs ``serve_image``. The
+channel is the same either way.
 """
 
+import gc
 import io
 import json
 import os
+import stat
 import sys
 import traceback
 from typing import NoReturn
@@ -95,9 +104,14 @@ def preload_argument(argv: "list[str]") -> "list[str]":
     return []
 
 
-def main() -> None:
+def prepare_guest(preload: "list[str]") -> Results:
+    """Everything before the ready frame that needs no request: a pool's memory image holds it.
+
+    Nothing here may keep a file open or leave output unflushed: a guest
+    started from the image has fresh fds and pipes behind the same numbers.
+    """
     results = Results(0)  # its limit comes with the request
-    prepare_interpreter(preload_argument(sys.argv[1:]), results)
+    prepare_interpreter(preload, results)
     # A throw-away compile makes the first real one cheaper.
     compile("warm = [i * 2 for i in range(3)]", "<warm>", "exec")
     io.TextIOWrapper(io.BytesIO(b"warm"), encoding="utf-8").read()
@@ -109,6 +123,59 @@ def main() -> None:
     # The first chdir and the first json.loads are slower than the next ones.
     os.chdir(WORKDIR)
     json.loads('{"code": "print(1)", "stdin": ""}')
+    return results
+
+
+def reseed() -> None:
+    """Fresh state for the generators seeded at import: a guest started from a
+    memory image would otherwise repeat its template's, and every sibling's."""
+    for name in ("random", "numpy.random"):
+        generator = sys.modules.get(name)
+        if generator is not None:
+            generator.seed()
+
+
+# A memory image's template keeps what prepare_guest made here; each guest
+# started from the image serves from it (pool/backends/wasm/image.py).
+image_results: "Results | None" = None
+
+
+def prepare_image(preload: "list[str]") -> None:
+    """In a pool's template: prepare, and keep the result in the image.
+
+    Raises RuntimeError if a file is left open: its fd would not exist in the
+    guests started from the image (the daemon then starts them as usual).
+    """
+    global image_results
+    image_results = prepare_guest(preload)
+    font_manager = sys.modules.get("matplotlib.font_manager")
+    if font_manager is not None:
+        # Its cached fonts hold their files open; they reload on first use.
+        font_manager._get_font.cache_clear()
+    gc.collect()
+    left_open = [fd for fd in range(3, 1024) if _is_open_file(fd)]
+    if left_open:
+        raise RuntimeError(f"files left open after the warm-up: fds {left_open}")
+
+
+def _is_open_file(fd: int) -> bool:
+    try:
+        return not stat.S_ISDIR(os.fstat(fd).st_mode)  # the preopened directories stay
+    except OSError:
+        return False
+
+
+def serve_image() -> NoReturn:
+    """In a guest started from a memory image: serve its one request."""
+    if image_results is None:
+        os.write(2, b"sandpool: this memory image holds no prepared runner\n")
+        exit_process(1)
+    serve(image_results)
+
+
+def serve(results: Results) -> NoReturn:
+    """Report ready, take the one request, run it, exit with its status."""
+    reseed()
     os.write(1, READY_FRAME)
     request = take_request(0)  # the request's stdin follows it on fd 0, raw
     results.limit = request.limits.max_display_bytes
@@ -129,6 +196,10 @@ def main() -> None:
     outcome = outcome_frames(base, request.limits, results, error)
     write_outcome(outcome + frame(EXIT, STATUS.pack(status)))
     exit_process(status)
+
+
+def main() -> None:
+    serve(prepare_guest(preload_argument(sys.argv[1:])))
 
 
 if __name__ == "__main__":

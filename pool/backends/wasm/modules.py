@@ -54,7 +54,9 @@ class GuestModule:
 
     ``read_only`` directories are preopened at their guest paths after
     sandpool's four; ``host_call`` defines the ``host.call`` import, answered
-    ``NO_HOST``.
+    ``NO_HOST``. ``restorable``: a returned export leaves no state outside
+    linear memory, so guests may start from a memory image (``image.py``);
+    known of a pinned build only.
     """
 
     path: Path
@@ -62,6 +64,7 @@ class GuestModule:
     pinned_files: tuple[tuple[Path, str], ...] = ()
     read_only: tuple[tuple[Path, str], ...] = ()
     host_call: bool = False
+    restorable: bool = False
 
     def verify(self) -> str:
         """Hash the module and every pinned file; returns the module's sha256.
@@ -184,6 +187,9 @@ def bundle_module(bundle: Bundle, directory: Path) -> GuestModule:
             (directory / "mpl-data", f"{stdlib}/{MPL_DATA_GUEST}"),
         ),
         host_call=True,
+        # Its one mutable global is the shadow-stack pointer and its table is
+        # fixed (min = max): checked for the pinned module_sha256.
+        restorable=True,
     )
 
 
