@@ -1,5 +1,8 @@
 """The JSON bodies of the HTTP API, apart from aiohttp: no I/O, fed bytes and dicts.
 
+One concept, kept in one module past the usual size: the API's contract,
+every field's check and every error code next to each other.
+
 What a ``/v1/run`` body may hold and what each way of getting it wrong answers
 (a ``BadRequestError`` or ``UnknownPoolError`` with a stable code), the body of a
 run's result, and one pool's summary in ``GET /v1/pools``. ``api/server.py``

@@ -61,7 +61,9 @@ from pool.runcode import (
 from pool.wire import (
     CHUNK,
     DIRECT,
+    DRAIN_READS,
     EXIT,
+    GARBLED_STATUS,
     OUTCOME_KINDS,
     READY,
     STATUS,
@@ -75,7 +77,6 @@ from pool.wire import (
     frame,
 )
 
-DRAIN_READS = 64  # after the child is done, read at most this many chunks of leftovers
 JAVASCRIPT = "javascript"
 NODE_RUNNER = "node_runner.js"  # installed beside this file (pool/guest.py's NODE_RUNNER)
 # node's start to its ready byte: far above a normal start (docs/javascript.md),
@@ -277,6 +278,7 @@ def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
     for fd in (out_r, err_r, status_r, pidfd):
         poller.register(fd, select.POLLIN)
     status_frames = FrameDecoder()
+    garbled = False
     status = None
     while status is None:
         frames = []
@@ -300,8 +302,14 @@ def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
                         else:
                             raise WireError("not an outcome frame")
                 except WireError:
-                    data = b""
-                if not data:  # closed before its status, or garbage: wait for the process
+                    # The code wrote to its status channel: nothing from it is
+                    # trusted now. Stop it and report the violation.
+                    garbled = True
+                    if status is None:  # not reaped yet: the pid is still the child's
+                        os.kill(pid, signal.SIGKILL)
+                        status = reap(pid)
+                    break
+                if not data:  # closed before its status: wait for the process
                     poller.unregister(status_r)
             else:
                 status = reap(pid)
@@ -320,7 +328,7 @@ def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
             if not data:
                 break
             frames.append(frame(kind, data))
-    frames.append(frame(EXIT, STATUS.pack(status)))
+    frames.append(frame(EXIT, STATUS.pack(GARBLED_STATUS if garbled else status)))
     write_all(1, b"".join(frames))
 
 

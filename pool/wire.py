@@ -1,5 +1,7 @@
 """What the daemon and the guest runners say to each other: the one definition, I/O-free.
 
+One concept in one module on purpose: it is spliced whole into every guest.
+
 Used by both sides: the daemon imports it, and ``pool/guest.py`` splices its
 source into each guest runner (which cannot import sandpool), so every
 constant below is defined here only. Hence its constraints: standard library
@@ -39,8 +41,15 @@ OUTCOME_KINDS = frozenset((FILE_OUT, DISPLAY, CONTENT, ERROR))
 KNOWN_KINDS = frozenset((READY, STDOUT, STDERR, EXIT)) | OUTCOME_KINDS
 READY_FRAME = FRAME.pack(READY, 0)
 CHUNK = 65536  # one read of an output pipe, and so the largest frame a runner sends
+# Once the code's status is in, what it wrote before is in the pipes; a process
+# it left behind may keep writing, so whoever drains reads at most this many
+# chunks more (the runner in relay mode, the daemon in direct mode).
+DRAIN_READS = 64
 MAX_FRAME_BYTES = 1 << 20  # what the decoder accepts: the runner sends at most CHUNK
 MAX_EXIT_CODE = 255  # what a process status can be: 0-255, 128 + N for signal N
+# The EXIT status a relaying runner sends when the code garbled its status
+# channel: impossible on purpose, so the daemon reports a protocol violation.
+GARBLED_STATUS = -1
 
 # Paths inside every sandbox.
 WORKDIR = "/sandbox"  # the code's working directory and HOME, a fresh tmpfs
@@ -59,7 +68,7 @@ OUTCOME_FILE = "outcome"  # wasm only: the run's outcome frames, in STATUS_DIR
 # The runner's command line:
 # ``<mode> <language> [<3 fds>] [RLIMIT_<NAME>=<soft>:<hard> ...] [preload=<modules>]``.
 RELAY, DIRECT = "relay", "direct"  # output as frames on the runner's stdout, or on pipes of its own
-LANGUAGES = ("python", "shell")
+LANGUAGES = ("python", "shell", "javascript")
 RLIMIT_PREFIX = "RLIMIT_"
 PRELOAD = "preload"  # preload=<module>[,<module>...]
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z").match

@@ -66,6 +66,25 @@ max_size = 4
 timeout_s = 5
 max_timeout_s = 20
 
+[pools.datasci]
+image = "sandpool/datasci:bookworm"
+preload = ["numpy", "pandas", "matplotlib.pyplot"]
+memory_mb = 384
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
+[pools.datasci-process]
+backend = "process"
+image = "sandpool/datasci:bookworm"
+preload = ["numpy", "pandas", "matplotlib.pyplot"]
+memory_mb = 384
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
 [pools.tiny]
 min_idle = 0
 max_size = 1
@@ -74,9 +93,10 @@ acquire_timeout_s = 5
 max_output_bytes = 4096
 """
 
-# The Python pools of DAEMON_CONFIG, one per backend: tests that any sandbox
-# must pass are parametrized over them.
-PYTHON_POOLS = ["python", "python-process", "python-wasm"]
+# The Python pools of DAEMON_CONFIG, one per backend and the data-science
+# image (pandas preloaded) in two tiers: tests that any sandbox must pass are
+# parametrized over them.
+PYTHON_POOLS = ["python", "python-process", "python-wasm", "datasci", "datasci-process"]
 # CPython on WASI preview 1 has no processes and no signals: tests that need
 # them cannot apply there; test_wasm_backend.py covers that tier's containment.
 WASI_POOLS = frozenset({"python-wasm"})

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
 from pool.backends.runtime import Runtime
+from pool.config import PoolConfig
 from pool.wire import GuestRequest, Outcome, OutcomeLimits, OutputCapture
 
 
@@ -202,11 +203,14 @@ EventListener = Callable[[Sandbox, SandboxEvent], None]
 
 
 class BackendBase(Generic[SandboxT]):
-    """What every backend shares: the pool's listener and the reports it gets."""
+    """What every backend shares: its pool's config and daemon instance, the
+    pool's listener and the reports it gets."""
 
     name: str
 
-    def __init__(self) -> None:
+    def __init__(self, config: PoolConfig, instance_id: str) -> None:
+        self.config = config
+        self.instance_id = instance_id  # labels and names what this daemon made
         self.listener: EventListener | None = None
 
     def report_died(self, sandbox: SandboxT) -> None:

@@ -77,9 +77,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
     def __init__(
         self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.instance_id = instance_id
+        super().__init__(config, instance_id)
         self._uids = uids or default_uids()
         self._containers = Containers()
         self._reaper = Reaper(config.name, instance_id, self._containers)

@@ -64,9 +64,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
     def __init__(
         self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.instance_id = instance_id
+        super().__init__(config, instance_id)
         self._uids = uids or default_uids()
         self._definition: SandboxDefinition | None = None  # set once started, until closed
         self._cgroups: CgroupTree | None = None

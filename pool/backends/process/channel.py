@@ -23,11 +23,17 @@ from dataclasses import dataclass
 from pool.errors import BackendError
 from pool.pipes import PipeReader, read_nonblocking
 from pool.protocol import FrameDecoder, ProtocolViolation, decode_exit
-from pool.wire import CHUNK, EXIT, OUTCOME_KINDS, READY, Outcome, OutputCapture, WireError
+from pool.wire import (
+    CHUNK,
+    DRAIN_READS,
+    EXIT,
+    OUTCOME_KINDS,
+    READY,
+    Outcome,
+    OutputCapture,
+    WireError,
+)
 
-# Once the status is in, output already written is in the pipes; a process the
-# code left behind may keep writing, so read at most this many chunks more.
-DRAIN_READS = 64
 # Chunks of the status pipe read per wake-up: the outcome (files, figures) may
 # be megabytes, and the loop must get back to other sandboxes in between.
 STATUS_READS = 16
