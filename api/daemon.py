@@ -74,7 +74,7 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
     instance_id = instance_id or uuid.uuid4().hex[:12]
     raise_fd_limit()
     metrics = build_metrics()
-    activity = Activity()
+    activity = Activity(idle_memory_mb=config.server.idle_memory_mb)
     stop, force_exit = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     notifier = Notifier()

@@ -1,9 +1,9 @@
 """sandpool's configuration: frozen dataclasses loaded from TOML and validated once.
 
-With no file, the default configuration (``default_pools``) has up to five pools:
-``python`` and ``shell`` on Docker, ``python-process`` on bubblewrap (only where
-``bwrap`` is installed and the daemon runs as root), ``python-wasm`` and, once
-JAVASCRIPT_BY_DEFAULT is on, ``javascript`` on Docker. A file
+With no file, the default configuration (``default_pools``) has up to six pools:
+``python``, ``shell``, ``datasci`` (pandas and pyplot preloaded) and
+``javascript`` on Docker, ``python-process`` on bubblewrap (only where ``bwrap``
+is installed and the daemon runs as root) and ``python-wasm``. A file
 overrides: a ``[server]`` table and one ``[pools.<name>]`` table per pool (a file
 that names pools replaces the default pools). Every unknown key and bad value is
 rejected at load with the key's dotted name, and so is a key that only another
@@ -32,12 +32,12 @@ from pool.wire import OutcomeLimits
 BackendName = Literal["docker", "process", "wasm", "fake"]
 Language = Literal["python", "shell", "javascript"]
 
+# The images `sandpool image build --profile python|datasci|node` tags (pool/image):
+# `make setup`, and so `make run`, builds all three before a default daemon starts.
 DEFAULT_IMAGE = "sandpool/python:bookworm"
-NODE_IMAGE = "sandpool/node:bookworm"  # `sandpool image build --profile node`
-# A Docker pool whose image is missing stops the daemon at start
-# (image_missing): the default JavaScript pool stays off until whatever
-# starts a default daemon (`make run`) builds NODE_IMAGE first.
-JAVASCRIPT_BY_DEFAULT = False
+DATASCI_IMAGE = "sandpool/datasci:bookworm"
+NODE_IMAGE = "sandpool/node:bookworm"
+DATASCI_PRELOAD = ("numpy", "pandas", "matplotlib.pyplot")
 JAVASCRIPT_MIN_MEMORY_MB = 64  # below it node is killed before the sandbox is ready
 DEFAULT_SOCKET = "/run/sandpool/sandpool.sock"
 _POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -288,8 +288,13 @@ def default_pools() -> tuple[PoolConfig, ...]:
         pools += (PoolConfig(name="python-process", backend="process", min_idle=2, max_size=8),)
     # wasmtime and the CPython WASI build are runtime dependencies.
     pools += (PoolConfig(name="python-wasm", backend="wasm", min_idle=2, max_size=4),)
-    if JAVASCRIPT_BY_DEFAULT:
-        pools += (PoolConfig(name="javascript", language="javascript", image=NODE_IMAGE),)
+    # Agents' data analysis: the imports that cost ~0.3 s are made before a
+    # request arrives; a chart and a DataFrame need more than 128 MiB.
+    pools += (
+        PoolConfig(name="datasci", image=DATASCI_IMAGE, preload=DATASCI_PRELOAD, memory_mb=512,
+                   timeout_s=30.0, max_timeout_s=120.0),
+        PoolConfig(name="javascript", language="javascript", image=NODE_IMAGE),
+    )
     return pools
 
 

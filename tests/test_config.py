@@ -121,7 +121,12 @@ def test_defaults_and_overrides() -> None:
     assert [p.name for p in config.pools] == ["fast"]
     assert config.pools[0].cpus == 1.0
     assert config.pools[0].max_size == 8
-    assert {p.name for p in load_config(None).pools} >= {"python", "shell"}
+    defaults = {p.name: p for p in load_config(None).pools}
+    assert set(defaults) >= {"python", "shell", "datasci", "javascript", "python-wasm"}
+    assert defaults["datasci"].image == "sandpool/datasci:bookworm"
+    assert defaults["datasci"].preload == ("numpy", "pandas", "matplotlib.pyplot")
+    assert (defaults["javascript"].language, defaults["javascript"].image) == (
+        "javascript", "sandpool/node:bookworm")
 
 
 def test_effective_config_round_trips(tmp_path: Path) -> None:

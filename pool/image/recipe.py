@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pool.config import DATASCI_IMAGE, DEFAULT_IMAGE, NODE_IMAGE
 from pool.wire import MATPLOTLIB_CACHE
 
 # Bump whenever the common recipe changes what ends up in every image: is_current()
@@ -29,7 +30,7 @@ SOURCE_LABEL = "sandpool.source"
 # JSON: the language, interpreter versions and key packages (see runtime_label()).
 RUNTIME_LABEL = "sandpool.runtime"
 
-DEFAULT_TAG = "sandpool/python:bookworm"
+DEFAULT_TAG = DEFAULT_IMAGE
 DEFAULT_PROFILE = "python"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
@@ -141,7 +142,7 @@ PROFILES: dict[str, Profile] = {
         Profile(name="python", tag=DEFAULT_TAG, language="python"),
         Profile(
             name="datasci",
-            tag="sandpool/datasci:bookworm",
+            tag=DATASCI_IMAGE,
             language="python",
             packages=DATASCI_PACKAGES,
             revision="3",
@@ -155,7 +156,7 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             name="node",
-            tag="sandpool/node:bookworm",
+            tag=NODE_IMAGE,
             language="javascript",
             packages=("nodejs",),
             revision="1",
