@@ -5,7 +5,9 @@ A guest is one instance of the pool's module, instantiated + ``_start`` of
 frame and blocks reading its stdin pipe until its one request comes. It is
 granted two scratch directories (``/sandbox``, ``/tmp``), a status
 directory, the guest programs read-only, three pipes and the clocks. There are
-no sockets in WASI preview 1, no processes and no host paths.
+no sockets in WASI preview 1, no processes and no host paths. A pool with a
+memory image (``image.py``) starts its guests from a template's memory
+instead, and ``turn`` enters the runner where the template left it.
 
 All guests of a pool share one ``Engine`` and ``Module``, so their linear
 memories share one copy-on-write image (docs/performance.md has the memory per
