@@ -10,15 +10,16 @@ a fresh instance of the same module with those pages written over its memory
 (tens of ms), and ``turn`` runs the runner's ``serve_image``: the same ready
 frame, request and outcome as a guest that started from scratch.
 
-Why this is the whole state: a module is restorable (``GuestModule.restorable``)
-only if linear memory is all a returned export leaves behind. The datasci
-module's one mutable global is the shadow-stack pointer, back at its initial
-value whenever an export returns; its table is fixed (min = max) and nothing
-writes it; WASI's own state (fds, preopens) lives in the host, and every
-guest gets the template's preopens at the same numbers because both are made
-by the same ``GuestRuntime.instantiate``. The template holds no other file open
-(``wasm_runner.prepare_guest``). What the image cannot give each guest of its
-own is what CPython fixes at start: the str/bytes hash secret is the
+Why this is the whole state: a module is restorable
+(``GuestModule.restorable``) only if linear memory is all a returned export
+leaves behind. The datasci module's one mutable global is the shadow-stack
+pointer, back at its initial value whenever an export returns; its table is
+fixed (min = max), filled by its element segments (compiled C does not write
+tables); WASI's own state (fds, preopens) lives in the host, and every guest
+gets the template's preopens at the same numbers because both are made by
+the same ``GuestRuntime.instantiate``. The template holds no other file open
+(``wasm_runner.prepare_image`` checks). What the image cannot give each guest
+of its own is what CPython fixes at start: the str/bytes hash secret is the
 template's for every guest of the pool. Generators seeded at import are
 reseeded by the runner before it reports ready.
 
