@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--pool", metavar="NAME", help="the pool to run in (see `sandpool status`)")
     which.add_argument(
         "-l", "--language", metavar="LANG",
-        help="python or shell: the daemon picks a pool of that language",
+        help="python, shell or javascript: the daemon picks a pool of that language",
     )
     run.add_argument("--timeout", type=float, metavar="S", help="seconds before the run is killed")
     run.add_argument(
