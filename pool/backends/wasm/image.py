@@ -131,6 +131,9 @@ def template_code(runner_path: str, preload: tuple[str, ...]) -> str:
         "with open(runner.__file__) as source:\n"
         "    exec(compile(source.read(), runner.__file__, 'exec'), runner.__dict__)\n"
         f"runner.prepare_image({list(preload)!r})\n"
+        # The first turn puts the script named in WASI's argv on sys.path;
+        # `python3 -I` (how a guest runs without an image) puts nothing there.
+        "sys.path[:] = [entry for entry in sys.path if entry != runner.__file__]\n"
         "del runner, source, types\n"
     )
 
