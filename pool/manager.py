@@ -4,6 +4,10 @@ State changes happen in plain synchronous methods and I/O happens afterwards in
 tasks the pool owns (httpcore's ``_assign_requests_to_connections``): on one
 event loop that keeps the counts consistent without locks. The pool knows
 nothing of Docker; it talks to a ``Backend``.
+
+One concept, kept in one module past the usual size: every change of a pool's
+counts is here, where the invariants between them can be read together. The
+arithmetic of demand-driven sizing lives apart, in ``pool/autosize.py``.
 """
 
 from __future__ import annotations
