@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from api.client import Client
+from pool import guest
 from pool.config import PoolConfig
 from pool.seccomp import POLICY
 from pool.uids import SandboxUids
@@ -881,6 +882,35 @@ def test_root_filesystem_and_kernel_knobs_are_not_writable(api: Client, pool: st
     assert [t for t in targets if os.path.lexists(t)] == []
     assert Path("/proc/sys/kernel/hostname").read_text() == hostname
     assert_serves_a_clean_sandbox(api, pool, result)
+
+
+def test_the_runner_the_sandbox_runs_is_read_only(api: Client, pool: str) -> None:
+    # Every tier mounts the guest programs read-only at GUEST_DIR: code that could
+    # change them could change the runner a later sandbox of this host starts.
+    program = guest.WASM_RUNNER if pool in WASI_POOLS else guest.RUNNER
+    result = run(api, with_params("""
+        import errno, json, os
+        outcome = {}
+        for path, flags in ((PARAMS["program"], os.O_WRONLY | os.O_APPEND),
+                            (PARAMS["new"], os.O_WRONLY | os.O_CREAT)):
+            try:
+                os.close(os.open(path, flags, 0o644))
+                outcome[path] = "opened for writing"
+            except OSError as e:
+                outcome[path] = errno.errorcode.get(e.errno, e.errno)
+        print(json.dumps({"outcome": outcome, "size": len(open(PARAMS["program"]).read())}))
+    """, program=guest.path_in_sandbox(program), new=guest.path_in_sandbox("evil.py")), pool)
+    seen = report(result)
+    assert seen["size"] > 0  # it is there to be read
+    denied = {"EROFS", "EACCES", "EPERM", "ENOTCAPABLE"}
+    assert set(seen["outcome"].values()) <= denied, seen["outcome"]
+    if pool not in WASI_POOLS:
+        # Creating a file is refused by the read-only mount itself (the runner's
+        # own 0444 mode answers EACCES first for the existing file).
+        assert seen["outcome"][guest.path_in_sandbox("evil.py")] == "EROFS", seen["outcome"]
+    installed = guest.install()
+    assert (installed / program).read_text() == guest.compose(program)
+    assert not (installed / "evil.py").exists()
 
 
 def test_docker_memory_cgroup_limit_cannot_be_raised_from_inside(api: Client) -> None:
