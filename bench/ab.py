@@ -1,6 +1,6 @@
 """Request latency of two versions of sandpool side by side, in one run.
 
-    .venv/bin/python -m bench.ab --before REV [--requests 200] [--rate 8] [--out FILE]
+    .venv/bin/python -m bench.ab --before REV [--requests 200] [--rate 8] [--pools P,...] [--out F]
 
 Checks ``REV`` out into a temporary git worktree, starts one daemon from it
 and one from this working tree (same pools, disjoint sandbox uid ranges), and
@@ -65,22 +65,22 @@ def round_trip_ms(client: Client, pool: str) -> float:
 
 
 def measure(
-    daemons: dict[str, Daemon], requests: int, rate: float
+    daemons: dict[str, Daemon], pools: list[str], requests: int, rate: float
 ) -> dict[str, dict[str, list[float]]]:
     """side -> pool -> latencies in ms; a warm-up round first, not counted."""
     latencies: dict[str, dict[str, list[float]]] = {
-        side: {pool: [] for pool in POOLS} for side in daemons
+        side: {pool: [] for pool in pools} for side in daemons
     }
     clients = {side: daemon.client() for side, daemon in daemons.items()}
     try:
-        for pool in POOLS:
+        for pool in pools:
             for client in clients.values():
                 round_trip_ms(client, pool)
         began = time.monotonic()
         for index in range(requests):
             time.sleep(max(0.0, began + index / rate - time.monotonic()))
             sides = list(daemons) if index % 2 == 0 else list(reversed(daemons))
-            for pool in POOLS:
+            for pool in pools:
                 for side in sides:
                     latencies[side][pool].append(round_trip_ms(clients[side], pool))
     finally:
@@ -104,7 +104,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="rounds per pool and side")
     parser.add_argument("--rate", type=float, default=8.0, help="rounds per second")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    parser.add_argument("--pools", default=",".join(POOLS),
+                        help=f"which of {', '.join(POOLS)} to measure (default: all)")
     args = parser.parse_args()
+    pools = [pool for pool in args.pools.split(",") if pool]
+    if not set(pools) <= set(POOLS):
+        parser.error(f"--pools: each of {', '.join(POOLS)}")
     before_commit = git("rev-parse", args.before)
     after_commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
@@ -119,7 +124,7 @@ def main() -> None:
                 workdir.mkdir()
                 config = CONFIG.format(uid_base=UID_BASES[side])
                 daemons[side] = start_daemon(workdir, config, code_dir=code_dir)
-            latencies = measure(daemons, args.requests, args.rate)
+            latencies = measure(daemons, pools, args.requests, args.rate)
         finally:
             for daemon in daemons.values():
                 terminate_daemon(daemon)
@@ -127,12 +132,12 @@ def main() -> None:
     result = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": f"python -m bench.ab --before {args.before} --requests {args.requests} "
-        f"--rate {args.rate}",
+        f"--rate {args.rate} --pools {','.join(pools)}",
         "before": before_commit,
         "after": after_commit + (" + uncommitted changes" if dirty else ""),
         "requests_per_pool_and_side": args.requests,
         "pools": {
-            pool: {side: summary(latencies[side][pool]) for side in latencies} for pool in POOLS
+            pool: {side: summary(latencies[side][pool]) for side in latencies} for pool in pools
         },
     }
     text = json.dumps(result, indent=1)

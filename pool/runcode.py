@@ -299,25 +299,33 @@ def split_final_expression(code: str) -> "tuple[types.CodeType, types.CodeType |
 
 
 def outcome_frames(
-    base: str, limits: OutcomeLimits, results: Results, error: "dict[str, str] | None"
+    base: str, limits: OutcomeLimits, results: Results, error: "dict[str, str] | None",
+    files: bool = True,
 ) -> bytes:
-    """Everything the run leaves besides its output, as frames (pool/wire.py's Outcome)."""
+    """Everything the run leaves besides its output, as frames (pool/wire.py's Outcome).
+
+    ``files=False`` leaves out/ to the host (the wasm tier, whose host reads the
+    guest's scratch directly, where each directory call from inside costs ~1 ms).
+    """
     frames = []
     for mime, data in results.items:
         frames.append(header_frame(DISPLAY, {"type": mime}) + content_frames(data))
     if error is not None:
         frames.append(header_frame(ERROR, error))
-    frames.extend(out_dir_frames(base, limits))
+    if files:
+        frames.extend(out_dir_frames(base, limits))
     return b"".join(frames)
 
 
 def out_dir_frames(base: str, limits: OutcomeLimits) -> "list[bytes]":
     """Every entry under ``out/``, depth first in name order, within ``limits``.
 
-    Symlinks are reported by kind and never followed (here, or by the daemon,
-    which only ever sees these frames); FIFOs, sockets and devices likewise,
-    never opened. Paths, not directory fds: WASI has no ``dir_fd`` calls, and
-    whatever the code swaps in meanwhile is still inside its own sandbox.
+    Symlinks are reported by kind and never followed; FIFOs, sockets and
+    devices likewise, never opened. The wasm tier's daemon runs this on the
+    guest's scratch from the host once the guest has ended (no process of it
+    is left to change the tree meanwhile). Paths, not directory fds: WASI has
+    no ``dir_fd`` calls, and in the other tiers whatever the code swaps in
+    meanwhile is still inside its own sandbox.
     """
     frames: list[bytes] = []
     budget = [limits.max_files + 1, limits.max_files_bytes]  # entries (one past: dropped), bytes

@@ -185,17 +185,15 @@ def serve(results: Results) -> NoReturn:
         os.write(2, f"sandpool: cannot write the request's files: {e}\n".encode())
         exit_process(1)
 
-    def exit_with_outcome(status: int) -> NoReturn:
-        # The code's own os._exit(200): its status and its files still come back.
-        write_outcome(outcome_frames(base, request.limits, results, None)
-                      + frame(EXIT, STATUS.pack(status & 0xFF)))
+    def exit_with_outcome(status: int, error: "dict[str, str] | None" = None) -> NoReturn:
+        # Also the code's own os._exit(200): its files still come back.
+        outcome = outcome_frames(base, request.limits, results, error, files=False)
+        if outcome:  # nothing to return (the usual print(1)): no file at all
+            write_outcome(outcome + frame(EXIT, STATUS.pack(status & 0xFF)))
         exit_process(status)
 
     os._exit = exit_with_outcome
-    status, error = run_main(request, [], results)
-    outcome = outcome_frames(base, request.limits, results, error)
-    write_outcome(outcome + frame(EXIT, STATUS.pack(status)))
-    exit_process(status)
+    exit_with_outcome(*run_main(request, [], results))
 
 
 def main() -> None:

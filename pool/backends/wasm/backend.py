@@ -65,7 +65,18 @@ from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.guest import install as install_guest_programs
 from pool.paths import cache_dir
-from pool.wire import EXIT, FrameDecoder, Outcome, OutcomeLimits, OutputCapture, WireError
+from pool.runcode import out_dir_frames
+from pool.wire import (
+    DISPLAY,
+    ERROR,
+    EXIT,
+    FILE_OUT,
+    FrameDecoder,
+    Outcome,
+    OutcomeLimits,
+    OutputCapture,
+    WireError,
+)
 
 __all__ = ["WasmBackend", "WasmSandbox"]
 
@@ -73,6 +84,7 @@ log = structlog.get_logger("sandpool.wasm")
 
 READY_TIMEOUT_S = 20.0  # pre-start measured ~65 ms; generous for a loaded 2-core host
 JOIN_TIMEOUT_S = 10.0  # a stopped guest returns within one host call; this is a bug bound
+INLINE_OUTCOME_BYTES = 256 * 1024  # read on the event loop below this (tmpfs: microseconds)
 COMPILE_PROGRESS_S = 2.0
 
 
@@ -319,7 +331,6 @@ class WasmBackend(BackendBase[WasmSandbox]):
                                    request.env, request.argv).to_guest(limits)
         try:
             sandbox.channel.send(guest_request.encode() + stdin)
-            sandbox.guest.meter()
         except OSError as e:
             raise SandboxLostError(f"sandbox {sandbox.id} did not take its request: {e}") from None
         capture = OutputCapture(self.config.max_output_bytes)
@@ -333,7 +344,14 @@ class WasmBackend(BackendBase[WasmSandbox]):
 
         output = sandbox.channel.output(loop, capture, stop_at_cap)
         ended = {sandbox.exited, worker}
-        busy = loop.call_later(BUSY_AFTER_S, demote_thread, sandbox.thread_id)
+        def still_running() -> None:
+            # A guest still running BUSY_AFTER_S into its request is busy: it goes
+            # below the daemon's threads and under its CPU share. A short request
+            # meets neither (each would cost it a wake-up of another thread).
+            demote_thread(sandbox.thread_id)
+            sandbox.guest.meter()
+
+        busy = loop.call_later(BUSY_AFTER_S, still_running)
         try:
             try:
                 async with asyncio.timeout(request.timeout_s):
@@ -368,7 +386,12 @@ class WasmBackend(BackendBase[WasmSandbox]):
                 sandbox_id=sandbox.id,
             )
             if scratch is not None:
-                outcome = await asyncio.to_thread(read_outcome, scratch, limits, sandbox.id)
+                # Usually no file at all (nothing to return) or a small one: a
+                # tmpfs read on the loop; megabytes of files or figures in a thread.
+                if scratch.outcome_size() + scratch.out_size() <= INLINE_OUTCOME_BYTES:
+                    outcome = read_outcome(scratch, limits, sandbox.id)
+                else:
+                    outcome = await asyncio.to_thread(read_outcome, scratch, limits, sandbox.id)
         return RunResult.from_capture(
             capture,
             exit_code=code,
@@ -404,18 +427,28 @@ class WasmBackend(BackendBase[WasmSandbox]):
 
 
 def read_outcome(scratch: Scratch, limits: OutcomeLimits, sandbox_id: str) -> Outcome | None:
-    """The guest's outcome file decoded within ``limits``; None if it is not one.
+    """The guest's results and error (its outcome file), then its out/ as the host
+    reads it from the guest's scratch, within ``limits``; None if the file is not one.
 
-    The guest wrote it (pool/wasm_runner.py) and may have forged it: a file the
-    wire refuses gives no outcome at all, and never fails the run.
+    The guest wrote the file (pool/wasm_runner.py) and may have forged it: a file
+    the wire refuses gives no outcome at all, and never fails the run. out/ is
+    read by the host itself, the guest having ended (pool/runcode.py's walk:
+    symlinks never followed, nothing but regular files opened).
     """
     outcome = Outcome(limits)
     try:
         frames = FrameDecoder().feed(scratch.read_outcome(limits.frame_bytes()))
+        claimed_file = False  # files come from the host's own walk, never the guest's word
         for kind, payload in frames:
-            if kind != EXIT:
+            if kind in (FILE_OUT, DISPLAY, ERROR):
+                claimed_file = kind == FILE_OUT
+            if kind != EXIT and not claimed_file:
                 outcome.add(kind, payload)
     except (OSError, WireError) as e:
         log.warning("wasm_outcome_refused", sandbox=sandbox_id, error=str(e))
         return None
+    walk = FrameDecoder()
+    for encoded in out_dir_frames(scratch.paths["sandbox"], limits):
+        for kind, payload in walk.feed(encoded):
+            outcome.add(kind, payload)
     return outcome

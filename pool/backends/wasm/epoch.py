@@ -94,7 +94,7 @@ class Guest:
         self.metered = False  # True while its request runs under cpu_meter; the ticker ticks
 
     def meter(self) -> None:
-        """The request was sent: hold the guest to its CPU share from now on."""
+        """The request is still running BUSY_AFTER_S in: hold the guest to its CPU share."""
         if self.cpu_meter is not None:
             self.metered = True
             self.nudge_ticker()

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Sequence
 
 from pool.errors import BackendError
-from pool.wire import OUTCOME_FILE, STATUS_FILE
+from pool.wire import OUT_DIR, OUTCOME_FILE, STATUS_FILE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # The new mount API (Linux 5.2+), the same numbers on every architecture.
@@ -246,6 +246,22 @@ class Scratch:
             return os.read(fd, 16)
         finally:
             os.close(fd)
+
+    def out_size(self) -> int:
+        """Bytes of the regular files directly in the guest's out/: a hint for the
+        caller's choice of thread, not a bound (subdirectories are not counted)."""
+        try:
+            with os.scandir(f"{self.paths['sandbox']}/{OUT_DIR}") as listing:
+                return sum(entry.stat(follow_symlinks=False).st_size for entry in listing)
+        except OSError:
+            return 0
+
+    def outcome_size(self) -> int:
+        """The outcome file's size as its directory says (0 if there is none); a hint only."""
+        try:
+            return os.stat(OUTCOME_FILE, dir_fd=self._status_dir, follow_symlinks=False).st_size
+        except OSError:
+            return 0
 
     def read_outcome(self, limit: int) -> bytes:
         """The runner's outcome file, at most ``limit`` bytes, b"" if there is none;
