@@ -55,6 +55,7 @@ from pool.runcode import (
     prepare,
     prepare_interpreter,
     run_main,
+    split_final_expression,
     take_request,
     write_all,
 )
@@ -163,9 +164,16 @@ def rehearse_request() -> None:
     fewer for the request (docs/performance.md has the figures).
     """
     request_r, request_w = os.pipe()
-    write_all(request_w, GuestRequest("pass").encode())
+    rehearsal = GuestRequest("x = 1\nx", "", [], {}, [], OutcomeLimits(1, 1, 1, 1))
+    write_all(request_w, rehearsal.encode())
     request = take_request(request_r)
-    exec(compile(request.code, "<string>", "exec"), fresh_main())
+    body, last = split_final_expression(request.code)
+    namespace = fresh_main(request.argv)
+    exec(body, namespace)
+    results = Results(0)
+    results.add_value(eval(last, namespace) if last is not None else None)
+    # out/ is not made yet: the walk finds nothing, but its code is touched.
+    outcome_frames(os.getcwd(), request.limits, results, None) + frame(EXIT, STATUS.pack(0))
     # print() and flush() as the code's would, into /dev/null: fd 1 is the runner's channel.
     saved_stdout = os.dup(1)
     null = os.open(os.devnull, os.O_WRONLY)
