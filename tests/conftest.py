@@ -18,16 +18,13 @@ import pytest
 pytest.register_assert_rewrite("tests.support")
 
 from api.client import Client  # noqa: E402
-from tests.support import DAEMON_CONFIG, Daemon, start_daemon, stop_daemon  # noqa: E402
+from tests.support import DAEMON_CONFIG, Daemon, running_daemon, start_daemon, stop_daemon  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    running = start_daemon(tmp_path_factory.mktemp("daemon"))
-    try:
+    with running_daemon(tmp_path_factory.mktemp("daemon")) as running:
         yield running
-    finally:
-        stop_daemon(running)
 
 
 @pytest.fixture

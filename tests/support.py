@@ -9,6 +9,7 @@ never from one another.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,16 @@ def start_daemon(
             daemon.process.wait()
         raise
     return daemon
+
+
+@contextlib.contextmanager
+def running_daemon(workdir: Path, config: str = DAEMON_CONFIG) -> Iterator[Daemon]:
+    """A warm daemon for a ``with`` block (a module's fixture), stopped and checked for leaks."""
+    daemon = start_daemon(workdir, config)
+    try:
+        yield daemon
+    finally:
+        stop_daemon(daemon)
 
 
 def terminate_daemon(daemon: Daemon, timeout_s: float = STOP_TIMEOUT_S) -> int:

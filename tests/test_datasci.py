@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import Daemon, start_daemon, stop_daemon
+from tests.support import Daemon, running_daemon
 
 DATASCI_CONFIG = """
 [server]
@@ -64,11 +64,8 @@ def orders_csv(rows: int = 20_000) -> bytes:
 
 @pytest.fixture(scope="module")
 def datasci(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    running = start_daemon(tmp_path_factory.mktemp("datasci"), DATASCI_CONFIG)
-    try:
+    with running_daemon(tmp_path_factory.mktemp("datasci"), DATASCI_CONFIG) as running:
         yield running
-    finally:
-        stop_daemon(running)
 
 
 def assert_png(data: str) -> None:

@@ -20,7 +20,7 @@ from api.client import Client
 from pool.backends.process.definition import runner_limits
 from pool.config import NODE_IMAGE, parse_config
 from pool.errors import ConfigError
-from tests.support import Daemon, start_daemon, stop_daemon
+from tests.support import Daemon, running_daemon
 
 DOCKER, PROCESS, SMALL = "javascript", "javascript-process", "javascript-small"
 
@@ -58,11 +58,8 @@ max_timeout_s = 20
 
 @pytest.fixture(scope="module")
 def js_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    running = start_daemon(tmp_path_factory.mktemp("js-daemon"), CONFIG)
-    try:
+    with running_daemon(tmp_path_factory.mktemp("js-daemon"), CONFIG) as running:
         yield running
-    finally:
-        stop_daemon(running)
 
 
 @pytest.fixture
