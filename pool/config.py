@@ -1,5 +1,8 @@
 """sandpool's configuration: frozen dataclasses loaded from TOML and validated once.
 
+One concept, kept whole: every key, its default and its check side by side,
+so the README's tables can be checked against one module.
+
 With no file, the default configuration (``default_pools``) has up to six pools:
 ``python``, ``shell``, ``datasci`` (pandas and pyplot preloaded) and
 ``javascript`` on Docker, ``python-process`` on bubblewrap (only where ``bwrap``

@@ -1,5 +1,7 @@
 """The runner: the first process inside every docker and process sandbox.
 
+One program, kept whole on purpose: it is installed as a single file.
+
 It reaches the sandbox as a read-only file with ``pool/wire.py`` and
 ``pool/runcode.py`` spliced in (``pool/guest.py``) and runs as::
 
