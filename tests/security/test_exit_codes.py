@@ -27,7 +27,8 @@ for name in os.listdir('/proc/self/fd'):
     if fd > 2:
         try:
             if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                os.write(fd, struct.pack('>i', {value}))
+                # A well-formed exit frame: only the status inside it is forged.
+                os.write(fd, struct.pack('>cI', b'X', 4) + struct.pack('>i', {value}))
         except OSError:
             pass
 import time; time.sleep(0.3)
