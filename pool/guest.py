@@ -189,9 +189,12 @@ def install(root: Path | None = None) -> Path:
 
 
 def _holds(directory: Path, sources: dict[str, str]) -> bool:
+    """Exactly these files with exactly this text: an extra file is tampering too."""
     try:
-        return all((directory / name).read_text(encoding="utf-8") == text
-                   for name, text in sources.items())
+        return sorted(os.listdir(directory)) == sorted(sources) and all(
+            (directory / name).read_text(encoding="utf-8") == text
+            for name, text in sources.items()
+        )
     except (OSError, UnicodeDecodeError):
         return False
 

@@ -336,6 +336,10 @@ def test_install_writes_read_only_files_once_and_replaces_damaged_ones(tmp_path:
     assert guest.install(base) == directory
     assert damaged.read_text() == guest.compose(guest.RUNNER)
     assert [p.name for p in base.iterdir()] == [directory.name]  # nothing staged left
+    directory.chmod(0o755)
+    (directory / "extra.py").write_text("planted")  # a file no program of ours is
+    assert guest.install(base) == directory
+    assert sorted(p.name for p in directory.iterdir()) == sorted(guest.PROGRAMS)
 
 
 def test_install_refuses_a_directory_another_user_owns(tmp_path: Path) -> None:
