@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import time
 
 import structlog
 
@@ -36,24 +35,21 @@ from pool.backends.process.cgroups import (
     remove_pool_cgroups,
     remove_sandbox_cgroup,
 )
-from pool.backends.process.channel import OutputPipes, Run, RunnerProtocol, RunState
+from pool.backends.process.channel import OutputPipes, RunnerProtocol
 from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
+from pool.backends.process.execute import run_direct
 from pool.backends.process.sandbox import ProcessSandbox
 from pool.backends.process.scratch import SandboxScratch, ScratchMounts
 from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
-from pool.errors import BackendError, SandboxLostError
+from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
 from pool.uids import SandboxUids, default_uids
-from pool.wire import Outcome, OutputCapture
 
 log = structlog.get_logger("sandpool.process")
 
 READY_TIMEOUT_S = 10.0  # spawn to the runner's ready frame: far above a normal start
 EXIT_TIMEOUT_S = 5.0  # SIGKILL to bwrap reaped: far above a normal reap
-# The OOM killer counts its kill before the victim dies, so the counter is
-# normally current when the exit frame arrives; allow a little slack.
-OOM_COUNTER_GRACE_S = 0.05
 
 
 class ProcessBackend(BackendBase[ProcessSandbox]):
@@ -280,77 +276,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         self.report_died(sandbox)
 
     async def run(self, sandbox: ProcessSandbox, request: RunRequest) -> RunResult:
-        protocol = sandbox.protocol
-        stdin = sandbox.transport.get_pipe_transport(0)
-        if (
-            protocol.exited.done()
-            or not isinstance(stdin, asyncio.WriteTransport)
-            or stdin.is_closing()
-            or not sandbox.take_request()
-        ):
-            raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
-        loop = asyncio.get_running_loop()
-        began = time.monotonic()
-        limits = self.config.outcome_limits()
-        run = Run(
-            OutputCapture(self.config.max_output_bytes), loop.create_future(), Outcome(limits)
-        )
-        protocol.run = run
-        sandbox.pipes.watch(loop, run)
-        stdin.write(request.to_guest(limits).encode())
-        timed_out = False
-        try:
-            async with asyncio.timeout(request.timeout_s):
-                await run.done
-        except TimeoutError:
-            timed_out = True
-        finally:
-            sandbox.pipes.unwatch(loop, run)
-        execution_s = time.monotonic() - began
-        state = run.state
-        if timed_out or state.kills:
-            sandbox.kill()  # now, not at destroy: the code may be burning CPU
-        if state is RunState.VIOLATION:
-            log.warning("sandbox_protocol_violation", sandbox=sandbox.id)
-        exit_code = run.exit_code
-        if state.runner_gone:
-            if state is RunState.NOT_TAKEN and not (run.output and run.output.received):
-                raise SandboxLostError(f"sandbox {sandbox.id} did not take its request")
-            exit_code = await self._exit_status(sandbox)
-        oom_killed = await self._oom_verdict(sandbox, wait=state.runner_gone or exit_code == 137)
-        if oom_killed:
-            self.report_oom(sandbox)
-        return RunResult.from_capture(
-            run.capture,
-            exit_code=None if timed_out or state.over_cap else exit_code,
-            timed_out=timed_out,
-            oom_killed=oom_killed,
-            execution_s=execution_s,
-            outcome=run.outcome,
-        )
-
-    async def _exit_status(self, sandbox: ProcessSandbox) -> int | None:
-        """The runner died without its exit frame: bwrap exits with its status."""
-        try:
-            async with asyncio.timeout(EXIT_TIMEOUT_S):
-                returncode = await asyncio.shield(sandbox.protocol.exited)
-        except TimeoutError:
-            return None
-        return returncode if returncode >= 0 else 128 - returncode
-
-    async def _oom_verdict(self, sandbox: ProcessSandbox, *, wait: bool) -> bool:
-        """Whether the kernel OOM-killed in the sandbox's cgroup; never the code's claim."""
-        cgroup = sandbox.cgroup
-        if cgroup is None:
-            return False
-        deadline = time.monotonic() + (OOM_COUNTER_GRACE_S if wait else 0.0)
-        while True:
-            # One pread of a kernfs counter: it never waits on a device.
-            if cgroup.oom_kills() > 0:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.005)
+        return await run_direct(sandbox, request, self.config, self.report_oom)
 
     async def destroy_sandbox(self, sandbox: ProcessSandbox) -> None:
         if not sandbox.mark_destroyed():

@@ -266,7 +266,7 @@ class RunnerProtocol(asyncio.SubprocessProtocol):
         if fd != 1:
             return
         if not self.ready.done():
-            self.ready.set_exception(BackendError("bubblewrap exited before the runner was ready"))
+            self.ready.set_exception(BackendError("the sandbox exited before its runner was ready"))
         elif run is not None and run.state.waiting:
             run.runner_gone()
         elif run is None and self.on_idle_death is not None:
@@ -274,9 +274,14 @@ class RunnerProtocol(asyncio.SubprocessProtocol):
 
     def process_exited(self) -> None:
         returncode = self.transport.get_returncode() if self.transport is not None else None
+        self.exited_with(returncode if returncode is not None else -signal.SIGKILL)
+
+    def exited_with(self, returncode: int) -> None:
+        """The sandbox's first process is gone: bwrap here, or as the fork tier's template
+        reports it (``returncode`` as subprocess gives it: minus N for signal N)."""
         if not self.exited.done():
-            self.exited.set_result(returncode if returncode is not None else -signal.SIGKILL)
+            self.exited.set_result(returncode)
         if not self.ready.done():
-            self.ready.set_exception(BackendError("bubblewrap exited before the runner was ready"))
+            self.ready.set_exception(BackendError("the sandbox exited before its runner was ready"))
         if self.run is None and self.on_idle_death is not None:
             self.on_idle_death()

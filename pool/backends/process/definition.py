@@ -41,7 +41,7 @@ ADDRESS_SPACE_FACTOR = 8
 # subtree): join the sandbox's cgroups, then exec the rest of the command line.
 # Joining from inside the child is the only way to have every process of the
 # tree born in the cgroup (asyncio cannot spawn into one).
-_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done; shift; exec "$@"'
+JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done; shift; exec "$@"'
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -86,7 +86,7 @@ class SandboxDefinition:
         tmpfs_bytes = str(c.tmpfs_mb * 1024 * 1024)
         command: list[str] = []
         if cgroup is not None and cgroup.procs_files:
-            command += ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *cgroup.procs_files, "--"]
+            command += ["/bin/sh", "-c", JOIN_CGROUPS, "sh", *cgroup.procs_files, "--"]
         if self.setpriv is not None:
             if host_uid is None:
                 raise ValueError("a root daemon's sandbox needs a host uid of its own")

@@ -48,6 +48,9 @@ class ProcessSandbox(Sandbox):
         self.host_uid = host_uid  # held from the range until the cgroup is empty
         self.scratch = scratch  # the host's copies, until the runner is ready
 
+    def stdin(self) -> asyncio.BaseTransport | None:
+        return self.transport.get_pipe_transport(0)
+
     @property
     def bwrap_pid(self) -> int:
         return self.transport.get_pid()
