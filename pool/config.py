@@ -32,7 +32,7 @@ from pool.uids import DEFAULT_COUNT as DEFAULT_UID_COUNT
 from pool.uids import HOST_UID_BACKENDS
 from pool.wire import OutcomeLimits
 
-BackendName = Literal["docker", "process", "wasm", "fake"]
+BackendName = Literal["docker", "process", "fork", "wasm", "fake"]
 Language = Literal["python", "shell", "javascript"]
 
 # The images `sandpool image build --profile python|datasci|node` tags (pool/image):
@@ -154,6 +154,14 @@ class PoolConfig:
                 f"{where}.language: the wasm backend runs only python, not {self.language!r}",
                 code="language_not_supported",
             )
+        if self.backend == "fork" and self.language == "javascript":
+            # node cannot fork a warm copy of itself: its threads do not survive
+            # fork(). A process pool keeps node started ahead of demand instead.
+            raise ConfigError(
+                f"{where}.language: the fork backend cannot run javascript (node cannot "
+                "fork); use backend = \"process\"",
+                code="language_not_supported",
+            )
 
 
 # Pool keys that only some backends read, with the backends that do (the Docker
@@ -162,11 +170,11 @@ class PoolConfig:
 # key at load rather than ignore it: a limit nothing enforces must not look set.
 # Keys not listed here apply to every backend.
 BACKEND_ONLY_KEYS: Mapping[str, tuple[BackendName, ...]] = {
-    "image": ("docker", "process"),
+    "image": ("docker", "process", "fork"),
     "runtime": ("docker",),
     "wasm_module": ("wasm",),
     "wasm_max_open_files": ("wasm",),
-    "pids_limit": ("docker", "process"),
+    "pids_limit": ("docker", "process", "fork"),
 }
 
 
@@ -252,11 +260,15 @@ class Config:
 
     def validate(self) -> None:
         """Checks across tables: each live Docker or process sandbox holds a uid of its own."""
-        needed = sum(p.max_size for p in self.pools if p.backend in HOST_UID_BACKENDS)
+        # A fork pool's template holds one more.
+        needed = sum(
+            p.max_size + (p.backend == "fork") for p in self.pools if p.backend in HOST_UID_BACKENDS
+        )
         if needed > self.server.sandbox_uid_count:
             raise ConfigError(
                 f"server.sandbox_uid_count ({self.server.sandbox_uid_count}) is below the "
-                f"{needed} sandboxes the docker and process pools may hold at once"
+                f"{needed} sandboxes (and fork templates) the docker, process and fork pools "
+                "may hold at once"
             )
         # Floors are always kept, within the budget or not: only a pool that
         # could grow above its floor needs room left in it.
@@ -289,6 +301,14 @@ def default_pools() -> tuple[PoolConfig, ...]:
     # a daemon without a config file (`make run`) can make when it runs as root.
     if shutil.which("bwrap") and os.geteuid() == 0:
         pools += (PoolConfig(name="python-process", backend="process", min_idle=2, max_size=8),)
+        # The same lock-down, each sandbox a fork of one warm interpreter: the
+        # cheapest single-use sandbox, and the fastest with pandas imported.
+        pools += (
+            PoolConfig(name="python-fork", backend="fork", min_idle=2, max_size=8),
+            PoolConfig(name="datasci-fork", backend="fork", image=DATASCI_IMAGE,
+                       preload=DATASCI_PRELOAD, memory_mb=512, min_idle=2, max_size=8,
+                       timeout_s=30.0, max_timeout_s=120.0),
+        )
     # wasmtime and the CPython WASI build are runtime dependencies.
     pools += (PoolConfig(name="python-wasm", backend="wasm", min_idle=2, max_size=4),)
     # Agents' data analysis: the imports that cost ~0.3 s are made before a

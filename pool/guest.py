@@ -35,7 +35,7 @@ RUNNER = "runner.py"  # docker and process tiers
 WASM_RUNNER = "wasm_runner.py"
 NODE_RUNNER = "node_runner.js"  # docker and process tiers: exec'd by RUNNER, beside it
 PROGRAMS = (RUNNER, WASM_RUNNER, NODE_RUNNER)
-SPLICED = ("pool.wire", "pool.runcode")  # the modules a guest program may import
+SPLICED = ("pool.wire", "pool.runcode", "pool.isolate")  # the modules a guest program may import
 WIRE_MARKER = "// @@WIRE_CONSTANTS@@\n"  # the line of a JavaScript program that becomes WIRE
 # How node_runner.js lays out what it reads and writes (Buffer's readUInt32BE,
 # writeInt32BE): composing refuses a wire whose structs no longer match.

@@ -44,10 +44,23 @@ import os
 import resource
 import select
 import signal
+import socket
 import sys
 import threading
 from typing import NoReturn
 
+from pool.isolate import (
+    SANDBOX_NAMESPACES,
+    drop_privileges,
+    fork_into_new_pid_namespace,
+    install_seccomp,
+    join_cgroups,
+    loopback_up,
+    mount_scratch,
+    set_hostname,
+    set_user_quotas,
+    unshare,
+)
 from pool.runcode import (
     Results,
     flush_std_streams,
@@ -62,20 +75,29 @@ from pool.runcode import (
     write_all,
 )
 from pool.wire import (
+    CGROUP_MOUNT,
     CHUNK,
     DIRECT,
     DRAIN_READS,
     EXIT,
     GARBLED_STATUS,
+    MATPLOTLIB_CONFIG_DIR,
+    MAX_CONTROL_BYTES,
     OUTCOME_KINDS,
     READY,
+    SPAWN_FDS,
     STATUS,
     STDERR,
     STDOUT,
+    TEMPLATE,
+    TEMPLATE_READY,
+    WORKDIR,
     FrameDecoder,
     GuestRequest,
     OutcomeLimits,
     RunnerArguments,
+    SandboxExit,
+    SpawnOrder,
     WireError,
     frame,
 )
@@ -86,6 +108,9 @@ NODE_RUNNER = "node_runner.js"  # installed beside this file (pool/guest.py's NO
 # and above the daemon's own wait, which ends a slow sandbox first.
 NODE_READY_TIMEOUT_S = 60.0
 EX_UNAVAILABLE = 69  # node never became ready: the sandbox fails to start
+EX_SOFTWARE = 70  # the runner itself failed
+SANDBOX_HOSTNAME = "sandbox"
+MAX_FD = 65536  # above any fd a sandbox's PID 1 inherits (the template's RLIMIT_NOFILE)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
@@ -378,9 +403,11 @@ def main() -> None:
         arguments = RunnerArguments.parse(sys.argv[1:])
     except WireError as e:
         usage_error(str(e))
-    set_limits(arguments.limits)
     language = arguments.language
-    direct = arguments.mode == DIRECT
+    if arguments.mode == TEMPLATE and language == JAVASCRIPT:
+        usage_error("node cannot fork: javascript has no template")
+    if arguments.mode != TEMPLATE:  # a template's sandboxes set them on themselves
+        set_limits(arguments.limits)
     results = Results(0)  # its limit comes with the request
     javascript = language == JAVASCRIPT
     try:
@@ -394,8 +421,19 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
-    if arguments.fds is not None:
-        out_w, err_w, status_w = arguments.fds
+    if arguments.mode == TEMPLATE and arguments.fds is not None:
+        control, seccomp = arguments.fds
+        template(control, seccomp, arguments.limits, language, results)
+    serve(arguments.mode == DIRECT, language, arguments.fds, results)
+
+
+def serve(
+    direct: bool, language: str, fds: "tuple[int, ...] | None", results: Results
+) -> NoReturn:
+    """Fork the child that will run the code, report ready, then watch or relay it."""
+    javascript = language == JAVASCRIPT
+    if fds is not None:
+        out_w, err_w, status_w = fds
         os.set_inheritable(status_w, False)  # as a pipe of our own would be: not for sh
         read_ends: tuple[int, ...] = ()
     else:
@@ -415,7 +453,7 @@ def main() -> None:
                 exec_node(runner, out_w, err_w, status_w, ready_w)
             child(runner, language, out_w, err_w, status_w, results)
         finally:
-            os._exit(70)  # only reached if the runner itself failed
+            os._exit(EX_SOFTWARE)  # only reached if the runner itself failed
     for fd in (out_w, err_w, status_w):
         os.close(fd)
     protect_runner()
@@ -430,6 +468,132 @@ def main() -> None:
         write_all(1, frame(READY))
         relay(pid, out_r, err_r, status_r)
     park()
+
+
+# --- The fork tier's template ------------------------------------------------------
+
+
+def template(
+    control_fd: int, seccomp_fd: int, limits: "dict[str, tuple[int, int]]", language: str,
+    results: Results,
+) -> NoReturn:
+    """Fork one sandbox per SpawnOrder on the control socket; report each one's end.
+
+    Runs no code of anyone's: it only reads orders, forks and reaps. It exits
+    when the daemon closes the socket, and its sandboxes die with it (it is
+    PID 1 of the namespace theirs are nested in).
+    """
+    with os.fdopen(seccomp_fd, "rb") as f:
+        program = f.read()
+    control = socket.socket(fileno=control_fd)
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    hidden = [f"{CGROUP_MOUNT}/{name}" for name in sorted(os.listdir(CGROUP_MOUNT))]
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda number, frame: None)
+    live: dict[int, str] = {}  # pid of each sandbox's first process -> its id
+    control.send(TEMPLATE_READY)
+    poller = select.poll()
+    poller.register(control.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, CHUNK)
+                reap_sandboxes(control, live)
+                continue
+            message, fds, _, _ = socket.recv_fds(control, MAX_CONTROL_BYTES, len(SPAWN_FDS))
+            if not message:
+                os._exit(0)  # the daemon is gone, or done with this template
+            try:
+                order = SpawnOrder.decode(message)
+                if len(fds) != len(SPAWN_FDS):
+                    raise WireError(f"a spawn order needs {len(SPAWN_FDS)} fds, got {len(fds)}")
+            except WireError as e:
+                usage_error(str(e))
+            pid = spawn_sandbox(
+                order, fds, own_pid_namespace, program, hidden, limits, language, results
+            )
+            for fd in fds:
+                os.close(fd)
+            if pid is None:
+                control.send(SandboxExit(order.sandbox, EX_SOFTWARE).encode())
+            else:
+                live[pid] = order.sandbox
+
+
+def reap_sandboxes(control: socket.socket, live: "dict[int, str]") -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        sandbox = live.pop(pid, None)
+        if sandbox is not None:
+            control.send(SandboxExit(sandbox, os.waitstatus_to_exitcode(status)).encode())
+
+
+def spawn_sandbox(
+    order: SpawnOrder, fds: "list[int]", own_pid_namespace: int, program: bytes,
+    hidden: "list[str]", limits: "dict[str, tuple[int, int]]", language: str, results: Results,
+) -> "int | None":
+    """Fork the sandbox's PID 1, in a PID namespace of its own; None if the fork failed."""
+    try:
+        pid = fork_into_new_pid_namespace(own_pid_namespace)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.write(fds[SPAWN_FDS.index("diagnostics")], f"template: {e}\n".encode())
+        return None
+    if pid == 0:
+        sandbox(order, fds, program, hidden, limits, language, results)
+    return pid
+
+
+def sandbox(
+    order: SpawnOrder, fds: "list[int]", program: bytes, hidden: "list[str]",
+    limits: "dict[str, tuple[int, int]]", language: str, results: Results,
+) -> NoReturn:
+    """A sandbox's PID 1: its own mounts, then no privilege left, then a direct runner.
+
+    Until ``install_seccomp`` it holds the template's capabilities (in the
+    template's user namespace only) and runs nothing but the steps below.
+    """
+    request, channel, diagnostics, out_w, err_w, status_w = fds
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Born in the template's cgroup: join its own before the code's child
+        # is forked, then make that the root of its cgroup namespace.
+        join_cgroups(order.cgroup_procs)
+        unshare(SANDBOX_NAMESPACES)
+        mount_scratch(order.tmpfs_bytes, order.uid, WORKDIR, hidden)
+        set_user_quotas(order.user_quotas)
+        set_hostname(SANDBOX_HOSTNAME)
+        loopback_up()
+        for source, target in ((request, 0), (channel, 1), (diagnostics, 2)):
+            os.dup2(source, target)
+        keep = sorted({0, 1, 2, out_w, err_w, status_w})
+        for low, high in zip(keep, [*keep[1:], MAX_FD], strict=True):
+            os.closerange(low + 1, high)
+        os.setsid()  # no terminal of the daemon's to reach (TIOCSTI)
+        drop_privileges(order.uid)
+        os.chdir(WORKDIR)  # its own, mode 0700
+        os.makedirs(MATPLOTLIB_CONFIG_DIR, exist_ok=True)  # the template's was on its /tmp
+        set_limits(limits)
+        install_seccomp(program)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.write(2, f"sandbox set-up failed: {e}\n".encode())
+        os._exit(EX_SOFTWARE)
+    try:
+        serve(True, language, (out_w, err_w, status_w), results)
+    finally:
+        os._exit(EX_SOFTWARE)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pool.errors import BackendError
 # some tools still read as a signed number.
 # The backends whose sandboxes are host processes, each run as a uid of its
 # own; wasm guests run inside the daemon's process and have no uid.
-HOST_UID_BACKENDS = frozenset({"docker", "process"})
+HOST_UID_BACKENDS = frozenset({"docker", "process", "fork"})
 DEFAULT_BASE = 1_900_000_000
 DEFAULT_COUNT = 65536
 MAX_UID = 2**31 - 1

@@ -66,8 +66,13 @@ OUTCOME_FILE = "outcome"  # wasm only: the run's outcome frames, in STATUS_DIR
 
 
 # The runner's command line:
-# ``<mode> <language> [<3 fds>] [RLIMIT_<NAME>=<soft>:<hard> ...] [preload=<modules>]``.
+# ``<mode> <language> [<fds>] [RLIMIT_<NAME>=<soft>:<hard> ...] [preload=<modules>]``.
 RELAY, DIRECT = "relay", "direct"  # output as frames on the runner's stdout, or on pipes of its own
+TEMPLATE = "template"  # the fork tier's template: forks a direct-mode runner per SpawnOrder
+# How many fds each mode is given: direct mode the write ends for the code's
+# stdout, stderr and status; the template its control socket and the seccomp
+# program its sandboxes install.
+MODE_FDS = {RELAY: 0, DIRECT: 3, TEMPLATE: 2}
 LANGUAGES = ("python", "shell", "javascript")
 RLIMIT_PREFIX = "RLIMIT_"
 PRELOAD = "preload"  # preload=<module>[,<module>...]
@@ -156,13 +161,13 @@ class RunnerArguments:
         self,
         mode: str,
         language: str,
-        fds: "tuple[int, int, int] | None" = None,
+        fds: "tuple[int, ...] | None" = None,
         limits: "dict[str, tuple[int, int]] | None" = None,
         preload: "list[str] | None" = None,
     ) -> None:
         self.mode = mode
         self.language = language
-        self.fds = fds  # direct mode: the write ends for the code's stdout, stderr and status
+        self.fds = fds  # MODE_FDS[mode] of them, or None
         self.limits = dict(limits or {})  # RLIMIT_<NAME> -> (soft, hard)
         self.preload = list(preload or [])  # modules imported and warmed before ready
 
@@ -177,18 +182,21 @@ class RunnerArguments:
     def parse(cls, argv: "list[str]") -> "RunnerArguments":
         """The arguments after the runner's path. Raises WireError naming what is wrong."""
         if len(argv) < 2:
-            raise WireError("usage: runner.py relay|direct <language> [fds] [RLIMIT_X=soft:hard]")
+            raise WireError(
+                "usage: runner.py relay|direct|template <language> [fds] [RLIMIT_X=soft:hard]"
+            )
         mode, language, rest = argv[0], argv[1], argv[2:]
-        if mode not in (RELAY, DIRECT):
-            raise WireError(f"unknown mode {mode!r}: expected {RELAY!r} or {DIRECT!r}")
+        if mode not in MODE_FDS:
+            raise WireError(f"unknown mode {mode!r}: expected one of {sorted(MODE_FDS)}")
         if language not in LANGUAGES:
             raise WireError(f"unknown language {language!r}")
         fds = None
-        if mode == DIRECT:
-            if len(rest) < 3 or not all(word.isdigit() for word in rest[:3]):
-                raise WireError("direct mode needs three fds: stdout, stderr, status")
-            fds = (int(rest[0]), int(rest[1]), int(rest[2]))
-            rest = rest[3:]
+        count = MODE_FDS[mode]
+        if count:
+            if len(rest) < count or not all(word.isdigit() for word in rest[:count]):
+                raise WireError(f"{mode} mode needs {count} fds")
+            fds = tuple(int(word) for word in rest[:count])
+            rest = rest[count:]
         limits = {}
         preload: list[str] = []
         for word in rest:
@@ -203,6 +211,102 @@ class RunnerArguments:
                 raise WireError(f"bad limit {word!r}: expected RLIMIT_<NAME>=<soft>:<hard>")
             limits[name] = (int(soft), int(hard))
         return cls(mode, language, fds, limits, preload)
+
+
+# --- The fork tier: a template's control socket ------------------------------------
+#
+# A SOCK_SEQPACKET pair, one message per datagram. The daemon sends one
+# SpawnOrder per sandbox, with SPAWN_FDS attached (SCM_RIGHTS) in that order;
+# the template answers TEMPLATE_READY once, when its preload is warm, then one
+# SandboxExit per order, when the sandbox's first process has been reaped (or
+# failed to start). The template never runs code, but the daemon still
+# decodes what it says strictly: a template that says nonsense is replaced.
+SPAWN_FDS = ("request", "channel", "diagnostics", "stdout", "stderr", "status")
+MAX_CONTROL_BYTES = 4096
+# The pool's cgroup directories, in the template: on its /tmp, which each
+# sandbox covers with a fresh tmpfs of its own.
+CGROUP_MOUNT = "/tmp/.sandpool-cgroups"
+TEMPLATE_READY = b'{"ready": true}'
+# Per-user kernel quotas that are not rlimits: the kernel counts them per uid
+# in the template's user namespace *and* against the template's own host uid,
+# so each sandbox gets a share of the host's limit (/proc/sys/user/<name>).
+USER_QUOTAS = ("max_inotify_instances", "max_inotify_watches")
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z").match
+
+
+def _control_object(data: bytes, what: str) -> "dict[str, object]":
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise WireError(f"malformed {what}") from None
+    if not isinstance(value, dict):
+        raise WireError(f"malformed {what}")
+    return value
+
+
+class SpawnOrder:
+    """One sandbox the template is to fork: who it runs as, where its cgroups are."""
+
+    __slots__ = ("cgroup_procs", "sandbox", "tmpfs_bytes", "uid", "user_quotas")
+
+    def __init__(
+        self, sandbox: str, uid: int, cgroup_procs: "list[str]", tmpfs_bytes: int,
+        user_quotas: "dict[str, int]",
+    ) -> None:
+        self.sandbox = sandbox
+        self.uid = uid  # the sandbox's host uid, mapped to itself in the template's namespace
+        self.cgroup_procs = list(cgroup_procs)  # cgroup.procs files under CGROUP_MOUNT
+        self.tmpfs_bytes = tmpfs_bytes  # each of /tmp, /dev/shm and WORKDIR
+        self.user_quotas = dict(user_quotas)  # USER_QUOTAS name -> this sandbox's share
+
+    def encode(self) -> bytes:
+        return json.dumps({name: getattr(self, name) for name in self.__slots__}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "SpawnOrder":
+        """Raises WireError unless every field is there and sane."""
+        value = _control_object(data, "spawn order")
+        sandbox, uid, procs, size, quotas = (value.get(name) for name in (
+            "sandbox", "uid", "cgroup_procs", "tmpfs_bytes", "user_quotas"))
+        if not isinstance(sandbox, str) or not _SANDBOX_ID(sandbox):
+            raise WireError("spawn order: bad sandbox id")
+        if type(uid) is not int or not 0 < uid < 2**31:
+            raise WireError("spawn order: bad uid")
+        if type(size) is not int or size <= 0:
+            raise WireError("spawn order: bad tmpfs_bytes")
+        if not isinstance(procs, list) or not all(
+            isinstance(path, str) and path.startswith(CGROUP_MOUNT + "/")
+            and "/../" not in path and path.endswith("/cgroup.procs") for path in procs
+        ):
+            raise WireError("spawn order: bad cgroup_procs")
+        if not isinstance(quotas, dict) or not all(
+            name in USER_QUOTAS and type(limit) is int and limit > 0
+            for name, limit in quotas.items()
+        ):
+            raise WireError("spawn order: bad user_quotas")
+        return cls(sandbox, uid, procs, size, quotas)
+
+
+class SandboxExit:
+    """A sandbox's first process was reaped: ``status`` as subprocess reports it
+    (the exit code, or minus the signal that killed it)."""
+
+    __slots__ = ("sandbox", "status")
+
+    def __init__(self, sandbox: str, status: int) -> None:
+        self.sandbox = sandbox
+        self.status = status
+
+    def encode(self) -> bytes:
+        return json.dumps({"sandbox": self.sandbox, "status": self.status}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "SandboxExit":
+        value = _control_object(data, "sandbox exit")
+        sandbox, status = value.get("sandbox"), value.get("status")
+        if not isinstance(sandbox, str) or type(status) is not int or not -64 <= status <= 255:
+            raise WireError("malformed sandbox exit")
+        return cls(sandbox, status)
 
 
 # --- Outcome: files out, rich results and the error, besides the output ------------

@@ -60,6 +60,13 @@ max_size = 4
 timeout_s = 5
 max_timeout_s = 20
 
+[pools.python-fork]
+backend = "fork"
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
 [pools.python-wasm]
 backend = "wasm"
 min_idle = 2
@@ -94,10 +101,12 @@ acquire_timeout_s = 5
 max_output_bytes = 4096
 """
 
-# The Python pools of DAEMON_CONFIG, one per backend and the data-science
+# The Python pools of DAEMON_CONFIG, one per backend, and the data-science
 # image (pandas preloaded) in two tiers: tests that any sandbox must pass are
 # parametrized over them.
-PYTHON_POOLS = ["python", "python-process", "python-wasm", "datasci", "datasci-process"]
+PYTHON_POOLS = [
+    "python", "python-process", "python-fork", "python-wasm", "datasci", "datasci-process",
+]
 # CPython on WASI preview 1 has no processes and no signals: tests that need
 # them cannot apply there; test_wasm_backend.py covers that tier's containment.
 WASI_POOLS = frozenset({"python-wasm"})

@@ -35,8 +35,17 @@ max_size = 2
 timeout_s = 30
 memory_mb = 512
 preload = ["numpy", "pandas", "matplotlib.pyplot"]
+
+[pools.datasci-fork]
+backend = "fork"
+image = "sandpool/datasci:bookworm"
+min_idle = 1
+max_size = 2
+timeout_s = 30
+memory_mb = 512
+preload = ["numpy", "pandas", "matplotlib.pyplot"]
 """
-POOLS = ["datasci", "datasci-process"]
+POOLS = ["datasci", "datasci-process", "datasci-fork"]
 
 ANALYSIS = """
 import pandas as pd

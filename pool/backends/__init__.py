@@ -29,6 +29,14 @@ def _process(
     return Pool(config, ProcessBackend(config, instance_id, uids=uids), metrics, activity)
 
 
+def _fork(
+    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+) -> PoolHandle:
+    from pool.backends.fork import ForkBackend
+
+    return Pool(config, ForkBackend(config, instance_id, uids=uids), metrics, activity)
+
+
 def _wasm(
     config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
 ) -> PoolHandle:
@@ -48,6 +56,7 @@ def _fake(
 BACKENDS: dict[str, PoolFactory] = {
     "docker": _docker,
     "fake": _fake,
+    "fork": _fork,
     "process": _process,
     "wasm": _wasm,
 }

@@ -320,7 +320,8 @@ NEEDS_OUTPUT = [
 
 # --- the tiers agree ----------------------------------------------------------
 
-TIERS = ["python", "python-process"]  # the shared daemon's Docker and process pools
+# The shared daemon's Docker, process and fork pools.
+TIERS = ["python", "python-process", "python-fork"]
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +345,8 @@ def test_each_tier_gives_each_denial_its_errno(
 
 
 @pytest.mark.docker
-def test_the_docker_and_process_tiers_agree(probed: dict[str, dict[str, str]]) -> None:
-    assert probed["python"] == probed["python-process"]
+def test_the_docker_process_and_fork_tiers_agree(probed: dict[str, dict[str, str]]) -> None:
+    assert probed["python"] == probed["python-process"] == probed["python-fork"]
 
 
 @pytest.mark.docker

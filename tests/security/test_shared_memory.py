@@ -36,7 +36,7 @@ print('held', len(held) * 16, 'MiB')
 """
 
 
-@pytest.mark.parametrize("pool", ["python", "python-process"])
+@pytest.mark.parametrize("pool", ["python", "python-process", "python-fork"])
 def test_memfds_past_memory_mb_end_in_the_oom_verdict(client: Client, pool: str) -> None:
     result = client.run(MEMFD_FILL, pool=pool, timeout_s=15)
     assert "held" not in result["stdout"], result

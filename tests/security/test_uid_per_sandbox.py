@@ -42,7 +42,7 @@ print('ok' if fd >= 0 else os.strerror(ctypes.get_errno()))
 """
 
 
-@pytest.mark.parametrize("pool", ["python", "python-process"])
+@pytest.mark.parametrize("pool", ["python", "python-process", "python-fork"])
 def test_one_sandbox_exhausting_a_per_user_quota_leaves_the_others_theirs(
     daemon: Daemon, pool: str
 ) -> None:

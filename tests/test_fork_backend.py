@@ -1,0 +1,311 @@
+"""The fork backend: each isolation step a sandbox takes on itself, and the template.
+
+What any sandbox must do runs from test_behaviour.py and the security suite
+against the ``python-fork`` pool too. Here is what the fork tier does itself
+(``pool/isolate.py``, the template in ``pool/runner.py``): namespaces of the
+sandbox's own apart from the template's and its siblings', capabilities gone
+to the last set, private mounts, per-sandbox shares of the template's quotas,
+and the template's life (replaced when killed, gone with the daemon).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from api.client import Client
+from pool.backends.fork.template import id_map
+from pool.uids import SandboxUids
+from pool.wire import CGROUP_MOUNT, SandboxExit, SpawnOrder, WireError
+from tests.support import Daemon, host_processes_with, start_daemon, wait_until
+
+POOL = "python-fork"
+NAMESPACES = ("mnt", "pid", "ipc", "uts", "net", "cgroup")
+TEMPLATE_MARKER = "runner.py template"
+
+
+def run(client: Client, code: str, **options: object) -> dict[str, object]:
+    return client.run(textwrap.dedent(code), pool=POOL, **options)  # type: ignore[arg-type]
+
+
+def last_json(result: dict[str, object]) -> dict[str, object]:
+    lines = str(result["stdout"]).splitlines()
+    assert lines, result
+    value = json.loads(lines[-1])
+    assert isinstance(value, dict)
+    return value
+
+
+def templates() -> list[int]:
+    """Host pids of every fork template running on this host."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if TEMPLATE_MARKER in cmdline and "bwrap" not in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def namespaces_of(pid: int) -> dict[str, str]:
+    return {name: os.readlink(f"/proc/{pid}/ns/{name}") for name in (*NAMESPACES, "user")}
+
+
+NAMESPACE_REPORT = """
+    import json, os, time
+    time.sleep({sleep})
+    print(json.dumps({{name: os.readlink(f"/proc/self/ns/{{name}}")
+                      for name in {names}}}))
+"""
+
+
+# --- seen from inside, through the daemon -----------------------------------
+
+
+def test_every_namespace_but_the_users_is_the_sandboxs_own(
+    daemon: Daemon, client: Client
+) -> None:
+    code = NAMESPACE_REPORT.format(sleep=1.0, names=(*NAMESPACES, "user"))
+
+    def one() -> dict[str, object]:
+        with daemon.client() as own:
+            return last_json(run(own, code))
+
+    with ThreadPoolExecutor(2) as workers:  # two siblings alive at once
+        first, second = list(workers.map(lambda _: one(), range(2)))
+    template_pids = [pid for pid in templates() if _daemon_of(pid) == daemon.pid]
+    assert template_pids, "no template of this daemon found on the host"
+    template_namespaces = [namespaces_of(pid) for pid in template_pids]
+    own = namespaces_of(os.getpid())
+    for name in NAMESPACES:
+        assert first[name] != second[name], name  # not a sibling's
+        assert first[name] != own[name], name  # not the host's
+        assert all(first[name] != ns[name] for ns in template_namespaces), name
+    # The user namespace is the template's (it maps each sandbox's host uid),
+    # where the sandbox holds no capability (the next test).
+    assert first["user"] == second["user"]
+    assert first["user"] in {ns["user"] for ns in template_namespaces}
+
+
+def test_no_capability_in_any_set_and_a_host_uid_of_its_own(client: Client) -> None:
+    result = run(client, """
+        import json, os
+        sets = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+        lines = open("/proc/self/status").read().splitlines()
+        status = dict(line.split(":\\t", 1) for line in lines if line.split(":")[0] in sets)
+        print(json.dumps({"status": {k: v.strip() for k, v in status.items()},
+                          "ids": [os.getresuid(), os.getresgid(), os.getgroups()]}))
+    """)
+    report = last_json(result)
+    status = report["status"]
+    assert isinstance(status, dict)
+    for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert status[name] == "0000000000000000", (name, status)
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"
+    ids = report["ids"]
+    assert isinstance(ids, list)
+    uids, gids, groups = ids
+    assert len(set(uids)) == 1
+    assert uids[0] in SandboxUids()
+    assert uids[0] != 0
+    assert gids == uids
+    assert groups == []
+
+
+def test_only_its_own_processes_mounts_and_devices_are_visible(client: Client) -> None:
+    result = run(client, f"""
+        import json, os, socket
+        mounts = {{line.split()[4]: line.split(" - ")[0].split()[5]
+                  for line in open("/proc/self/mountinfo")}}
+        print(json.dumps({{
+            "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+            "cgroup": open("/proc/self/cgroup").read().split(":")[-1].strip(),
+            "cgroup_dirs": os.path.exists("{CGROUP_MOUNT}"),
+            "options": {{path: mounts.get(path, "") for path in ("/tmp", "/dev/shm", "/sandbox")}},
+            "pts": sorted(os.listdir("/dev/pts")),
+            "hostname": socket.gethostname(),
+            "interfaces": sorted(name for _, name in socket.if_nameindex()),
+            "workdir": [os.getcwd(), os.stat(".").st_uid == os.getuid()],
+        }}))
+    """)
+    report = last_json(result)
+    # PID 1 is the sandbox's runner, 2 the code: no template, no sibling.
+    assert report["pids"] == [1, 2]
+    assert report["cgroup"] == "/"  # its own cgroup namespace, rooted at its own cgroup
+    assert report["cgroup_dirs"] is False  # the template's cgroup mounts are not there
+    options = report["options"]
+    assert isinstance(options, dict)
+    for path, flags in options.items():
+        assert {"nosuid", "nodev", "noexec"} <= set(flags.split(",")), (path, flags)
+    assert report["pts"] == ["ptmx"]  # a devpts instance of its own
+    assert report["hostname"] == "sandbox"
+    assert report["interfaces"] == ["lo"]
+    assert report["workdir"] == ["/sandbox", True]
+
+
+def test_a_pty_or_shm_segment_of_one_sandbox_is_not_in_the_next(
+    daemon: Daemon, client: Client
+) -> None:
+    first = run(client, """
+        import ctypes, os, pty
+        libc = ctypes.CDLL(None, use_errno=True)
+        master, slave = pty.openpty()
+        segment = libc.shmget(0x5a17, 4096, 0o1666)  # IPC_CREAT | 0666
+        print(sorted(os.listdir("/dev/pts")), segment >= 0)
+    """)
+    assert str(first["stdout"]).split("]")[-1].strip() == "True", first
+    second = run(client, """
+        import os
+        print(sorted(os.listdir("/dev/pts")), open("/proc/sysvipc/shm").read().count("\\n"))
+    """)
+    assert second["stdout"] == "['ptmx'] 1\n"  # the header line only
+
+
+def test_user_quotas_and_rlimits_are_the_sandboxs_share(client: Client) -> None:
+    result = run(client, """
+        import resource
+        quotas = [open(f"/proc/sys/user/max_inotify_{name}").read().strip()
+                  for name in ("instances", "watches")]
+        limits = [resource.getrlimit(getattr(resource, f"RLIMIT_{name}"))[0]
+                  for name in ("MSGQUEUE", "SIGPENDING", "MEMLOCK")]
+        print(*quotas, *limits)
+    """)
+    shares = [int(word) for word in str(result["stdout"]).split()]
+    host = [int(Path(f"/proc/sys/fs/inotify/max_user_{name}").read_text())
+            for name in ("instances", "watches")]
+    import resource
+
+    own = [resource.getrlimit(getattr(resource, f"RLIMIT_{name}"))[0]
+           for name in ("MSGQUEUE", "SIGPENDING", "MEMLOCK")]
+    # python-fork's max_size is 4: a fifth of each, the template included.
+    assert shares == [value // 5 for value in host] + [value // 5 for value in own]
+
+
+# --- the template's life ----------------------------------------------------------
+
+
+def test_a_killed_template_is_replaced_and_no_request_fails(spawn_daemon: object) -> None:
+    config = """
+        [server]
+        metrics_address = "off"
+
+        [pools.python-fork]
+        backend = "fork"
+        min_idle = 1
+        max_size = 2
+    """
+    daemon = spawn_daemon(textwrap.dedent(config))  # type: ignore[operator]
+    with daemon.client() as client:
+        assert run(client, "print(1)")["stdout"] == "1\n"
+        before = set(templates())
+        mine = [pid for pid in before if _daemon_of(pid) == daemon.pid]
+        assert len(mine) == 1, before
+        os.kill(mine[0], signal.SIGKILL)
+        results = [run(client, "print(2)") for _ in range(5)]
+    assert [r["stdout"] for r in results] == ["2\n"] * 5, results
+    replacement = [pid for pid in templates() if _daemon_of(pid) == daemon.pid]
+    assert len(replacement) == 1
+    assert replacement[0] != mine[0]
+
+
+def test_a_killed_daemon_takes_its_template_and_sandboxes_along(tmp_path: Path) -> None:
+    config = """
+        [server]
+        metrics_address = "off"
+
+        [pools.python-fork]
+        backend = "fork"
+        min_idle = 2
+    """
+    crashed = start_daemon(tmp_path, textwrap.dedent(config))
+    mine = [pid for pid in templates() if _daemon_of(pid) == crashed.pid]
+    assert len(mine) == 1
+    uid = Path(f"/proc/{mine[0]}/status").read_text().split("Uid:")[1].split()[0]
+    sandboxes = _processes_of_uids_above(int(uid))
+    assert len(sandboxes) >= 4  # two parked sandboxes: a runner and its child each
+    crashed.process.kill()
+    crashed.process.wait()
+    wait_until(lambda: not (set(mine) | sandboxes) & _live_pids(), "the tree to go", timeout_s=10)
+    assert not host_processes_with(TEMPLATE_MARKER) or all(
+        _daemon_of(pid) != crashed.pid for pid in templates()
+    )
+
+
+def _daemon_of(pid: int) -> int | None:
+    """The daemon a template belongs to: its ancestor running ``api.cli serve``."""
+    current = pid
+    for _ in range(8):
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            cmdline = Path(f"/proc/{current}/cmdline").read_bytes()
+        except OSError:
+            return None
+        if b"api.cli" in cmdline and b"serve" in cmdline:
+            return current
+        current = int(status.split("PPid:")[1].split()[0])
+        if current <= 1:
+            return None
+    return None
+
+
+def _live_pids() -> set[int]:
+    return {int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()}
+
+
+def _processes_of_uids_above(template_uid: int) -> set[int]:
+    """Processes running as a sandbox uid handed out after the template's."""
+    found = set()
+    for pid in _live_pids():
+        try:
+            uid = int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+        if uid in SandboxUids() and uid > template_uid:
+            found.add(pid)
+    return found
+
+
+# --- the control socket's messages, as the template and the daemon read them ------
+
+
+def test_spawn_orders_round_trip_and_bad_ones_are_refused() -> None:
+    procs = [f"{CGROUP_MOUNT}/memory/s1/cgroup.procs"]
+    order = SpawnOrder("s1", 1_900_000_001, procs, 1 << 20, {"max_inotify_instances": 25})
+    decoded = SpawnOrder.decode(order.encode())
+    assert (decoded.sandbox, decoded.uid, decoded.cgroup_procs) == ("s1", 1_900_000_001, procs)
+    for bad in (
+        b"not json",
+        b"[]",
+        SpawnOrder("../x", 5, procs, 1, {}).encode(),
+        SpawnOrder("s", 0, procs, 1, {}).encode(),  # uid 0: the template's root
+        SpawnOrder("s", 5, ["/sys/fs/cgroup/memory/cgroup.procs"], 1, {}).encode(),
+        SpawnOrder("s", 5, [f"{CGROUP_MOUNT}/../../etc/cgroup.procs"], 1, {}).encode(),
+        SpawnOrder("s", 5, procs, 0, {}).encode(),
+        SpawnOrder("s", 5, procs, 1, {"max_user_namespaces": 5}).encode(),
+    ):
+        with pytest.raises(WireError):
+            SpawnOrder.decode(bad)
+
+
+def test_sandbox_exits_round_trip_and_bad_ones_are_refused() -> None:
+    assert SandboxExit.decode(SandboxExit("s1", -9).encode()).status == -9
+    for bad in (b"{}", b'{"sandbox": "s", "status": 9999}', b'{"sandbox": 1, "status": 0}'):
+        with pytest.raises(WireError):
+            SandboxExit.decode(bad)
+
+
+def test_the_template_maps_the_range_around_its_own_uid() -> None:
+    uids = SandboxUids(base=100_000, count=10)
+    assert id_map(100_004, uids) == "0 100004 1\n100000 100000 4\n100005 100005 5\n"
+    assert id_map(100_000, uids) == "0 100000 1\n100001 100001 9\n"
+    assert id_map(100_009, uids) == "0 100009 1\n100000 100000 9\n"
