@@ -382,7 +382,8 @@ def _reject_unknown(where: str, table: Mapping[str, object], known: set[str]) ->
 def _reject_other_backends_keys(pool: PoolConfig, table: Mapping[str, object]) -> None:
     for key in table:
         if not applies_to(key, pool.backend):
-            backends = " and ".join(BACKEND_ONLY_KEYS[key])
+            *others, last = BACKEND_ONLY_KEYS[key]
+            backends = f"{', '.join(others)} and {last}" if others else last
             noun = "backend" if len(BACKEND_ONLY_KEYS[key]) == 1 else "backends"
             raise ConfigError(
                 f"pools.{pool.name}.{key} applies only to the {backends} {noun}, and pool "

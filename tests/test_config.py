@@ -48,12 +48,12 @@ def test_bad_values_name_the_key(document: dict[str, object], message: str) -> N
 
 
 @pytest.mark.parametrize(("backend", "key", "value", "readers"), [
-    ("wasm", "image", "sandpool/python:bookworm", "the docker and process backends"),
+    ("wasm", "image", "sandpool/python:bookworm", "the docker, process and fork backends"),
     ("process", "runtime", "runsc", "the docker backend"),
-    ("fake", "image", "x", "the docker and process backends"),
+    ("fake", "image", "x", "the docker, process and fork backends"),
     ("docker", "wasm_module", "/opt/python.wasm", "the wasm backend"),
     ("process", "wasm_max_open_files", 64, "the wasm backend"),
-    ("wasm", "pids_limit", 64, "the docker and process backends"),
+    ("wasm", "pids_limit", 64, "the docker, process and fork backends"),
 ])
 def test_a_key_of_another_backend_is_refused(
     backend: str, key: str, value: object, readers: str

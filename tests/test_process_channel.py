@@ -94,7 +94,7 @@ async def test_garbage_before_the_ready_frame_fails_the_start() -> None:
 async def test_bwrap_gone_before_the_ready_frame_fails_the_start() -> None:
     protocol = RunnerProtocol(asyncio.get_running_loop())
     protocol.pipe_connection_lost(1, None)
-    with pytest.raises(BackendError, match="before the runner was ready"):
+    with pytest.raises(BackendError, match="exited before its runner was ready"):
         await protocol.ready
 
 
