@@ -251,8 +251,7 @@ class ForkBackend(BackendBase[ForkSandbox]):
             async with asyncio.timeout(READY_TIMEOUT_S):
                 # Shielded so that the destroy below can still wait for it.
                 await asyncio.shield(sandbox.protocol.ready)
-            await asyncio.to_thread(sandbox.learn_runner)
-            await asyncio.to_thread(cgroup.apply_cpu_limit)
+            await asyncio.to_thread(_ready, sandbox, cgroup)
         except BaseException as e:
             with contextlib.suppress(BackendError):
                 await asyncio.shield(self.destroy_sandbox(sandbox))
@@ -357,6 +356,13 @@ class ForkBackend(BackendBase[ForkSandbox]):
             if sandbox.host_uid is not None:
                 self._uids.release(sandbox.host_uid)
                 sandbox.host_uid = None
+
+
+def _ready(sandbox: ForkSandbox, cgroup: SandboxCgroup) -> None:
+    """Once its runner is ready: hold its PID 1, then let the CPU quota bite. Blocking
+    (one thread hop for both: each costs the loop a wake-up)."""
+    sandbox.learn_runner()
+    cgroup.apply_cpu_limit()
 
 
 def _describe(error: BaseException) -> str:
