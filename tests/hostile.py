@@ -2,7 +2,8 @@
 
     python -m tests.hostile [--phase-s 60] [--neighbour-rate 0.5] [--attacks a,b] [--out FILE]
 
-One daemon serves tenant pools (``python``, ``python-process``, ``python-wasm``)
+One daemon serves tenant pools (``python``, ``python-process``, ``python-fork``,
+``python-wasm``)
 and, beside each, a neighbouring pool of the same tier. Three phases of
 ``--phase-s`` seconds each carry the same paced ``print('ok')`` traffic on the
 tenant pools:
@@ -44,9 +45,11 @@ from bench.stats import percentile
 from pool.uids import SandboxUids
 from tests.support import Daemon, docker_containers, free_port, start_daemon, stop_daemon
 
-TENANT_RATES = {"python": 1.0, "python-process": 4.0, "python-wasm": 2.0}  # requests/s
+TENANT_RATES = {  # requests/s
+    "python": 1.0, "python-process": 4.0, "python-fork": 4.0, "python-wasm": 2.0,
+}
 ATTACKER_POOLS = {"python": "hostile", "python-process": "hostile-process",
-                  "python-wasm": "hostile-wasm"}
+                  "python-fork": "hostile-fork", "python-wasm": "hostile-wasm"}
 IDLE_CONNECTIONS = 300  # on the socket and on the metrics port each
 
 
@@ -58,6 +61,11 @@ max_size = 6
 timeout_s = 5
 [pools.python-process]
 backend = "process"
+min_idle = 3
+max_size = 6
+timeout_s = 5
+[pools.python-fork]
+backend = "fork"
 min_idle = 3
 max_size = 6
 timeout_s = 5
@@ -77,7 +85,7 @@ timeout_s = 4
 max_timeout_s = 4
 """
         for name, backend in (("hostile", "docker"), ("hostile-process", "process"),
-                              ("hostile-wasm", "wasm"))
+                              ("hostile-fork", "fork"), ("hostile-wasm", "wasm"))
     )
     return f"""
 [server]
