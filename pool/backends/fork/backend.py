@@ -308,7 +308,11 @@ class ForkBackend(BackendBase[ForkSandbox]):
                 os.close(channel_r)
             if sandbox.request_transport is None:
                 os.close(request_w)
-            protocol.exited_with(-9)  # nothing was started: a destroy need not wait
+            protocol.exited_with(-9)  # nothing was started
+            self._sandboxes.discard(sandbox)
+            sandbox.close()
+            if sandbox.host_uid is not None:
+                self._uids.release(sandbox.host_uid)
             raise
         finally:
             for fd in (request_r, channel_w, diagnostics_w):
