@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import os
 import time
@@ -73,7 +74,7 @@ def _cold_config(run_id: str, code: str) -> dict[str, Any]:
 def _seed_client() -> Any:
     """A docker-py client, or None when the bench extra is not installed."""
     try:
-        import docker  # the bench extra
+        import docker  # type: ignore[import-untyped]  # the bench extra, without stubs
     except ImportError:
         return None
     return docker.DockerClient(base_url="unix:///var/run/docker.sock", timeout=120)
@@ -128,7 +129,7 @@ def seed_docker_py(
     try:
         for workload in workloads:
             out[workload.name] = _seed_samples(
-                client, samples, time_left, lambda w=workload: run_one(w))
+                client, samples, time_left, functools.partial(run_one, workload))
     finally:
         client.close()
     return out
@@ -500,6 +501,6 @@ async def docker_description() -> tuple[dict[str, Any], dict[str, Any]]:
     """(GET /version, GET /info) of the local engine, once it answers."""
 
     async def query(docker: aiodocker.Docker) -> tuple[dict[str, Any], dict[str, Any]]:
-        return await docker.version(), await docker.system.info()
+        return await docker.version(), dict(await docker.system.info())
 
     return await _when_engine_answers(query)

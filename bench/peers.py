@@ -79,9 +79,13 @@ def llm_sandbox(
     pool path begins and bounds it.
     """
     try:
-        import llm_sandbox as package
+        import llm_sandbox as package  # type: ignore[import-untyped]
         from llm_sandbox import SandboxSession
-        from llm_sandbox.pool import PoolConfig, PooledSandboxSession, create_pool_manager
+        from llm_sandbox.pool import (  # type: ignore[import-untyped]
+            PoolConfig,
+            PooledSandboxSession,
+            create_pool_manager,
+        )
     except ImportError as e:
         return {"skipped": f"llm-sandbox is not installed (pip install -e '.[bench]'): {e}"}
     logging.getLogger("llm_sandbox").setLevel(logging.WARNING)
