@@ -1,13 +1,15 @@
 """``python -m bench [--quick]``: the whole benchmark in one run, results in bench/results/.
 
 Order: machine description, churn ceiling, the cold paths (seed docker-py,
-aiodocker, llm-sandbox), then a dedicated sandpool daemon (idle CPU, low-load
+aiodocker, llm-sandbox), then a dedicated sandpool daemon with the plain
+Python pool of each tier (docker, process, fork, wasm: idle CPU, low-load
 latency per pool, open-loop load per pool), then a Docker-only daemon with 16
 warm sandboxes (RSS, idle CPU), then the data analysis (a cold ``docker run``
-of the datasci image, and a daemon with datasci pools in the docker and
-process tiers: low-load latency, a warm sandbox's RSS and PSS, open-loop
-load). Each section has a time budget so the full run stays under 15 minutes;
-a section that runs out records fewer samples (``n``).
+of the datasci image, and a daemon with datasci pools in the docker, process
+and fork tiers: low-load latency, a warm sandbox's RSS and PSS, open-loop
+load; and print(1) under load through the preloaded fork pool). Each section
+has a time budget so the full run stays under 15 minutes; a section that runs
+out records fewer samples (``n``).
 Every container and daemon the run starts is gone when it ends, or it fails.
 """
 
@@ -67,9 +69,9 @@ class Mode:
     datasci_latency_samples: int
     datasci_print1_samples: int
     datasci_latency_budget_s: float
-    datasci_load_step_s: float
+    datasci_load_step_s: dict[str, float]  # per backend
     datasci_load_steps: int
-    datasci_load_budget_s: float
+    datasci_load_budget_s: dict[str, float]  # per backend
     pool_sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     datasci_sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
@@ -81,25 +83,32 @@ FULL = Mode(
     # Docker rates are a few per second: longer steps, so each counts enough arrivals.
     # Docker steps are long enough that the 8 warm sandboxes a step starts
     # with cannot hide a refill rate below the arrival rate (a backlog shows).
-    load_step_s={"docker": 15.0, "process": 6.0, "wasm": 6.0}, load_steps=8,
-    load_budget_s={"docker": 120.0, "process": 50.0, "wasm": 50.0}, rss_warm=16,
+    # Fork rates reach hundreds per second: a 3 s step counts hundreds of
+    # arrivals, and eight of them (20/s to 537/s) fit a budget of 35 s. The
+    # same steps and budget serve print(1) through the preloaded fork pool.
+    load_step_s={"docker": 15.0, "process": 6.0, "wasm": 6.0, "fork": 3.0}, load_steps=8,
+    load_budget_s={"docker": 120.0, "process": 50.0, "wasm": 50.0, "fork": 35.0},
+    rss_warm=16,
     docker_rate_fractions=(0.5, 0.75, 0.9, 1.0, 1.1, 1.25), start_cpu_samples=8,
     datasci_cold_samples=12, datasci_floor_runs=30, datasci_cold_budget_s=60,
     datasci_latency_samples=100, datasci_print1_samples=30, datasci_latency_budget_s=50,
-    datasci_load_step_s=12.0, datasci_load_steps=7, datasci_load_budget_s=85,
+    datasci_load_step_s={"docker": 12.0, "process": 12.0, "fork": 4.0}, datasci_load_steps=7,
+    datasci_load_budget_s={"docker": 85.0, "process": 85.0, "fork": 30.0},
 )
 QUICK = Mode(
     name="quick", budget_s=95, churn_s=0.8, cold_samples=1, seed_budget_s=4,
     aiodocker_budget_s=4, llm_session_budget_s=3, llm_pool_budget_s=3,
     latency_samples=6, latency_budget_s=2, idle_window_s=1.0,
-    load_step_s={"docker": 1.5, "process": 1.5, "wasm": 1.5}, load_steps=2,
-    load_budget_s={"docker": 6.0, "process": 6.0, "wasm": 6.0}, rss_warm=4,
+    load_step_s={"docker": 1.5, "process": 1.5, "wasm": 1.5, "fork": 1.5}, load_steps=2,
+    load_budget_s={"docker": 6.0, "process": 6.0, "wasm": 6.0, "fork": 6.0}, rss_warm=4,
     docker_rate_fractions=(0.25, 0.5), start_cpu_samples=1,
-    pool_sizes={"docker": (2, 4, 2), "process": (2, 4, 2), "wasm": (2, 4, 1)},
+    pool_sizes={"docker": (2, 4, 2), "process": (2, 4, 2), "wasm": (2, 4, 1),
+                "fork": (2, 4, 2)},
     datasci_cold_samples=1, datasci_floor_runs=2, datasci_cold_budget_s=5,
     datasci_latency_samples=4, datasci_print1_samples=3, datasci_latency_budget_s=3,
-    datasci_load_step_s=1.5, datasci_load_steps=2, datasci_load_budget_s=6,
-    datasci_sizes={"docker": (1, 2, 1), "process": (1, 2, 1)},
+    datasci_load_step_s={"docker": 1.5, "process": 1.5, "fork": 1.5}, datasci_load_steps=2,
+    datasci_load_budget_s={"docker": 6.0, "process": 6.0, "fork": 6.0},
+    datasci_sizes={"docker": (1, 2, 1), "process": (1, 2, 1), "fork": (2, 4, 2)},
 )
 GEOMETRIC_STEP = 1.6  # process and wasm: rates rise by this factor per step
 CPU_BOUND_PERCENT = 85.0  # a load step this busy (all cores) counts as CPU-bound
@@ -117,6 +126,16 @@ class Clock:
 
     def section(self, budget_s: float) -> Callable[[], float]:
         end = min(time.monotonic() + budget_s, self.deadline)
+        return lambda: end - time.monotonic()
+
+    def share(self, budget_s: float, budgets_left_s: float) -> Callable[[], float]:
+        """A section of ``budget_s``, or of its share of what is left of the run when that
+        is less than ``budgets_left_s`` (the budgets of this section and of those still to
+        come): when the run is late each is cut in proportion, and the last is measured too.
+        """
+        now = time.monotonic()
+        fair_s = max(0.0, self.deadline - now) * budget_s / max(budgets_left_s, budget_s)
+        end = now + min(budget_s, fair_s)
         return lambda: end - time.monotonic()
 
 
@@ -181,7 +200,7 @@ def churn(run_id: str, mode: Mode) -> dict[str, Any]:
 def run_sandpool(doc: dict[str, Any], mode: Mode, clock: Clock, workloads: tuple[Workload, ...],
                  workdir: Path, daemons: list[BenchDaemon]) -> dict[str, Any]:
     """The benchmark daemon: idle CPU, low-load latency and the load test per pool."""
-    plans = sandpool_paths.plan_pools(mode.pool_sizes or None)
+    plans = sandpool_paths.plan_pools(mode.pool_sizes.get("docker"))
     if mode.pool_sizes:
         plans = [sandpool_paths.PoolPlan(
             p.name, p.backend, *mode.pool_sizes.get(p.backend, (2, 4, 2)),
@@ -202,7 +221,9 @@ def run_sandpool(doc: dict[str, Any], mode: Mode, clock: Clock, workloads: tuple
             if not others:
                 raise
             failed = [p for p in others if f"{p.backend} backend" in str(e)
-                      or f"backends/{p.backend}.py" in str(e)] or others
+                      or f"backends/{p.backend}.py" in str(e)
+                      or f"backends/{p.backend}/" in str(e)
+                      or f"{p.backend} tier" in str(e)] or others
             out["pools_not_started"].update({p.name: str(e)[-600:] for p in failed})
             _say(f"left out {', '.join(p.name for p in failed)}: the daemon failed to start")
             daemon.stop()
@@ -332,21 +353,27 @@ def _datasci_rates(plan: sandpool_paths.PoolPlan, mode: Mode) -> list[float]:
             for i in range(mode.datasci_load_steps)]
 
 
+def _datasci_print1_rates(plan: sandpool_paths.PoolPlan, mode: Mode) -> list[float]:
+    first = sandpool_paths.DATASCI_PRINT1_FIRST_LOAD_RATE[plan.backend]
+    return [round(first * GEOMETRIC_STEP**i, 2) for i in range(mode.load_steps)]
+
+
 def _sandbox_memory(daemon: BenchDaemon, plan: sandpool_paths.PoolPlan) -> dict[str, Any]:
-    """RSS and PSS of the pool's warm sandboxes, all idle (its min_idle of them)."""
+    """RSS, PSS and USS of the pool's warm sandboxes, all idle (its min_idle of them);
+    for a fork pool also its template's."""
     if not daemon.wait_idle(plan.name, plan.min_idle):
         raise RuntimeError(f"{plan.name} did not get back to {plan.min_idle} idle sandboxes")
     time.sleep(0.5)  # a refill's last bookkeeping
     if plan.backend == "docker":
         roots = asyncio.run(sandbox_memory.docker_sandbox_roots(daemon.instance_id, plan.name))
-    else:  # the datasci daemon has no other process-tier pool whose bwraps could mix in
-        roots = sandbox_memory.bwrap_roots(daemon.pid)
-    return sandbox_memory.warm_sandboxes(roots)
+        return sandbox_memory.warm_sandboxes(roots)
+    return sandbox_memory.cgroup_sandboxes(daemon.pid, daemon.instance_id, plan.name)
 
 
 def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, workload: Workload,
                 workdir: Path, daemons: list[BenchDaemon]) -> dict[str, Any]:
-    """The data analysis: a cold docker run, then datasci pools in the docker and process tiers."""
+    """The data analysis: a cold docker run, then datasci pools in the docker, process and
+    fork tiers; and print(1) under load through the fork tier's."""
     image = sandpool_paths.DATASCI_IMAGE
     if not _image_present(image):
         return {"skipped": f"the image {image} is not built (make setup, or "
@@ -371,29 +398,34 @@ def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, work
     try:
         daemon.start()
     except DaemonFailed as e:
-        # Without bubblewrap (or not root) the process tier cannot start: the
-        # docker tier is still measured.
-        failed = [p for p in plans if p.backend == "process"]
-        if not failed:
+        # Without bubblewrap (or not root) the process and fork tiers cannot
+        # start: the docker tier is still measured.
+        others = [p for p in plans if p.backend != "docker"]
+        if not others:
             raise
+        failed = [p for p in others if p.name in str(e) or f"backends/{p.backend}/" in str(e)
+                  or f"{p.backend} tier" in str(e)] or others
         out["pools_not_started"] = {p.name: str(e)[-600:] for p in failed}
-        _say("left out the process-tier datasci pool: the daemon failed to start")
+        _say(f"left out {', '.join(p.name for p in failed)}: the daemon failed to start")
         daemon.stop()
         plans = [p for p in plans if p not in failed]
         out["config"] = sandpool_paths.daemon_config(plans)
-        daemon = BenchDaemon(workdir / "datasci-daemon-docker", out["config"])
+        daemon = BenchDaemon(workdir / "datasci-daemon-fewer", out["config"])
         daemons.append(daemon)
         daemon.start()
     _say(f"datasci daemon {daemon.instance_id} ready after {daemon.ready_after_s:.1f} s")
     out["instance"] = daemon.instance_id
     out["ready_after_s"] = round(daemon.ready_after_s, 2)
     out["pools"] = daemon.pools()
+    served = {p["name"] for p in out["pools"]}
+    plans = [p for p in plans if p.name in served]
     out["pool_settings"] = {p.name: {"backend": p.backend, "min_idle": p.min_idle,
                                      "max_size": p.max_size,
                                      "start_concurrency": p.start_concurrency,
                                      "memory_mb": p.memory_mb, "cpus": p.cpus,
                                      "preload": list(p.preload)} for p in plans}
     out["latency"], out["print1_latency"], out["memory"], out["load"] = {}, {}, {}, {}
+    out["print1_load"] = {}
     print1 = build_workloads()[0]
     for plan in plans:
         daemon.wait_idle(plan.name, plan.min_idle)
@@ -412,18 +444,26 @@ def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, work
             plan.low_load_rate_per_s, clock.section(mode.datasci_latency_budget_s / 2))
         out["memory"][plan.name] = _part(doc, f"{plan.name} memory", _sandbox_memory, daemon, plan)
         _say(f"{plan.name} warm sandbox memory: {out['memory'][plan.name]}")
-    for plan in plans:
+    # The data analysis through every pool, then print(1) through the preloaded
+    # fork pool; each load test gets at most its share of what is left of the
+    # run, so that the last is measured too when the run is late.
+    loads = [(plan, workload, _datasci_rates(plan, mode), mode.datasci_load_step_s[plan.backend],
+               mode.datasci_load_budget_s[plan.backend], out["load"]) for plan in plans]
+    loads += [(plan, print1, _datasci_print1_rates(plan, mode), mode.load_step_s[plan.backend],
+               mode.load_budget_s[plan.backend], out["print1_load"])
+              for plan in plans if plan.backend in sandpool_paths.DATASCI_PRINT1_FIRST_LOAD_RATE]
+    for index, (plan, measured, rates, step_s, budget_s, into) in enumerate(loads):
         load = _part(
-            doc, f"{plan.name} datasci load", sandpool_paths.load_test,
-            daemon.socket, plan.name, workload, _datasci_rates(plan, mode),
-            mode.datasci_load_step_s, clock.section(mode.datasci_load_budget_s),
+            doc, f"{plan.name} {measured.name} load", sandpool_paths.load_test,
+            daemon.socket, plan.name, measured, rates, step_s,
+            clock.share(budget_s, sum(later[4] for later in loads[index:])),
             settle=lambda name=plan.name, floor=plan.min_idle: daemon.wait_idle(name, floor),
             meter=CpuMeter(daemon.pid),
         )
         load["backend"] = plan.backend
         load["pool_settings"] = out["pool_settings"][plan.name]
-        out["load"][plan.name] = load
-        _say(f"{plan.name} datasci load: sustained {load.get('sustained_ok_per_s')}/s, "
+        into[plan.name] = load
+        _say(f"{plan.name} {measured.name} load: sustained {load.get('sustained_ok_per_s')}/s, "
              f"peak {load.get('peak_ok_per_s')}/s, {load.get('stopped')}")
     out["stop_status"] = daemon.stop()
     out["leftover_containers"] = len(asyncio.run(
@@ -465,7 +505,9 @@ def _get(doc: dict[str, Any], *keys: str) -> Any:
 def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """sandpool's own targets against this run's numbers (met is None when not measured)."""
     sp = doc["sandpool"]
-    pools = {entry["backend"]: (name, entry) for name, entry in (sp.get("latency") or {}).items()}
+    pools: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, entry in (sp.get("latency") or {}).items():
+        pools.setdefault(entry["backend"], (name, entry))  # the tier's plain pool
     rows: list[dict[str, Any]] = []
 
     def add(target: str, value: float | None, limit: float, unit: str, *, at_least: bool = False,
@@ -500,6 +542,7 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     add("wasm pool p50 ≤ 3 ms", _get(pools.get("wasm", (None, {}))[1],
                                      "print1", "e2e", "p50_ms"), 3.0, " ms")
     datasci = doc.get("datasci") or {}
+    fork_targets(doc, pools, datasci, add)
     cold = _get(datasci, "cold", "datasci", "result", "p50_ms")
     for plan in sandpool_paths.datasci_plans():
         name, entry = plan.name, (datasci.get("latency") or {}).get(plan.name) or {}
@@ -510,15 +553,16 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             round(cold / ours, 1) if cold and ours else None, 10.0, "x", at_least=True,
             detail=f"cold {cold:.0f} ms" if cold else "")
     reference = doc.get("reference") or {}
-    for backend in ("docker", "process", "wasm"):
+    for backend in ("docker", "process", "fork", "wasm"):
         entry = pools.get(backend, (None, {}))[1]
         before = (reference.get("print1_p50_ms") or {}).get(backend)
         now = _get(entry, "print1", "e2e", "p50_ms")
         # Unchanged: within 25 % or 0.5 ms of the reference run's p50, whichever is wider
         # (run-to-run spread on this shared host is about that).
         limit = max(before * 1.25, before + 0.5) if before else 0.0
+        bound = f"≤ {limit:.2f} ms" if before else f"that run has no {backend} pool"
         add(f"{backend} pool print(1) p50 unchanged since {reference.get('name')} "
-            f"(≤ {limit:.2f} ms; across runs)", now if before else None, limit, " ms",
+            f"({bound}; across runs)", now if before else None, limit, " ms",
             detail=f"then {before:.2f} ms" if before else "")
     rss = sp.get("rss") or {}
     add(f"daemon RSS ≤ 80 MB with {rss.get('warm_docker_sandboxes', 16)} warm Docker sandboxes",
@@ -526,6 +570,47 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     idle = rss.get("idle_cpu") or sp.get("idle_cpu") or {}
     add("idle CPU ≈ 0 (≤ 1 % of one core)", idle.get("cpu_percent_of_one_core"), 1.0, " %")
     return rows
+
+
+Add = Callable[..., None]
+
+
+def _load_detail(load: dict[str, Any]) -> str:
+    """How far a load test went: a sustained rate it never saturated past is a floor."""
+    if not load.get("steps"):
+        return ""
+    top = max(step["offered_per_s"] for step in load["steps"])
+    floor = "; a floor: no step saturated" if load.get("stopped") != "saturated" else ""
+    return (f"peak {load.get('peak_ok_per_s')}/s, steps up to {top:g}/s offered, "
+            f"stopped: {load.get('stopped')}{floor}")
+
+
+def fork_targets(doc: dict[str, Any], pools: dict[str, tuple[str, dict[str, Any]]],
+                 datasci: dict[str, Any], add: Add) -> None:
+    """The fork tier's targets: its plain pool's print(1) latency and throughput, and
+    its datasci pool's throughput, data analysis and warm memory."""
+    sp = doc["sandpool"]
+    name, entry = pools.get("fork", ("python-fork", {}))
+    add(f"fork pool `{name}` p50 ≤ 1.5 ms (print(1), low load)",
+        _get(entry, "print1", "e2e", "p50_ms"), 1.5, " ms")
+    load = (sp.get("load") or {}).get(name) or {}
+    add(f"fork pool `{name}` sustained single-use print(1) ≥ 150/s",
+        load.get("sustained_ok_per_s"), 150.0, "/s", at_least=True, detail=_load_detail(load))
+    plan = next(p for p in sandpool_paths.datasci_plans() if p.backend == "fork")
+    load = (datasci.get("print1_load") or {}).get(plan.name) or {}
+    add(f"fork pool `{plan.name}` sustained single-use print(1) ≥ 40/s (numpy, pandas, "
+        "matplotlib.pyplot preloaded)", load.get("sustained_ok_per_s"), 40.0, "/s",
+        at_least=True, detail=_load_detail(load))
+    add(f"fork pool `{plan.name}` data analysis p50 ≤ 60 ms (1 MB CSV, pandas, one PNG)",
+        _get(datasci, "latency", plan.name, "e2e", "p50_ms"), 60.0, " ms")
+    memory = (datasci.get("memory") or {}).get(plan.name) or {}
+    template = memory.get("template") or {}
+    detail = (f"median of {memory['sandboxes']} warm sandboxes of "
+              f"{memory['processes_per_sandbox']} processes, sharing the template's pages; "
+              f"USS {memory['uss_mib_median']} MiB each; template PSS {template.get('pss_mib')} "
+              "MiB" if memory.get("sandboxes") else "")
+    add(f"fork pool `{plan.name}` PSS ≤ 10 MiB per warm sandbox (datasci preload)",
+        memory.get("pss_mib_median"), 10.0, " MiB", detail=detail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(sizes) != 3:
             parser.error("--docker-pool takes MIN_IDLE,MAX_SIZE,START_CONCURRENCY")
         mode = Mode(**{**mode.__dict__, "pool_sizes": {}})
-        sandpool_paths.POOL_SIZES["docker"] = sizes  # type: ignore[assignment]
+        sandpool_paths.POOL_SIZES["docker"] = sizes
     # SIGTERM unwinds like Ctrl-C, so the finally below stops daemons and removes containers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 

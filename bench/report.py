@@ -143,21 +143,36 @@ def datasci_markdown(doc: dict[str, Any]) -> list[str]:
                      f"`{why.strip().splitlines()[-1]}` |")
     lines += ["", "Warm sandbox memory (idle, after preload; /proc/<pid>/smaps_rollup summed "
                   "over the sandbox's processes; PSS shares each shared page among the "
-                  "processes mapping it):", "",
+                  "processes mapping it, USS counts the pages no other process maps; a fork "
+                  "sandbox shares its template's pages until it writes them, so its PSS "
+                  "shrinks as more are warm):", "",
               "| pool | warm sandboxes | processes each | RSS MiB (median) | PSS MiB (median) "
-              "| PSS MiB, all warm together |", "|---|---:|---:|---:|---:|---:|"]
+              "| USS MiB (median) | PSS MiB, all warm together |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, memory in datasci.get("memory", {}).items():
         if not memory.get("sandboxes"):
-            lines.append(f"| `{name}` | 0 | - | - | - | {memory.get('error', '')} |")
+            lines.append(f"| `{name}` | 0 | - | - | - | - | {memory.get('error', '')} |")
             continue
         lines.append(f"| `{name}` | {memory['sandboxes']} | {memory['processes_per_sandbox']} "
                      f"| {memory['rss_mib_median']} | {memory['pss_mib_median']} "
-                     f"| {memory['pss_mib_total']} |")
+                     f"| {memory.get('uss_mib_median', '-')} | {memory['pss_mib_total']} |")
+        template = memory.get("template")
+        if template:
+            lines.append(f"| `{name}`: its template (once per pool) | 1 | "
+                         f"{template['processes']} | {template['rss_mib']} | "
+                         f"{template['pss_mib']} | {template['uss_mib']} | "
+                         f"{template['pss_mib']} |")
     lines += ["", "Open-loop load, the data analysis (Poisson arrivals):", ""]
     if datasci.get("config"):
         lines += ["Daemon configuration:", "", "```toml", datasci["config"].rstrip(), "```", ""]
     for name, load in datasci.get("load", {}).items():
         lines += _load_table(name, load)
+    if datasci.get("print1_load"):
+        lines += ["Open-loop load, `print(1)` through the preloaded pool (what a sandbox with "
+                  "numpy, pandas and matplotlib imported costs when its request costs "
+                  "nothing):", ""]
+    for name, load in datasci.get("print1_load", {}).items():
+        lines += _load_table(f"{name}, print(1)", load)
     return lines
 
 
@@ -289,10 +304,16 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
     loads = {k: v for k, v in doc["sandpool"].get("load", {}).items() if "steps" in v}
     loads |= {f"{k}, data analysis": v for k, v in
               ((doc.get("datasci") or {}).get("load") or {}).items() if "steps" in v}
+    loads |= {f"{k}, print(1)": v for k, v in
+              ((doc.get("datasci") or {}).get("print1_load") or {}).items() if "steps" in v}
     if not loads:
         return "no load test ran: no plot"
-    fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 4), squeeze=False)
-    for ax, (name, load) in zip(axes[0], loads.items(), strict=True):
+    columns = min(4, len(loads))
+    rows = -(-len(loads) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(loads):]:
+        ax.set_visible(False)
+    for ax, (name, load) in zip(axes.flat, loads.items(), strict=False):
         steps = [s for s in load["steps"] if s["e2e"].get("n")]
         rates = [s["offered_per_s"] for s in steps]
         for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^-")):

@@ -28,7 +28,7 @@ from bench import docker_paths
 from bench.machine import CpuMeter
 from bench.stats import percentile, summarize
 from bench.workloads import Workload
-from pool.config import default_pools
+from pool.config import DEFAULT_IMAGE, default_pools
 
 # A step counts as saturated ("the queue grows") when any of these holds:
 MAX_ERROR_FRACTION = 0.01  # rejections (503) or failures above 1 % of arrivals
@@ -79,21 +79,28 @@ class PoolPlan:
 
 # Low-load pacing per backend: slow enough that the pool is back at min_idle
 # before the next request (a Docker refill is ~150-300 ms of dockerd work here).
-LOW_LOAD_RATE = {"docker": 5.0, "process": 25.0, "wasm": 10.0}
-FIRST_LOAD_RATE = {"docker": 2.0, "process": 10.0, "wasm": 4.0}
+LOW_LOAD_RATE = {"docker": 5.0, "process": 25.0, "wasm": 10.0, "fork": 25.0}
+# A fork sandbox is a fork of a warm interpreter, not an interpreter's start:
+# its steps begin higher so that they reach its ceiling within load_steps.
+FIRST_LOAD_RATE = {"docker": 2.0, "process": 10.0, "wasm": 4.0, "fork": 20.0}
 # Docker: 6 starts at once keep dockerd as busy as the churn ceiling's 4
 # workers do, since a pool start also waits for the runner (docs/performance.md).
-POOL_SIZES = {"docker": (8, 16, 6), "process": (8, 16, 4), "wasm": (4, 8, 2)}
+POOL_SIZES = {"docker": (8, 16, 6), "process": (8, 16, 4), "wasm": (4, 8, 2),
+              "fork": (8, 16, 4)}
 
 
 def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPlan]:
-    """One benchmark pool per Python pool of sandpool's default configuration.
+    """One benchmark pool per plain Python pool of sandpool's default configuration.
 
-    ``docker_sizes`` is (min_idle, max_size, start_concurrency) of the Docker pool.
+    A pool with a ``preload`` or an image of its own (the datasci pools of
+    every tier) is left out: as a print(1) pool it would be a second, mislabelled
+    copy of its tier's plain pool; ``datasci_plans`` measures it with its image
+    and preload. ``docker_sizes`` is (min_idle, max_size, start_concurrency) of
+    the Docker pool.
     """
     plans = []
     for pool in default_pools():
-        if pool.language != "python":
+        if pool.language != "python" or pool.preload or pool.image != DEFAULT_IMAGE:
             continue
         min_idle, max_size, concurrency = POOL_SIZES.get(pool.backend, (4, 8, 2))
         if pool.backend == "docker" and docker_sizes is not None:
@@ -114,19 +121,27 @@ DATASCI_MEMORY_MB = 512
 # at the default cpus = 0.5 the CPU quota alone would double it.
 DATASCI_CPUS = 1.0
 # A datasci sandbox's start is ~0.3-1 s of CPU (the imports and the warm-up),
-# so pacing and the first load step are well below print(1)'s.
-DATASCI_LOW_LOAD_RATE = {"docker": 2.0, "process": 3.0}
-DATASCI_FIRST_LOAD_RATE = {"docker": 0.5, "process": 1.0}
-DATASCI_POOL_SIZES = {"docker": (4, 8, 2), "process": (4, 8, 2)}
+# so pacing and the first load step are well below print(1)'s. A fork sandbox
+# pays the imports once per pool (its template's), then a fork of a large
+# interpreter (~10 ms of CPU) per sandbox: its pacing is the analysis's own.
+DATASCI_LOW_LOAD_RATE = {"docker": 2.0, "process": 3.0, "fork": 8.0}
+DATASCI_FIRST_LOAD_RATE = {"docker": 0.5, "process": 1.0, "fork": 2.0}
+# Four warm sandboxes in every tier, so their memory compares; the fork pool
+# may grow to 16 (autosize) when print(1) arrives at tens per second.
+DATASCI_POOL_SIZES = {"docker": (4, 8, 2), "process": (4, 8, 2), "fork": (4, 16, 4)}
+# print(1) through the preloaded fork pool: what a sandbox with the data-science
+# imports costs the host when the request itself costs nothing.
+DATASCI_PRINT1_FIRST_LOAD_RATE = {"fork": 10.0}
+DATASCI_TIERS = (("docker", ""), ("process", "-process"), ("fork", "-fork"))
 
 
 def datasci_plans(sizes: dict[str, tuple[int, int, int]] | None = None) -> list[PoolPlan]:
-    """The data-science pools, docker and process tier, on the datasci image with preload.
+    """The data-science pools, docker, process and fork tier, on the datasci image with preload.
 
     ``sizes`` maps a backend to (min_idle, max_size, start_concurrency).
     """
     plans = []
-    for backend, suffix in (("docker", ""), ("process", "-process")):
+    for backend, suffix in DATASCI_TIERS:
         min_idle, max_size, concurrency = (sizes or DATASCI_POOL_SIZES)[backend]
         plans.append(PoolPlan(
             name=f"datasci{suffix}", backend=backend, min_idle=min_idle, max_size=max_size,

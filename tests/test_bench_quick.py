@@ -101,6 +101,8 @@ def test_sandpool_sections_are_sane(quick_result: dict[str, Any]) -> None:
     sandpool = quick_result["sandpool"]
     served = {p["name"]: p["backend"] for p in sandpool["pools"]}
     assert served.get("python") == "docker"
+    # One plain pool per tier: a preloaded pool is measured with its preload, below.
+    assert len(set(served.values())) == len(served), served
     assert set(sandpool["latency"]) == set(served)
     for name, entry in sandpool["latency"].items():
         for workload in report.WORKLOADS:
@@ -156,15 +158,24 @@ def test_datasci_section_is_sane(quick_result: dict[str, Any]) -> None:
             assert 0 < tree["pss_mib"] <= tree["rss_mib"], (name, tree)
         for step in datasci["load"][name]["steps"]:
             assert step["ok"] + step["rejected"] + step["failed"] == step["arrivals"], step
+    forks = {name for name, backend in served.items() if backend == "fork"}
+    assert set(datasci["print1_load"]) == forks
+    for name in forks:
+        # The template holds the preload once; its sandboxes share its pages.
+        template = datasci["memory"][name]["template"]
+        assert 20 < template["rss_mib"] < 1024, template
+        assert 0 < template["pss_mib"] <= template["rss_mib"], template
+        for step in datasci["print1_load"][name]["steps"]:
+            assert step["ok"] + step["rejected"] + step["failed"] == step["arrivals"], step
     assert datasci["stop_status"] == 0
     assert datasci["leftover_containers"] == 0
 
 
 def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
     targets = quick_result["targets"]
-    # sandpool's print(1) targets, the datasci pools' latency and speed-up, and
-    # print(1) against the last published run, per backend.
-    assert len(targets) == 9 + 4 + 3
+    # sandpool's print(1) targets, the fork tier's, the datasci pools' latency and
+    # speed-up, and print(1) against the last published run, per backend.
+    assert len(targets) == 9 + 5 + 3 * 2 + 4
     for target in targets:
         assert target["met"] in (True, False, None)
         assert target["measured"]
