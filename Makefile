@@ -36,7 +36,7 @@ setup: $(STAMP)
 	for profile in $(IMAGE_PROFILES); do $(IMAGE_BUILD) --profile $$profile || exit 1; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pool api metrics tests bench
+	$(VENV)/bin/ruff check pool api metrics tests bench clients/python
 	$(VENV)/bin/mypy
 
 # Removes each protection in scripts/mutations.toml in turn from a scratch copy
@@ -63,5 +63,5 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
 	touch $@
 
 # Reinstalls only when the dependencies change.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/ensure-venv.sh
 	bash scripts/ensure-venv.sh

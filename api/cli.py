@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from api.client import DEFAULT_SOCKET, ApiError, Client, save_files
 from pool.errors import SandpoolError
+
+if TYPE_CHECKING:
+    # Imported where used: `sandpool serve` has no use for an HTTP client.
+    from sandpool_client import RunResult
 
 EXIT_TIMEOUT = 124
 EXIT_SANDPOOL_ERROR = 125
@@ -73,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run code through a running daemon")
     run.add_argument(
-        "--socket", metavar="PATH", default=DEFAULT_SOCKET,
-        help=SOCKET_HELP,
+        "--socket", metavar="PATH", help=SOCKET_HELP,
     )
     which = run.add_mutually_exclusive_group()
     which.add_argument("--pool", metavar="NAME", help="the pool to run in (see `sandpool status`)")
@@ -116,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show pools and sandbox counts")
     status.add_argument(
-        "--socket", metavar="PATH", default=DEFAULT_SOCKET,
-        help=SOCKET_HELP,
+        "--socket", metavar="PATH", help=SOCKET_HELP,
     )
 
     config = commands.add_parser("config", help="check a configuration file")
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.image_command == "export":
             return command_image_export(args)
         return command_image_build(args)
-    except (SandpoolError, ApiError) as e:
+    except SandpoolError as e:
         print(f"sandpool: {e.message}", file=sys.stderr)
         return EXIT_SANDPOOL_ERROR if args.command == "run" else 1
     except OSError as e:
@@ -244,33 +245,46 @@ def command_run(args: argparse.Namespace) -> int:
             stdin = f.read()
     files = dict(upload_file(spec) for spec in args.files)
     env = dict(env_entry(spec) for spec in args.env)
-    with Client(args.socket) as client:
+    from sandpool_client import Client
+
+    with client_errors(), Client(args.socket) as client:
         result = client.run(
             code, pool=args.pool, language=args.language, stdin=stdin, timeout_s=args.timeout,
             files=files or None, env=env or None, argv=args.argv or None,
         )
-    sys.stdout.write(result["stdout"])
+    sys.stdout.write(result.stdout)
     # A final bare expression's value, as a notebook cell shows it.
-    for display in result.get("results", []):
-        if display["type"] == "text/plain":
-            sys.stdout.write(display["data"] + "\n")
+    for display in result.results:
+        if display.type == "text/plain":
+            sys.stdout.write(f"{display.text}\n")
     sys.stdout.flush()
-    sys.stderr.write(result["stderr"])
+    sys.stderr.write(result.stderr)
     report_outcome(result, args.out_dir)
-    for stream in ("stdout", "stderr"):
-        if result[f"{stream}_truncated"]:
+    for stream, truncated in (("stdout", result.stdout_truncated),
+                              ("stderr", result.stderr_truncated)):
+        if truncated:
             print(
                 f"sandpool: {stream} was cut at the pool's output limit; the sandbox was killed",
                 file=sys.stderr,
             )
-    if result["oom_killed"]:
+    if result.oom_killed:
         print("sandpool: the program ran out of memory and was killed", file=sys.stderr)
         return EXIT_OOM
-    if result["timed_out"]:
+    if result.timed_out:
         print("sandpool: the program timed out and was killed", file=sys.stderr)
         return EXIT_TIMEOUT
-    exit_code = result["exit_code"]
-    return int(exit_code) if exit_code is not None else EXIT_SANDPOOL_ERROR
+    return result.exit_code if result.exit_code is not None else EXIT_SANDPOOL_ERROR
+
+
+@contextlib.contextmanager
+def client_errors() -> Iterator[None]:
+    """The client's errors as sandpool's, so ``main`` says each in its one line."""
+    from sandpool_client import SandpoolClientError
+
+    try:
+        yield
+    except SandpoolClientError as e:
+        raise SandpoolError(e.message, code=e.code) from None
 
 
 def upload_file(spec: str) -> tuple[str, bytes]:
@@ -290,49 +304,42 @@ def env_entry(spec: str) -> tuple[str, str]:
     return name, value
 
 
-def report_outcome(result: dict[str, Any], out_dir: str | None) -> None:
+def report_outcome(result: RunResult, out_dir: str | None) -> None:
     """Save what the run returned besides its output into ``out_dir``, or say it was left.
 
     One stderr line per thing the user would otherwise miss: a file cut at the
     pool's limit, an entry that is not a regular file, entries over the count.
     """
-    files, images = result.get("files", []), [
-        r for r in result.get("results", []) if r["type"] != "text/plain"
-    ]
     if out_dir is None:
-        if files or images:
-            print(f"sandpool: the run returned {len(files)} file(s) under out/ and "
-                  f"{len(images)} image(s); save them with --out-dir DIR", file=sys.stderr)
-    else:
-        save_files(result, out_dir)
-        if images:
-            os.makedirs(out_dir, exist_ok=True)
-        for number, image in enumerate(images, 1):
-            extension = image["type"].rpartition("/")[2]
-            target = os.path.join(out_dir, f"result-{number}.{extension}")
-            with open(target, "wb") as f:
-                f.write(base64.b64decode(image["data"]))
-    for entry in files:
-        if entry["type"] != "file":
-            print(f"sandpool: {entry['path']} is a {entry['type']}; only regular files "
-                  "come back", file=sys.stderr)
-        elif entry["truncated"]:
-            print(f"sandpool: {entry['path']} was cut at the pool's file limit "
-                  f"({len(base64.b64decode(entry['content']))} of {entry['size']} bytes)",
+        if result.files or result.images:
+            print(f"sandpool: the run returned {len(result.files)} file(s) under out/ and "
+                  f"{len(result.images)} image(s); save them with --out-dir DIR",
                   file=sys.stderr)
-    if result.get("files_omitted"):
-        print(f"sandpool: {result['files_omitted']} more entries under out/ were left out "
+    else:
+        result.save_files(out_dir)
+        result.save_images(out_dir)
+    for entry in result.files:
+        if entry.type != "file":
+            print(f"sandpool: {entry.path} is a {entry.type}; only regular files "
+                  "come back", file=sys.stderr)
+        elif entry.truncated:
+            print(f"sandpool: {entry.path} was cut at the pool's file limit "
+                  f"({len(entry.content or b'')} of {entry.size} bytes)", file=sys.stderr)
+    if result.files_omitted:
+        print(f"sandpool: {result.files_omitted} more entries under out/ were left out "
               "(over the pool's max_files)", file=sys.stderr)
-    if any(r["truncated"] for r in result.get("results", [])) or result.get("results_omitted"):
+    if any(r.truncated for r in result.results) or result.results_omitted:
         print("sandpool: some results were cut or left out at the pool's max_results_bytes",
               file=sys.stderr)
 
 
 def command_status(args: argparse.Namespace) -> int:
-    with Client(args.socket) as client:
+    from sandpool_client import Client
+
+    with client_errors(), Client(args.socket) as client:
         pools = client.pools()
     columns = ("name", "backend", "language", "idle", "busy", "starting", "min_idle", "max_size")
-    rows = [columns] + [tuple(str(p[c]) for c in columns) for p in pools]
+    rows = [columns] + [tuple(str(getattr(p, c)) for c in columns) for p in pools]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))

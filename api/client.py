@@ -1,5 +1,9 @@
 """A small synchronous client for sandpool's Unix-socket API (standard library only).
 
+What sandpool's own tests, soak and benchmarks drive the daemon with. Programs
+of users, and ``sandpool run``, use the ``sandpool_client`` distribution
+instead (clients/python, docs/client.md): sync and async, typed results.
+
     with Client("/run/sandpool/sandpool.sock") as client:
         result = client.run("print(1)")
         result["stdout"]  # "1\\n"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv and install sandpool with its test tools, pinned by constraints.txt.
-# make runs this only when pyproject.toml or constraints.txt is newer than the stamp
-# .venv/.installed, so a second `make` spends no time here.
+# Create .venv and install sandpool, its client (clients/python) and its test tools,
+# pinned by constraints.txt.
+# make runs this only when a pyproject.toml, constraints.txt or this script is newer
+# than the stamp .venv/.installed, so a second `make` spends no time here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 rm -f "$stamp"
+# The client distribution (clients/python) in the same resolve: sandpool
+# depends on it, and it is not on any package index.
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -e '.[test]' -c constraints.txt
+    -e ./clients/python -e '.[test]' -c constraints.txt
 touch "$stamp"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandpool_client import RunResult
 
 from api.cli import report_outcome, upload_file
 from api.client import save_files
@@ -72,9 +73,14 @@ def test_upload_file_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         upload_file("missing.csv=x")
 
 
-def run_result(**fields: Any) -> dict[str, Any]:
-    return {"files": [], "files_omitted": 0, "results": [], "results_omitted": 0,
-            "error": None, **fields}
+def run_result(**fields: Any) -> RunResult:
+    """What ``sandpool run`` gets: the client's typed result of an answer with ``fields``."""
+    return RunResult.from_json({
+        "exit_code": 0, "stdout": "", "stderr": "", "timed_out": False, "oom_killed": False,
+        "stdout_truncated": False, "stderr_truncated": False, "duration_ms": 1.0,
+        "queued_ms": 0.0, "pool": "python", "sandbox_id": "s", "files": [], "files_omitted": 0,
+        "results": [], "results_omitted": 0, "error": None, **fields,
+    })
 
 
 def test_report_outcome_saves_files_and_images(

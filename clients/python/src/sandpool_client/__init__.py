@@ -1,0 +1,42 @@
+"""A client for sandpool: run untrusted code in single-use sandboxes, sync or async.
+
+    from sandpool_client import Client
+
+    with Client() as sandpool:                      # $SANDPOOL_SOCKET or the default socket
+        result = sandpool.run("print(6 * 7)", timeout_s=5)
+        result.stdout, result.exit_code             # ('42\\n', 0)
+
+``AsyncClient`` has the same methods for asyncio. Errors are one family
+(``SandpoolClientError``); see ``sandpool_client.errors``.
+"""
+
+from sandpool_client.client import AsyncClient, Client
+from sandpool_client.errors import (
+    ApiError,
+    BadRequest,
+    DaemonUnreachable,
+    Forbidden,
+    RequestTimeout,
+    SandpoolClientError,
+    Unavailable,
+)
+from sandpool_client.models import OutFile, PoolInfo, RichResult, RunError, RunResult
+from sandpool_client.protocol import DEFAULT_SOCKET
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "ApiError",
+    "AsyncClient",
+    "BadRequest",
+    "Client",
+    "DaemonUnreachable",
+    "Forbidden",
+    "OutFile",
+    "PoolInfo",
+    "RequestTimeout",
+    "RichResult",
+    "RunError",
+    "RunResult",
+    "SandpoolClientError",
+    "Unavailable",
+]

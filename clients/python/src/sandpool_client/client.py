@@ -1,0 +1,309 @@
+"""``Client`` and ``AsyncClient``: the same methods, one blocking, one for asyncio.
+
+Both keep a pool of keep-alive connections (httpx's), so an agent calling
+hundreds of times a minute pays no connection set-up per call, and both are
+safe to share: between threads (``Client``) or tasks (``AsyncClient``).
+Everything but the I/O is in ``protocol.py``, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from sandpool_client import protocol
+from sandpool_client.errors import Unavailable
+from sandpool_client.models import PoolInfo, RunResult
+from sandpool_client.unix import unix_transport
+
+# The host part of every URL on the Unix socket: the daemon ignores it.
+SOCKET_BASE_URL = "http://sandpool"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sandpool-client")
+    except metadata.PackageNotFoundError:  # imported from a bare source tree
+        return "unknown"
+
+
+USER_AGENT = f"sandpool-client/{_version()}"
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """What both clients are built from, checked once."""
+
+    where: str  # the socket path or the URL, as messages name it
+    base_url: str
+    uds: str | None
+    headers: dict[str, str]
+    retries: int
+    request_timeout_s: float
+    queue_slack_s: float
+    connect_timeout_s: float
+    max_retry_wait_s: float
+
+    @classmethod
+    def build(
+        cls,
+        socket: str | os.PathLike[str] | None,
+        base_url: str | None,
+        token: str | None,
+        retries: int,
+        request_timeout_s: float,
+        queue_slack_s: float,
+        connect_timeout_s: float,
+        max_retry_wait_s: float,
+    ) -> _Settings:
+        if socket is not None and base_url is not None:
+            raise ValueError("give either socket= or base_url=, not both")
+        if retries < 0:
+            raise ValueError("retries must be 0 or more")
+        headers = {"User-Agent": USER_AGENT}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if base_url is not None:
+            uds, where = None, base_url
+        else:
+            uds = where = protocol.socket_path(socket)
+            base_url = SOCKET_BASE_URL
+        return cls(where=where, base_url=base_url, uds=uds, headers=headers, retries=retries,
+                   request_timeout_s=request_timeout_s, queue_slack_s=queue_slack_s,
+                   connect_timeout_s=connect_timeout_s, max_retry_wait_s=max_retry_wait_s)
+
+    def timeout(self, run_timeout_s: float | None = None) -> httpx.Timeout:
+        read_s = protocol.read_timeout_s(
+            run_timeout_s, self.request_timeout_s, self.queue_slack_s
+        )
+        return httpx.Timeout(read_s, connect=self.connect_timeout_s)
+
+    def retry_wait_s(self, error: Unavailable, attempt: int) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``; None: raise ``error``."""
+        if attempt >= self.retries:
+            return None
+        return protocol.retry_wait_s(error, self.max_retry_wait_s)
+
+
+class Client:
+    """A blocking client of one sandpool daemon.
+
+    ``socket``: the daemon's Unix socket (default ``$SANDPOOL_SOCKET``, else
+    ``/run/sandpool/sandpool.sock``). ``base_url`` and ``token`` are for a TCP
+    listener (``https://host:port``, the token sent as ``Authorization: Bearer``);
+    the daemon serves its API on the Unix socket only today.
+
+    ``retries``: how many times a run refused with 503 (pool exhausted, daemon
+    busy) is sent again, each after the daemon's ``Retry-After`` (a wait over
+    ``max_retry_wait_s`` is not waited out). Off by default: a caller that can
+    do something else should hear about a full pool at once.
+
+    A run's read timeout is the larger of ``request_timeout_s`` and its
+    ``timeout_s`` plus ``queue_slack_s``, so a long run is never reported as a
+    timeout of its own request. ``transport`` replaces httpx's (tests, proxies).
+    Raises ValueError for socket= and base_url= together.
+    """
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+        retries: int = 0,
+        request_timeout_s: float = protocol.DEFAULT_REQUEST_TIMEOUT_S,
+        queue_slack_s: float = protocol.DEFAULT_QUEUE_SLACK_S,
+        connect_timeout_s: float = protocol.DEFAULT_CONNECT_TIMEOUT_S,
+        max_retry_wait_s: float = protocol.DEFAULT_MAX_RETRY_WAIT_S,
+        verify: ssl.SSLContext | bool = True,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._settings = _Settings.build(socket, base_url, token, retries, request_timeout_s,
+                                         queue_slack_s, connect_timeout_s, max_retry_wait_s)
+        if transport is None and self._settings.uds is not None:
+            transport = unix_transport(self._settings.uds)
+        self._http = httpx.Client(
+            base_url=self._settings.base_url, headers=self._settings.headers,
+            transport=transport, verify=verify,
+            # On the socket, an HTTP_PROXY in the environment must not capture
+            # the requests (httpx would route http://sandpool through it).
+            trust_env=self._settings.uds is None,
+        )
+
+    def run(
+        self,
+        code: str,
+        *,
+        pool: str | None = None,
+        language: str | None = None,
+        stdin: str | None = None,
+        timeout_s: float | None = None,
+        files: Mapping[str, bytes | str] | None = None,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] | None = None,
+    ) -> RunResult:
+        """Run ``code`` in a fresh sandbox and wait for its result.
+
+        ``pool`` wins over ``language``; with neither, the pool ``python``.
+        ``files`` maps a path relative to the sandbox's working directory to
+        its content (bytes go as base64, str as UTF-8 text); ``env`` and
+        ``argv`` reach the program. Left None, each is the daemon's default.
+
+        A program that fails is a result (``exit_code``, ``timed_out``...), not
+        an exception. Raises BadRequest (a bad field, unknown pool), Unavailable
+        (503, after the retries), Forbidden, ApiError, RequestTimeout,
+        DaemonUnreachable. Costs one request, plus one per retry.
+        """
+        body = protocol.run_body(code, pool=pool, language=language, stdin=stdin,
+                                 timeout_s=timeout_s, files=files, env=env, argv=argv)
+        document = self._request("POST", "/v1/run", body, self._settings.timeout(timeout_s))
+        return RunResult.from_json(document)
+
+    def pools(self) -> list[PoolInfo]:
+        """The daemon's pools with their sandboxes by state (``GET /v1/pools``).
+
+        Raises like ``run``.
+        """
+        document = self._request("GET", "/v1/pools", None, self._settings.timeout())
+        return PoolInfo.list_from_json(document)
+
+    def _request(
+        self, method: str, path: str, body: Mapping[str, Any] | None,
+        deadlines: httpx.Timeout,
+    ) -> Any:
+        content = None if body is None else protocol.encode_json(body)
+        headers = None if body is None else JSON_HEADERS
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(
+                    method, path, content=content, headers=headers, timeout=deadlines
+                )
+            except httpx.TransportError as e:
+                raise protocol.transport_error(e, self._settings.where) from e
+            try:
+                return protocol.decode_answer(response)
+            except Unavailable as e:
+                wait_s = self._settings.retry_wait_s(e, attempt)
+                if wait_s is None:
+                    raise
+            attempt += 1
+            time.sleep(wait_s)
+
+    def close(self) -> None:
+        """Close the kept connections. The client is not used after this."""
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {self._settings.where}>"
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client``: the same arguments, ``await``-ed methods,
+    ``async with`` for its lifetime."""
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+        retries: int = 0,
+        request_timeout_s: float = protocol.DEFAULT_REQUEST_TIMEOUT_S,
+        queue_slack_s: float = protocol.DEFAULT_QUEUE_SLACK_S,
+        connect_timeout_s: float = protocol.DEFAULT_CONNECT_TIMEOUT_S,
+        max_retry_wait_s: float = protocol.DEFAULT_MAX_RETRY_WAIT_S,
+        verify: ssl.SSLContext | bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._settings = _Settings.build(socket, base_url, token, retries, request_timeout_s,
+                                         queue_slack_s, connect_timeout_s, max_retry_wait_s)
+        if transport is None and self._settings.uds is not None:
+            transport = httpx.AsyncHTTPTransport(uds=self._settings.uds)
+        self._http = httpx.AsyncClient(
+            base_url=self._settings.base_url, headers=self._settings.headers,
+            transport=transport, verify=verify, trust_env=self._settings.uds is None,
+        )
+
+    async def run(
+        self,
+        code: str,
+        *,
+        pool: str | None = None,
+        language: str | None = None,
+        stdin: str | None = None,
+        timeout_s: float | None = None,
+        files: Mapping[str, bytes | str] | None = None,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] | None = None,
+    ) -> RunResult:
+        """``Client.run``, awaited."""
+        body = protocol.run_body(code, pool=pool, language=language, stdin=stdin,
+                                 timeout_s=timeout_s, files=files, env=env, argv=argv)
+        document = await self._request(
+            "POST", "/v1/run", body, self._settings.timeout(timeout_s)
+        )
+        return RunResult.from_json(document)
+
+    async def pools(self) -> list[PoolInfo]:
+        """``Client.pools``, awaited."""
+        document = await self._request("GET", "/v1/pools", None, self._settings.timeout())
+        return PoolInfo.list_from_json(document)
+
+    async def _request(
+        self, method: str, path: str, body: Mapping[str, Any] | None,
+        deadlines: httpx.Timeout,
+    ) -> Any:
+        content = None if body is None else protocol.encode_json(body)
+        headers = None if body is None else JSON_HEADERS
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(
+                    method, path, content=content, headers=headers, timeout=deadlines
+                )
+            except httpx.TransportError as e:
+                raise protocol.transport_error(e, self._settings.where) from e
+            try:
+                return protocol.decode_answer(response)
+            except Unavailable as e:
+                wait_s = self._settings.retry_wait_s(e, attempt)
+                if wait_s is None:
+                    raise
+            attempt += 1
+            await asyncio.sleep(wait_s)
+
+    async def close(self) -> None:
+        """Close the kept connections. The client is not used after this."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncClient {self._settings.where}>"

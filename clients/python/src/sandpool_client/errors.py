@@ -1,0 +1,86 @@
+"""One exception family: what went wrong decides the class, the daemon's stable code rides along.
+
+    SandpoolClientError            every failure; .code, .message, .status
+    ├── DaemonUnreachable          no answer: no socket, refused, the connection dropped
+    ├── RequestTimeout             connected, but no answer within the read timeout
+    └── ApiError                   the daemon answered with an error status
+        ├── BadRequest             400, 404, 405, 413, 415: the request is wrong as sent
+        ├── Forbidden              401, 403: this caller may not run code here
+        └── Unavailable            503: pool exhausted, daemon busy or stopping; .retry_after
+
+``code`` is the daemon's (``pool_exhausted``, ``invalid_timeout``...) for an
+``ApiError``, and one of the client's own (``daemon_unreachable``,
+``connection_lost``, ``request_timeout``, ``invalid_response``) otherwise.
+"""
+
+from __future__ import annotations
+
+
+class SandpoolClientError(Exception):
+    """Base of every error this package raises.
+
+    ``status`` is the HTTP status of the daemon's answer, None when there was none.
+    """
+
+    def __init__(self, message: str, *, code: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, status={self.status}, " \
+               f"message={self.message!r})"
+
+
+class DaemonUnreachable(SandpoolClientError):
+    """The daemon could not be reached, or the connection closed before its answer.
+
+    ``code`` is ``daemon_unreachable`` when no connection was made (nothing ran)
+    and ``connection_lost`` when it broke after the request left (it may have run).
+    """
+
+
+class RequestTimeout(SandpoolClientError):
+    """The daemon took the request but did not answer within the read timeout.
+
+    The run itself may still be going on; the daemon kills it at its own timeout.
+    """
+
+
+class ApiError(SandpoolClientError):
+    """The daemon answered with an error: ``status``, and its stable ``code`` and ``message``.
+
+    Raised as is for a status no subclass covers (500, an unexpected one).
+    """
+
+    status: int
+
+    def __init__(self, message: str, *, code: str, status: int) -> None:
+        super().__init__(message, code=code, status=status)
+
+
+class BadRequest(ApiError):
+    """The request can never succeed as sent (a bad field, an unknown pool, too large).
+
+    Sending it again does not help; ``code`` says what to change.
+    """
+
+
+class Forbidden(ApiError):
+    """The daemon refuses this caller (``forbidden``: the socket's peer uid or gid)."""
+
+
+class Unavailable(ApiError):
+    """The daemon cannot take the run now: ``pool_exhausted``, ``acquire_timeout``,
+    ``backend_unavailable``, ``server_busy``, ``shutting_down``, ``too_many_connections``...
+
+    Nothing ran. ``retry_after`` is the daemon's ``Retry-After`` in seconds
+    (None if it sent none); ``Client(retries=N)`` waits it out by itself.
+    """
+
+    def __init__(
+        self, message: str, *, code: str, status: int, retry_after: float | None
+    ) -> None:
+        super().__init__(message, code=code, status=status)
+        self.retry_after = retry_after
