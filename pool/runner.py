@@ -110,7 +110,6 @@ NODE_READY_TIMEOUT_S = 60.0
 EX_UNAVAILABLE = 69  # node never became ready: the sandbox fails to start
 EX_SOFTWARE = 70  # the runner itself failed
 SANDBOX_HOSTNAME = "sandbox"
-MAX_FD = 65536  # above any fd a sandbox's PID 1 inherits (the template's RLIMIT_NOFILE)
 HUGE_PAGE = 2 << 20
 MADV_COLLAPSE = 25
 PR_SET_PDEATHSIG = 1
@@ -604,7 +603,9 @@ def sandbox(
         for source, target in ((request, 0), (channel, 1), (diagnostics, 2)):
             os.dup2(source, target)
         keep = sorted({0, 1, 2, out_w, err_w, status_w})
-        for low, high in zip(keep, [*keep[1:], MAX_FD], strict=True):
+        # Up to the hard limit: no fd the template held can be above it.
+        above_all = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        for low, high in zip(keep, [*keep[1:], above_all], strict=True):
             os.closerange(low + 1, high)
         os.setsid()  # no terminal of the daemon's to reach (TIOCSTI)
         drop_privileges(order.uid)
