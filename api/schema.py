@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 from pool.backends.base import RunRequest, RunResult
 from pool.backends.runtime import Runtime
@@ -50,6 +50,81 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_ARGV_ITEMS = 256
 MAX_ARGV_BYTES = 64 * 1024
 SHOWN_CHARS = 60  # of a client's string quoted back in an error message
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorCode:
+    """A stable code of an error body ``{"error": {"code", "message"}}`` and when it comes.
+
+    ``scope`` says which requests may get it: ``run`` only ``POST /v1/run``,
+    ``any`` a request to any endpoint (answered at connection or by aiohttp),
+    ``routing`` a path the daemon does not serve or a method it does not allow there.
+    ``status`` None: whatever status an HTTP error no other code covers carries.
+    """
+
+    code: str
+    status: int | None
+    scope: Literal["run", "any", "routing"]
+    when: str
+
+
+# Every code the API answers with, once: api/openapi.py documents them from
+# here, and tests/test_openapi.py checks that each code raised in api/ and by
+# the pools' UnavailableError is listed, and each listed code is raised.
+ERROR_CODES = (
+    ErrorCode("invalid_json", 400, "run", "the body is not valid JSON"),
+    ErrorCode("invalid_encoding", 400, "run", "the body is not valid UTF-8"),
+    ErrorCode("invalid_request", 400, "run", "the body is not a JSON object"),
+    ErrorCode("missing_code", 400, "run", "no 'code' field, or null"),
+    ErrorCode("invalid_type", 400, "run", "'code', 'stdin', 'pool' or 'language' not a string"),
+    ErrorCode("invalid_timeout", 400, "run",
+              "'timeout_s' not a number, or not in (0, the pool's max_timeout_s]"),
+    ErrorCode("unknown_field", 400, "run", "a field the body may not hold"),
+    ErrorCode("unknown_language", 400, "run", "no pool runs the 'language' given"),
+    ErrorCode("body_timeout", 400, "run", "the body did not arrive within body_timeout_s"),
+    ErrorCode("invalid_files", 400, "run",
+              "'files' is not a list of {path, content, encoding} objects"),
+    ErrorCode("too_many_files", 400, "run", "more files than the pool's max_files"),
+    ErrorCode("invalid_path", 400, "run",
+              "a path that is empty, absolute, has a '.', '..' or empty name, a NUL byte, a "
+              f"backslash, a lone surrogate, a name over {MAX_NAME_BYTES} bytes, or more "
+              f"than {MAX_PATH_BYTES} bytes"),
+    ErrorCode("invalid_file_content", 400, "run",
+              "content that is not strict base64, or UTF-8 text with a lone surrogate"),
+    ErrorCode("file_too_large", 400, "run", "a file over the pool's max_file_bytes, decoded"),
+    ErrorCode("files_too_large", 400, "run", "the files together over the pool's max_files_bytes"),
+    ErrorCode("duplicate_path", 400, "run", "the same path twice"),
+    ErrorCode("path_conflict", 400, "run",
+              "a path under another file's path, or the directory of one given earlier"),
+    ErrorCode("invalid_env", 400, "run",
+              f"'env' not an object of strings, over {MAX_ENV_ENTRIES} entries or "
+              f"{MAX_ENV_BYTES} bytes, a bad name, a value holding NUL or a lone surrogate"),
+    ErrorCode("invalid_argv", 400, "run",
+              f"'argv' not a list of strings, over {MAX_ARGV_ITEMS} items or {MAX_ARGV_BYTES} "
+              "bytes, an item holding NUL or a lone surrogate"),
+    ErrorCode("forbidden", 403, "any",
+              "the peer's uid and gid are not in allowed_uids/allowed_gids (at connection)"),
+    ErrorCode("unknown_pool", 404, "run",
+              "'pool' names no pool; or neither 'pool' nor 'language' and no pool 'python'"),
+    ErrorCode("not_found", 404, "routing", "a path the daemon does not serve"),
+    ErrorCode("method_not_allowed", 405, "routing", "a method the path does not take"),
+    ErrorCode("request_too_large", 413, "run", "the body is over the server's max_request_bytes"),
+    ErrorCode("unsupported_media_type", 415, "run",
+              "a Content-Type other than application/json"),
+    ErrorCode("pool_exhausted", 503, "run", "the pool's queue (max_queue) is full"),
+    ErrorCode("acquire_timeout", 503, "run",
+              "no sandbox became free within the pool's acquire_timeout_s"),
+    ErrorCode("backend_unavailable", 503, "run", "the pool's backend fails to start sandboxes"),
+    ErrorCode("backend_error", 503, "run", "the backend failed while running the request"),
+    ErrorCode("sandbox_lost", 503, "run", "every sandbox handed to the request died first"),
+    ErrorCode("server_busy", 503, "run", "the server's max_concurrent_requests are running"),
+    ErrorCode("shutting_down", 503, "run", "the daemon is stopping"),
+    ErrorCode("too_many_connections", 503, "any",
+              "the listener's max_connections are open (at connection)"),
+    ErrorCode("too_many_connections_from_peer", 503, "any",
+              "the peer's max_connections_per_peer are open (at connection)"),
+    ErrorCode("http_error", None, "any", "another HTTP error, with its own status"),
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from importlib import metadata
 from typing import Protocol
 
 import structlog
@@ -35,6 +37,7 @@ from api.connections import (
     http_server_logger,
     mark_request_started,
 )
+from api.openapi import build_document
 from api.schema import decode_json_object, parse_run, pool_summary, result_body
 from metrics import Metrics
 from pool.backends.base import RunRequest, RunResult
@@ -136,6 +139,7 @@ class ApiServer:
         self._throttled_log = ThrottledLog()
         self._http_logger = http_server_logger(self._throttled_log)
         self.gates: dict[str, ConnectionGate] = {}
+        self._openapi: bytes | None = None  # the document, serialized on first request
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -150,6 +154,7 @@ class ApiServer:
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/readyz", self.handle_readyz)
         app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/openapi.json", self.handle_openapi)
         return app
 
     async def start(self) -> None:
@@ -350,6 +355,12 @@ class ApiServer:
     async def handle_metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def handle_openapi(self, request: web.Request) -> web.Response:
+        if self._openapi is None:
+            document = build_document(metadata.version("sandpool"))
+            self._openapi = json.dumps(document).encode()
+        return web.Response(body=self._openapi, content_type="application/json")
 
 
 def log_after_response(**fields: object) -> None:
