@@ -14,6 +14,7 @@ import ast
 import base64
 import http.client
 import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -32,17 +33,26 @@ from api import schema
 from api.openapi import build_document
 from pool import errors
 from pool.config import PoolConfig
-from tests.support import REPOSITORY, Daemon, running_daemon, wait_until
+from tests.support import (
+    REPOSITORY,
+    Daemon,
+    running_daemon,
+    start_daemon,
+    stop_daemon,
+    wait_until,
+)
 
 DOCUMENT_URI = "urn:sandpool:openapi"
 
 # One process pool to run in and a tiny one to exhaust, with limits small
-# enough that each error is cheap to provoke.
+# enough that each error is cheap to provoke. max_concurrent_requests 3: the
+# tiny pool's one running and one queued request leave room for a third.
 CONFIG = """
 [server]
 metrics_address = "off"
 max_request_bytes = 65536
 body_timeout_s = 1
+max_concurrent_requests = 3
 max_connections = 64
 max_connections_per_peer = 6
 
@@ -71,8 +81,6 @@ NOT_PROVOKED = {
     "backend_unavailable": "needs a backend that fails to start sandboxes",
     "backend_error": "needs a backend that fails mid-run",
     "sandbox_lost": "needs every sandbox handed out to die first",
-    "server_busy": "needs max_concurrent_requests runs in flight",
-    "shutting_down": "needs a run in flight while the daemon drains",
     "http_error": "a fallback: no route raises an HTTP error that another code does not name",
 }
 
@@ -110,6 +118,7 @@ RUN_REFUSALS: list[tuple[str, bytes, int, str]] = [
 PROVOKED_BY_TESTS = {
     "not_found", "method_not_allowed", "request_too_large", "unsupported_media_type",
     "body_timeout", "pool_exhausted", "acquire_timeout", "too_many_connections_from_peer",
+    "server_busy", "shutting_down",
 }
 
 
@@ -444,3 +453,56 @@ def test_connection_refusal_matches(daemon: Daemon, document: dict[str, Any]) ->
             sock.close()
     answer = check_answer(document, "GET", "/healthz", status, headers, raw)
     assert (status, answer["error"]["code"]) == (503, "too_many_connections_from_peer")
+
+
+def test_busy_server_matches(daemon: Daemon, document: dict[str, Any]) -> None:
+    # max_concurrent_requests 3: a run in tiny and two in python, then a fourth.
+    def sleeper(pool: str) -> tuple[int, Any]:
+        body = json.dumps({"code": "import time; time.sleep(3)", "pool": pool}).encode()
+        return request(daemon, document, "POST", "/v1/run", body)
+
+    def all_busy() -> bool:
+        _, answer = request(daemon, document, "GET", "/v1/pools")
+        busy = {p["name"]: p["busy"] for p in answer["pools"]}
+        return busy == {"python": 2, "tiny": 1}
+
+    with ThreadPoolExecutor(3) as executor:
+        runs = [executor.submit(sleeper, pool) for pool in ("tiny", "python", "python")]
+        wait_until(all_busy, "three runs in flight")
+        status, answer = request(daemon, document, "POST", "/v1/run", b'{"code": "1"}')
+        assert (status, answer["error"]["code"]) == (503, "server_busy")
+        assert [run.result(timeout=30)[0] for run in runs] == [200, 200, 200]
+
+
+DRAINING_CONFIG = """
+[server]
+metrics_address = "off"
+shutdown_timeout_s = 1
+
+[pools.python]
+backend = "process"
+min_idle = 1
+max_size = 1
+"""
+
+
+def test_run_cut_by_shutdown_matches(
+    tmp_path: Path, document: dict[str, Any]
+) -> None:
+    # shutdown_timeout_s 1: a run still going a second after SIGTERM is stopped
+    # and its client told so.
+    draining = start_daemon(tmp_path, DRAINING_CONFIG)
+    try:
+        def busy() -> bool:
+            _, answer = request(draining, document, "GET", "/v1/pools")
+            return bool(answer["pools"][0]["busy"] == 1)
+
+        with ThreadPoolExecutor(1) as executor:
+            body = b'{"code": "import time; time.sleep(30)", "timeout_s": 5}'
+            cut = executor.submit(request, draining, document, "POST", "/v1/run", body)
+            wait_until(busy, "the run to start")
+            draining.process.send_signal(signal.SIGTERM)
+            status, answer = cut.result(timeout=30)
+        assert (status, answer["error"]["code"]) == (503, "shutting_down")
+    finally:
+        stop_daemon(draining)
