@@ -1,4 +1,4 @@
-"""The ``sandpool`` command: serve, run, status, image build.
+"""The ``sandpool`` command: serve, run, status, mcp, config check, image build.
 
 Every failure ends with one readable line on stderr (``sandpool: ...``) and a
 non-zero exit, never a stack trace. ``sandpool run`` exits with the program's
@@ -121,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket", metavar="PATH", help=SOCKET_HELP,
     )
 
+    mcp = commands.add_parser(
+        "mcp", help="serve the daemon to MCP hosts (Model Context Protocol): run_code, list_pools",
+        description="A Model Context Protocol server in front of a running daemon; "
+        "see docs/mcp.md.",
+    )
+    mcp.add_argument("--socket", metavar="PATH", help=SOCKET_HELP)
+    mcp.add_argument(
+        "--transport", choices=["stdio", "streamable-http"], default="stdio",
+        help="stdio (the MCP host starts this command) or streamable-http "
+        "(serve http://HOST:PORT/mcp) (default: stdio)",
+    )
+    mcp.add_argument(
+        "--host", default="127.0.0.1",
+        help="streamable-http: the loopback address to listen on (default: 127.0.0.1)",
+    )
+    mcp.add_argument(
+        "--port", type=int, default=8000, help="streamable-http: the port (default: 8000)"
+    )
+
     config = commands.add_parser("config", help="check a configuration file")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = config_commands.add_parser(
@@ -188,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_run(args)
         if args.command == "status":
             return command_status(args)
+        if args.command == "mcp":
+            return command_mcp(args)
         if args.command == "config":
             return command_config_check(args)
         if args.image_command == "export":
@@ -343,6 +364,19 @@ def command_status(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return 0
+
+
+def command_mcp(args: argparse.Namespace) -> int:
+    # Imported here: the SDK and its web stack are for this command only.
+    from api.mcp_server import check_http_host, serve_mcp
+
+    if args.transport == "streamable-http":
+        try:
+            check_http_host(args.host)
+        except ValueError as e:
+            raise SandpoolError(str(e)) from None
+    asyncio.run(serve_mcp(args.socket, args.transport, args.host, args.port))
     return 0
 
 
