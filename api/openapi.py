@@ -178,7 +178,11 @@ def build_document(version: str) -> dict[str, Any]:
 
 
 def run_request_schema() -> Schema:
-    """The ``/v1/run`` body. Bounds that are a pool's setting are said, not enforced."""
+    """The ``/v1/run`` body. Bounds that are a pool's setting are said, not enforced.
+
+    Raises AssertionError when its fields and ``RUN_FIELDS`` differ, which the
+    tests, building the document, catch before a client could.
+    """
     properties: dict[str, Schema] = {
         "code": {"type": "string", "description": "NUL bytes and any Unicode allowed"},
         "language": {"type": "string",
