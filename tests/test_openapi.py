@@ -14,8 +14,13 @@ import ast
 import base64
 import http.client
 import json
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -76,8 +81,6 @@ acquire_timeout_s = 2
 
 # Codes of the document this module cannot provoke, and why.
 NOT_PROVOKED = {
-    "forbidden": "the tests run as root, whom allowed_uids never refuses",
-    "too_many_connections": "one uid meets its per-peer cap before the listener's total",
     "backend_unavailable": "needs a backend that fails to start sandboxes",
     "backend_error": "needs a backend that fails mid-run",
     "sandbox_lost": "needs every sandbox handed out to die first",
@@ -118,7 +121,7 @@ RUN_REFUSALS: list[tuple[str, bytes, int, str]] = [
 PROVOKED_BY_TESTS = {
     "not_found", "method_not_allowed", "request_too_large", "unsupported_media_type",
     "body_timeout", "pool_exhausted", "acquire_timeout", "too_many_connections_from_peer",
-    "server_busy", "shutting_down",
+    "server_busy", "shutting_down", "forbidden", "too_many_connections",
 }
 
 
@@ -432,27 +435,81 @@ def test_exhausted_pool_matches(daemon: Daemon, document: dict[str, Any]) -> Non
         assert running.result(timeout=30)[1]["stdout"] == "ran\n"
 
 
-def test_connection_refusal_matches(daemon: Daemon, document: dict[str, Any]) -> None:
-    # max_connections_per_peer 6: six idle connections held, the seventh is
-    # answered and closed at once, on any path.
-    held = []
+def refusal_after(socket_path: str, held: int) -> tuple[int, dict[str, str], bytes]:
+    """The answer a new connection reads, sending nothing, while ``held`` others stay open."""
+    sockets = []
     try:
-        for _ in range(6):
+        for _ in range(held):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            held.append(sock)
-            sock.connect(daemon.socket)
+            sockets.append(sock)
+            sock.connect(socket_path)
         time.sleep(0.3)  # each counted in as the daemon accepts it
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(30)
-            sock.connect(daemon.socket)
+            sock.connect(socket_path)
             response = http.client.HTTPResponse(sock)
             response.begin()
-            status, headers, raw = response.status, dict(response.getheaders()), response.read()
+            return response.status, dict(response.getheaders()), response.read()
     finally:
-        for sock in held:
+        for sock in sockets:
             sock.close()
+
+
+def test_per_peer_refusal_matches(daemon: Daemon, document: dict[str, Any]) -> None:
+    # max_connections_per_peer 6: six idle connections held, the seventh is
+    # answered and closed at once, whatever path it would have asked for.
+    status, headers, raw = refusal_after(daemon.socket, 6)
     answer = check_answer(document, "GET", "/healthz", status, headers, raw)
     assert (status, answer["error"]["code"]) == (503, "too_many_connections_from_peer")
+
+
+GATED_CONFIG = """
+[server]
+metrics_address = "off"
+socket_mode = 0o666
+allowed_uids = [1]
+max_connections = 3
+max_connections_per_peer = 3
+
+[pools.python]
+backend = "process"
+min_idle = 0
+max_size = 1
+"""
+
+
+def test_refusals_at_connection_match(document: dict[str, Any]) -> None:
+    # uid 65534 is not in allowed_uids (root always is); three connections
+    # fill the listener before any peer's own cap.
+    shared = Path(tempfile.mkdtemp(prefix="sandpool-openapi-"))  # reachable by uid 65534
+    shared.chmod(0o755)
+    gated = start_daemon(shared, GATED_CONFIG)
+    try:
+        status, headers, raw = refusal_after(gated.socket, 3)
+        answer = check_answer(document, "GET", "/v1/pools", status, headers, raw)
+        assert (status, answer["error"]["code"]) == (503, "too_many_connections")
+
+        read_as_nobody = textwrap.dedent(f"""
+            import base64, http.client, json, os, socket
+            os.setgid(65534); os.setuid(65534)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect({gated.socket!r})
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            print(json.dumps([response.status, dict(response.getheaders()),
+                              base64.b64encode(response.read()).decode()]))
+        """)
+        done = subprocess.run([sys.executable, "-c", read_as_nobody], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        status, headers, body = json.loads(done.stdout)
+        answer = check_answer(document, "POST", "/v1/run", status, headers,
+                              base64.b64decode(body))
+        assert (status, answer["error"]["code"]) == (403, "forbidden")
+    finally:
+        stop_daemon(gated)
+        shutil.rmtree(shared)
 
 
 def test_busy_server_matches(daemon: Daemon, document: dict[str, Any]) -> None:
