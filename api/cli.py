@@ -376,7 +376,7 @@ def command_mcp(args: argparse.Namespace) -> int:
             check_http_host(args.host)
         except ValueError as e:
             raise SandpoolError(str(e)) from None
-    asyncio.run(serve_mcp(args.socket, args.transport, args.host, args.port))
+    asyncio.run(serve_mcp(args.socket, version(), args.transport, args.host, args.port))
     return 0
 
 

@@ -219,15 +219,16 @@ def error_result(error: SandpoolClientError) -> CallToolResult:
     )
 
 
-def build_server(client: AsyncClient) -> MCPServer[Any]:
-    """The MCP server with its tools, each a call through ``client``.
+def build_server(client: AsyncClient, version: str) -> MCPServer[Any]:
+    """The MCP server with its tools, each a call through ``client``; ``version`` is
+    sandpool's, as the server tells MCP hosts.
 
     Only the client's errors (the daemon's refusals, an unreachable daemon) become
     tool errors here; the SDK turns anything else into a tool error too, so no
     call can end the server.
     """
     server: MCPServer[Any] = MCPServer(
-        SERVER_NAME, instructions=INSTRUCTIONS, version=package_version(),
+        SERVER_NAME, instructions=INSTRUCTIONS, version=version,
         # The log goes to stderr; on stdio an MCP host keeps it. Only problems.
         log_level="WARNING",
     )
@@ -284,15 +285,6 @@ def build_server(client: AsyncClient) -> MCPServer[Any]:
     return server
 
 
-def package_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("sandpool")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def check_http_host(host: str) -> None:
     """Raises ValueError unless ``host`` is a loopback address the HTTP transport may use."""
     if host not in LOOPBACK_HOSTS:
@@ -304,6 +296,7 @@ def check_http_host(host: str) -> None:
 
 async def serve_mcp(
     socket: str | None,
+    version: str,
     transport: Transport = "stdio",
     host: str = DEFAULT_HTTP_HOST,
     port: int = DEFAULT_HTTP_PORT,
@@ -318,7 +311,7 @@ async def serve_mcp(
     if transport == "streamable-http":
         check_http_host(host)
     async with AsyncClient(socket) as client:
-        server = build_server(client)
+        server = build_server(client, version)
         if transport == "stdio":
             await server.run_stdio_async()
         else:

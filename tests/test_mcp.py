@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -139,6 +140,8 @@ async def test_stdio_lists_run_code_and_list_pools_with_their_schemas(
 ) -> None:
     async with stdio_session(mcp_daemon.socket, server_log) as session:
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+        server_info = (await session.initialize()).server_info  # the handshake's, kept
+    assert (server_info.name, server_info.version) == ("sandpool", metadata.version("sandpool"))
     assert set(tools) == {"run_code", "list_pools"}
     schema = tools["run_code"].input_schema
     assert schema["required"] == ["code"]
