@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -289,6 +290,55 @@ async def test_streamable_http_serves_the_same_tools(mcp_daemon: Daemon, tmp_pat
     assert refused.is_error
     assert text_of(refused).startswith("unknown_pool: ")
     assert "stdout:\nagain\n" in text_of(again)
+
+
+def test_a_host_on_the_first_protocol_revision_gets_text_and_is_error(
+    mcp_daemon: Daemon, server_log: TextIO
+) -> None:
+    """Hosts built on older SDKs handshake with 2024-11-05; JSON lines written by hand."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "mcp", "--socket", mcp_daemon.socket],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=server_log, text=True,
+        cwd=REPOSITORY,
+    )
+
+    def send(message: dict[str, Any]) -> None:
+        assert process.stdin is not None
+        process.stdin.write(json.dumps({"jsonrpc": "2.0", **message}) + "\n")
+        process.stdin.flush()
+
+    def answer() -> dict[str, Any]:
+        assert process.stdout is not None
+        reply: dict[str, Any] = json.loads(process.stdout.readline())
+        return reply
+
+    try:
+        send({"id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2024-11-05", "capabilities": {},
+            "clientInfo": {"name": "an-old-host", "version": "0"}}})
+        assert answer()["result"]["protocolVersion"] == "2024-11-05"
+        send({"method": "notifications/initialized"})
+        send({"id": 2, "method": "tools/call", "params": {
+            "name": "run_code", "arguments": {"code": "print(2 + 2)", "pool": "python-process"}}})
+        ran = answer()["result"]
+        send({"id": 3, "method": "tools/call", "params": {
+            "name": "run_code", "arguments": {"code": "print(1)", "pool": "no-such-pool"}}})
+        refused = answer()["result"]
+    finally:
+        process.stdin.close()  # the host goes away: the server ends by itself
+        try:
+            status = process.wait(timeout=15)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+    assert status == 0
+    assert ran["isError"] is False
+    assert ran["content"][0]["type"] == "text"
+    assert "stdout:\n4\n" in ran["content"][0]["text"]
+    assert refused["isError"] is True
+    assert refused["content"][0]["text"].startswith("unknown_pool: ")
 
 
 def test_the_http_transport_refuses_a_host_that_is_not_loopback() -> None:
