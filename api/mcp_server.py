@@ -23,7 +23,13 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import MCPServer
 from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
-from sandpool_client import AsyncClient, PoolInfo, RunResult, SandpoolClientError
+from sandpool_client import (
+    AsyncClient,
+    PoolInfo,
+    RichResult,
+    RunResult,
+    SandpoolClientError,
+)
 
 SERVER_NAME = "sandpool"
 Transport = Literal["stdio", "streamable-http"]
@@ -109,13 +115,17 @@ def run_code_result(result: RunResult) -> CallToolResult:
     exit code and error are what the model needs to see.
     """
     content: list[ContentBlock] = [TextContent(type="text", text=run_code_text(result))]
-    for image in result.images:
-        if image.type in IMAGE_TYPES and not image.truncated:
-            content.append(ImageContent(
-                type="image", data=base64.b64encode(image.data).decode("ascii"),
-                mime_type=image.type,
-            ))
+    content.extend(
+        ImageContent(type="image", data=base64.b64encode(image.data).decode("ascii"),
+                     mime_type=image.type)
+        for image in result.images if is_shown(image)
+    )
     return CallToolResult(content=content, structured_content=run_code_summary(result))
+
+
+def is_shown(image: RichResult) -> bool:
+    """An image result goes to the host whole, in a type a model can take, or not at all."""
+    return image.type in IMAGE_TYPES and not image.truncated
 
 
 def run_code_text(result: RunResult) -> str:
@@ -138,13 +148,14 @@ def run_code_text(result: RunResult) -> str:
     for shown in result.results:
         if shown.text is not None:
             sections.append(f"result ({shown.type}):\n{shown.text}")
-    figures = [r for r in result.images if r.type in IMAGE_TYPES and not r.truncated]
-    left_out = [r for r in result.images if r not in figures]
+    figures = sum(is_shown(image) for image in result.images)
     if figures:
-        sections.append(f"figures: {len(figures)} image(s) follow")
-    if left_out or result.results_omitted or any(r.truncated for r in result.results):
-        sections.append("some results were cut, left out or are not a shown image type "
-                        "(the pool's max_results_bytes)")
+        sections.append(f"figures: {figures} image(s) follow")
+    if figures < len(result.images) or result.results_omitted or any(
+        r.truncated for r in result.results
+    ):
+        sections.append("some results were cut at the pool's max_results_bytes, left out, "
+                        "or are images of a type not sent")
     if result.error is not None:
         sections.append(f"error: {result.error.name}: {result.error.value}")
     if result.files:

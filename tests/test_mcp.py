@@ -362,12 +362,13 @@ def result_with(**fields: Any) -> RunResult:
     return RunResult(**{**defaults, **fields})
 
 
-def test_every_whole_png_figure_becomes_image_content_and_a_cut_one_is_named() -> None:
+def test_every_whole_png_figure_becomes_image_content_and_the_rest_is_named() -> None:
     png = PNG_SIGNATURE + b"rest"
     result = run_code_result(result_with(results=(
         RichResult("image/png", png, None, False),
         RichResult("text/plain", b"3.5", "3.5", False),
         RichResult("image/png", PNG_SIGNATURE, None, True),
+        RichResult("image/svg+xml", b"<svg/>", None, False),
         RichResult("image/png", png + b"2", None, False),
     )))
     assert [base64.b64decode(i.data) for i in images_of(result)] == [png, png + b"2"]
