@@ -3,13 +3,13 @@
 Order: machine description, churn ceiling, the cold paths (seed docker-py,
 aiodocker, llm-sandbox), then a dedicated sandpool daemon with the plain
 Python pool of each tier (docker, process, fork, wasm: idle CPU, low-load
-latency per pool, open-loop load per pool), then a Docker-only daemon with 16
-warm sandboxes (RSS, idle CPU), then the data analysis (a cold ``docker run``
-of the datasci image, and a daemon with datasci pools in the docker, process
-and fork tiers: low-load latency, a warm sandbox's RSS and PSS, open-loop
-load; and print(1) under load through the preloaded fork pool). Each section
-has a time budget so the full run stays under 15 minutes; a section that runs
-out records fewer samples (``n``).
+latency per pool, open-loop print(1) load per pool) and the preloaded fork
+pool (its open-loop print(1) load), then a Docker-only daemon with 16 warm
+sandboxes (RSS, idle CPU), then the data analysis (a cold ``docker run`` of
+the datasci image, and a daemon with datasci pools in the docker, process and
+fork tiers: low-load latency, a warm sandbox's RSS, PSS and USS, open-loop
+load). Each section has a time budget so the full run stays under 15 minutes;
+a section that runs out records fewer samples (``n``).
 Every container and daemon the run starts is gone when it ends, or it fails.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -84,8 +85,8 @@ FULL = Mode(
     # Docker steps are long enough that the 8 warm sandboxes a step starts
     # with cannot hide a refill rate below the arrival rate (a backlog shows).
     # Fork rates reach hundreds per second: a 3 s step counts hundreds of
-    # arrivals, and eight of them (20/s to 537/s) fit a budget of 35 s. The
-    # same steps and budget serve print(1) through the preloaded fork pool.
+    # arrivals, and eight of them (20/s to 537/s) fit a budget of 35 s; the
+    # preloaded fork pool's (10/s to 268/s) too.
     load_step_s={"docker": 15.0, "process": 6.0, "wasm": 6.0, "fork": 3.0}, load_steps=8,
     load_budget_s={"docker": 120.0, "process": 50.0, "wasm": 50.0, "fork": 35.0},
     rss_warm=16,
@@ -202,14 +203,19 @@ def run_sandpool(doc: dict[str, Any], mode: Mode, clock: Clock, workloads: tuple
     """The benchmark daemon: idle CPU, low-load latency and the load test per pool."""
     plans = sandpool_paths.plan_pools(mode.pool_sizes.get("docker"))
     if mode.pool_sizes:
-        plans = [sandpool_paths.PoolPlan(
-            p.name, p.backend, *mode.pool_sizes.get(p.backend, (2, 4, 2)),
-            low_load_rate_per_s=p.low_load_rate_per_s,
-            first_load_rate_per_s=p.first_load_rate_per_s) for p in plans]
-    out: dict[str, Any] = {"config": sandpool_paths.daemon_config(plans)}
+        sized = []
+        for plan in plans:
+            min_idle, max_size, concurrency = mode.pool_sizes.get(plan.backend, (2, 4, 2))
+            sized.append(dataclasses.replace(plan, min_idle=min_idle, max_size=max_size,
+                                             start_concurrency=concurrency))
+        plans = sized
+    out: dict[str, Any] = {"pools_not_started": {}}
+    for plan in [p for p in plans if p.image and not _image_present(p.image)]:
+        out["pools_not_started"][plan.name] = f"the image {plan.image} is not built"
+        plans.remove(plan)
+    out["config"] = sandpool_paths.daemon_config(plans)
     daemon = BenchDaemon(workdir / "daemon", out["config"])
     daemons.append(daemon)
-    out["pools_not_started"] = {}
     while True:
         try:
             daemon.start()
@@ -246,6 +252,8 @@ def run_sandpool(doc: dict[str, Any], mode: Mode, clock: Clock, workloads: tuple
 
     out["latency"] = {}
     for plan in plans:
+        if plan.preload:  # its print(1) latency is measured beside its data analysis
+            continue
         entry: dict[str, Any] = {"backend": plan.backend}
         rate = plan.low_load_rate_per_s
         for workload in workloads:
@@ -271,7 +279,8 @@ def run_sandpool(doc: dict[str, Any], mode: Mode, clock: Clock, workloads: tuple
         )
         load["backend"] = plan.backend
         load["pool_settings"] = {"min_idle": plan.min_idle, "max_size": plan.max_size,
-                                 "start_concurrency": plan.start_concurrency}
+                                 "start_concurrency": plan.start_concurrency,
+                                 "preload": list(plan.preload)}
         out["load"][plan.name] = load
         _say(f"{plan.name} load: sustained {load.get('sustained_ok_per_s')}/s, "
              f"peak {load.get('peak_ok_per_s')}/s, {load.get('stopped')}")
@@ -353,11 +362,6 @@ def _datasci_rates(plan: sandpool_paths.PoolPlan, mode: Mode) -> list[float]:
             for i in range(mode.datasci_load_steps)]
 
 
-def _datasci_print1_rates(plan: sandpool_paths.PoolPlan, mode: Mode) -> list[float]:
-    first = sandpool_paths.DATASCI_PRINT1_FIRST_LOAD_RATE[plan.backend]
-    return [round(first * GEOMETRIC_STEP**i, 2) for i in range(mode.load_steps)]
-
-
 def _sandbox_memory(daemon: BenchDaemon, plan: sandpool_paths.PoolPlan) -> dict[str, Any]:
     """RSS, PSS and USS of the pool's warm sandboxes, all idle (its min_idle of them);
     for a fork pool also its template's."""
@@ -373,7 +377,7 @@ def _sandbox_memory(daemon: BenchDaemon, plan: sandpool_paths.PoolPlan) -> dict[
 def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, workload: Workload,
                 workdir: Path, daemons: list[BenchDaemon]) -> dict[str, Any]:
     """The data analysis: a cold docker run, then datasci pools in the docker, process and
-    fork tiers; and print(1) under load through the fork tier's."""
+    fork tiers."""
     image = sandpool_paths.DATASCI_IMAGE
     if not _image_present(image):
         return {"skipped": f"the image {image} is not built (make setup, or "
@@ -425,7 +429,6 @@ def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, work
                                      "memory_mb": p.memory_mb, "cpus": p.cpus,
                                      "preload": list(p.preload)} for p in plans}
     out["latency"], out["print1_latency"], out["memory"], out["load"] = {}, {}, {}, {}
-    out["print1_load"] = {}
     print1 = build_workloads()[0]
     for plan in plans:
         daemon.wait_idle(plan.name, plan.min_idle)
@@ -444,26 +447,22 @@ def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, work
             plan.low_load_rate_per_s, clock.section(mode.datasci_latency_budget_s / 2))
         out["memory"][plan.name] = _part(doc, f"{plan.name} memory", _sandbox_memory, daemon, plan)
         _say(f"{plan.name} warm sandbox memory: {out['memory'][plan.name]}")
-    # The data analysis through every pool, then print(1) through the preloaded
-    # fork pool; each load test gets at most its share of what is left of the
-    # run, so that the last is measured too when the run is late.
-    loads = [(plan, workload, _datasci_rates(plan, mode), mode.datasci_load_step_s[plan.backend],
-               mode.datasci_load_budget_s[plan.backend], out["load"]) for plan in plans]
-    loads += [(plan, print1, _datasci_print1_rates(plan, mode), mode.load_step_s[plan.backend],
-               mode.load_budget_s[plan.backend], out["print1_load"])
-              for plan in plans if plan.backend in sandpool_paths.DATASCI_PRINT1_FIRST_LOAD_RATE]
-    for index, (plan, measured, rates, step_s, budget_s, into) in enumerate(loads):
+    # Each load test gets at most its share of what is left of the run, so that
+    # the last pool is measured too when the run is late.
+    budgets_s = [mode.datasci_load_budget_s[plan.backend] for plan in plans]
+    for index, plan in enumerate(plans):
         load = _part(
-            doc, f"{plan.name} {measured.name} load", sandpool_paths.load_test,
-            daemon.socket, plan.name, measured, rates, step_s,
-            clock.share(budget_s, sum(later[4] for later in loads[index:])),
+            doc, f"{plan.name} datasci load", sandpool_paths.load_test,
+            daemon.socket, plan.name, workload, _datasci_rates(plan, mode),
+            mode.datasci_load_step_s[plan.backend],
+            clock.share(budgets_s[index], sum(budgets_s[index:])),
             settle=lambda name=plan.name, floor=plan.min_idle: daemon.wait_idle(name, floor),
             meter=CpuMeter(daemon.pid),
         )
         load["backend"] = plan.backend
         load["pool_settings"] = out["pool_settings"][plan.name]
-        into[plan.name] = load
-        _say(f"{plan.name} {measured.name} load: sustained {load.get('sustained_ok_per_s')}/s, "
+        out["load"][plan.name] = load
+        _say(f"{plan.name} datasci load: sustained {load.get('sustained_ok_per_s')}/s, "
              f"peak {load.get('peak_ok_per_s')}/s, {load.get('stopped')}")
     out["stop_status"] = daemon.stop()
     out["leftover_containers"] = len(asyncio.run(
@@ -597,7 +596,7 @@ def fork_targets(doc: dict[str, Any], pools: dict[str, tuple[str, dict[str, Any]
     add(f"fork pool `{name}` sustained single-use print(1) ≥ 150/s",
         load.get("sustained_ok_per_s"), 150.0, "/s", at_least=True, detail=_load_detail(load))
     plan = next(p for p in sandpool_paths.datasci_plans() if p.backend == "fork")
-    load = (datasci.get("print1_load") or {}).get(plan.name) or {}
+    load = (sp.get("load") or {}).get(plan.name) or {}
     add(f"fork pool `{plan.name}` sustained single-use print(1) ≥ 40/s (numpy, pandas, "
         "matplotlib.pyplot preloaded)", load.get("sustained_ok_per_s"), 40.0, "/s",
         at_least=True, detail=_load_detail(load))

@@ -60,14 +60,14 @@ def headline_rows(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None,
     return rows
 
 
-def _load_table(name: str, load: dict[str, Any]) -> list[str]:
-    """One pool's open-loop steps as a markdown table."""
+def _load_table(name: str, load: dict[str, Any], note: str = "") -> list[str]:
+    """One pool's open-loop steps as a markdown table (``note`` after its name)."""
     lines: list[str] = []
     if "steps" not in load:
-        lines += [f"### `{name}`", "", f"Not measured: {load.get('error')}", ""]
+        lines += [f"### `{name}`{note}", "", f"Not measured: {load.get('error')}", ""]
         return lines
     lines += [
-        f"### `{name}`", "",
+        f"### `{name}`{note}", "",
         "| offered/s | arrived/s | completed/s | rejected | failed | p50 ms | p95 ms | p99 ms "
         "| hand-out p99 ms | drain s | CPU: daemon / dockerd / host "
         "| CPU ms/req: daemon / host | saturated (queue grows) | latency knee |",
@@ -167,12 +167,6 @@ def datasci_markdown(doc: dict[str, Any]) -> list[str]:
         lines += ["Daemon configuration:", "", "```toml", datasci["config"].rstrip(), "```", ""]
     for name, load in datasci.get("load", {}).items():
         lines += _load_table(name, load)
-    if datasci.get("print1_load"):
-        lines += ["Open-loop load, `print(1)` through the preloaded pool (what a sandbox with "
-                  "numpy, pandas and matplotlib imported costs when its request costs "
-                  "nothing):", ""]
-    for name, load in datasci.get("print1_load", {}).items():
-        lines += _load_table(f"{name}, print(1)", load)
     return lines
 
 
@@ -238,7 +232,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if sandpool.get("config"):
         lines += ["Daemon configuration:", "", "```toml", sandpool["config"].rstrip(), "```", ""]
     for name, load in sandpool.get("load", {}).items():
-        lines += _load_table(name, load)
+        preload = (load.get("pool_settings") or {}).get("preload")
+        lines += _load_table(name, load, f" (preload {', '.join(preload)})" if preload else "")
     versus = sandpool.get("docker_vs_ceiling")
     if versus:
         lines += [f"Docker pool sustained single-use throughput (the highest completed/s of "
@@ -304,8 +299,6 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
     loads = {k: v for k, v in doc["sandpool"].get("load", {}).items() if "steps" in v}
     loads |= {f"{k}, data analysis": v for k, v in
               ((doc.get("datasci") or {}).get("load") or {}).items() if "steps" in v}
-    loads |= {f"{k}, print(1)": v for k, v in
-              ((doc.get("datasci") or {}).get("print1_load") or {}).items() if "steps" in v}
     if not loads:
         return "no load test ran: no plot"
     columns = min(4, len(loads))

@@ -89,27 +89,42 @@ POOL_SIZES = {"docker": (8, 16, 6), "process": (8, 16, 4), "wasm": (4, 8, 2),
               "fork": (8, 16, 4)}
 
 
-def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPlan]:
-    """One benchmark pool per plain Python pool of sandpool's default configuration.
+# A preloaded fork pool (datasci-fork) under print(1): what a sandbox with the
+# data-science imports costs the host when its request costs nothing. Its
+# sandboxes are forks of a ~100 MiB interpreter: its steps begin lower.
+PRELOADED_FIRST_LOAD_RATE = {"fork": 10.0}
+PRELOADED_POOL_SIZES = {"fork": (4, 16, 4)}
 
-    A pool with a ``preload`` or an image of its own (the datasci pools of
-    every tier) is left out: as a print(1) pool it would be a second, mislabelled
-    copy of its tier's plain pool; ``datasci_plans`` measures it with its image
-    and preload. ``docker_sizes`` is (min_idle, max_size, start_concurrency) of
-    the Docker pool.
+
+def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPlan]:
+    """One benchmark pool per Python pool of sandpool's default configuration whose
+    print(1) is worth measuring: each tier's plain pool, and a fork pool with a preload.
+
+    A preloaded pool keeps its image, ``preload`` and ``memory_mb``. Those of the
+    other tiers are left out: a sandbox start there imports the preload again
+    (~1 s of CPU), and ``datasci_plans`` measures them with the data analysis.
+    ``docker_sizes`` is (min_idle, max_size, start_concurrency) of the Docker pool.
     """
     plans = []
     for pool in default_pools():
-        if pool.language != "python" or pool.preload or pool.image != DEFAULT_IMAGE:
+        if pool.language != "python":
             continue
-        min_idle, max_size, concurrency = POOL_SIZES.get(pool.backend, (4, 8, 2))
+        preloaded = bool(pool.preload) or pool.image != DEFAULT_IMAGE
+        if preloaded and pool.backend not in PRELOADED_FIRST_LOAD_RATE:
+            continue
+        sizes = PRELOADED_POOL_SIZES if preloaded else POOL_SIZES
+        min_idle, max_size, concurrency = sizes.get(pool.backend, (4, 8, 2))
         if pool.backend == "docker" and docker_sizes is not None:
             min_idle, max_size, concurrency = docker_sizes
+        first_rate = (PRELOADED_FIRST_LOAD_RATE if preloaded else FIRST_LOAD_RATE).get(
+            pool.backend, 4.0)
         plans.append(PoolPlan(
             name=pool.name, backend=pool.backend, min_idle=min_idle, max_size=max_size,
             start_concurrency=concurrency,
             low_load_rate_per_s=LOW_LOAD_RATE.get(pool.backend, 5.0),
-            first_load_rate_per_s=FIRST_LOAD_RATE.get(pool.backend, 4.0),
+            first_load_rate_per_s=first_rate,
+            image=pool.image if preloaded else None, preload=pool.preload,
+            memory_mb=pool.memory_mb if preloaded else None,
         ))
     return plans
 
@@ -129,9 +144,6 @@ DATASCI_FIRST_LOAD_RATE = {"docker": 0.5, "process": 1.0, "fork": 2.0}
 # Four warm sandboxes in every tier, so their memory compares; the fork pool
 # may grow to 16 (autosize) when print(1) arrives at tens per second.
 DATASCI_POOL_SIZES = {"docker": (4, 8, 2), "process": (4, 8, 2), "fork": (4, 16, 4)}
-# print(1) through the preloaded fork pool: what a sandbox with the data-science
-# imports costs the host when the request itself costs nothing.
-DATASCI_PRINT1_FIRST_LOAD_RATE = {"fork": 10.0}
 DATASCI_TIERS = (("docker", ""), ("process", "-process"), ("fork", "-fork"))
 
 
