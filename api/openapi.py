@@ -277,7 +277,9 @@ def _object(properties: dict[str, Schema]) -> Schema:
 
 def _readiness(ready: bool) -> Schema:
     return _object({"ready": {"const": ready},
-                    "pools": {"type": "object", "additionalProperties": {"type": "boolean"}}})
+                    "pools": {"type": "object", "additionalProperties": {"type": "boolean"}},
+                    # pool -> why it is not ready (warming, or the backend's last error)
+                    "reasons": {"type": "object", "additionalProperties": {"type": "string"}}})
 
 
 def _json_response(description: str, schema: Schema) -> dict[str, Any]:

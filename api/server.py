@@ -17,9 +17,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import resource
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from importlib import metadata
@@ -61,15 +63,27 @@ _HTTP_CODES = {
     413: "request_too_large",
     415: "unsupported_media_type",
 }
+REQUEST_ID_HEADER = "X-Request-Id"
+# A client's id is kept only if it is a short token: it goes into every log
+# line of the request, so no spaces, quotes or control characters.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
 
 
 def error_response(
     status: int, code: str, message: str, *, retry_after_s: int | None = None
 ) -> web.Response:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return web.json_response(
+    response = web.json_response(
         {"error": {"code": code, "message": message}}, status=status, headers=headers
     )
+    response["error_code"] = code  # for the request-tracking middleware's log and counter
+    return response
+
+
+def request_id(request: web.Request) -> str:
+    """The client's ``X-Request-Id`` if it is a sane token, else a new random one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 @web.middleware
@@ -106,6 +120,8 @@ class ServedPool(Protocol):
     async def run(self, request: RunRequest) -> PoolRun: ...
 
     async def ready(self) -> bool: ...
+
+    def not_ready_reason(self) -> str: ...
 
     def counts(self) -> dict[str, int]: ...
 
@@ -146,7 +162,7 @@ class ApiServer:
     def make_app(self) -> web.Application:
         """The run API's aiohttp application: its routes and error middleware, no listener."""
         app = web.Application(
-            middlewares=[mark_request_started, json_errors],
+            middlewares=[mark_request_started, self.track_requests, json_errors],
             client_max_size=self.config.server.max_request_bytes,
         )
         app.router.add_post("/v1/run", self.handle_run)
@@ -190,7 +206,9 @@ class ApiServer:
         os.chmod(self.socket_path, server.socket_mode)
         if server.metrics_address != "off":
             host, port = parse_address(server.metrics_address, "server.metrics_address")
-            metrics_app = web.Application(middlewares=[mark_request_started, json_errors])
+            metrics_app = web.Application(
+                middlewares=[mark_request_started, self.track_requests, json_errors]
+            )
             metrics_app.router.add_get("/metrics", self.handle_metrics)
             metrics_runner = web.AppRunner(
                 metrics_app, handle_signals=False, access_log=None,
@@ -278,6 +296,26 @@ class ApiServer:
 
     # --- handlers ----------------------------------------------------------
 
+    @web.middleware
+    async def track_requests(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Give the request its id (in every log line of it, and in the response's header);
+        log and count a 4xx answer by its error code."""
+        rid = request_id(request)
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            response = await handler(request)
+            if not response.prepared:  # a streamed answer sent its headers already
+                response.headers[REQUEST_ID_HEADER] = rid
+            if 400 <= response.status < 500:
+                code = str(response.get("error_code", "http_error"))
+                self.metrics.client_error(code)
+                log_after_response("request_refused", status=response.status,
+                                   code=code, method=request.method, path=request.path)
+        return response
+
     async def handle_run(self, request: web.Request) -> web.Response:
         received = time.monotonic()
         if self._draining:
@@ -309,7 +347,9 @@ class ApiServer:
             raise
         except asyncio.CancelledError:
             if not self._draining:
-                raise  # the client went away; the pool destroyed the sandbox
+                # The client went away; the pool destroyed the sandbox.
+                outcome = "disconnected"
+                raise
             # We cancelled it ourselves to finish shutting down: tell the client.
             task.uncancel()
             raise UnavailableError(
@@ -320,7 +360,7 @@ class ApiServer:
             self._runs.discard(task)
             duration_s = time.monotonic() - received
             self.metrics.request_finished(pool.name, outcome, duration_s)
-            if outcome in ("error", "rejected"):
+            if outcome in ("error", "rejected", "disconnected"):
                 log_after_response(pool=pool.name, outcome=outcome,
                                    duration_ms=round(duration_s * 1000, 3))
         result = run.result
@@ -349,8 +389,12 @@ class ApiServer:
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
         ready = {name: await pool.ready() for name, pool in self.pools.items()}
+        reasons = {name: self.pools[name].not_ready_reason()
+                   for name, is_ready in ready.items() if not is_ready}
         status = 200 if all(ready.values()) else 503
-        return web.json_response({"ready": status == 200, "pools": ready}, status=status)
+        return web.json_response(
+            {"ready": status == 200, "pools": ready, "reasons": reasons}, status=status
+        )
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
@@ -363,13 +407,13 @@ class ApiServer:
         return web.Response(body=self._openapi, content_type="application/json")
 
 
-def log_after_response(**fields: object) -> None:
-    """Log the ``request`` event once the response is on its way, not before.
+def log_after_response(event: str = "request", **fields: object) -> None:
+    """Log ``event`` once the response is on its way, not before.
 
     Rendering the line costs ~0.1 ms; run as a callback after the handler's
     step (in which aiohttp writes the response), it stays off the latency path.
     """
-    asyncio.get_running_loop().call_soon(partial(log.info, "request", **fields))
+    asyncio.get_running_loop().call_soon(partial(log.info, event, **fields))
 
 
 async def read_json_object(request: web.Request) -> dict[str, object]:
@@ -407,7 +451,7 @@ def result_outcome(result: RunResult) -> str:
         return "oom"
     if result.timed_out:
         return "timeout"
-    return "ok"
+    return "ok" if result.exit_code == 0 else "failed"  # the program's own failure
 
 
 def prepare_socket_path(path: str) -> None:

@@ -38,7 +38,9 @@ _LATENCY_BUCKETS = (
     60.0,
 )
 _LIFECYCLE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-OUTCOMES = ("ok", "error", "timeout", "oom", "rejected")
+# ok: exit code 0; failed: the program exited non-zero; error: the daemon or
+# backend failed it; rejected: a 503; disconnected: the client left mid-run.
+OUTCOMES = ("ok", "failed", "error", "timeout", "oom", "rejected", "disconnected")
 # Whether a request found an idle sandbox (hit) or waited for one, or was
 # refused waiting (miss): the hit ratio is hit / (hit + miss).
 ACQUISITION_RESULTS = ("hit", "miss")
@@ -117,6 +119,18 @@ class Metrics:
         self.requests = Counter(
             "sandpool_requests", "Requests by outcome", ["pool", "outcome"], registry=r
         )
+        self.client_errors = Counter(
+            "sandpool_client_errors",
+            "Requests answered with a 4xx, by error code",
+            ["code"],
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "sandpool_backend_up",
+            "1 while the pool's backend starts sandboxes, 0 once it keeps failing",
+            ["pool"],
+            registry=r,
+        )
         self.oom_kills = Counter(
             "sandpool_oom_kills", "OOM kills reported for sandpool sandboxes", ["pool"], registry=r
         )
@@ -174,6 +188,7 @@ class Metrics:
         for result in ACQUISITION_RESULTS:
             self.acquisitions.labels(pool, result)
         self.idle_target.labels(pool)
+        self.backend_up.labels(pool).set(1)
         for metric in (
             self.oom_kills, self.timeouts, self.start_failures, self.acquire_wait,
             self.execution_duration, self.start_duration, self.destroy_duration,
@@ -185,6 +200,9 @@ class Metrics:
         self._series(self.request_duration, pool, outcome).observe(duration_s)
         if outcome == "timeout":
             self._series(self.timeouts, pool).inc()
+
+    def client_error(self, code: str) -> None:
+        self._series(self.client_errors, code).inc()
 
     def sandbox_acquired(self, pool: str, wait_s: float) -> None:
         self._series(self.acquire_wait, pool).observe(wait_s)
@@ -206,6 +224,9 @@ class Metrics:
 
     def sandbox_destroyed(self, pool: str, duration_s: float) -> None:
         self._series(self.destroy_duration, pool).observe(duration_s)
+
+    def backend_state(self, pool: str, *, up: bool) -> None:
+        self.backend_up.labels(pool).set(1 if up else 0)
 
     def oom_killed(self, pool: str) -> None:
         self._series(self.oom_kills, pool).inc()

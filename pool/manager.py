@@ -110,6 +110,8 @@ class PoolHandle(Protocol):
 
     async def ready(self) -> bool: ...
 
+    def not_ready_reason(self) -> str: ...
+
     def counts(self) -> dict[str, int]: ...
 
     @property
@@ -150,6 +152,7 @@ class Pool(Generic[SandboxT]):
         self._tasks: set[asyncio.Task[None]] = set()
         self._start_tasks: set[asyncio.Task[None]] = set()
         self._consecutive_failures = 0
+        self._last_start_error: str | None = None  # cleared by the next sandbox that starts
         self._backoff_until = 0.0
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._closing = False
@@ -242,6 +245,17 @@ class Pool(Generic[SandboxT]):
         """Warmed once and the backend answers now."""
         return self.warmed.is_set() and await self.backend.ping()
 
+    def not_ready_reason(self) -> str:
+        """Why ``ready()`` said False, for /readyz: what is missing, and the backend's last
+        start error when sandboxes fail to start."""
+        if not self.warmed.is_set():
+            reason = f"warming: {len(self._idle)} of {self.config.min_idle} idle"
+        else:
+            reason = "its backend does not answer"
+        if self._last_start_error is not None:
+            reason += f"; sandboxes fail to start: {self._last_start_error}"
+        return reason
+
     # --- running -----------------------------------------------------------
 
     async def run(self, request: RunRequest) -> PoolRun:
@@ -288,7 +302,8 @@ class Pool(Generic[SandboxT]):
     async def _wait_for_sandbox(self) -> SandboxT:
         if self._failing():
             raise UnavailableError(
-                f"pool {self.name!r} cannot start sandboxes: its backend is failing",
+                f"pool {self.name!r} cannot start sandboxes: its backend is failing "
+                f"({self._last_start_error})",
                 code="backend_unavailable",
                 retry_after_s=max(1, round(self._backoff_until - time.monotonic())),
             )
@@ -439,7 +454,11 @@ class Pool(Generic[SandboxT]):
 
     def _sandbox_started(self, sandbox: SandboxT) -> None:
         self._starting -= 1
+        if self._consecutive_failures >= FAILING_AFTER:
+            log.info("backend_recovered", pool=self.name)
         self._consecutive_failures = 0
+        self._last_start_error = None
+        self.metrics.backend_state(self.name, up=True)
         if self._closing:
             self._destroy(sandbox)
             return
@@ -452,7 +471,10 @@ class Pool(Generic[SandboxT]):
     def _start_failed(self, error: BaseException) -> None:
         self._starting -= 1
         self._consecutive_failures += 1
+        self._last_start_error = str(error) or type(error).__name__
         self.metrics.sandbox_start_failed(self.name)
+        if self._consecutive_failures >= FAILING_AFTER:
+            self.metrics.backend_state(self.name, up=False)
         backoff_s = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (self._consecutive_failures - 1))
         self._backoff_until = time.monotonic() + backoff_s
         log.warning(
