@@ -44,6 +44,9 @@ DATASCI_PRELOAD = ("numpy", "pandas", "matplotlib.pyplot")
 JAVASCRIPT_MIN_MEMORY_MB = 64  # below it node is killed before the sandbox is ready
 DEFAULT_SOCKET = "/run/sandpool/sandpool.sock"
 _POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
+DEFAULT_TOKEN_MAX_CONCURRENT = 4
+TOKEN_KEYS = frozenset({"name", "sha256", "pools", "max_concurrent"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +187,62 @@ def applies_to(key: str, backend: BackendName) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenConfig:
+    """One bearer token of the TCP listener: only its SHA-256 is stored, never the token."""
+
+    name: str  # what log lines say instead of the token
+    sha256: str  # hex of the SHA-256 of the token's UTF-8 bytes, lower case
+    pools: tuple[str, ...] | None = None  # the pools it may run in; None: every pool
+    max_concurrent: int = DEFAULT_TOKEN_MAX_CONCURRENT  # runs in flight; one more: 429
+
+
+def parse_tokens(value: object, where: str) -> tuple[TokenConfig, ...]:
+    """A TOML array of token tables (``[[server.tokens]]``, or a tokens file's ``[[tokens]]``).
+
+    Pure; raises ConfigError naming the key. Names and hashes must be unique.
+    """
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        raise ConfigError(f"{where} must be an array of tables ([[{where}]])")
+    tokens: list[TokenConfig] = []
+    for index, table in enumerate(value):
+        here = f"{where}[{index}]"
+        _reject_unknown(f"{here}.", table, set(TOKEN_KEYS))
+        name, digest = table.get("name"), table.get("sha256")
+        if not isinstance(name, str) or not _POOL_NAME.match(name):
+            raise ConfigError(f"{here}.name must be 1-63 characters of a-z, 0-9, '_', '.', '-'")
+        here = f"{where}.{name}"
+        if not isinstance(digest, str) or not _SHA256_HEX.match(digest.lower()):
+            raise ConfigError(
+                f"{here}.sha256 must be the 64 hex digits of the token's SHA-256 "
+                "(`sandpool token new` prints it)"
+            )
+        pools = table.get("pools")
+        if pools is not None and (
+            not isinstance(pools, list) or not all(isinstance(p, str) for p in pools)
+        ):
+            raise ConfigError(f"{here}.pools must be a list of pool names")
+        max_concurrent = table.get("max_concurrent", DEFAULT_TOKEN_MAX_CONCURRENT)
+        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
+            raise ConfigError(f"{here}.max_concurrent must be of type int")
+        _positive(f"{here}.max_concurrent", max_concurrent)
+        tokens.append(TokenConfig(name, digest.lower(),
+                                  None if pools is None else tuple(pools), max_concurrent))
+    check_unique_tokens(tokens, where)
+    return tuple(tokens)
+
+
+def check_unique_tokens(tokens: list[TokenConfig] | tuple[TokenConfig, ...], where: str) -> None:
+    """Raise ConfigError when two tokens share a name (logs could not tell them apart) or a
+    hash (the same token twice, with rights that would depend on the order)."""
+    for attribute in ("name", "sha256"):
+        values = [getattr(t, attribute) for t in tokens]
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            shown = ", ".join(twice) if attribute == "name" else "a token's hash"
+            raise ConfigError(f"{where}: {shown} given twice", code="duplicate_token")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
@@ -220,6 +279,17 @@ class ServerConfig:
     # Ceiling of the sum over pools of idle target x memory_mb: what pools with
     # max_idle may add above their min_idle shares what is left of it.
     idle_memory_mb: int = 2048
+    # The API over TCP for other hosts (docs/remote.md): "HOST:PORT" or "off".
+    # Set, it needs TLS (PEM files) and answers only bearer tokens, which are
+    # given hashed, here ([[server.tokens]]) or in tokens_file ([[tokens]]).
+    listen: str = "off"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tokens: tuple[TokenConfig, ...] = ()
+    tokens_file: str | None = None
+    # Its own connection caps, a peer being an IP address.
+    listen_max_connections: int = 128
+    listen_max_connections_per_peer: int = 32
 
     def validate(self) -> None:
         if not self.socket.startswith("/"):
@@ -229,9 +299,10 @@ class ServerConfig:
         for key in ("max_request_bytes", "max_concurrent_requests", "shutdown_timeout_s",
                     "body_timeout_s", "max_connections", "max_connections_per_peer",
                     "metrics_max_connections", "metrics_max_connections_per_peer",
-                    "header_timeout_s", "keepalive_timeout_s", "idle_memory_mb"):
+                    "header_timeout_s", "keepalive_timeout_s", "idle_memory_mb",
+                    "listen_max_connections", "listen_max_connections_per_peer"):
             _positive(f"server.{key}", getattr(self, key))
-        for prefix in ("", "metrics_"):
+        for prefix in ("", "metrics_", "listen_"):
             if getattr(self, f"{prefix}max_connections_per_peer") > getattr(
                 self, f"{prefix}max_connections"
             ):
@@ -245,12 +316,34 @@ class ServerConfig:
             raise ConfigError("server.header_timeout_s must not exceed keepalive_timeout_s")
         if self.metrics_address != "off":
             parse_address(self.metrics_address, "server.metrics_address")
+        self.validate_listen()
         if self.sandbox_uid_base < 65536:
             raise ConfigError("server.sandbox_uid_base must be at least 65536 (above login users)")
         if self.sandbox_uid_count < 1 or self.sandbox_uid_base + self.sandbox_uid_count > 2**31:
             raise ConfigError(
                 "server.sandbox_uid_count must be at least 1 and keep uids below 2^31"
             )
+
+    def validate_listen(self) -> None:
+        """The TCP listener is never served in the clear or without tokens."""
+        if self.listen == "off":
+            return
+        parse_address(self.listen, "server.listen")
+        if self.tls_cert is None or self.tls_key is None:
+            raise ConfigError(
+                "server.listen needs server.tls_cert and server.tls_key: the TCP listener "
+                "serves TLS only", code="tls_required",
+            )
+        if not self.tokens and self.tokens_file is None:
+            raise ConfigError(
+                "server.listen needs [[server.tokens]] or server.tokens_file: the TCP "
+                "listener answers bearer tokens only", code="tokens_required",
+            )
+        for key in ("tls_cert", "tls_key", "tokens_file"):
+            path = getattr(self, key)
+            if path is not None and not path.startswith("/"):
+                raise ConfigError(f"server.{key} must be an absolute path")
+        check_unique_tokens(self.tokens, "server.tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +367,11 @@ class Config:
         # could grow above its floor needs room left in it.
         growing = [p.name for p in self.pools if p.max_idle is not None and p.max_idle > p.min_idle]
         floors_mb = sum(p.min_idle * p.memory_mb for p in self.pools)
+        pool_names = {p.name for p in self.pools}
+        for token in self.server.tokens:
+            unknown = sorted(set(token.pools or ()) - pool_names)
+            if unknown:
+                raise ConfigError(f"server.tokens.{token.name}.pools: no pool {unknown[0]!r}")
         if growing and floors_mb >= self.server.idle_memory_mb:
             raise ConfigError(
                 f"server.idle_memory_mb ({self.server.idle_memory_mb}) leaves no room above the "
@@ -410,6 +508,9 @@ def _fields(
     for key, value in table.items():
         default = hints[key].default
         expected: tuple[type, ...]
+        if key == "tokens":
+            values[key] = parse_tokens(value, f"{where}.{key}")
+            continue
         if key in STRING_LISTS:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}.{key} must be a list of strings")
@@ -458,7 +559,11 @@ def _choice(key: str, value: str, choices: object) -> None:
 def to_toml(config: Config) -> str:
     """The effective configuration, defaults filled in, as a TOML document."""
     lines = ["[server]"]
-    lines += _toml_fields(config.server)
+    lines += _toml_fields(config.server, skip={"tokens"})
+    for token in config.server.tokens:
+        lines += ["", "[[server.tokens]]"]
+        lines += [f"{f.name} = {_toml_value(f.name, getattr(token, f.name))}"
+                  for f in dataclasses.fields(token) if getattr(token, f.name) is not None]
     for pool in config.pools:
         lines += ["", f"[pools.{pool.name}]"]
         # Keys of other backends are left out: the file must load back.

@@ -43,6 +43,19 @@ class ForbiddenError(SandpoolError):
     status = 403
 
 
+class UnauthorizedError(SandpoolError):
+    """No bearer token, or one that matches none (the TCP listener only)."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class PoolForbiddenError(ForbiddenError):
+    """The bearer token may not run code in the pool the request names."""
+
+    code = "pool_forbidden"
+
+
 class UnknownPoolError(SandpoolError):
     code = "unknown_pool"
     status = 404
@@ -57,6 +70,14 @@ class UnavailableError(SandpoolError):
     def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 1) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
+
+
+class TokenBusyError(UnavailableError):
+    """The bearer token has its ``max_concurrent`` runs in flight: 429, not 503, since the
+    daemon could take the run; this client is over its share."""
+
+    code = "token_busy"
+    status = 429
 
 
 class BackendError(SandpoolError):
