@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -103,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", metavar="DIR",
         help="save the files the program left under out/ as DIR/out/..., and image "
         "results as DIR/result-N.png",
+    )
+    run.add_argument(
+        "--json", action="store_true",
+        help="print the whole result as one JSON object instead of the program's output "
+        "(file contents and images as base64); the exit status is the same",
     )
     run.add_argument(
         "-i",
@@ -273,6 +281,12 @@ def command_run(args: argparse.Namespace) -> int:
             code, pool=args.pool, language=args.language, stdin=stdin, timeout_s=args.timeout,
             files=files or None, env=env or None, argv=args.argv or None,
         )
+    if args.json:
+        if args.out_dir is not None:
+            result.save_files(args.out_dir)
+            result.save_images(args.out_dir)
+        print(json.dumps(dataclasses.asdict(result), default=base64_text))
+        return run_exit_status(result)
     sys.stdout.write(result.stdout)
     # A final bare expression's value, as a notebook cell shows it.
     for display in result.results:
@@ -290,11 +304,25 @@ def command_run(args: argparse.Namespace) -> int:
             )
     if result.oom_killed:
         print("sandpool: the program ran out of memory and was killed", file=sys.stderr)
+    elif result.timed_out:
+        print("sandpool: the program timed out and was killed", file=sys.stderr)
+    return run_exit_status(result)
+
+
+def run_exit_status(result: RunResult) -> int:
+    """The program's exit code, or sandpool's own for a kill (OOM, timeout, output cap)."""
+    if result.oom_killed:
         return EXIT_OOM
     if result.timed_out:
-        print("sandpool: the program timed out and was killed", file=sys.stderr)
         return EXIT_TIMEOUT
     return result.exit_code if result.exit_code is not None else EXIT_SANDPOOL_ERROR
+
+
+def base64_text(value: object) -> str:
+    """``json.dumps``'s fallback for the result's bytes (file contents, images)."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 @contextlib.contextmanager

@@ -17,14 +17,19 @@ from collections.abc import Iterable
 from contextlib import AsyncExitStack
 
 import structlog
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from api.connections import ThrottledLog, loop_exception_handler
 from api.notify import Notifier, watchdog_interval_s
-from api.server import ApiServer
+from api.server import ApiServer, bind_sockets
 from metrics import Metrics
 from pool.backends import create_pool
-from pool.config import Config
+from pool.config import Config, default_pools
 from pool.manager import Activity, PoolHandle
 from pool.uids import SandboxUids
 
@@ -36,6 +41,9 @@ STATUS_INTERVAL_S = 10.0
 
 
 def build_metrics() -> Metrics:
+    # A *_created series per counter and histogram child doubles what a scrape
+    # carries and no rule or panel reads it (process-wide setting).
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
@@ -69,9 +77,10 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT; a second signal skips the drain.
 
     Raises SandpoolError when a pool's backend cannot start (image missing) or
-    the socket is taken.
+    the socket or the metrics address is taken (found before any pool warms).
     """
     instance_id = instance_id or uuid.uuid4().hex[:12]
+    warn_if_default_pools_dropped(config)
     raise_fd_limit()
     metrics = build_metrics()
     activity = Activity(idle_memory_mb=config.server.idle_memory_mb)
@@ -93,6 +102,8 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
     loop.set_exception_handler(loop_exception_handler(ThrottledLog()))
     try:
         async with AsyncExitStack() as stack:
+            bound = bind_sockets(config.server)
+            stack.callback(bound.close)
             pools: dict[str, PoolHandle] = {}
             uids = SandboxUids(config.server.sandbox_uid_base, config.server.sandbox_uid_count)
             for pool_config in config.pools:
@@ -106,7 +117,7 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
             await wait_warm(pools.values(), stop)
             if stop.is_set():
                 return
-            await stack.enter_async_context(ApiServer(config, pools, metrics, force_exit))
+            await stack.enter_async_context(ApiServer(config, pools, metrics, force_exit, bound))
             log.info(
                 "listening",
                 socket=config.server.socket,
@@ -131,6 +142,16 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
         loop.set_exception_handler(None)
         notifier.close()
     log.info("stopped")
+
+
+def warn_if_default_pools_dropped(config: Config) -> None:
+    """A config file's pools replace the default ones: say which defaults are not served."""
+    served = {pool.name for pool in config.pools}
+    dropped = [pool.name for pool in default_pools() if pool.name not in served]
+    if dropped:
+        log.warning("default_pools_replaced", not_served=dropped,
+                    hint="the config file's [pools.NAME] tables replace the default pools; "
+                    "add a table for each one to keep")
 
 
 def raise_fd_limit() -> None:

@@ -23,6 +23,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from importlib import metadata
 from typing import Protocol
@@ -141,8 +142,10 @@ class ApiServer:
         pools: Mapping[str, ServedPool],
         metrics: Metrics,
         force_exit: asyncio.Event | None = None,
+        bound: BoundSockets | None = None,
     ) -> None:
         self.config = config
+        self._bound = bound  # taken before the pools warmed (bind_sockets), else at start()
         self.force_exit = force_exit  # set by a second signal: skip the drain
         self.pools = pools  # fixed for the server's lifetime, keyed by pool name
         self._pool_configs = {name: pool.config for name, pool in pools.items()}
@@ -181,6 +184,7 @@ class ApiServer:
         server = self.config.server
         loop = asyncio.get_running_loop()
         warn_if_caps_near_fd_limit(server)
+        bound = self._bound if self._bound is not None else bind_sockets(server)
         runner = web.AppRunner(
             self.make_app(),
             handle_signals=False,
@@ -196,16 +200,13 @@ class ApiServer:
         self._runners.append(runner)
         gate = self.make_gate("api", runner, server.max_connections,
                               server.max_connections_per_peer, allowed=self.peer_allowed)
-        prepare_socket_path(self.socket_path)
         # Our own listener instead of web.UnixSite, so that the gate, not
         # aiohttp, is the protocol factory; runner.cleanup() still closes the
         # connections aiohttp's web.Server tracks.
         self._listeners.append(
-            await loop.create_unix_server(gate, self.socket_path, backlog=LISTEN_BACKLOG)
+            await loop.create_unix_server(gate, sock=bound.unix, backlog=LISTEN_BACKLOG)
         )
-        os.chmod(self.socket_path, server.socket_mode)
-        if server.metrics_address != "off":
-            host, port = parse_address(server.metrics_address, "server.metrics_address")
+        if bound.metrics:
             metrics_app = web.Application(
                 middlewares=[mark_request_started, self.track_requests, json_errors]
             )
@@ -218,15 +219,10 @@ class ApiServer:
             self._runners.append(metrics_runner)
             gate = self.make_gate("metrics", metrics_runner, server.metrics_max_connections,
                                   server.metrics_max_connections_per_peer)
-            try:
+            for metrics_socket in bound.metrics:
                 self._listeners.append(
-                    await loop.create_server(gate, host, port, backlog=LISTEN_BACKLOG)
+                    await loop.create_server(gate, sock=metrics_socket, backlog=LISTEN_BACKLOG)
                 )
-            except OSError as e:
-                raise SandpoolError(
-                    f"cannot listen for metrics on {server.metrics_address}: {e.strerror}",
-                    code="metrics_address_in_use",
-                ) from None
 
     def make_gate(
         self,
@@ -452,6 +448,78 @@ def result_outcome(result: RunResult) -> str:
     if result.timed_out:
         return "timeout"
     return "ok" if result.exit_code == 0 else "failed"  # the program's own failure
+
+
+@dataclass(slots=True)
+class BoundSockets:
+    """The listeners' sockets, bound but not listening: a connection is refused until
+    ``ApiServer.start()`` listens on them once the pools are warm."""
+
+    socket_path: str
+    unix: socket.socket
+    metrics: list[socket.socket]  # one per address the metrics host resolves to; [] when off
+
+    def close(self) -> None:
+        """Close what ``ApiServer`` did not take over, and remove the socket file."""
+        for sock in (self.unix, *self.metrics):
+            sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+
+def bind_sockets(server: ServerConfig) -> BoundSockets:
+    """Bind the metrics address, then the Unix socket (mode ``socket_mode``), without listening.
+
+    Done before the pools warm, so a clash ends start-up at once and leaves no socket
+    file. Raises SandpoolError (``metrics_address_in_use``, ``socket_in_use``,
+    ``socket_unusable``).
+    """
+    metrics: list[socket.socket] = []
+    if server.metrics_address != "off":
+        host, port = parse_address(server.metrics_address, "server.metrics_address")
+        try:
+            metrics = bind_tcp(host, port)
+        except OSError as e:
+            raise SandpoolError(
+                f"cannot listen for metrics on {server.metrics_address}: "
+                f"{e.strerror or e}", code="metrics_address_in_use",
+            ) from None
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        prepare_socket_path(server.socket)
+        try:
+            unix.bind(server.socket)
+        except OSError as e:
+            raise SandpoolError(f"cannot use socket path {server.socket}: {e.strerror}",
+                                code="socket_unusable") from None
+        os.chmod(server.socket, server.socket_mode)
+    except BaseException:
+        for sock in (unix, *metrics):
+            sock.close()
+        raise
+    return BoundSockets(server.socket, unix, metrics)
+
+
+def bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """A bound TCP socket per address ``host`` resolves to, as ``loop.create_server`` binds.
+
+    Raises OSError (the address is taken or not local, the name does not resolve).
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
 
 
 def prepare_socket_path(path: str) -> None:
