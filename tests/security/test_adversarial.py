@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from api.client import Client
-from pool import guest
+from pool import guest, wire
 from pool.config import PoolConfig
 from pool.seccomp import POLICY
 from pool.uids import SandboxUids
@@ -1081,6 +1081,43 @@ def test_symlinks_planted_by_the_code_never_make_the_daemon_read_host_files(
     )
     with secret_daemon.client() as fresh:
         assert_serves_a_clean_sandbox(fresh, pool, result)
+
+
+PLANT_OUTCOME_LINK = """
+import os
+# The wasm host reads the run's outcome from /.sandpool/outcome after the guest
+# ends: a link there, followed on the host, would hand it a file of its own.
+import base64
+target = "../" * 32 + PARAMS["host_file"].lstrip("/")
+os.symlink(target, "/.sandpool/outcome")
+# Where ../ cannot leave the directory (its own mount), the link ends at this copy.
+copy = "/.sandpool/" + PARAMS["host_file"].lstrip("/")
+os.makedirs(os.path.dirname(copy))
+with open(copy, "wb") as f:
+    f.write(base64.b64decode(PARAMS["frames"]))
+print("planted", flush=True)
+"""
+
+
+def test_a_link_at_the_wasm_outcome_file_is_never_followed(
+    secret_daemon: Daemon, api: Client, tmp_path: Path
+) -> None:
+    marker = f"sandpool-outcome-{secrets.token_hex(8)}"
+    # Well-formed outcome frames: followed, they would come back as a text result.
+    host_file = tmp_path / "outcome-on-the-host"
+    frames = wire.header_frame(wire.DISPLAY, {"type": "text/plain"}) + wire.content_frames(
+        marker.encode()
+    )
+    host_file.write_bytes(frames)
+    host_file.chmod(0o600)
+    code = with_params(PLANT_OUTCOME_LINK, host_file=str(host_file),
+                       frames=base64.b64encode(frames).decode())
+    result = run(api, code, "python-wasm")
+    assert result["stdout"] == "planted\n", result
+    assert marker not in json.dumps(result), "the daemon followed the code's link"
+    assert result["results"] == [], result
+    with secret_daemon.client() as fresh:
+        assert_serves_a_clean_sandbox(fresh, "python-wasm", result)
 
 
 # --- the network -----------------------------------------------------------------------

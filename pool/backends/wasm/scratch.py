@@ -237,15 +237,9 @@ class Scratch:
             raise
 
     def read_status(self) -> bytes:
-        """The runner's status file, at most 16 bytes; never follows a link the guest made."""
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open(STATUS_FILE, flags, dir_fd=self._status_dir)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError("not a regular file")
-            return os.read(fd, 16)
-        finally:
-            os.close(fd)
+        """The runner's status file, at most 16 bytes. Raises OSError (FileNotFoundError
+        when there is none)."""
+        return self._read_regular(STATUS_FILE, 16)
 
     def out_size(self) -> int:
         """Bytes of the regular files directly in the guest's out/: a hint for the
@@ -264,13 +258,18 @@ class Scratch:
             return 0
 
     def read_outcome(self, limit: int) -> bytes:
-        """The runner's outcome file, at most ``limit`` bytes, b"" if there is none;
-        never follows a link the guest made. Raises OSError for anything but a file."""
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        """The runner's outcome file, at most ``limit`` bytes, b"" if there is none.
+        Raises OSError for anything but a regular file."""
         try:
-            fd = os.open(OUTCOME_FILE, flags, dir_fd=self._status_dir)
+            return self._read_regular(OUTCOME_FILE, limit)
         except FileNotFoundError:
             return b""
+
+    def _read_regular(self, name: str, limit: int) -> bytes:
+        """At most ``limit`` bytes of ``name`` in the status directory, which the guest
+        writes too: never through a link it made, never from anything but a file."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=self._status_dir)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError("not a regular file")
