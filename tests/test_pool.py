@@ -387,3 +387,22 @@ async def test_hits_and_misses_are_counted_per_request() -> None:
         await pool.run(request())
         assert sample(pool, "sandpool_acquisitions_total", result="hit") == 0
         assert sample(pool, "sandpool_acquisitions_total", result="miss") == 1
+
+
+async def test_a_failing_backend_is_down_with_its_last_error_until_a_start_succeeds() -> None:
+    async with make_pool(min_idle=1) as (pool, backend):
+        await settle(pool, idle=1)
+        registry = pool.metrics.registry
+        assert registry.get_sample_value("sandpool_backend_up", {"pool": "t"}) == 1
+        backend.down = True
+        backend.kill_idle(pool._idle[0])
+        async with asyncio.timeout(5):
+            while registry.get_sample_value("sandpool_backend_up", {"pool": "t"}) != 0:
+                await asyncio.sleep(0.01)
+        assert "fake start failure" in pool.not_ready_reason()
+        with pytest.raises(UnavailableError, match="fake start failure"):
+            await pool.run(request())
+        backend.down = False
+        await settle(pool, idle=1)
+        assert registry.get_sample_value("sandpool_backend_up", {"pool": "t"}) == 1
+        assert "fake start failure" not in pool.not_ready_reason()
