@@ -26,7 +26,8 @@ from prometheus_client import (
 
 from api.connections import ThrottledLog, loop_exception_handler
 from api.notify import Notifier, watchdog_interval_s
-from api.server import ApiServer, bind_sockets
+from api.remote import open_remote
+from api.server import ApiServer, bind_remote, bind_sockets
 from metrics import Metrics
 from pool.backends import create_pool
 from pool.config import Config, default_pools
@@ -102,8 +103,13 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
     loop.set_exception_handler(loop_exception_handler(ThrottledLog()))
     try:
         async with AsyncExitStack() as stack:
+            # The TCP listener's certificate, key and tokens load before any pool starts.
+            remote = open_remote(config)
             bound = bind_sockets(config.server)
             stack.callback(bound.close)
+            if remote is not None:
+                stack.callback(remote.close)
+                bind_remote(remote)
             pools: dict[str, PoolHandle] = {}
             uids = SandboxUids(config.server.sandbox_uid_base, config.server.sandbox_uid_count)
             for pool_config in config.pools:
@@ -117,11 +123,13 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
             await wait_warm(pools.values(), stop)
             if stop.is_set():
                 return
-            await stack.enter_async_context(ApiServer(config, pools, metrics, force_exit, bound))
+            await stack.enter_async_context(ApiServer(config, pools, metrics, force_exit, bound,
+                                                     remote))
             log.info(
                 "listening",
                 socket=config.server.socket,
                 metrics=config.server.metrics_address,
+                listen=config.server.listen,
                 instance=instance_id,
             )
             # What start-up allocated (~50k objects) lives as long as the daemon:

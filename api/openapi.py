@@ -101,12 +101,19 @@ def build_document(version: str) -> dict[str, Any]:
             "description": (
                 "Runs untrusted code in single-use sandboxes from warm pools. HTTP/JSON on "
                 "a Unix socket (curl --unix-socket PATH http://sandpool/...). Every error is "
-                "{\"error\": {\"code\", \"message\"}} with a stable code; every 503 error "
+                "{\"error\": {\"code\", \"message\"}} with a stable code; every 429 and 503 error "
                 "carries Retry-After. A path not listed here answers NotFound, a method a "
                 "path does not take MethodNotAllowed (components/responses)."
             ),
         },
-        "servers": [{"url": "http://sandpool", "description": "the Unix socket"}],
+        "servers": [
+            {"url": "http://sandpool", "description": "the Unix socket"},
+            {"url": "https://{listen}", "description": "the TCP listener (server.listen): TLS, "
+             "and a bearer token on every request",
+             "variables": {"listen": {"default": "localhost:8443"}}},
+        ],
+        # On the TCP listener only; the Unix socket checks the peer's uid instead.
+        "security": [{}, {"bearer": []}],
         "paths": {
             "/v1/run": {"post": {
                 "operationId": "run",
@@ -169,6 +176,7 @@ def build_document(version: str) -> dict[str, Any]:
         },
         "components": {
             "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "responses": {
                 "NotFound": routing["404"],
                 "MethodNotAllowed": routing["405"],
@@ -301,7 +309,13 @@ def _error_responses(*scopes: str) -> dict[str, dict[str, Any]]:
     for status, codes in sorted(by_status.items()):
         whens = "; ".join(f"{e.code}: {e.when}" for e in ERROR_CODES if e.code in codes)
         response = _json_response(whens, error_schema(codes))
-        if status == "503":
+        if status == "401":
+            response["headers"] = {"WWW-Authenticate": {
+                "required": True,
+                "description": "the scheme the TCP listener takes: Bearer",
+                "schema": {"type": "string"},
+            }}
+        if status in ("429", "503"):
             response["headers"] = {"Retry-After": {
                 "required": True,
                 "description": "seconds after which a retry may succeed",

@@ -102,6 +102,11 @@ ERROR_CODES = (
     ErrorCode("invalid_argv", 400, "run",
               f"'argv' not a list of strings, over {MAX_ARGV_ITEMS} items or {MAX_ARGV_BYTES} "
               "bytes, an item holding NUL or a lone surrogate"),
+    ErrorCode("unauthorized", 401, "any",
+              "on the TCP listener: no 'Authorization: Bearer' token, or one no configured "
+              "token's sha256 matches (with WWW-Authenticate)"),
+    ErrorCode("pool_forbidden", 403, "run",
+              "on the TCP listener: the bearer token's 'pools' do not include the pool"),
     ErrorCode("forbidden", 403, "any",
               "the peer's uid and gid are not in allowed_uids/allowed_gids (at connection)"),
     ErrorCode("unknown_pool", 404, "run",
@@ -111,6 +116,8 @@ ERROR_CODES = (
     ErrorCode("request_too_large", 413, "run", "the body is over the server's max_request_bytes"),
     ErrorCode("unsupported_media_type", 415, "run",
               "a Content-Type other than application/json"),
+    ErrorCode("token_busy", 429, "run",
+              "on the TCP listener: the bearer token's max_concurrent runs are in flight"),
     ErrorCode("pool_exhausted", 503, "run", "the pool's queue (max_queue) is full"),
     ErrorCode("acquire_timeout", 503, "run",
               "no sandbox became free within the pool's acquire_timeout_s"),

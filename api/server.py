@@ -30,6 +30,7 @@ from typing import Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.connections import (
@@ -41,7 +42,8 @@ from api.connections import (
     mark_request_started,
 )
 from api.openapi import build_document
-from api.schema import decode_json_object, parse_run, pool_summary, result_body
+from api.remote import TOKEN, WWW_AUTHENTICATE, RemoteListener, bearer_auth
+from api.schema import ERROR_CODES, decode_json_object, parse_run, pool_summary, result_body
 from metrics import Metrics
 from pool.backends.base import RunRequest, RunResult
 from pool.backends.runtime import Runtime
@@ -49,6 +51,7 @@ from pool.config import Config, PoolConfig, ServerConfig, parse_address
 from pool.errors import (
     BadRequestError,
     SandpoolError,
+    UnauthorizedError,
     UnavailableError,
     UnsupportedMediaTypeError,
 )
@@ -96,6 +99,10 @@ async def json_errors(
         return await handler(request)
     except UnavailableError as e:
         return error_response(e.status, e.code, e.message, retry_after_s=e.retry_after_s)
+    except UnauthorizedError as e:
+        response = error_response(e.status, e.code, e.message)
+        response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+        return response
     except SandpoolError as e:
         return error_response(
             e.status, e.code, e.message, retry_after_s=1 if e.status == 503 else None
@@ -130,7 +137,8 @@ class ServedPool(Protocol):
 
 
 class ApiServer:
-    """Serves the run API on the configured Unix socket, and /metrics over TCP.
+    """Serves the run API on the configured Unix socket, and /metrics over TCP; with
+    ``server.listen``, the run API over TLS too, behind bearer tokens (api/remote.py).
 
     Each listener admits connections through its own ``ConnectionGate``: the
     peer check (socket) and connection caps apply before anything is served.
@@ -143,13 +151,18 @@ class ApiServer:
         metrics: Metrics,
         force_exit: asyncio.Event | None = None,
         bound: BoundSockets | None = None,
+        remote: RemoteListener | None = None,
     ) -> None:
         self.config = config
+        self.remote = remote  # the TCP listener's TLS and tokens (api/remote.py), if any
         self._bound = bound  # taken before the pools warmed (bind_sockets), else at start()
         self.force_exit = force_exit  # set by a second signal: skip the drain
         self.pools = pools  # fixed for the server's lifetime, keyed by pool name
         self._pool_configs = {name: pool.config for name, pool in pools.items()}
         self.metrics = metrics
+        metrics.client_errors_expected(
+            e.code for e in ERROR_CODES if e.status is None or 400 <= e.status < 500
+        )
         self.socket_path = config.server.socket
         self._runs: set[asyncio.Task[object]] = set()  # handlers of /v1/run in flight
         self._draining = False
@@ -162,10 +175,13 @@ class ApiServer:
 
     # --- lifecycle ---------------------------------------------------------
 
-    def make_app(self) -> web.Application:
-        """The run API's aiohttp application: its routes and error middleware, no listener."""
+    def make_app(self, *inner: Middleware) -> web.Application:
+        """The run API's aiohttp application: its routes and error middleware, no listener.
+
+        ``inner`` middlewares run inside the error middleware (the TCP listener's token check).
+        """
         app = web.Application(
-            middlewares=[mark_request_started, self.track_requests, json_errors],
+            middlewares=[mark_request_started, self.track_requests, json_errors, *inner],
             client_max_size=self.config.server.max_request_bytes,
         )
         app.router.add_post("/v1/run", self.handle_run)
@@ -223,6 +239,34 @@ class ApiServer:
                 self._listeners.append(
                     await loop.create_server(gate, sock=metrics_socket, backlog=LISTEN_BACKLOG)
                 )
+        if self.remote is not None:
+            await self.start_remote(self.remote)
+
+    async def start_remote(self, remote: RemoteListener) -> None:
+        """Serve the API over TLS on ``server.listen``, every request behind a bearer token.
+
+        Its own connection caps, per peer IP address as on the metrics port; a
+        TLS handshake must complete within ``header_timeout_s`` as a request head must.
+        """
+        server = self.config.server
+        loop = asyncio.get_running_loop()
+        if not remote.sockets:
+            bind_remote(remote)
+        runner = web.AppRunner(
+            self.make_app(bearer_auth(remote.tokens, self._throttled_log)),
+            handle_signals=False, access_log=None, handler_cancellation=True,
+            shutdown_timeout=server.shutdown_timeout_s,
+            keepalive_timeout=server.keepalive_timeout_s, logger=self._http_logger,
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        gate = self.make_gate("remote", runner, server.listen_max_connections,
+                              server.listen_max_connections_per_peer)
+        for sock in remote.sockets:
+            self._listeners.append(await loop.create_server(
+                gate, sock=sock, backlog=LISTEN_BACKLOG, ssl=remote.tls,
+                ssl_handshake_timeout=server.header_timeout_s,
+            ))
 
     def make_gate(
         self,
@@ -331,6 +375,10 @@ class ApiServer:
             ) from None
         parsed = parse_run(body, self._pool_configs)
         pool = self.pools[parsed.pool]
+        token = request.get(TOKEN)  # set on the TCP listener only
+        if token is not None:
+            assert self.remote is not None
+            self.remote.tokens.admit(token, pool.name)  # 403 pool_forbidden, 429 token_busy
         task = asyncio.current_task()
         assert task is not None
         self._runs.add(task)
@@ -354,6 +402,9 @@ class ApiServer:
             ) from None
         finally:
             self._runs.discard(task)
+            if token is not None:
+                assert self.remote is not None
+                self.remote.tokens.release(token)
             duration_s = time.monotonic() - received
             self.metrics.request_finished(pool.name, outcome, duration_s)
             if outcome in ("error", "rejected", "disconnected"):
@@ -375,8 +426,10 @@ class ApiServer:
         )
 
     async def handle_pools(self, request: web.Request) -> web.Response:
+        token = request.get(TOKEN)  # a token lists only the pools it may use
         summaries = [
             pool_summary(p.config, p.counts(), p.runtime()) for p in self.pools.values()
+            if token is None or token.pools is None or p.name in token.pools
         ]
         return web.json_response({"pools": summaries})
 
@@ -430,6 +483,8 @@ def warn_if_caps_near_fd_limit(server: ServerConfig) -> None:
     caps = server.max_connections
     if server.metrics_address != "off":
         caps += server.metrics_max_connections
+    if server.listen != "off":
+        caps += server.listen_max_connections
     if soft != resource.RLIM_INFINITY and caps > soft // 2:
         log.warning("connection_caps_near_fd_limit", connections=caps, rlimit_nofile=soft,
                     hint="raise LimitNOFILE or lower server.max_connections")
@@ -498,6 +553,20 @@ def bind_sockets(server: ServerConfig) -> BoundSockets:
             sock.close()
         raise
     return BoundSockets(server.socket, unix, metrics)
+
+
+def bind_remote(remote: RemoteListener) -> None:
+    """Bind the TCP listener's address (``server.listen``) into ``remote.sockets``.
+
+    Raises SandpoolError ``listen_address_in_use``.
+    """
+    try:
+        remote.sockets = bind_tcp(remote.host, remote.port)
+    except OSError as e:
+        raise SandpoolError(
+            f"cannot listen on server.listen {remote.host}:{remote.port}: {e.strerror or e}",
+            code="listen_address_in_use",
+        ) from None
 
 
 def bind_tcp(host: str, port: int) -> list[socket.socket]:
