@@ -201,6 +201,11 @@ class Metrics:
         if outcome == "timeout":
             self._series(self.timeouts, pool).inc()
 
+    def client_errors_expected(self, codes: Iterable[str]) -> None:
+        """Create the 4xx series of ``codes`` at zero, so rate() sees the first one."""
+        for code in codes:
+            self.client_errors.labels(code)
+
     def client_error(self, code: str) -> None:
         self._series(self.client_errors, code).inc()
 
