@@ -100,13 +100,15 @@ class Client:
 
     ``socket``: the daemon's Unix socket (default ``$SANDPOOL_SOCKET``, else
     ``/run/sandpool/sandpool.sock``). ``base_url`` and ``token`` are for a TCP
-    listener (``https://host:port``, the token sent as ``Authorization: Bearer``);
-    the daemon serves its API on the Unix socket only today.
+    listener (``https://host:port``, the token sent as ``Authorization: Bearer``;
+    ``server.listen`` on the daemon); ``verify`` takes an ``ssl.SSLContext`` that
+    trusts a private CA's certificate.
 
     ``retries``: how many times a run refused with 503 (pool exhausted, daemon
-    busy) is sent again, each after the daemon's ``Retry-After`` (a wait over
-    ``max_retry_wait_s`` is not waited out). Off by default: a caller that can
-    do something else should hear about a full pool at once.
+    busy) or 429 (the token's runs at their cap) is sent again, each after the
+    daemon's ``Retry-After`` (a wait over ``max_retry_wait_s`` is not waited
+    out). Off by default: a caller that can do something else should hear
+    about a full pool at once.
 
     A run's read timeout is the larger of ``request_timeout_s`` and its
     ``timeout_s`` plus ``queue_slack_s``, so a long run is never reported as a

@@ -6,7 +6,8 @@
     └── ApiError                   the daemon answered with an error status
         ├── BadRequest             400, 404, 405, 413, 415: the request is wrong as sent
         ├── Forbidden              401, 403: this caller may not run code here
-        └── Unavailable            503: pool exhausted, daemon busy or stopping; .retry_after
+        └── Unavailable            503: pool exhausted, daemon busy or stopping; 429: a
+                                   token's runs at its cap; .retry_after
 
 ``code`` is the daemon's (``pool_exhausted``, ``invalid_timeout``...) for an
 ``ApiError``, and one of the client's own (``daemon_unreachable``,
@@ -68,12 +69,15 @@ class BadRequest(ApiError):
 
 
 class Forbidden(ApiError):
-    """The daemon refuses this caller (``forbidden``: the socket's peer uid or gid)."""
+    """The daemon refuses this caller: ``forbidden`` (the socket's peer uid or gid),
+    ``unauthorized`` (401: no or an unknown bearer token) or ``pool_forbidden`` (403: the
+    token may not use that pool)."""
 
 
 class Unavailable(ApiError):
     """The daemon cannot take the run now: ``pool_exhausted``, ``acquire_timeout``,
-    ``backend_unavailable``, ``server_busy``, ``shutting_down``, ``too_many_connections``...
+    ``backend_unavailable``, ``server_busy``, ``shutting_down``, ``too_many_connections``,
+    ``token_busy`` (429)...
 
     Nothing ran. ``retry_after`` is the daemon's ``Retry-After`` in seconds
     (None if it sent none); ``Client(retries=N)`` waits it out by itself.

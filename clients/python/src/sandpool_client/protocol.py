@@ -48,6 +48,8 @@ DEFAULT_MAX_RETRY_WAIT_S = 30.0
 FALLBACK_RETRY_WAIT_S = 1.0
 
 BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 415, 422})
+# 429: this token's runs in flight are at its cap (the TCP listener); 503: the daemon's.
+UNAVAILABLE_STATUSES = frozenset({429, 503})
 FORBIDDEN_STATUSES = frozenset({401, 403})
 
 
@@ -136,7 +138,7 @@ def decode_answer(response: httpx.Response) -> Any:
         error = {}
     code = str(error.get("code") or f"http_{status}")
     message = str(error.get("message") or f"sandpool answered {status}")
-    if status == 503:
+    if status in UNAVAILABLE_STATUSES:
         raise Unavailable(message, code=code, status=status,
                           retry_after=parse_retry_after(response.headers.get("Retry-After")))
     if status in BAD_REQUEST_STATUSES:
