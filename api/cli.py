@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", nargs="?", metavar="FILE", help="TOML file (default: no file)")
 
+    token = commands.add_parser("token", help="make bearer tokens for the TCP listener")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    new_token = token_commands.add_parser(
+        "new", help="print a fresh random token once, and the [[server.tokens]] table that "
+        "holds its SHA-256 (the daemon never stores the token)",
+    )
+    new_token.add_argument("name", help="the token's name, which log lines show")
+
     image = commands.add_parser("image", help="manage the sandbox images")
     image_commands = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_commands.add_parser(
@@ -219,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return command_mcp(args)
         if args.command == "config":
             return command_config_check(args)
+        if args.command == "token":
+            return command_token_new(args)
         if args.image_command == "export":
             return command_image_export(args)
         return command_image_build(args)
@@ -412,6 +422,30 @@ def command_config_check(args: argparse.Namespace) -> int:
     from pool.config import load_config, to_toml
 
     sys.stdout.write(to_toml(load_config(args.file)))
+    return 0
+
+
+def command_token_new(args: argparse.Namespace) -> int:
+    """The token on stderr, alone on its line; on stdout only what the config may hold,
+    so ``sandpool token new NAME 2>NAME.token >>sandpool.toml`` keeps them apart."""
+    from api.remote import new_token, token_sha256
+    from pool.config import parse_tokens
+    from pool.errors import ConfigError
+
+    token = new_token()
+    digest = token_sha256(token)
+    try:
+        parse_tokens([{"name": args.name, "sha256": digest}], "token")
+    except ConfigError:
+        raise SandpoolError(
+            f"token name {args.name!r}: 1-63 characters of a-z, 0-9, '_', '.', '-'"
+        ) from None
+    print(token, file=sys.stderr)
+    print(f"# token {args.name!r}: only its SHA-256 is here; the token itself went to stderr, "
+          "shown this once\n"
+          f'[[server.tokens]]\nname = "{args.name}"\nsha256 = "{digest}"\n'
+          '# pools = ["python"]  # the pools it may use; absent: every pool\n'
+          "# max_concurrent = 4  # its runs in flight", flush=True)
     return 0
 
 
