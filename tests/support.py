@@ -19,14 +19,16 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from api.client import ApiError, Client
+from metrics import Metrics
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # The wasm pool compiles its module once (6-20 s) and Docker starts queue on a
@@ -127,7 +129,54 @@ METRIC_NAMES = [
     "sandpool_acquisitions_total",
     "sandpool_idle_target",
     "sandpool_build_info",
+    "sandpool_client_errors_total",
+    "sandpool_backend_up",
 ]
+
+
+# The series Prometheus stores for each family type (the exposition format's suffixes).
+SERIES_SUFFIXES = {
+    "histogram": ("_bucket", "_sum", "_count"),
+    "counter": ("_total",),
+    "gauge": ("",),
+}
+
+
+def exported_series() -> tuple[set[str], dict[str, str]]:
+    """Sample names of a fresh registry with one pool, and each family's type.
+
+    A labelled metric has no samples until its first child exists, so the family's
+    type also says which series it will have: ``_bucket``/``_sum``/``_count`` for a
+    histogram, ``_total`` for a counter, the bare name for a gauge.
+    """
+    metrics = Metrics(CollectorRegistry())
+    metrics.pool_created("p")
+    metrics.watch_pools(lambda: [("p", {"idle": 1}, 0)])
+    metrics.set_build_info("0.0.0-test", {"docker": "27.0"})
+    samples: set[str] = set()
+    families: dict[str, str] = {}
+    for family in metrics.registry.collect():
+        families[family.name] = family.type
+        samples.update(sample.name for sample in family.samples)
+    return samples, families
+
+
+def unexported_series(names: Iterable[str]) -> list[str]:
+    """The ``sandpool_*`` series among ``names`` (a dashboard's or alert rules' queries)
+    that sandpool never exports, sorted."""
+    samples, families = exported_series()
+    unknown = []
+    for name in sorted(set(names)):
+        if name in samples:
+            continue
+        if any(
+            name == family + suffix
+            for family, kind in families.items()
+            for suffix in SERIES_SUFFIXES.get(kind, ())
+        ):
+            continue
+        unknown.append(name)
+    return unknown
 
 
 class DaemonFailed(AssertionError):

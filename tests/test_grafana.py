@@ -15,20 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from metrics import Metrics
-from tests.support import METRIC_NAMES
+from tests.support import METRIC_NAMES, unexported_series
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "metrics" / "grafana-dashboard.json"
 DATASOURCE_UID = "${DS_PROMETHEUS}"
 METRIC_NAME = re.compile(r"\bsandpool_[A-Za-z0-9_]+")
-# The series Prometheus stores for each family type (the exposition format's suffixes).
-SERIES_SUFFIXES = {
-    "histogram": ("_bucket", "_sum", "_count"),
-    "counter": ("_total",),
-    "gauge": ("",),
-}
 # The metrics sandpool promises (tests/support.py keeps the one list),
 # as metric families: a counter's family has no _total.
 PROMISED_METRICS = tuple(name.removesuffix("_total") for name in METRIC_NAMES)
@@ -65,40 +57,9 @@ def queries(dashboard: dict[str, Any]) -> list[str]:
     return [q for q in found if q]
 
 
-def exported_series() -> tuple[set[str], dict[str, str]]:
-    """Sample names of a fresh registry with one pool, and each family's type.
-
-    A labelled metric has no samples until its first child exists, so the family's
-    type also says which series it will have: ``_bucket``/``_sum``/``_count`` for a
-    histogram, ``_total`` for a counter, the bare name for a gauge.
-    """
-    metrics = Metrics(CollectorRegistry())
-    metrics.pool_created("p")
-    metrics.watch_pools(lambda: [("p", {"idle": 1}, 0)])
-    metrics.set_build_info("0.0.0-test", {"docker": "27.0"})
-    samples: set[str] = set()
-    families: dict[str, str] = {}
-    for family in metrics.registry.collect():
-        families[family.name] = family.type
-        samples.update(sample.name for sample in family.samples)
-    return samples, families
-
-
 def unknown_series(dashboard: dict[str, Any]) -> list[str]:
     """The ``sandpool_*`` names the dashboard queries that sandpool never exports."""
-    samples, families = exported_series()
-    unknown = []
-    for name in sorted({m for q in queries(dashboard) for m in METRIC_NAME.findall(q)}):
-        if name in samples:
-            continue
-        if any(
-            name == family + suffix
-            for family, kind in families.items()
-            for suffix in SERIES_SUFFIXES.get(kind, ())
-        ):
-            continue
-        unknown.append(name)
-    return unknown
+    return unexported_series(m for q in queries(dashboard) for m in METRIC_NAME.findall(q))
 
 
 def test_every_queried_metric_is_exported() -> None:
