@@ -402,6 +402,9 @@ def command_status(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for pool in pools:
+        if pool.problem is not None:
+            print(f"{pool.name}: {pool.problem}")
     return 0
 
 

@@ -75,6 +75,8 @@ FIELD_DETAILS: dict[str, dict[str, Schema]] = {
         "starting": {"minimum": 0},
         "min_idle": {"minimum": 0},
         "max_size": {"minimum": 1},
+        "problem": {"description": "why the pool cannot serve at once (its backend's last "
+                    "start error, or warming); null when nothing keeps it"},
     },
 }
 

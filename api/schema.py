@@ -199,6 +199,7 @@ class PoolSummary(TypedDict):
     starting: int
     min_idle: int
     max_size: int
+    problem: str | None
 
 
 def decode_json_object(raw: bytes) -> dict[str, object]:
@@ -463,10 +464,14 @@ def outcome_body(outcome: Outcome | None) -> OutcomeBody:
 
 
 def pool_summary(
-    config: PoolConfig, counts: Mapping[str, int], runtime: Runtime | None = None
+    config: PoolConfig,
+    counts: Mapping[str, int],
+    runtime: Runtime | None = None,
+    problem: str | None = None,
 ) -> PoolSummary:
     """One entry of ``GET /v1/pools``: the pool's settings, what runs in it (the
-    language's version and key packages, as Piston's /runtimes), its sandboxes by state."""
+    language's version and key packages, as Piston's /runtimes), its sandboxes by state,
+    and what keeps it from serving at once (``Pool.problem``), if anything."""
     runtime = runtime or Runtime()
     return {
         "name": config.name,
@@ -478,6 +483,7 @@ def pool_summary(
         "starting": counts["starting"],
         "min_idle": config.min_idle,
         "max_size": config.max_size,
+        "problem": problem,
     }
 
 

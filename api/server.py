@@ -131,6 +131,8 @@ class ServedPool(Protocol):
 
     def not_ready_reason(self) -> str: ...
 
+    def problem(self) -> str | None: ...
+
     def counts(self) -> dict[str, int]: ...
 
     def runtime(self) -> Runtime: ...
@@ -428,7 +430,8 @@ class ApiServer:
     async def handle_pools(self, request: web.Request) -> web.Response:
         token = request.get(TOKEN)  # a token lists only the pools it may use
         summaries = [
-            pool_summary(p.config, p.counts(), p.runtime()) for p in self.pools.values()
+            pool_summary(p.config, p.counts(), p.runtime(), p.problem())
+            for p in self.pools.values()
             if token is None or token.pools is None or p.name in token.pools
         ]
         return web.json_response({"pools": summaries})

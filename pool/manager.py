@@ -112,6 +112,8 @@ class PoolHandle(Protocol):
 
     def not_ready_reason(self) -> str: ...
 
+    def problem(self) -> str | None: ...
+
     def counts(self) -> dict[str, int]: ...
 
     @property
@@ -248,13 +250,22 @@ class Pool(Generic[SandboxT]):
     def not_ready_reason(self) -> str:
         """Why ``ready()`` said False, for /readyz: what is missing, and the backend's last
         start error when sandboxes fail to start."""
+        return self.problem() or "its backend does not answer"
+
+    def problem(self) -> str | None:
+        """What keeps the pool from serving at once, None when nothing does; no I/O.
+
+        The backend's last start error once starts keep failing (``sandpool_backend_up``
+        is 0), or the warm-up still under way.
+        """
+        if self._consecutive_failures >= FAILING_AFTER:
+            return f"its backend is failing: {self._last_start_error}"
         if not self.warmed.is_set():
             reason = f"warming: {len(self._idle)} of {self.config.min_idle} idle"
-        else:
-            reason = "its backend does not answer"
-        if self._last_start_error is not None:
-            reason += f"; sandboxes fail to start: {self._last_start_error}"
-        return reason
+            if self._last_start_error is not None:
+                reason += f"; sandboxes fail to start: {self._last_start_error}"
+            return reason
+        return None
 
     # --- running -----------------------------------------------------------
 

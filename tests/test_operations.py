@@ -168,10 +168,18 @@ def test_no_created_series_and_the_backend_is_up(operated: Operated) -> None:
     assert re.search(rf'^sandpool_backend_up{{pool="{POOL}"}} 1\.0$', text, re.M)
 
 
-def test_readyz_reports_no_reasons_when_ready(operated: Operated) -> None:
+def test_readyz_and_status_report_no_problem_when_ready(operated: Operated) -> None:
     response, body = exchange(operated.daemon, "GET", "/readyz")
     assert (response.status, body) == (200, {"ready": True, "pools": {POOL: True},
                                              "reasons": {}})
+    _, pools = exchange(operated.daemon, "GET", "/v1/pools")
+    assert [p["problem"] for p in pools["pools"]] == [None]
+    status = subprocess.run(
+        [sys.executable, "-m", "api.cli", "status", "--socket", operated.daemon.socket],
+        capture_output=True, text=True, timeout=60, cwd=REPOSITORY,
+    )
+    assert status.returncode == 0, status.stderr
+    assert len(status.stdout.splitlines()) == 2  # the header and the pool: nothing wrong
 
 
 def test_a_config_that_replaces_the_default_pools_says_which(operated: Operated) -> None:

@@ -399,10 +399,11 @@ async def test_a_failing_backend_is_down_with_its_last_error_until_a_start_succe
         async with asyncio.timeout(5):
             while registry.get_sample_value("sandpool_backend_up", {"pool": "t"}) != 0:
                 await asyncio.sleep(0.01)
-        assert "fake start failure" in pool.not_ready_reason()
+        assert pool.problem() == "its backend is failing: fake start failure"
+        assert pool.not_ready_reason() == pool.problem()
         with pytest.raises(UnavailableError, match="fake start failure"):
             await pool.run(request())
         backend.down = False
         await settle(pool, idle=1)
         assert registry.get_sample_value("sandpool_backend_up", {"pool": "t"}) == 1
-        assert "fake start failure" not in pool.not_ready_reason()
+        assert pool.problem() is None

@@ -259,6 +259,7 @@ def test_pool_summary() -> None:
         "starting": 0,
         "min_idle": 1,
         "max_size": 3,
+        "problem": None,
     }
 
 

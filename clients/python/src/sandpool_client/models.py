@@ -190,6 +190,9 @@ class PoolInfo:
     max_size: int
     runtime_version: str = "unknown"
     packages: Mapping[str, str] = field(default_factory=dict)
+    # Why the pool cannot serve at once (its backend's last start error, or
+    # warming); None when nothing keeps it, and from a daemon that does not say.
+    problem: str | None = None
 
     @classmethod
     def list_from_json(cls, document: object) -> list[PoolInfo]:
@@ -213,6 +216,7 @@ class PoolInfo:
             max_size=_field(document, "max_size", int),
             runtime_version=_field(runtime, "version", str, "unknown"),
             packages={str(k): str(v) for k, v in packages.items()},
+            problem=_optional(document, "problem", str),
         )
 
 
