@@ -35,7 +35,7 @@ from cryptography.x509.oid import NameOID
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
-from sandpool_client import Client, Forbidden, RunResult, Unavailable
+from sandpool_client import AsyncClient, Client, Forbidden, RunResult, Unavailable
 from sandpool_client.errors import DaemonUnreachable
 
 from api.remote import TokenTable, new_token, read_tokens_file, token_sha256
@@ -284,6 +284,13 @@ def test_a_run_over_tls(remote: Remote) -> None:
         assert [p.name for p in client.pools()] == ["python"]  # only the pools it may use
 
 
+async def test_an_async_run_over_tls(remote: Remote) -> None:
+    async with AsyncClient(base_url=remote.url, token=remote.tokens["full"],
+                           verify=remote.trust()) as client:
+        result = await client.run("print('async')", pool="other")
+    assert result.stdout == "async\n"
+
+
 def test_no_token_or_a_wrong_one_is_401(remote: Remote, document: dict[str, Any]) -> None:
     with remote.raw() as http:
         for headers in ({}, {"Authorization": f"Bearer {new_token()}"},
@@ -317,9 +324,12 @@ def test_a_token_over_its_cap_is_429(remote: Remote, document: dict[str, Any]) -
     outcome: list[object] = []
 
     def long_run() -> None:
-        with remote.client(remote.tokens["full"]) as client:
+        # A probe below may take the token's one slot first: then this run is
+        # refused with 429 and sent again after Retry-After, by the client.
+        with Client(base_url=remote.url, token=remote.tokens["full"], verify=remote.trust(),
+                    retries=10) as client:
             started.set()
-            outcome.append(client.run("import time; time.sleep(3); print('slept')"))
+            outcome.append(client.run("import time; time.sleep(5); print('slept')"))
 
     runner = threading.Thread(target=long_run)
     runner.start()
@@ -332,7 +342,7 @@ def test_a_token_over_its_cap_is_429(remote: Remote, document: dict[str, Any]) -
                                    headers={"Authorization": f"Bearer {remote.tokens['full']}"})
                 if answer.status_code == 429 or time.monotonic() > deadline:
                     break
-                time.sleep(0.1)
+                time.sleep(0.2)
             check_error(document, answer, 429, "token_busy")
             assert int(answer.headers["Retry-After"]) >= 1
         with remote.client(remote.tokens["limited"]) as client:
