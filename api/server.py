@@ -23,7 +23,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib import metadata
 from typing import Protocol
@@ -44,6 +44,7 @@ from api.connections import (
 from api.openapi import build_document
 from api.remote import TOKEN, WWW_AUTHENTICATE, RemoteListener, bearer_auth
 from api.schema import ERROR_CODES, decode_json_object, parse_run, pool_summary, result_body
+from api.streaming import RunStream, wants_ndjson
 from metrics import Metrics
 from pool.backends.base import RunRequest, RunResult
 from pool.backends.runtime import Runtime
@@ -358,7 +359,7 @@ class ApiServer:
                                    code=code, method=request.method, path=request.path)
         return response
 
-    async def handle_run(self, request: web.Request) -> web.Response:
+    async def handle_run(self, request: web.Request) -> web.StreamResponse:
         received = time.monotonic()
         if self._draining:
             raise UnavailableError("sandpool is shutting down", code="shutting_down")
@@ -381,16 +382,36 @@ class ApiServer:
         if token is not None:
             assert self.remote is not None
             self.remote.tokens.admit(token, pool.name)  # 403 pool_forbidden, 429 token_busy
+        # Accept: application/x-ndjson streams the output (api/streaming.py).
+        stream = RunStream(request) if wants_ndjson(request) else None
         task = asyncio.current_task()
         assert task is not None
         self._runs.add(task)
         outcome = "error"
+        failure: SandpoolError | None = None  # the last line of a stream that began
         try:
-            run = await pool.run(parsed.request)
+            if stream is None:
+                run = await pool.run(parsed.request)
+            else:
+                listened = replace(parsed.request, output_listener=stream.listener)
+                run = await stream.follow(pool.run(listened))
             outcome = result_outcome(run.result)
-        except UnavailableError:
+        except UnavailableError as e:
             outcome = "rejected"
-            raise
+            if stream is None or not stream.began:
+                raise
+            failure = e
+        except SandpoolError as e:
+            if stream is None or not stream.began:
+                raise
+            failure = e
+        except ConnectionError:
+            if stream is None:
+                raise
+            # A write to the client failed: it went away; the run was cancelled
+            # and the pool destroyed the sandbox.
+            outcome = "disconnected"
+            return stream.response
         except asyncio.CancelledError:
             if not self._draining:
                 # The client went away; the pool destroyed the sandbox.
@@ -398,10 +419,12 @@ class ApiServer:
                 raise
             # We cancelled it ourselves to finish shutting down: tell the client.
             task.uncancel()
-            raise UnavailableError(
+            failure = UnavailableError(
                 "sandpool shut down before the run finished; it was stopped",
                 code="shutting_down",
-            ) from None
+            )
+            if stream is None or not stream.began:
+                raise failure from None
         finally:
             self._runs.discard(task)
             if token is not None:
@@ -412,6 +435,11 @@ class ApiServer:
             if outcome in ("error", "rejected", "disconnected"):
                 log_after_response(pool=pool.name, outcome=outcome,
                                    duration_ms=round(duration_s * 1000, 3))
+        if failure is not None:
+            assert stream is not None
+            return await finish_stream(
+                stream, {"type": "error", "code": failure.code, "message": failure.message}
+            )
         result = run.result
         log_after_response(
             pool=pool.name,
@@ -423,9 +451,10 @@ class ApiServer:
             stderr_bytes=len(result.stderr),
             exit_code=result.exit_code,
         )
-        return web.json_response(
-            result_body(result, pool.name, run.sandbox_id, run.acquire_wait_s)
-        )
+        answer = result_body(result, pool.name, run.sandbox_id, run.acquire_wait_s)
+        if stream is not None:
+            return await finish_stream(stream, {"type": "result", **answer})
+        return web.json_response(answer)
 
     async def handle_pools(self, request: web.Request) -> web.Response:
         token = request.get(TOKEN)  # a token lists only the pools it may use
@@ -457,6 +486,13 @@ class ApiServer:
             document = build_document(metadata.version("sandpool"))
             self._openapi = json.dumps(document).encode()
         return web.Response(body=self._openapi, content_type="application/json")
+
+
+async def finish_stream(stream: RunStream, event: dict[str, object]) -> web.StreamResponse:
+    """Write a stream's last line; a client gone by then is not an error (the run ended)."""
+    with contextlib.suppress(ConnectionError):
+        await stream.finish(event)
+    return stream.response
 
 
 def log_after_response(event: str = "request", **fields: object) -> None:

@@ -27,7 +27,7 @@ import base64
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 FRAME = struct.Struct(">cI")  # type byte, payload length
 REQUEST = struct.Struct(">I")  # length of the JSON request that follows
@@ -126,12 +126,21 @@ class FrameDecoder:
 
 
 class OutputCapture:
-    """stdout and stderr of one run, each capped at ``limit`` bytes by the daemon's count."""
+    """stdout and stderr of one run, each capped at ``limit`` bytes by the daemon's count.
 
-    __slots__ = ("limit", "stderr", "stderr_truncated", "stdout", "stdout_truncated")
+    ``listener``, when set, is called with ``(kind, data)`` for every non-empty
+    piece the capture keeps, in order and as it arrives: the pieces of a stream
+    joined are exactly that stream's captured bytes, never past the cap. It runs
+    inside ``add`` (on the daemon's event loop) and must not raise.
+    """
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("limit", "listener", "stderr", "stderr_truncated", "stdout", "stdout_truncated")
+
+    def __init__(
+        self, limit: int, listener: "Callable[[bytes, bytes], None] | None" = None
+    ) -> None:
         self.limit = limit
+        self.listener = listener
         self.stdout = bytearray()
         self.stderr = bytearray()
         self.stdout_truncated = False
@@ -143,8 +152,12 @@ class OutputCapture:
         room = self.limit - len(buffer)
         if len(data) <= room:
             buffer += data
+            if self.listener is not None and data:
+                self.listener(kind, bytes(data))
             return True
         buffer += data[:room]
+        if self.listener is not None and room > 0:
+            self.listener(kind, bytes(data[:room]))
         if kind == STDOUT:
             self.stdout_truncated = True
         else:

@@ -28,6 +28,11 @@ class RunRequest:
     files: tuple[tuple[str, bytes], ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     argv: tuple[str, ...] = ()
+    # Called with (kind, bytes) as the capture keeps output (OutputCapture's
+    # listener): how a streamed response sees a run's output as it comes.
+    output_listener: Callable[[bytes, bytes], None] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def to_guest(self, limits: OutcomeLimits) -> GuestRequest:
         """What the guest is sent; ``limits`` are the pool's (outcome_limits)."""

@@ -52,7 +52,7 @@ class FakeBackend:
         if not sandbox.alive or sandbox.id not in self.live:
             raise SandboxLostError(f"sandbox {sandbox.id} is gone")
         began = time.monotonic()
-        capture = OutputCapture(self.config.max_output_bytes)
+        capture = OutputCapture(self.config.max_output_bytes, request.output_listener)
         command, _, argument = request.code.partition(" ")
         exit_code: int | None = 0
         timed_out = False

@@ -253,7 +253,8 @@ class DockerBackend(BackendBase[DockerSandbox]):
         began = time.monotonic()
         limits = self.config.outcome_limits()
         await sandbox.channel.send_request(request, limits)
-        capture, outcome = OutputCapture(self.config.max_output_bytes), Outcome(limits)
+        capture = OutputCapture(self.config.max_output_bytes, request.output_listener)
+        outcome = Outcome(limits)
         try:
             end, exit_code = await sandbox.channel.collect(capture, outcome, request.timeout_s)
         except DOCKER_ERRORS as e:

@@ -74,7 +74,8 @@ async def run_direct(
     loop = asyncio.get_running_loop()
     began = time.monotonic()
     limits = config.outcome_limits()
-    run = Run(OutputCapture(config.max_output_bytes), loop.create_future(), Outcome(limits))
+    capture = OutputCapture(config.max_output_bytes, request.output_listener)
+    run = Run(capture, loop.create_future(), Outcome(limits))
     protocol.run = run
     sandbox.pipes.watch(loop, run)
     stdin.write(request.to_guest(limits).encode())

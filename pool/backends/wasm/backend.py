@@ -333,7 +333,7 @@ class WasmBackend(BackendBase[WasmSandbox]):
             sandbox.channel.send(guest_request.encode() + stdin)
         except OSError as e:
             raise SandboxLostError(f"sandbox {sandbox.id} did not take its request: {e}") from None
-        capture = OutputCapture(self.config.max_output_bytes)
+        capture = OutputCapture(self.config.max_output_bytes, request.output_listener)
         stopped: Stop | None = None  # set once, by whichever stop came first
 
         def stop_at_cap() -> None:
