@@ -92,6 +92,9 @@ def build_document(version: str) -> dict[str, Any]:
     }
     schemas["RunRequest"] = run_request_schema()
     schemas["Error"] = error_schema(sorted(e.code for e in ERROR_CODES))
+    schemas["RunStreamLine"] = run_stream_line_schema(
+        schemas["RunResult"], sorted(e.code for e in ERROR_CODES)
+    )
     any_errors = _error_responses("any")
     run_errors = _error_responses("run", "any")
     routing = _error_responses("routing")
@@ -124,8 +127,22 @@ def build_document(version: str) -> dict[str, Any]:
                     "application/json": {"schema": {"$ref": "#/components/schemas/RunRequest"}},
                 }},
                 "responses": {
-                    "200": _json_response("the run's result, whatever the program did",
-                                          {"$ref": "#/components/schemas/RunResult"}),
+                    "200": {
+                        "description": (
+                            "the run's result, whatever the program did. With Accept: "
+                            "application/x-ndjson, one RunStreamLine per line: stdout and "
+                            "stderr as the program writes them (joined, each equals the "
+                            "result's, within max_output_bytes), then one result line, or "
+                            "an error line if the run failed once the stream had begun; an "
+                            "error before that is the usual JSON error with its status"
+                        ),
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/RunResult"}},
+                            "application/x-ndjson": {
+                                "schema": {"$ref": "#/components/schemas/RunStreamLine"}},
+                        },
+                    },
                     **run_errors,
                 },
             }},
@@ -240,6 +257,20 @@ def run_request_schema() -> Schema:
                              f"the schema takes {sorted(RUN_FIELDS)}")
     return {"type": "object", "required": ["code"], "additionalProperties": False,
             "properties": properties}
+
+
+def run_stream_line_schema(run_result: Schema, codes: list[str]) -> Schema:
+    """One line of a streamed run (api/streaming.py): output, the result, or an error."""
+    result_line = {**run_result, "required": ["type", *run_result["required"]],
+                   "properties": {"type": {"const": "result"}, **run_result["properties"]}}
+    return {"oneOf": [
+        _object({"type": {"enum": ["stdout", "stderr"]},
+                 "data": {"type": "string", "description": "output as captured, UTF-8 "
+                          "decoded with U+FFFD (a character split across reads is whole)"}}),
+        result_line,
+        _object({"type": {"const": "error"}, "code": {"enum": codes},
+                 "message": {"type": "string"}}),
+    ]}
 
 
 def error_schema(codes: list[str]) -> Schema:
