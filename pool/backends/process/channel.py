@@ -141,7 +141,9 @@ class Run:
     def _end(self, state: RunState) -> None:
         if self.state.waiting:
             self.state = state
-            self.done.set_result(None)
+            # Cancelled already when the request awaiting it was (its client left).
+            if not self.done.done():
+                self.done.set_result(None)
 
 
 class OutputPipes:
