@@ -6,6 +6,7 @@
         result = sandpool.run("print(6 * 7)", timeout_s=5)
         result.stdout, result.exit_code             # ('42\\n', 0)
 
+``stream`` (or ``run(on_output=...)``) yields output as the program writes it.
 ``AsyncClient`` has the same methods for asyncio. Errors are one family
 (``SandpoolClientError``); see ``sandpool_client.errors``.
 """
@@ -20,7 +21,14 @@ from sandpool_client.errors import (
     SandpoolClientError,
     Unavailable,
 )
-from sandpool_client.models import OutFile, PoolInfo, RichResult, RunError, RunResult
+from sandpool_client.models import (
+    OutFile,
+    OutputChunk,
+    PoolInfo,
+    RichResult,
+    RunError,
+    RunResult,
+)
 from sandpool_client.protocol import DEFAULT_SOCKET
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "DaemonUnreachable",
     "Forbidden",
     "OutFile",
+    "OutputChunk",
     "PoolInfo",
     "RequestTimeout",
     "RichResult",

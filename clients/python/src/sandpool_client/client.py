@@ -9,10 +9,12 @@ Everything but the I/O is in ``protocol.py``, so the two cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import os
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from types import TracebackType
@@ -22,7 +24,7 @@ import httpx
 
 from sandpool_client import protocol
 from sandpool_client.errors import Unavailable
-from sandpool_client.models import PoolInfo, RunResult
+from sandpool_client.models import OutputChunk, PoolInfo, RunResult
 from sandpool_client.unix import unix_transport
 
 # The host part of every URL on the Unix socket: the daemon ignores it.
@@ -153,6 +155,7 @@ class Client:
         files: Mapping[str, bytes | str] | None = None,
         env: Mapping[str, str] | None = None,
         argv: Sequence[str] | None = None,
+        on_output: Callable[[OutputChunk], object] | None = None,
     ) -> RunResult:
         """Run ``code`` in a fresh sandbox and wait for its result.
 
@@ -165,11 +168,78 @@ class Client:
         an exception. Raises BadRequest (a bad field, unknown pool), Unavailable
         (503, after the retries), Forbidden, ApiError, RequestTimeout,
         DaemonUnreachable. Costs one request, plus one per retry.
+
+        ``on_output``, if given, is called with each OutputChunk as the program
+        writes it (the run is streamed: ``stream``); an exception it raises ends
+        the run, whose sandbox the daemon then destroys.
         """
+        if on_output is not None:
+            # Closed at once if on_output raises, not when the traceback lets go of it.
+            with contextlib.closing(self.stream(
+                code, pool=pool, language=language, stdin=stdin, timeout_s=timeout_s,
+                files=files, env=env, argv=argv,
+            )) as events:
+                for event in events:
+                    if isinstance(event, RunResult):
+                        return event
+                    on_output(event)
+            raise protocol.stream_ended_early(self._settings.where)  # stream never ends so
         body = protocol.run_body(code, pool=pool, language=language, stdin=stdin,
                                  timeout_s=timeout_s, files=files, env=env, argv=argv)
         document = self._request("POST", "/v1/run", body, self._settings.timeout(timeout_s))
         return RunResult.from_json(document)
+
+    def stream(
+        self,
+        code: str,
+        *,
+        pool: str | None = None,
+        language: str | None = None,
+        stdin: str | None = None,
+        timeout_s: float | None = None,
+        files: Mapping[str, bytes | str] | None = None,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] | None = None,
+    ) -> Generator[OutputChunk | RunResult, None, None]:
+        """Run ``code`` like ``run``, yielding its output as it is written, then its result.
+
+        Yields OutputChunk values as the daemon captures them, and last the
+        RunResult (the one ``run`` returns). Leaving the loop early closes the
+        connection: the daemon kills and destroys the sandbox. Raises like
+        ``run`` before the first event (503s retried as ``run`` does); after it,
+        ApiError for a run that failed (status 200: the error was the stream's
+        last line) and DaemonUnreachable (``connection_lost``) if the stream
+        breaks. Costs one request, held open for the run.
+        """
+        content = protocol.encode_json(protocol.run_body(
+            code, pool=pool, language=language, stdin=stdin, timeout_s=timeout_s,
+            files=files, env=env, argv=argv))
+        attempt = 0
+        while True:
+            try:
+                with self._http.stream(
+                    "POST", "/v1/run", content=content, headers=protocol.STREAM_HEADERS,
+                    timeout=self._settings.timeout(timeout_s),
+                ) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        protocol.decode_answer(response)  # raises the error it means
+                        raise protocol.stream_ended_early(self._settings.where)
+                    for line in response.iter_lines():
+                        if line:
+                            event = protocol.stream_event(line)
+                            yield event
+                            if isinstance(event, RunResult):
+                                return
+                raise protocol.stream_ended_early(self._settings.where)
+            except httpx.TransportError as e:
+                raise protocol.transport_error(e, self._settings.where) from e
+            except Unavailable as e:  # only ever before the first event
+                wait_s = self._settings.retry_wait_s(e, attempt)
+                if wait_s is None:
+                    raise
+            attempt += 1
+            time.sleep(wait_s)
 
     def pools(self) -> list[PoolInfo]:
         """The daemon's pools with their sandboxes by state (``GET /v1/pools``).
@@ -257,14 +327,75 @@ class AsyncClient:
         files: Mapping[str, bytes | str] | None = None,
         env: Mapping[str, str] | None = None,
         argv: Sequence[str] | None = None,
+        on_output: Callable[[OutputChunk], object] | None = None,
     ) -> RunResult:
-        """``Client.run``, awaited."""
+        """``Client.run``, awaited. ``on_output`` may be a coroutine function: each
+        call is awaited before the next chunk is read."""
+        if on_output is not None:
+            events = self.stream(code, pool=pool, language=language, stdin=stdin,
+                                 timeout_s=timeout_s, files=files, env=env, argv=argv)
+            try:
+                async for event in events:
+                    if isinstance(event, RunResult):
+                        return event
+                    called = on_output(event)
+                    if inspect.isawaitable(called):
+                        await called
+            finally:
+                await events.aclose()  # at once, not when the generator is collected
+            raise protocol.stream_ended_early(self._settings.where)  # stream never ends so
         body = protocol.run_body(code, pool=pool, language=language, stdin=stdin,
                                  timeout_s=timeout_s, files=files, env=env, argv=argv)
         document = await self._request(
             "POST", "/v1/run", body, self._settings.timeout(timeout_s)
         )
         return RunResult.from_json(document)
+
+    async def stream(
+        self,
+        code: str,
+        *,
+        pool: str | None = None,
+        language: str | None = None,
+        stdin: str | None = None,
+        timeout_s: float | None = None,
+        files: Mapping[str, bytes | str] | None = None,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] | None = None,
+    ) -> AsyncGenerator[OutputChunk | RunResult, None]:
+        """``Client.stream`` as an async iterator. To stop early and have the sandbox
+        destroyed at once, close it: ``async with contextlib.aclosing(...)`` or
+        ``await events.aclose()`` (an abandoned async generator closes only when
+        collected)."""
+        content = protocol.encode_json(protocol.run_body(
+            code, pool=pool, language=language, stdin=stdin, timeout_s=timeout_s,
+            files=files, env=env, argv=argv))
+        attempt = 0
+        while True:
+            try:
+                async with self._http.stream(
+                    "POST", "/v1/run", content=content, headers=protocol.STREAM_HEADERS,
+                    timeout=self._settings.timeout(timeout_s),
+                ) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        protocol.decode_answer(response)  # raises the error it means
+                        raise protocol.stream_ended_early(self._settings.where)
+                    async for line in response.aiter_lines():
+                        if line:
+                            event = protocol.stream_event(line)
+                            yield event
+                            if isinstance(event, RunResult):
+                                return
+                raise protocol.stream_ended_early(self._settings.where)
+            except httpx.TransportError as e:
+                raise protocol.transport_error(e, self._settings.where) from e
+            except Unavailable as e:  # only ever before the first event
+                wait_s = self._settings.retry_wait_s(e, attempt)
+                if wait_s is None:
+                    raise
+            attempt += 1
+            await asyncio.sleep(wait_s)
 
     async def pools(self) -> list[PoolInfo]:
         """``Client.pools``, awaited."""

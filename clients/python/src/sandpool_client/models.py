@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sandpool_client.errors import SandpoolClientError
 
@@ -59,6 +59,19 @@ class RunError:
     name: str
     value: str
     traceback: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """Output a streamed run (``Client.stream``) wrote, as the daemon captured it.
+
+    ``stream`` is ``stdout`` or ``stderr``. A stream's chunks joined equal the
+    result's ``stdout`` or ``stderr``: the same cap, the same UTF-8 decoding with
+    U+FFFD (a character is never split between two chunks).
+    """
+
+    stream: Literal["stdout", "stderr"]
+    data: str
 
 
 @dataclass(frozen=True, slots=True)

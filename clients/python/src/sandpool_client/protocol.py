@@ -26,6 +26,7 @@ from sandpool_client.errors import (
     SandpoolClientError,
     Unavailable,
 )
+from sandpool_client.models import OutputChunk, RunResult
 
 # The daemon's default socket. The daemon keeps its own copy of this path: the
 # two are separate distributions, and the client must not depend on the server.
@@ -51,6 +52,8 @@ BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 415, 422})
 # 429: this token's runs in flight are at its cap (the TCP listener); 503: the daemon's.
 UNAVAILABLE_STATUSES = frozenset({429, 503})
 FORBIDDEN_STATUSES = frozenset({401, 403})
+# Asks POST /v1/run for its output line by line as it is written (NDJSON).
+STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 
 
 def socket_path(socket: str | os.PathLike[str] | None) -> str:
@@ -210,3 +213,38 @@ def _os_error(error: BaseException) -> OSError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def stream_event(line: str) -> OutputChunk | RunResult:
+    """One line of a streamed run: output, or the final result.
+
+    Raises ApiError (with the stream's status, 200) for an error line, the run
+    having failed after its output began; SandpoolClientError
+    (``invalid_response``) for a line that is none of these.
+    """
+    try:
+        document = json.loads(line)
+    except ValueError:
+        document = None
+    kind = document.get("type") if isinstance(document, dict) else None
+    if kind in ("stdout", "stderr") and isinstance(document, dict):
+        data = document.get("data")
+        if isinstance(data, str):
+            return OutputChunk(stream=kind, data=data)
+    elif kind == "result":
+        return RunResult.from_json(document)
+    elif kind == "error" and isinstance(document, dict):
+        raise ApiError(str(document.get("message") or "the run failed"),
+                       code=str(document.get("code") or "stream_error"), status=200)
+    raise SandpoolClientError(
+        f"sandpool streamed a line that is not a run event: {line[:200]!r}",
+        code="invalid_response", status=200,
+    )
+
+
+def stream_ended_early(where: str) -> DaemonUnreachable:
+    """What a stream that closed before its result line means: the connection broke."""
+    return DaemonUnreachable(
+        f"the stream from sandpool at {where} ended before the run's result",
+        code="connection_lost",
+    )
