@@ -23,7 +23,7 @@ from api.client import Client
 from pool.backends.fork.template import id_map
 from pool.uids import SandboxUids
 from pool.wire import CGROUP_MOUNT, SandboxExit, SpawnOrder, WireError
-from tests.support import Daemon, start_daemon, wait_until
+from tests.support import Daemon, start_daemon, stop_daemon, wait_until
 
 POOL = "python-fork"
 NAMESPACES = ("mnt", "pid", "ipc", "uts", "net", "cgroup")
@@ -241,6 +241,27 @@ def test_a_killed_daemon_takes_its_template_and_sandboxes_along(tmp_path: Path) 
     crashed.process.kill()
     crashed.process.wait()
     wait_until(lambda: not (set(mine) | sandboxes) & _live_pids(), "the tree to go", timeout_s=10)
+
+
+def test_a_stopped_daemon_has_waited_for_its_template_and_sandboxes(tmp_path: Path) -> None:
+    config = """
+        [server]
+        metrics_address = "off"
+
+        [pools.python-fork]
+        backend = "fork"
+        min_idle = 3
+    """
+    daemon = start_daemon(tmp_path, textwrap.dedent(config))
+    mine = [pid for pid in templates() if _daemon_of(pid) == daemon.pid]
+    assert len(mine) == 1
+    tree = {mine[0], *_descendants(mine[0])}
+    assert len(tree) >= 7  # the template and three parked sandboxes of two processes
+    stop_daemon(daemon)
+    assert daemon.process.returncode == 0
+    # No waiting here: the daemon's exit comes after the template's, which comes
+    # after every sandbox nested in its PID namespace was reaped.
+    assert not tree & _live_pids()
 
 
 def _daemon_of(pid: int) -> int | None:

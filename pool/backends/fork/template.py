@@ -112,6 +112,7 @@ class Template:
         self._process: asyncio.subprocess.Process | None = None
         self._stderr_r: int | None = None
         self._watchers: dict[str, ExitCallback] = {}
+        self._pidfd: int | None = None  # the template's own (bwrap's child)
         self.alive = False
 
     def __repr__(self) -> str:
@@ -204,6 +205,10 @@ class Template:
             try:
                 async with asyncio.timeout(INFO_TIMEOUT_S):
                     pid = await _read_child_pid(loop, info_r)
+                # Held to the end: close() kills the template itself and waits
+                # for its exit, which is after every sandbox nested in its PID
+                # namespace was killed and reaped (bwrap's own exit is not).
+                self._pidfd = os.pidfd_open(pid)
                 await asyncio.to_thread(self._write_id_maps, pid)
             finally:
                 os.close(info_r)
@@ -286,10 +291,19 @@ class Template:
             callback(-signal.SIGKILL)
 
     def _kill(self) -> None:
+        """SIGKILL the template: its sandboxes, nested in its PID namespace, die with
+        it, and bwrap, its parent, reaps it and exits. Before the template is known
+        (a start cut short), bwrap itself: --die-with-parent takes the rest."""
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        else:
+            self._kill_bwrap()
+
+    def _kill_bwrap(self) -> None:
+        """Killing bwrap first would leave the template's zombie to the host's init."""
         if self._process is not None and self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                # bwrap: with --die-with-parent and --as-pid-1 the template, then
-                # every sandbox nested in its PID namespace, follow it.
                 self._process.kill()
 
     def read_stderr(self) -> str:
@@ -302,13 +316,25 @@ class Template:
         return data.decode("utf-8", "replace").strip()
 
     async def close(self) -> None:
-        """Kill the template (and so every sandbox it forked) and wait until bwrap is reaped."""
+        """Kill the template (and so every sandbox it forked); wait until it has exited,
+        its sandboxes with it, and bwrap is reaped."""
         self._lost(None)
         self._kill()
-        if self._process is not None:
+        if self._pidfd is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(INFO_TIMEOUT_S):
+                    await _exited(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._process is not None:
+            try:
+                async with asyncio.timeout(INFO_TIMEOUT_S):
                     await self._process.wait()
+            except TimeoutError:
+                self._kill_bwrap()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(INFO_TIMEOUT_S):
+                        await self._process.wait()
         if self._control is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._control.fileno())
@@ -342,6 +368,17 @@ async def _read_child_pid(loop: asyncio.AbstractEventLoop, fd: int) -> int:
         with contextlib.suppress(ValueError):
             info, _ = decoder.raw_decode(buffer.decode())
             return int(info["child-pid"])
+
+
+async def _exited(pidfd: int) -> None:
+    """Until the process of ``pidfd`` has exited (the pidfd turns readable)."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, _wake, readable)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def _wake(future: asyncio.Future[None]) -> None:
