@@ -7,6 +7,12 @@
         result.stdout, result.exit_code             # ('42\\n', 0)
 
 ``stream`` (or ``run(on_output=...)``) yields output as the program writes it.
+``session`` leases one sandbox whose runs keep their state, like notebook cells:
+
+    with sandpool.session(pool="python") as session:
+        session.run("x = 41")
+        session.run("print(x + 1)").stdout          # '42\n'
+
 ``AsyncClient`` has the same methods for asyncio. Errors are one family
 (``SandpoolClientError``); see ``sandpool_client.errors``.
 """
@@ -19,6 +25,12 @@ from sandpool_client.errors import (
     Forbidden,
     RequestTimeout,
     SandpoolClientError,
+    SessionBusy,
+    SessionEnded,
+    SessionLimit,
+    SessionNotFound,
+    SessionsUnsupported,
+    TooManySessions,
     Unavailable,
 )
 from sandpool_client.models import (
@@ -28,13 +40,16 @@ from sandpool_client.models import (
     RichResult,
     RunError,
     RunResult,
+    SessionInfo,
 )
 from sandpool_client.protocol import DEFAULT_SOCKET
+from sandpool_client.session import AsyncSession, Session
 
 __all__ = [
     "DEFAULT_SOCKET",
     "ApiError",
     "AsyncClient",
+    "AsyncSession",
     "BadRequest",
     "Client",
     "DaemonUnreachable",
@@ -47,5 +62,13 @@ __all__ = [
     "RunError",
     "RunResult",
     "SandpoolClientError",
+    "Session",
+    "SessionBusy",
+    "SessionEnded",
+    "SessionInfo",
+    "SessionLimit",
+    "SessionNotFound",
+    "SessionsUnsupported",
+    "TooManySessions",
     "Unavailable",
 ]

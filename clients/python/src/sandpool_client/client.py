@@ -24,7 +24,8 @@ import httpx
 
 from sandpool_client import protocol
 from sandpool_client.errors import Unavailable
-from sandpool_client.models import OutputChunk, PoolInfo, RunResult
+from sandpool_client.models import OutputChunk, PoolInfo, RunResult, SessionInfo
+from sandpool_client.session import AsyncSession, AsyncSessionStarter, Session
 from sandpool_client.unix import unix_transport
 
 # The host part of every URL on the Unix socket: the daemon ignores it.
@@ -90,9 +91,12 @@ class _Settings:
         )
         return httpx.Timeout(read_s, connect=self.connect_timeout_s)
 
-    def retry_wait_s(self, error: Unavailable, attempt: int) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``; None: raise ``error``."""
-        if attempt >= self.retries:
+    def retry_wait_s(self, error: Unavailable, attempt: int, retry: bool) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``; None: raise ``error``.
+
+        ``retry`` False: never (a session's run, which must not be sent twice).
+        """
+        if not retry or attempt >= self.retries:
             return None
         return protocol.retry_wait_s(error, self.max_retry_wait_s)
 
@@ -173,21 +177,9 @@ class Client:
         writes it (the run is streamed: ``stream``); an exception it raises ends
         the run, whose sandbox the daemon then destroys.
         """
-        if on_output is not None:
-            # Closed at once if on_output raises, not when the traceback lets go of it.
-            with contextlib.closing(self.stream(
-                code, pool=pool, language=language, stdin=stdin, timeout_s=timeout_s,
-                files=files, env=env, argv=argv,
-            )) as events:
-                for event in events:
-                    if isinstance(event, RunResult):
-                        return event
-                    on_output(event)
-            raise protocol.stream_ended_early(self._settings.where)  # stream never ends so
         body = protocol.run_body(code, pool=pool, language=language, stdin=stdin,
                                  timeout_s=timeout_s, files=files, env=env, argv=argv)
-        document = self._request("POST", "/v1/run", body, self._settings.timeout(timeout_s))
-        return RunResult.from_json(document)
+        return self._run(protocol.RUN_PATH, body, timeout_s, on_output, retry=True)
 
     def stream(
         self,
@@ -211,14 +203,75 @@ class Client:
         last line) and DaemonUnreachable (``connection_lost``) if the stream
         breaks. Costs one request, held open for the run.
         """
-        content = protocol.encode_json(protocol.run_body(
-            code, pool=pool, language=language, stdin=stdin, timeout_s=timeout_s,
-            files=files, env=env, argv=argv))
+        body = protocol.run_body(code, pool=pool, language=language, stdin=stdin,
+                                 timeout_s=timeout_s, files=files, env=env, argv=argv)
+        return self._stream(protocol.RUN_PATH, body, timeout_s, retry=True)
+
+    def session(
+        self,
+        pool: str | None = None,
+        *,
+        ttl_s: float | None = None,
+        idle_timeout_s: float | None = None,
+    ) -> Session:
+        """Lease one sandbox of ``pool`` to this caller: its runs share one interpreter.
+
+        ``ttl_s``: the longest the session may live; ``idle_timeout_s``: how long
+        it may wait for a run. Left None, each is the daemon's default (600 s and
+        300 s); the daemon caps both. Use it as a context manager (``with
+        sandpool.session(pool="python") as session:``), which closes it at the
+        end, or call ``close()``.
+
+        Raises SessionsUnsupported (a tier that keeps no state), TooManySessions
+        (429), SessionLimit (503), and like ``run``; 503s and 429s are retried
+        as ``run`` does, since nothing was created. Costs one request, and one
+        sandbox of the pool until the session ends.
+        """
+        body = protocol.session_body(pool=pool, ttl_s=ttl_s, idle_timeout_s=idle_timeout_s)
+        document = self._request("POST", protocol.SESSIONS_PATH, body, self._settings.timeout())
+        return Session(self, SessionInfo.from_json(document))
+
+    def resume_session(self, session_id: str) -> Session:
+        """A ``Session`` for a live session of this caller known by its id (``GET``).
+
+        For a process that kept the id of a session another one created. Raises
+        SessionNotFound (no such session of this caller), SessionEnded, and like
+        ``run``. Costs one request.
+        """
+        document = self._request("GET", protocol.session_path(session_id), None,
+                                 self._settings.timeout())
+        return Session(self, SessionInfo.from_json(document))
+
+    def sessions(self) -> list[SessionInfo]:
+        """This caller's live sessions (``GET /v1/sessions``). Raises like ``run``."""
+        document = self._request("GET", protocol.SESSIONS_PATH, None, self._settings.timeout())
+        return SessionInfo.list_from_json(document)
+
+    def _run(
+        self, path: str, body: Mapping[str, Any], timeout_s: float | None,
+        on_output: Callable[[OutputChunk], object] | None, *, retry: bool,
+    ) -> RunResult:
+        if on_output is not None:
+            # Closed at once if on_output raises, not when the traceback lets go of it.
+            with contextlib.closing(self._stream(path, body, timeout_s, retry=retry)) as events:
+                for event in events:
+                    if isinstance(event, RunResult):
+                        return event
+                    on_output(event)
+            raise protocol.stream_ended_early(self._settings.where)  # stream never ends so
+        document = self._request("POST", path, body, self._settings.timeout(timeout_s),
+                                 retry=retry)
+        return RunResult.from_json(document)
+
+    def _stream(
+        self, path: str, body: Mapping[str, Any], timeout_s: float | None, *, retry: bool,
+    ) -> Generator[OutputChunk | RunResult, None, None]:
+        content = protocol.encode_json(body)
         attempt = 0
         while True:
             try:
                 with self._http.stream(
-                    "POST", "/v1/run", content=content, headers=protocol.STREAM_HEADERS,
+                    "POST", path, content=content, headers=protocol.STREAM_HEADERS,
                     timeout=self._settings.timeout(timeout_s),
                 ) as response:
                     if response.status_code != 200:
@@ -235,7 +288,7 @@ class Client:
             except httpx.TransportError as e:
                 raise protocol.transport_error(e, self._settings.where) from e
             except Unavailable as e:  # only ever before the first event
-                wait_s = self._settings.retry_wait_s(e, attempt)
+                wait_s = self._settings.retry_wait_s(e, attempt, retry)
                 if wait_s is None:
                     raise
             attempt += 1
@@ -251,7 +304,7 @@ class Client:
 
     def _request(
         self, method: str, path: str, body: Mapping[str, Any] | None,
-        deadlines: httpx.Timeout,
+        deadlines: httpx.Timeout, *, retry: bool = True,
     ) -> Any:
         content = None if body is None else protocol.encode_json(body)
         headers = None if body is None else JSON_HEADERS
@@ -266,7 +319,7 @@ class Client:
             try:
                 return protocol.decode_answer(response)
             except Unavailable as e:
-                wait_s = self._settings.retry_wait_s(e, attempt)
+                wait_s = self._settings.retry_wait_s(e, attempt, retry)
                 if wait_s is None:
                     raise
             attempt += 1
@@ -331,27 +384,11 @@ class AsyncClient:
     ) -> RunResult:
         """``Client.run``, awaited. ``on_output`` may be a coroutine function: each
         call is awaited before the next chunk is read."""
-        if on_output is not None:
-            events = self.stream(code, pool=pool, language=language, stdin=stdin,
-                                 timeout_s=timeout_s, files=files, env=env, argv=argv)
-            try:
-                async for event in events:
-                    if isinstance(event, RunResult):
-                        return event
-                    called = on_output(event)
-                    if inspect.isawaitable(called):
-                        await called
-            finally:
-                await events.aclose()  # at once, not when the generator is collected
-            raise protocol.stream_ended_early(self._settings.where)  # stream never ends so
         body = protocol.run_body(code, pool=pool, language=language, stdin=stdin,
                                  timeout_s=timeout_s, files=files, env=env, argv=argv)
-        document = await self._request(
-            "POST", "/v1/run", body, self._settings.timeout(timeout_s)
-        )
-        return RunResult.from_json(document)
+        return await self._run(protocol.RUN_PATH, body, timeout_s, on_output, retry=True)
 
-    async def stream(
+    def stream(
         self,
         code: str,
         *,
@@ -367,14 +404,73 @@ class AsyncClient:
         destroyed at once, close it: ``async with contextlib.aclosing(...)`` or
         ``await events.aclose()`` (an abandoned async generator closes only when
         collected)."""
-        content = protocol.encode_json(protocol.run_body(
-            code, pool=pool, language=language, stdin=stdin, timeout_s=timeout_s,
-            files=files, env=env, argv=argv))
+        body = protocol.run_body(code, pool=pool, language=language, stdin=stdin,
+                                 timeout_s=timeout_s, files=files, env=env, argv=argv)
+        return self._stream(protocol.RUN_PATH, body, timeout_s, retry=True)
+
+    def session(
+        self,
+        pool: str | None = None,
+        *,
+        ttl_s: float | None = None,
+        idle_timeout_s: float | None = None,
+    ) -> AsyncSessionStarter:
+        """``Client.session`` for asyncio: ``async with sandpool.session(pool=...) as
+        session:`` creates it on entry and closes it on exit; ``session = await
+        sandpool.session(...)`` creates it, to be closed with ``await session.close()``.
+
+        Raises like ``Client.session`` when entered or awaited.
+        """
+        body = protocol.session_body(pool=pool, ttl_s=ttl_s, idle_timeout_s=idle_timeout_s)
+        return AsyncSessionStarter(self, body)
+
+    async def resume_session(self, session_id: str) -> AsyncSession:
+        """``Client.resume_session``, awaited."""
+        document = await self._request("GET", protocol.session_path(session_id), None,
+                                       self._settings.timeout())
+        return AsyncSession(self, SessionInfo.from_json(document))
+
+    async def sessions(self) -> list[SessionInfo]:
+        """``Client.sessions``, awaited."""
+        document = await self._request("GET", protocol.SESSIONS_PATH, None,
+                                       self._settings.timeout())
+        return SessionInfo.list_from_json(document)
+
+    async def _create_session(self, body: Mapping[str, Any]) -> AsyncSession:
+        document = await self._request("POST", protocol.SESSIONS_PATH, body,
+                                       self._settings.timeout())
+        return AsyncSession(self, SessionInfo.from_json(document))
+
+    async def _run(
+        self, path: str, body: Mapping[str, Any], timeout_s: float | None,
+        on_output: Callable[[OutputChunk], object] | None, *, retry: bool,
+    ) -> RunResult:
+        if on_output is not None:
+            events = self._stream(path, body, timeout_s, retry=retry)
+            try:
+                async for event in events:
+                    if isinstance(event, RunResult):
+                        return event
+                    called = on_output(event)
+                    if inspect.isawaitable(called):
+                        await called
+            finally:
+                await events.aclose()  # at once, not when the generator is collected
+            raise protocol.stream_ended_early(self._settings.where)  # stream never ends so
+        document = await self._request(
+            "POST", path, body, self._settings.timeout(timeout_s), retry=retry
+        )
+        return RunResult.from_json(document)
+
+    async def _stream(
+        self, path: str, body: Mapping[str, Any], timeout_s: float | None, *, retry: bool,
+    ) -> AsyncGenerator[OutputChunk | RunResult, None]:
+        content = protocol.encode_json(body)
         attempt = 0
         while True:
             try:
                 async with self._http.stream(
-                    "POST", "/v1/run", content=content, headers=protocol.STREAM_HEADERS,
+                    "POST", path, content=content, headers=protocol.STREAM_HEADERS,
                     timeout=self._settings.timeout(timeout_s),
                 ) as response:
                     if response.status_code != 200:
@@ -391,7 +487,7 @@ class AsyncClient:
             except httpx.TransportError as e:
                 raise protocol.transport_error(e, self._settings.where) from e
             except Unavailable as e:  # only ever before the first event
-                wait_s = self._settings.retry_wait_s(e, attempt)
+                wait_s = self._settings.retry_wait_s(e, attempt, retry)
                 if wait_s is None:
                     raise
             attempt += 1
@@ -404,7 +500,7 @@ class AsyncClient:
 
     async def _request(
         self, method: str, path: str, body: Mapping[str, Any] | None,
-        deadlines: httpx.Timeout,
+        deadlines: httpx.Timeout, *, retry: bool = True,
     ) -> Any:
         content = None if body is None else protocol.encode_json(body)
         headers = None if body is None else JSON_HEADERS
@@ -419,7 +515,7 @@ class AsyncClient:
             try:
                 return protocol.decode_answer(response)
             except Unavailable as e:
-                wait_s = self._settings.retry_wait_s(e, attempt)
+                wait_s = self._settings.retry_wait_s(e, attempt, retry)
                 if wait_s is None:
                     raise
             attempt += 1

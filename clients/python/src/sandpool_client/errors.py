@@ -5,13 +5,22 @@
     ├── RequestTimeout             connected, but no answer within the read timeout
     └── ApiError                   the daemon answered with an error status
         ├── BadRequest             400, 404, 405, 413, 415: the request is wrong as sent
+        │   ├── SessionNotFound    404 session_not_found: no such session of this caller
+        │   └── SessionsUnsupported  400 sessions_unsupported: the pool's tier keeps no state
+        ├── SessionEnded           410 session_ended: the session ended; .reason says why
+        ├── SessionBusy            409 session_busy: a run of the session is in flight
         ├── Forbidden              401, 403: this caller may not run code here
         └── Unavailable            503: pool exhausted, daemon busy or stopping; 429: a
-                                   token's runs at its cap; .retry_after
+            │                      token's runs at its cap; .retry_after
+            ├── TooManySessions    429 too_many_sessions: this caller's sessions at the cap
+            └── SessionLimit       503 session_limit, session_memory: the pool's sessions
+                                   or every session's memory at the cap
 
 ``code`` is the daemon's (``pool_exhausted``, ``invalid_timeout``...) for an
 ``ApiError``, and one of the client's own (``daemon_unreachable``,
-``connection_lost``, ``request_timeout``, ``invalid_response``) otherwise.
+``connection_lost``, ``request_timeout``, ``invalid_response``) otherwise. The
+session classes are chosen by the daemon's code (docs/sessions.md), the others
+by the status.
 """
 
 from __future__ import annotations
@@ -88,3 +97,55 @@ class Unavailable(ApiError):
     ) -> None:
         super().__init__(message, code=code, status=status)
         self.retry_after = retry_after
+
+
+class SessionNotFound(BadRequest):
+    """No session of this caller has that id (``session_not_found``, 404).
+
+    The daemon answers the same for an id that never existed, another caller's,
+    one that ended over an hour ago, and any id after a daemon restart.
+    """
+
+
+class SessionsUnsupported(BadRequest):
+    """The pool's tier cannot keep state between runs (``sessions_unsupported``, 400):
+    wasm, and JavaScript pools. Use ``run`` there, or another pool."""
+
+
+class SessionEnded(ApiError):
+    """The session ended and its sandbox is gone (``session_ended``, 410).
+
+    ``reason`` is why: ``deleted``, ``expired``, ``idle``, ``timed_out``,
+    ``oom_killed``, ``killed``, ``exited`` or ``shutdown`` (None if the daemon
+    sent none). Its state is lost; a new session starts from nothing.
+    """
+
+    def __init__(self, message: str, *, code: str, status: int, reason: str | None) -> None:
+        super().__init__(message, code=code, status=status)
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, status={self.status}, " \
+               f"reason={self.reason!r}, message={self.message!r})"
+
+
+class SessionBusy(ApiError):
+    """Another run of the same session is in flight (``session_busy``, 409).
+
+    Nothing ran. A session runs one request at a time: wait for the other run.
+    """
+
+
+class TooManySessions(Unavailable):
+    """This caller has as many sessions as it may (``too_many_sessions``, 429).
+
+    Close one, or wait ``retry_after`` seconds.
+    """
+
+
+class SessionLimit(Unavailable):
+    """The daemon cannot lease another sandbox now: ``session_limit`` (the pool's
+    ``max_sessions``) or ``session_memory`` (every session's memory together), 503.
+
+    Nothing was created; ``retry_after`` is the daemon's ``Retry-After``.
+    """

@@ -12,6 +12,7 @@ import binascii
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -231,6 +232,64 @@ class PoolInfo:
             packages={str(k): str(v) for k, v in packages.items()},
             problem=_optional(document, "problem", str),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A live session as the daemon describes it (``GET /v1/sessions/{id}``).
+
+    ``expires_at`` is the latest it can live (its creation plus ``ttl_s``);
+    ``idle_expires_at`` when it ends if no run comes first (the last run's end
+    plus ``idle_timeout_s``). Times are timezone-aware (UTC). ``busy``: a run is
+    in flight.
+    """
+
+    session_id: str
+    pool: str
+    created_at: datetime
+    expires_at: datetime
+    idle_timeout_s: float
+    idle_expires_at: datetime
+    runs: int
+    busy: bool
+
+    @classmethod
+    def from_json(cls, answer: object) -> SessionInfo:
+        """A session object. Raises SandpoolClientError (``invalid_response``)."""
+        document = _object(answer, "the session")
+        return cls(
+            session_id=_field(document, "session_id", str),
+            pool=_field(document, "pool", str),
+            created_at=_timestamp(document, "created_at"),
+            expires_at=_timestamp(document, "expires_at"),
+            idle_timeout_s=float(_field(document, "idle_timeout_s", (int, float))),
+            idle_expires_at=_timestamp(document, "idle_expires_at"),
+            runs=_field(document, "runs", int),
+            busy=_field(document, "busy", bool),
+        )
+
+    @classmethod
+    def list_from_json(cls, answer: object) -> list[SessionInfo]:
+        """The sessions of a ``GET /v1/sessions`` answer. Raises SandpoolClientError."""
+        return [cls.from_json(s) for s in _list(_object(answer, "the answer"), "sessions")]
+
+
+def ended_reason_from_json(answer: object) -> str:
+    """Why a session ended, from a ``DELETE /v1/sessions/{id}`` answer (``deleted``,
+    or the reason it had ended for already). Raises SandpoolClientError."""
+    return _field(_object(answer, "the answer"), "ended", str)
+
+
+def _timestamp(document: Mapping[str, Any], key: str) -> datetime:
+    text = _field(document, key, str)
+    try:
+        # 3.11's fromisoformat reads RFC 3339 with its "Z".
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise _invalid(f"{key!r} is not an ISO 8601 time: {text[:40]!r}") from None
+    if when.tzinfo is None:
+        raise _invalid(f"{key!r} has no time zone: {text[:40]!r}")
+    return when
 
 
 def _out_file(entry: object) -> OutFile:

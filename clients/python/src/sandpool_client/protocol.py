@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,12 @@ from sandpool_client.errors import (
     Forbidden,
     RequestTimeout,
     SandpoolClientError,
+    SessionBusy,
+    SessionEnded,
+    SessionLimit,
+    SessionNotFound,
+    SessionsUnsupported,
+    TooManySessions,
     Unavailable,
 )
 from sandpool_client.models import OutputChunk, RunResult
@@ -52,6 +59,18 @@ BAD_REQUEST_STATUSES = frozenset({400, 404, 405, 413, 415, 422})
 # 429: this token's runs in flight are at its cap (the TCP listener); 503: the daemon's.
 UNAVAILABLE_STATUSES = frozenset({429, 503})
 FORBIDDEN_STATUSES = frozenset({401, 403})
+# The session codes of docs/sessions.md, each its own class whatever the status.
+SESSION_ERRORS: dict[str, type[ApiError]] = {
+    "session_not_found": SessionNotFound,
+    "sessions_unsupported": SessionsUnsupported,
+    "session_ended": SessionEnded,
+    "session_busy": SessionBusy,
+    "too_many_sessions": TooManySessions,
+    "session_limit": SessionLimit,
+    "session_memory": SessionLimit,
+}
+RUN_PATH = "/v1/run"
+SESSIONS_PATH = "/v1/sessions"
 # Asks POST /v1/run for its output line by line as it is written (NDJSON).
 STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 
@@ -100,6 +119,26 @@ def run_body(
     return body
 
 
+def session_body(
+    *, pool: str | None, ttl_s: float | None, idle_timeout_s: float | None
+) -> dict[str, Any]:
+    """The JSON object of ``POST /v1/sessions``; fields left None are the daemon's defaults."""
+    return {key: value for key, value in (
+        ("pool", pool), ("ttl_s", ttl_s), ("idle_timeout_s", idle_timeout_s),
+    ) if value is not None}
+
+
+def session_path(session_id: str, action: str = "") -> str:
+    """``/v1/sessions/{id}`` (``action``: ``run`` for ``.../run``), the id quoted whole.
+
+    Raises ValueError for an empty id: ``/v1/sessions/`` would be another resource.
+    """
+    if not session_id:
+        raise ValueError("a session id is not empty")
+    path = f"{SESSIONS_PATH}/{urllib.parse.quote(session_id, safe='')}"
+    return f"{path}/{action}" if action else path
+
+
 def encode_json(body: Mapping[str, Any]) -> bytes:
     """The request body as bytes.
 
@@ -124,7 +163,8 @@ def decode_answer(response: httpx.Response) -> Any:
     """The JSON document of a successful answer; raises the error an error answer means.
 
     Raises BadRequest, Forbidden, Unavailable or ApiError with the daemon's
-    ``code`` and ``message``; SandpoolClientError (``invalid_response``) for an
+    ``code`` and ``message``, or for a session's code its class
+    (``SESSION_ERRORS``); SandpoolClientError (``invalid_response``) for an
     answer that is not JSON.
     """
     status = response.status_code
@@ -141,6 +181,9 @@ def decode_answer(response: httpx.Response) -> Any:
         error = {}
     code = str(error.get("code") or f"http_{status}")
     message = str(error.get("message") or f"sandpool answered {status}")
+    session_error = SESSION_ERRORS.get(code)
+    if session_error is not None:
+        raise _session_error(session_error, response, message, code, error)
     if status in UNAVAILABLE_STATUSES:
         raise Unavailable(message, code=code, status=status,
                           retry_after=parse_retry_after(response.headers.get("Retry-After")))
@@ -149,6 +192,21 @@ def decode_answer(response: httpx.Response) -> Any:
     if status in FORBIDDEN_STATUSES:
         raise Forbidden(message, code=code, status=status)
     raise ApiError(message, code=code, status=status)
+
+
+def _session_error(
+    kind: type[ApiError], response: httpx.Response, message: str, code: str,
+    error: Mapping[str, Any],
+) -> ApiError:
+    status = response.status_code
+    if issubclass(kind, SessionEnded):
+        reason = error.get("reason")
+        return kind(message, code=code, status=status,
+                    reason=reason if isinstance(reason, str) else None)
+    if issubclass(kind, Unavailable):
+        return kind(message, code=code, status=status,
+                    retry_after=parse_retry_after(response.headers.get("Retry-After")))
+    return kind(message, code=code, status=status)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

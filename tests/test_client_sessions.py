@@ -1,0 +1,287 @@
+"""``sandpool_client`` sessions: the protocol alone, then both clients against a real daemon.
+
+The first half feeds the parsing dicts and httpx's MockTransport answers, which
+docs/sessions.md specifies: each stable code to its exception, a session's run
+never sent twice, creation retried as a run is, ``close()`` idempotent. The
+second half runs ``Client.session`` and ``AsyncClient.session`` against a real
+daemon on its Unix socket (process tier).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from sandpool_client import (
+    ApiError,
+    AsyncClient,
+    BadRequest,
+    Client,
+    OutputChunk,
+    RunResult,
+    SandpoolClientError,
+    SessionBusy,
+    SessionEnded,
+    SessionInfo,
+    SessionLimit,
+    SessionNotFound,
+    SessionsUnsupported,
+    TooManySessions,
+    Unavailable,
+)
+from sandpool_client.protocol import decode_answer, session_body, session_path
+
+SESSION_ID = "s-3q2V_abc-DEF"
+SESSION = {
+    "session_id": SESSION_ID, "pool": "python",
+    "created_at": "2026-11-30T16:00:00Z", "expires_at": "2026-11-30T16:10:00Z",
+    "idle_timeout_s": 300, "idle_expires_at": "2026-11-30T16:05:00Z",
+    "runs": 0, "busy": False,
+}
+RESULT = {
+    "exit_code": 0, "stdout": "42\n", "stderr": "", "timed_out": False, "oom_killed": False,
+    "stdout_truncated": False, "stderr_truncated": False, "duration_ms": 1.5,
+    "queued_ms": 0.0, "pool": "python", "sandbox_id": "sb1",
+}
+
+
+def error_answer(status: int, code: str, message: str = "no", **extra: Any) -> httpx.Response:
+    headers = {"Retry-After": str(extra.pop("retry_after"))} if "retry_after" in extra else {}
+    return httpx.Response(status, json={"error": {"code": code, "message": message, **extra}},
+                          headers=headers)
+
+
+# --- the protocol alone -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (404, "session_not_found", SessionNotFound),
+    (400, "sessions_unsupported", SessionsUnsupported),
+    (409, "session_busy", SessionBusy),
+    (429, "too_many_sessions", TooManySessions),
+    (503, "session_limit", SessionLimit),
+    (503, "session_memory", SessionLimit),
+])
+def test_each_session_code_raises_its_class(status: int, code: str, kind: type[ApiError]) -> None:
+    with pytest.raises(kind) as caught:
+        decode_answer(error_answer(status, code, "refused", retry_after=7))
+    assert (caught.value.status, caught.value.code, caught.value.message) == (
+        status, code, "refused")
+
+
+def test_the_old_families_still_catch_the_session_classes() -> None:
+    # Code written before sessions (except BadRequest, except Unavailable) keeps working.
+    assert issubclass(SessionNotFound, BadRequest)
+    assert issubclass(SessionsUnsupported, BadRequest)
+    assert issubclass(TooManySessions, Unavailable)
+    assert issubclass(SessionLimit, Unavailable)
+    with pytest.raises(Unavailable) as caught:
+        decode_answer(error_answer(503, "session_memory", retry_after=3))
+    assert caught.value.retry_after == 3.0
+
+
+def test_session_ended_carries_its_reason() -> None:
+    with pytest.raises(SessionEnded) as caught:
+        decode_answer(error_answer(410, "session_ended", "it timed out", reason="timed_out"))
+    assert (caught.value.status, caught.value.reason) == (410, "timed_out")
+    assert "reason='timed_out'" in repr(caught.value)
+    with pytest.raises(SessionEnded) as unsaid:
+        decode_answer(error_answer(410, "session_ended"))
+    assert unsaid.value.reason is None
+
+
+def test_a_code_not_of_sessions_keeps_its_status_class() -> None:
+    with pytest.raises(BadRequest) as caught:
+        decode_answer(error_answer(404, "unknown_pool"))
+    assert type(caught.value) is BadRequest
+    with pytest.raises(ApiError) as gone:
+        decode_answer(error_answer(410, "something_else"))
+    assert type(gone.value) is ApiError
+
+
+def test_session_body_leaves_out_what_is_not_given() -> None:
+    assert session_body(pool=None, ttl_s=None, idle_timeout_s=None) == {}
+    assert session_body(pool="python", ttl_s=60, idle_timeout_s=5.5) == {
+        "pool": "python", "ttl_s": 60, "idle_timeout_s": 5.5}
+
+
+def test_a_session_path_quotes_the_whole_id() -> None:
+    assert session_path(SESSION_ID) == f"/v1/sessions/{SESSION_ID}"
+    assert session_path(SESSION_ID, "run") == f"/v1/sessions/{SESSION_ID}/run"
+    # An id from elsewhere cannot reach another resource.
+    assert session_path("../pools") == "/v1/sessions/..%2Fpools"
+    assert session_path("a/run?x") == "/v1/sessions/a%2Frun%3Fx"
+    with pytest.raises(ValueError, match="not empty"):
+        session_path("")
+
+
+def test_a_session_object_parses_to_aware_times() -> None:
+    info = SessionInfo.from_json({**SESSION, "runs": 2, "busy": True, "tomorrow": 1})
+    assert info.expires_at == datetime(2026, 11, 30, 16, 10, tzinfo=UTC)
+    assert info.idle_expires_at == datetime(2026, 11, 30, 16, 5, tzinfo=UTC)
+    assert (info.session_id, info.pool, info.runs, info.busy, info.idle_timeout_s) == (
+        SESSION_ID, "python", 2, True, 300.0)
+    assert SessionInfo.list_from_json({"sessions": [SESSION, SESSION]}) == [
+        SessionInfo.from_json(SESSION)] * 2
+    for broken in ({**SESSION, "expires_at": "tomorrow"},
+                   {**SESSION, "expires_at": "2026-11-30T16:10:00"},  # no zone
+                   {**SESSION, "runs": True},
+                   {key: v for key, v in SESSION.items() if key != "session_id"}):
+        with pytest.raises(SandpoolClientError) as caught:
+            SessionInfo.from_json(broken)
+        assert caught.value.code == "invalid_response"
+
+
+class FakeDaemon:
+    """Answers by method and path, in order; records what was sent."""
+
+    def __init__(self, *answers: tuple[str, str, httpx.Response]) -> None:
+        self.answers = list(answers)
+        self.sent: list[tuple[str, str, Any]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        self.sent.append((request.method, request.url.path, body))
+        method, path, response = self.answers.pop(0)
+        assert (request.method, request.url.path) == (method, path), self.sent
+        return response
+
+    def client(self, retries: int = 0) -> Client:
+        return Client(base_url="http://sandpool.test", retries=retries,
+                      transport=httpx.MockTransport(self))
+
+    def async_client(self, retries: int = 0) -> AsyncClient:
+        return AsyncClient(base_url="http://sandpool.test", retries=retries,
+                           transport=httpx.MockTransport(self))
+
+
+RUN_PATH = f"/v1/sessions/{SESSION_ID}/run"
+SESSION_PATH = f"/v1/sessions/{SESSION_ID}"
+
+
+# Functions, not constants: a client binds the response it received to itself.
+def created() -> tuple[str, str, httpx.Response]:
+    return ("POST", "/v1/sessions", httpx.Response(201, json=SESSION))
+
+
+def deleted() -> tuple[str, str, httpx.Response]:
+    return ("DELETE", SESSION_PATH,
+            httpx.Response(200, json={"session_id": SESSION_ID, "ended": "deleted"}))
+
+
+def test_a_session_run_is_sent_once_even_with_retries() -> None:
+    daemon = FakeDaemon(
+        created(),
+        ("POST", RUN_PATH, error_answer(503, "shutting_down", retry_after=0)),
+        ("POST", RUN_PATH, error_answer(503, "shutting_down", retry_after=0)),
+    )
+    with daemon.client(retries=5) as client:
+        session = client.session(pool="python", ttl_s=60, idle_timeout_s=10)
+        with pytest.raises(Unavailable):
+            session.run("x = 1", stdin="in", env={"A": "1"}, timeout_s=3)
+        with pytest.raises(Unavailable):  # the streamed form alike
+            list(session.stream("x = 1"))
+    assert [s[:2] for s in daemon.sent] == [
+        ("POST", "/v1/sessions"), ("POST", RUN_PATH), ("POST", RUN_PATH)]
+    assert daemon.sent[0][2] == {"pool": "python", "ttl_s": 60, "idle_timeout_s": 10}
+    # The /v1/run body without pool and language.
+    assert daemon.sent[1][2] == {"code": "x = 1", "stdin": "in", "timeout_s": 3,
+                                 "env": {"A": "1"}}
+
+
+async def test_creation_is_retried_on_429_and_503_as_a_run_is() -> None:
+    daemon = FakeDaemon(
+        ("POST", "/v1/sessions", error_answer(429, "too_many_sessions", retry_after=0)),
+        ("POST", "/v1/sessions", error_answer(503, "session_limit", retry_after=0)),
+        created(),
+        ("POST", RUN_PATH, httpx.Response(200, json=RESULT)),
+        deleted(),
+    )
+    async with daemon.async_client(retries=2) as client, client.session() as session:
+        assert (session.id, session.pool) == (SESSION_ID, "python")
+        assert session.expires_at == datetime(2026, 11, 30, 16, 10, tzinfo=UTC)
+        assert (await session.run("print(42)")).stdout == "42\n"
+    assert [s[:2] for s in daemon.sent] == [
+        ("POST", "/v1/sessions")] * 3 + [("POST", RUN_PATH), ("DELETE", SESSION_PATH)]
+    assert daemon.sent[0][2] == {}  # the daemon's defaults
+
+
+def test_without_retries_creation_raises_the_limit_at_once() -> None:
+    daemon = FakeDaemon(
+        ("POST", "/v1/sessions", error_answer(429, "too_many_sessions", retry_after=2)))
+    with daemon.client() as client, pytest.raises(TooManySessions) as caught:
+        client.session()
+    assert caught.value.retry_after == 2.0
+
+
+def test_close_is_idempotent_and_an_ended_session_is_not_an_error() -> None:
+    daemon = FakeDaemon(
+        created(), deleted(),
+        created(), ("DELETE", SESSION_PATH,
+                  httpx.Response(200, json={"session_id": SESSION_ID, "ended": "idle"})),
+        created(), ("DELETE", SESSION_PATH, error_answer(410, "session_ended", reason="expired")),
+        created(), ("DELETE", SESSION_PATH, error_answer(404, "session_not_found")),
+    )
+    with daemon.client() as client:
+        with client.session() as session:
+            assert session.close() == "deleted"
+            assert session.close() == "deleted"  # no second request
+        assert "ended=deleted" in repr(session)
+        assert client.session().close() == "idle"
+        assert client.session().close() == "expired"
+        assert client.session().close() is None
+    assert [s[0] for s in daemon.sent] == ["POST", "DELETE"] * 4
+
+
+def test_close_raises_what_leaves_the_session_alive() -> None:
+    daemon = FakeDaemon(
+        created(), ("DELETE", SESSION_PATH, error_answer(500, "internal")), deleted())
+    with daemon.client() as client:
+        session = client.session()
+        with pytest.raises(ApiError):
+            session.close()
+        assert session.close() == "deleted"  # not taken as closed: sent again
+
+
+async def test_a_session_streams_to_an_iterator_and_a_callback() -> None:
+    lines = (b'{"type": "stdout", "data": "4"}\n{"type": "stdout", "data": "2\\n"}\n'
+             + json.dumps({"type": "result", **RESULT}).encode() + b"\n")
+    daemon = FakeDaemon(
+        created(),
+        ("POST", RUN_PATH, httpx.Response(200, content=lines)),
+        ("POST", RUN_PATH, httpx.Response(200, content=lines)),
+        deleted(),
+    )
+    async with daemon.async_client() as client:
+        session = await client.session()
+        events = [event async for event in session.stream("print(42)")]
+        assert events[:2] == [OutputChunk("stdout", "4"), OutputChunk("stdout", "2\n")]
+        assert isinstance(events[2], RunResult)
+        heard: list[str] = []
+        result = await session.run("print(42)", on_output=lambda c: heard.append(c.data))
+        assert (heard, result.stdout) == (["4", "2\n"], "42\n")
+        assert await session.close() == "deleted"
+    assert all(s[2] == {"code": "print(42)"} for s in daemon.sent[1:3])
+
+
+def test_sessions_and_info_are_typed() -> None:
+    daemon = FakeDaemon(
+        ("GET", "/v1/sessions", httpx.Response(200, json={"sessions": [SESSION]})),
+        ("GET", "/v1/sessions", httpx.Response(200, json={"sessions": []})),
+        ("GET", SESSION_PATH, httpx.Response(200, json=SESSION)),
+        ("GET", SESSION_PATH, httpx.Response(200, json={**SESSION, "runs": 3, "busy": True})),
+        ("GET", "/v1/sessions/nope", error_answer(404, "session_not_found")),
+    )
+    with daemon.client() as client:
+        [listed] = client.sessions()
+        assert listed.session_id == SESSION_ID
+        assert client.sessions() == []
+        resumed = client.resume_session(SESSION_ID)
+        assert (resumed.id, resumed.idle_timeout_s) == (SESSION_ID, 300.0)
+        now = resumed.info()
+        assert (now.runs, now.busy) == (3, True)
+        with pytest.raises(SessionNotFound):
+            client.resume_session("nope")
