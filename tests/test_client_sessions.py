@@ -9,7 +9,13 @@ daemon on its Unix socket (process tier).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import secrets
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +39,8 @@ from sandpool_client import (
     Unavailable,
 )
 from sandpool_client.protocol import decode_answer, session_body, session_path
+
+from tests.support import Daemon, running_daemon, wait_until
 
 SESSION_ID = "s-3q2V_abc-DEF"
 SESSION = {
@@ -124,6 +132,7 @@ def test_a_session_object_parses_to_aware_times() -> None:
     assert info.idle_expires_at == datetime(2026, 11, 30, 16, 5, tzinfo=UTC)
     assert (info.session_id, info.pool, info.runs, info.busy, info.idle_timeout_s) == (
         SESSION_ID, "python", 2, True, 300.0)
+    assert SessionInfo.from_json({**SESSION, "idle_expires_at": None}).idle_expires_at is None
     assert SessionInfo.list_from_json({"sessions": [SESSION, SESSION]}) == [
         SessionInfo.from_json(SESSION)] * 2
     for broken in ({**SESSION, "expires_at": "tomorrow"},
@@ -285,3 +294,235 @@ def test_sessions_and_info_are_typed() -> None:
         assert (now.runs, now.busy) == (3, True)
         with pytest.raises(SessionNotFound):
             client.resume_session("nope")
+
+
+# --- against a real daemon ----------------------------------------------------------
+
+# python: ordinary sessions (two at once: max_sessions is half of max_size by
+# default); one: room for one session; big: room for two, but two of its
+# memory_mb pass session_memory_mb; python-wasm: a tier that keeps no state. A
+# caller may hold three sessions.
+CONFIG = """
+[server]
+metrics_address = "off"
+max_sessions_per_caller = 3
+session_memory_mb = 1024
+
+[pools.python]
+backend = "process"
+min_idle = 1
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
+[pools.one]
+backend = "process"
+min_idle = 0
+max_size = 2
+
+[pools.big]
+backend = "process"
+memory_mb = 640
+min_idle = 0
+max_size = 4
+
+[pools.python-wasm]
+backend = "wasm"
+min_idle = 1
+max_size = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def session_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with running_daemon(tmp_path_factory.mktemp("client-sessions"), CONFIG) as running:
+        yield running
+
+
+@pytest.fixture
+def sandpool(session_daemon: Daemon) -> Iterator[Client]:
+    """The daemon's client; after the test, no session of this caller is left."""
+    with Client(session_daemon.socket) as client:
+        yield client
+        assert client.sessions() == [], "a test left a session open"
+
+
+def live_ids(client: Client) -> set[str]:
+    return {info.session_id for info in client.sessions()}
+
+
+def test_state_is_kept_across_runs_and_the_block_closes_the_session(sandpool: Client) -> None:
+    with sandpool.session(pool="python") as session:
+        assert session.pool == "python"
+        assert session.expires_at > datetime.now(UTC)
+        assert len(session.id) >= 43  # 256 bits in URL-safe base64, a prefix aside
+        assert sandpool.run("x = 41").ok  # a single-use run, beside the session
+        first = session.run("x = 41\nimport json\nimport os\nos.chdir('/tmp')")
+        assert first.ok, first.stderr
+        second = session.run("print(x + 1, json.dumps([os.getcwd()]))\nx * 2")
+        assert (second.stdout, second.exit_code) == ('42 ["/tmp"]\n', 0)
+        assert [r.text for r in second.results] == ["82"]
+        assert session.id in live_ids(sandpool)
+        info = session.info()
+        assert (info.session_id, info.runs, info.busy) == (session.id, 2, False)
+    assert session.id not in live_ids(sandpool)
+    with pytest.raises(SessionEnded) as caught:
+        session.run("print(x)")
+    assert caught.value.reason == "deleted"
+
+
+def test_files_persist_and_out_answers_what_changed(sandpool: Client) -> None:
+    with sandpool.session(pool="python") as session:
+        first = session.run(
+            "import os\nos.makedirs('out', exist_ok=True)\n"
+            "open('notes.txt', 'w').write('kept')\nopen('out/a.txt', 'w').write('a')\n",
+            files={"data/in.csv": "n\n1\n", "blob.bin": b"\0\xff"},
+        )
+        assert first.ok, first.stderr
+        assert [f.path for f in first.files] == ["out/a.txt"]
+        second = session.run(
+            "print(open('notes.txt').read(), open('data/in.csv').read().split(),"
+            " open('blob.bin', 'rb').read())\n"
+            "open('out/b.txt', 'w').write('b')\n",
+        )
+        assert second.stdout == "kept ['n', '1'] b'\\x00\\xff'\n"
+        assert [(f.path, f.content) for f in second.files] == [("out/b.txt", b"b")]
+
+
+def test_a_run_that_times_out_ends_the_session(sandpool: Client) -> None:
+    with sandpool.session(pool="python") as session:
+        session.run("x = 1")
+        killed = session.run("while True: pass", timeout_s=0.5)
+        assert (killed.timed_out, killed.exit_code) == (True, None)
+        with pytest.raises(SessionEnded) as caught:
+            session.run("print(x)")
+        assert (caught.value.status, caught.value.code, caught.value.reason) == (
+            410, "session_ended", "timed_out")
+        with pytest.raises(SessionEnded):
+            session.info()
+        assert session.id not in live_ids(sandpool)
+        assert session.close() == "timed_out"  # not an error: it had ended
+
+
+def test_an_idle_session_ends_by_itself(sandpool: Client) -> None:
+    with sandpool.session(pool="python", idle_timeout_s=1) as session:
+        assert session.idle_timeout_s == 1
+        session.run("x = 1")
+        wait_until(lambda: session.id not in live_ids(sandpool), "the idle session to end",
+                   timeout_s=15)
+        with pytest.raises(SessionEnded) as caught:
+            session.run("print(x)")
+        assert caught.value.reason == "idle"
+
+
+def test_close_is_idempotent_on_the_daemon_too(sandpool: Client) -> None:
+    session = sandpool.session(pool="python")
+    again = sandpool.resume_session(session.id)  # a second handle: its own DELETE
+    assert again.id == session.id
+    assert session.close() == "deleted"
+    assert session.close() == "deleted"
+    assert again.close() == "deleted"  # the daemon's answer for an ended session
+    with pytest.raises(SessionEnded) as caught:
+        sandpool.resume_session(session.id)
+    assert caught.value.reason == "deleted"
+
+
+def test_an_unknown_id_is_not_found(sandpool: Client) -> None:
+    unknown = "s-" + secrets.token_urlsafe(32)
+    with pytest.raises(SessionNotFound) as caught:
+        sandpool.resume_session(unknown)
+    assert (caught.value.status, caught.value.code) == (404, "session_not_found")
+    with pytest.raises(SessionNotFound):
+        sandpool.resume_session("../pools")  # quoted: never another resource
+
+
+def test_the_limits_raise_their_classes(sandpool: Client) -> None:
+    with contextlib.ExitStack() as held:
+        held.enter_context(sandpool.session(pool="one"))
+        with pytest.raises(SessionLimit) as pool_full:
+            sandpool.session(pool="one")
+        assert (pool_full.value.status, pool_full.value.code) == (503, "session_limit")
+        assert pool_full.value.retry_after is not None
+        held.enter_context(sandpool.session(pool="python"))
+        held.enter_context(sandpool.session(pool="python"))
+        with pytest.raises(TooManySessions) as caller_full:
+            sandpool.session(pool="python")
+        assert (caller_full.value.status, caller_full.value.code) == (429, "too_many_sessions")
+        assert caller_full.value.retry_after is not None
+    with sandpool.session(pool="big"), pytest.raises(SessionLimit) as memory_full:
+        sandpool.session(pool="big")  # 2 x 640 MB over session_memory_mb
+    assert (memory_full.value.status, memory_full.value.code) == (503, "session_memory")
+    with pytest.raises(SessionsUnsupported) as stateless:
+        sandpool.session(pool="python-wasm")
+    assert (stateless.value.status, stateless.value.code) == (400, "sessions_unsupported")
+
+
+def test_creation_waits_out_a_full_pool_with_retries(session_daemon: Daemon) -> None:
+    with Client(session_daemon.socket, retries=5) as patient:
+        # Retry-After: until the first session of the pool can end by itself, here
+        # by its idle timeout.
+        holder = patient.session(pool="one", idle_timeout_s=2)
+        began = time.monotonic()
+        with patient.session(pool="one") as second:
+            assert time.monotonic() - began >= 1.0  # refused at first, then sent again
+            assert second.run("print('second')").stdout == "second\n"
+        assert holder.close() == "idle"
+
+
+def test_a_second_run_in_flight_is_refused_busy(sandpool: Client) -> None:
+    with sandpool.session(pool="python") as session, ThreadPoolExecutor(1) as beside:
+        slow = beside.submit(session.run, "import time; time.sleep(2); print('slow')")
+        wait_until(lambda: session.info().busy, "the first run to be in flight")
+        assert session.info().idle_expires_at is None  # not idling while it runs
+        with pytest.raises(SessionBusy) as caught:
+            session.run("print(1)")
+        assert (caught.value.status, caught.value.code) == (409, "session_busy")
+        assert slow.result(timeout=30).stdout == "slow\n"
+        assert session.run("print('after')").stdout == "after\n"
+
+
+def test_leaving_the_block_by_an_exception_closes(sandpool: Client) -> None:
+    opened: list[str] = []
+
+    def analyse() -> None:
+        with sandpool.session(pool="python") as session:
+            opened.append(session.id)
+            session.run("x = 1")
+            raise LookupError("the caller's own failure")
+
+    with pytest.raises(LookupError):
+        analyse()
+    assert opened
+    assert opened[0] not in live_ids(sandpool)
+
+
+async def test_async_sessions_keep_state_stream_and_close(session_daemon: Daemon) -> None:
+    async with AsyncClient(session_daemon.socket) as client:
+        async with client.session(pool="python") as session:
+            assert (await session.run("x = 41")).ok
+            events = [e async for e in session.stream("print(x + 1, flush=True)")]
+            assert events[0] == OutputChunk("stdout", "42\n")
+            assert isinstance(events[-1], RunResult)
+            assert events[-1].stdout == "42\n"
+            assert session.id in {i.session_id for i in await client.sessions()}
+        assert session.id not in {i.session_id for i in await client.sessions()}
+        kept = await client.session(pool="python", ttl_s=30)
+        try:
+            info = await kept.info()
+            lifetime_s = (info.expires_at - info.created_at).total_seconds()
+            assert lifetime_s == pytest.approx(30, abs=1)
+            other = await client.session(pool="python")
+            try:
+                # Two sessions in parallel see nothing of each other.
+                await asyncio.gather(kept.run("secret = 1"), other.run("import os"))
+                peek = await other.run("print('secret' in globals())")
+                assert peek.stdout == "False\n"
+            finally:
+                assert await other.close() == "deleted"
+        finally:
+            assert await kept.close() == "deleted"
+            assert await kept.close() == "deleted"
+        with pytest.raises(SessionEnded) as caught:
+            await kept.run("1")
+        assert caught.value.reason == "deleted"
+        assert await client.sessions() == []

@@ -240,8 +240,8 @@ class SessionInfo:
 
     ``expires_at`` is the latest it can live (its creation plus ``ttl_s``);
     ``idle_expires_at`` when it ends if no run comes first (the last run's end
-    plus ``idle_timeout_s``). Times are timezone-aware (UTC). ``busy``: a run is
-    in flight.
+    plus ``idle_timeout_s``), None while a run is in flight (``busy``). Times
+    are timezone-aware (UTC).
     """
 
     session_id: str
@@ -249,7 +249,7 @@ class SessionInfo:
     created_at: datetime
     expires_at: datetime
     idle_timeout_s: float
-    idle_expires_at: datetime
+    idle_expires_at: datetime | None
     runs: int
     busy: bool
 
@@ -263,7 +263,8 @@ class SessionInfo:
             created_at=_timestamp(document, "created_at"),
             expires_at=_timestamp(document, "expires_at"),
             idle_timeout_s=float(_field(document, "idle_timeout_s", (int, float))),
-            idle_expires_at=_timestamp(document, "idle_expires_at"),
+            idle_expires_at=None if document.get("idle_expires_at") is None
+            else _timestamp(document, "idle_expires_at"),
             runs=_field(document, "runs", int),
             busy=_field(document, "busy", bool),
         )
