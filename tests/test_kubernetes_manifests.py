@@ -45,6 +45,9 @@ KUBECTL = Path(sys.executable).parent / "kubectl"
 # Every kustomization a user applies; test_every_overlay_is_checked keeps the list whole.
 OVERLAYS = ["base", "overlays/production", "overlays/keda", "overlays/node-local",
             "overlays/dind"]
+# Puts the daemon's seccomp profile on the nodes; reads it from deploy/seccomp, outside
+# its directory, which kustomize allows only when told to.
+INSTALLER = "seccomp-installer"
 # The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ["1.33.0", "1.37.0"]
 CONFIG_PATH = "/etc/sandpool/sandpool.toml"
@@ -81,8 +84,9 @@ Objects = list[dict[str, Any]]
 
 @functools.cache
 def _rendered(overlay: str) -> str:
+    loading = ["--load-restrictor", "LoadRestrictionsNone"] if overlay == INSTALLER else []
     out = subprocess.run(
-        [str(KUBECTL), "kustomize", str(KUBERNETES / overlay)],
+        [str(KUBECTL), "kustomize", *loading, str(KUBERNETES / overlay)],
         check=True, capture_output=True, text=True, timeout=60,
     )
     return out.stdout
@@ -465,11 +469,11 @@ def test_every_overlay_is_checked() -> None:
     found = sorted(str(p.parent.relative_to(KUBERNETES))
                    for p in KUBERNETES.glob("**/kustomization.yaml")
                    if "kind: Component" not in p.read_text())
-    assert sorted([*OVERLAYS, "namespace"]) == found
+    assert sorted([*OVERLAYS, "namespace", INSTALLER]) == found
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, INSTALLER])
 def test_every_object_is_valid(overlay: str, version: str) -> None:
     objects = render(overlay)
     assert workloads(objects), "no workload rendered"
@@ -518,6 +522,38 @@ def test_the_daemonset_runs_the_deployments_daemon() -> None:
     # The socket's group is the daemon's gid, and owns the host directory.
     chown = daemonset["initContainers"][0]["command"][-1]
     assert f"65534, {daemonset['securityContext']['runAsGroup']})" in chown
+
+
+def installer_problems(objects: Objects) -> list[str]:
+    """The installer writes deploy/seccomp's profile, as root without any capability,
+    to the name the daemon's pods ask the kubelet for."""
+    problems = []
+    installer = find(objects, "DaemonSet")[0]["spec"]["template"]["spec"]
+    (container,) = installer["containers"]
+    profile = find(objects, "ConfigMap")[0]["data"]
+    if profile != {SECCOMP_PROFILE.name: SECCOMP_PROFILE.read_text()}:
+        problems.append(f"the ConfigMap is not {SECCOMP_PROFILE}")
+    volumes = {v["name"]: v for v in installer["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    target = re.search(r'target = "([^"]+)"', container["command"][-1])
+    directory, _, name = target.group(1).rpartition("/") if target else ("", "", "")
+    if mounts.get(directory, {}).get("hostPath", {}).get("path") != "/var/lib/kubelet/seccomp":
+        problems.append(f"{directory} is not the kubelet's seccomp root")
+    wanted = {daemon_container(w["spec"]["template"]["spec"])["securityContext"]
+              ["seccompProfile"].get("localhostProfile")
+              for overlay in OVERLAYS for w in workloads(render(overlay))}
+    if wanted != {name}:
+        problems.append(f"installs {name!r}, the daemon's pods ask for {sorted(wanted)}")
+    security = container["securityContext"]
+    if (security.get("capabilities") != {"drop": ["ALL"]} or security.get("privileged")
+            or security.get("allowPrivilegeEscalation") is not False
+            or security.get("readOnlyRootFilesystem") is not True):
+        problems.append("the installer holds more than root's file ownership")
+    return problems
+
+
+def test_the_seccomp_installer_installs_the_daemons_profile() -> None:
+    assert installer_problems(render(INSTALLER)) == []
 
 
 async def served_pools(config: Config) -> dict[str, Pool[Any]]:
@@ -655,6 +691,17 @@ def _break_image_tag(objects: Objects) -> None:
     daemon_container(_pod(objects))["image"] = "sandpool/daemon"
 
 
+def _break_installer(objects: Objects) -> None:
+    container = find(objects, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"][0]
+    container["securityContext"]["capabilities"]["add"] = ["DAC_OVERRIDE"]
+
+
+def _break_installed_name(objects: Objects) -> None:
+    container = find(objects, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"][0]
+    container["command"][-1] = container["command"][-1].replace(
+        "/sandpool-daemon.json\"", "/sandpool.json\"")
+
+
 def _break_schema(objects: Objects) -> None:
     daemon_container(_pod(objects))["securityContext"]["procMonut"] = "Unmasked"
 
@@ -689,6 +736,8 @@ BREAKAGES: list[tuple[Callable[[Objects], None], str, Callable[[Objects], list[s
      functools.partial(privilege_problems, overlay="overlays/dind")),
     (_break_image_tag, "overlays/node-local",
      functools.partial(privilege_problems, overlay="overlays/node-local")),
+    (_break_installer, INSTALLER, installer_problems),
+    (_break_installed_name, INSTALLER, installer_problems),
     (_break_fork_pool, "overlays/production", config_problems),
     (_break_process_tier, "overlays/production", config_problems),
     (_break_memory, "overlays/production", config_problems),
