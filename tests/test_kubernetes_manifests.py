@@ -32,6 +32,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from api.remote import TokenTable, read_tokens_file
 from api.server import ApiServer, bind_sockets
 from metrics import Metrics
 from metrics.prometheus import STATES
@@ -554,6 +555,19 @@ def installer_problems(objects: Objects) -> list[str]:
 
 def test_the_seccomp_installer_installs_the_daemons_profile() -> None:
     assert installer_problems(render(INSTALLER)) == []
+
+
+def test_the_documented_tokens_file_loads(tmp_path: Path) -> None:
+    """docs/kubernetes.md's recipe for the sandpool-tokens Secret, run as written."""
+    recipe = next(line for line in (REPOSITORY / "docs" / "kubernetes.md").read_text()
+                  .splitlines() if line.strip().startswith("sandpool token new"))
+    command = recipe.strip().replace("sandpool ", f"{KUBECTL.parent / 'sandpool'} ", 1)
+    subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, check=True,
+                   timeout=60)
+    (token,) = read_tokens_file(str(tmp_path / "tokens.toml"))
+    assert token.name == "ci"
+    secret = (tmp_path / "ci.token").read_text().strip()
+    assert TokenTable([token]).authenticate(f"Bearer {secret}") == token
 
 
 async def served_pools(config: Config) -> dict[str, Pool[Any]]:
