@@ -513,7 +513,8 @@ def test_the_daemonset_runs_the_deployments_daemon() -> None:
     deployment = find(render("base"), "Deployment")[0]["spec"]["template"]["spec"]
     daemonset = find(render("overlays/node-local"), "DaemonSet")[0]["spec"]["template"]["spec"]
     assert daemon_container(daemonset) == daemon_container(deployment)
-    differ = {"initContainers", "topologySpreadConstraints", "securityContext", "volumes"}
+    differ = {"initContainers", "topologySpreadConstraints", "tolerations", "securityContext",
+              "volumes"}
     assert {k: v for k, v in daemonset.items() if k not in differ} == {
         k: v for k, v in deployment.items() if k not in differ}
     assert {**daemonset["securityContext"], "runAsGroup": 0} == {
