@@ -1,7 +1,8 @@
 """``sandpool mcp`` end to end: the MCP SDK's own client against the server as users start it.
 
 One daemon for the module: ``python-process`` (process tier) for ordinary runs and
-``datasci`` (fork tier, numpy, pandas and matplotlib preloaded) for a chart. Over
+sessions, and ``datasci`` (fork tier, numpy, pandas and matplotlib preloaded) for a
+chart. Over
 stdio the client spawns ``sandpool mcp`` itself, as an MCP host does; over
 streamable HTTP the test starts the server on a free loopback port. The result's
 translation to MCP content is also checked alone, on results built by hand.
@@ -27,15 +28,24 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, ImageContent, TextContent
-from sandpool_client import RichResult, RunError, RunResult, SandpoolClientError, Unavailable
+from sandpool_client import (
+    Client,
+    RichResult,
+    RunError,
+    RunResult,
+    SandpoolClientError,
+    SessionEnded,
+    Unavailable,
+)
 
 from api.mcp_server import (
     FileArgument,
     error_result,
     run_code_result,
+    session_run_result,
     upload_files,
 )
-from tests.support import REPOSITORY, Daemon, free_port, running_daemon
+from tests.support import REPOSITORY, Daemon, free_port, running_daemon, wait_until
 
 CONFIG = """
 [server]
@@ -44,7 +54,7 @@ metrics_address = "off"
 [pools.python-process]
 backend = "process"
 min_idle = 1
-max_size = 2
+max_size = 4
 timeout_s = 10
 max_timeout_s = 30
 
@@ -75,13 +85,32 @@ def server_log(tmp_path: Path) -> Iterator[TextIO]:
         yield log
 
 
+# ``sandpool mcp`` with a session idle timeout of its own: serve_mcp's argument,
+# until the command has an option for it.
+SHORT_IDLE_SERVER = (
+    "import asyncio, sys\n"
+    "from api.mcp_server import serve_mcp\n"
+    "asyncio.run(serve_mcp(sys.argv[1], 'test', session_idle_timeout_s=float(sys.argv[2])))\n"
+)
+
+
+@pytest.fixture
+def sandpool(mcp_daemon: Daemon) -> Iterator[Client]:
+    """A client of the daemon beside the MCP server (the same user); after the test, no
+    session is left, whoever made it."""
+    with Client(mcp_daemon.socket) as client:
+        yield client
+        wait_until(lambda: client.sessions() == [], "every session to end")
+
+
 @contextlib.asynccontextmanager
-async def stdio_session(socket_path: str, errlog: TextIO) -> AsyncIterator[ClientSession]:
+async def stdio_session(
+    socket_path: str, errlog: TextIO, idle_timeout_s: float | None = None
+) -> AsyncIterator[ClientSession]:
     """An initialized session with ``sandpool mcp`` spawned by the SDK's stdio client."""
-    server = StdioServerParameters(
-        command=sys.executable, args=["-m", "api.cli", "mcp", "--socket", socket_path],
-        cwd=REPOSITORY,
-    )
+    args = ["-m", "api.cli", "mcp", "--socket", socket_path] if idle_timeout_s is None \
+        else ["-c", SHORT_IDLE_SERVER, socket_path, str(idle_timeout_s)]
+    server = StdioServerParameters(command=sys.executable, args=args, cwd=REPOSITORY)
     async with stdio_client(server, errlog=errlog) as (read, write), \
             ClientSession(read, write) as session:
         await session.initialize()
@@ -143,7 +172,13 @@ async def test_stdio_lists_run_code_and_list_pools_with_their_schemas(
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
         server_info = (await session.initialize()).server_info  # the handshake's, kept
     assert (server_info.name, server_info.version) == ("sandpool", metadata.version("sandpool"))
-    assert set(tools) == {"run_code", "list_pools"}
+    assert set(tools) == {
+        "run_code", "list_pools", "session_create", "session_run", "session_close"}
+    assert set(tools["session_run"].input_schema["required"]) == {"session_id", "code"}
+    assert set(tools["session_run"].input_schema["properties"]) == {
+        "session_id", "code", "stdin", "timeout_s", "files"}
+    assert set(tools["session_create"].input_schema["properties"]) == {"pool", "ttl_s"}
+    assert "300 s without a run" in (tools["session_create"].description or "")
     schema = tools["run_code"].input_schema
     assert schema["required"] == ["code"]
     assert set(schema["properties"]) == {"code", "language", "pool", "stdin", "timeout_s", "files"}
@@ -283,13 +318,185 @@ async def test_streamable_http_serves_the_same_tools(mcp_daemon: Daemon, tmp_pat
             ran = await run_code(session, code="print(6 * 7)", pool="python-process")
             refused = await run_code(session, code="print(1)", pool="no-such-pool")
             again = await run_code(session, code="print('again')", pool="python-process")
-    assert tools == {"run_code", "list_pools"}
+    assert {"run_code", "list_pools", "session_run"} <= tools
     assert not ran.is_error, text_of(ran)
     assert text_of(ran).startswith("exit_code: 0 (pool python-process,")
     assert "stdout:\n42\n" in text_of(ran)
     assert refused.is_error
     assert text_of(refused).startswith("unknown_pool: ")
     assert "stdout:\nagain\n" in text_of(again)
+
+
+async def session_create(session: ClientSession, **arguments: Any) -> str:
+    """A new session's id, as the model reads it in the text."""
+    created = await session.call_tool("session_create", arguments)
+    assert not created.is_error, text_of(created)
+    assert created.structured_content is not None
+    session_id: str = created.structured_content["session_id"]
+    assert text_of(created).startswith(f"session_id: {session_id}\n")
+    return session_id
+
+
+async def session_run(session: ClientSession, session_id: str, code: str,
+                      **arguments: Any) -> CallToolResult:
+    return await session.call_tool(
+        "session_run", {"session_id": session_id, "code": code, **arguments})
+
+
+def live_ids(client: Client) -> set[str]:
+    return {info.session_id for info in client.sessions()}
+
+
+async def test_a_session_keeps_state_between_runs_until_closed(
+    mcp_daemon: Daemon, sandpool: Client, server_log: TextIO
+) -> None:
+    async with stdio_session(mcp_daemon.socket, server_log) as session:
+        session_id = await session_create(session, pool="python-process")
+        assert session_id in live_ids(sandpool)
+        assert sandpool.resume_session(session_id).idle_timeout_s == 300  # the default
+        first = await session_run(session, session_id, "x = 41\nopen('kept.txt', 'w').write('k')")
+        second = await session_run(
+            session, session_id, "print(x + 1, open('kept.txt').read(), open('in.txt').read())",
+            files=[{"path": "in.txt", "content": "given"}])
+        closed = await session.call_tool("session_close", {"session_id": session_id})
+        after = await session_run(session, session_id, "print(x)")
+        again = await session.call_tool("session_close", {"session_id": session_id})
+    assert not first.is_error, text_of(first)
+    assert not second.is_error, text_of(second)
+    assert text_of(second).startswith("exit_code: 0 (pool python-process,")
+    assert "stdout:\n42 k given\n" in text_of(second)
+    assert second.structured_content is not None
+    assert second.structured_content["session_ended"] is False
+    assert not closed.is_error
+    assert text_of(closed) == f"session {session_id} ended: deleted"
+    assert after.is_error
+    assert text_of(after).startswith("session_ended: ")
+    assert after.structured_content is not None
+    assert after.structured_content["error"]["reason"] == "deleted"
+    assert not again.is_error  # closing an ended session is not an error
+    assert text_of(again) == f"session {session_id} ended: deleted"
+    assert session_id not in live_ids(sandpool)
+
+
+async def test_a_run_that_times_out_ends_the_session_and_says_so(
+    mcp_daemon: Daemon, sandpool: Client, server_log: TextIO
+) -> None:
+    async with stdio_session(mcp_daemon.socket, server_log) as session:
+        session_id = await session_create(session, pool="python-process")
+        killed = await session_run(session, session_id, "while True: pass", timeout_s=0.5)
+        later = await session_run(session, session_id, "print(1)")
+    assert not killed.is_error  # the run happened; its verdict says how it ended
+    assert text_of(killed).startswith("exit_code: None, timed_out")
+    assert "the session ended with this run" in text_of(killed)
+    assert later.is_error
+    assert later.structured_content is not None
+    assert later.structured_content["error"]["reason"] == "timed_out"
+    assert "timed_out" in text_of(later)
+
+
+async def test_an_unknown_session_and_a_refused_pool_are_tool_errors(
+    mcp_daemon: Daemon, sandpool: Client, server_log: TextIO
+) -> None:
+    async with stdio_session(mcp_daemon.socket, server_log) as session:
+        unknown = await session_run(session, session_id="s-unknown", code="print(1)")
+        unknown_close = await session.call_tool("session_close", {"session_id": "s-unknown"})
+        no_pool = await session.call_tool("session_create", {"pool": "no-such-pool"})
+        still = await run_code(session, code="print('still here')", pool="python-process")
+    assert unknown.is_error
+    assert text_of(unknown).startswith("session_not_found: ")
+    assert unknown_close.is_error
+    assert text_of(unknown_close).startswith("session_not_found: ")
+    assert no_pool.is_error
+    assert text_of(no_pool).startswith("unknown_pool: ")
+    assert "stdout:\nstill here\n" in text_of(still)
+
+
+async def test_sessions_the_server_created_are_closed_when_it_exits(
+    mcp_daemon: Daemon, sandpool: Client, server_log: TextIO
+) -> None:
+    async with stdio_session(mcp_daemon.socket, server_log) as session:
+        forgotten = [await session_create(session, pool="python-process") for _ in range(2)]
+        assert set(forgotten) <= live_ids(sandpool)
+    # The host went away (stdin closed): the server closed both on its way out,
+    # rather than leaving them to their idle timeout.
+    wait_until(lambda: not set(forgotten) & live_ids(sandpool), "the sessions to be closed")
+    for session_id in forgotten:
+        with pytest.raises(SessionEnded) as ended:
+            sandpool.resume_session(session_id)
+        assert ended.value.reason == "deleted"
+
+
+def test_sigterm_with_the_host_still_attached_closes_the_sessions_and_ends_the_server(
+    mcp_daemon: Daemon, sandpool: Client, server_log: TextIO
+) -> None:
+    """A host that signals before it closes stdin: the server must not wait for stdin."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "mcp", "--socket", mcp_daemon.socket],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=server_log, text=True,
+        cwd=REPOSITORY,
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        for message in (
+            {"id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "a-host", "version": "0"}}},
+            {"method": "notifications/initialized"},
+            {"id": 2, "method": "tools/call", "params": {
+                "name": "session_create", "arguments": {"pool": "python-process"}}},
+        ):
+            process.stdin.write(json.dumps({"jsonrpc": "2.0", **message}) + "\n")
+            process.stdin.flush()
+        process.stdout.readline()  # initialize's answer
+        created = json.loads(process.stdout.readline())["result"]
+        session_id = created["structuredContent"]["session_id"]
+        assert session_id in live_ids(sandpool)
+        process.send_signal(signal.SIGTERM)  # stdin stays open
+        status = process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdin.close()
+        process.stdout.close()
+    assert status == -signal.SIGTERM
+    with pytest.raises(SessionEnded) as ended:
+        sandpool.resume_session(session_id)
+    assert ended.value.reason == "deleted"
+
+
+async def test_a_session_the_agent_leaves_open_ends_by_the_idle_timeout(
+    mcp_daemon: Daemon, sandpool: Client, server_log: TextIO
+) -> None:
+    async with stdio_session(mcp_daemon.socket, server_log, idle_timeout_s=1.5) as session:
+        session_id = await session_create(session, pool="python-process")
+        assert sandpool.resume_session(session_id).idle_timeout_s == 1.5
+        ran = await session_run(session, session_id, "x = 1")
+        assert not ran.is_error, text_of(ran)
+        wait_until(lambda: session_id not in live_ids(sandpool), "the idle session to end",
+                   timeout_s=15)
+        later = await session_run(session, session_id, "print(x)")
+    assert later.is_error
+    assert later.structured_content is not None
+    assert later.structured_content["error"]["reason"] == "idle"
+
+
+async def test_streamable_http_closes_its_sessions_on_sigterm(
+    mcp_daemon: Daemon, sandpool: Client, tmp_path: Path
+) -> None:
+    with http_server(mcp_daemon.socket, tmp_path / "mcp-http.log") as url:
+        async with streamable_http_client(url) as (read, write), \
+                ClientSession(read, write) as session:
+            await session.initialize()
+            session_id = await session_create(session, pool="python-process")
+            ran = await session_run(session, session_id, "y = 2")
+            assert not ran.is_error, text_of(ran)
+        assert session_id in live_ids(sandpool)  # the MCP client left; the server holds it
+    # http_server stopped the server with SIGTERM and waited for its exit.
+    with pytest.raises(SessionEnded) as ended:
+        sandpool.resume_session(session_id)
+    assert ended.value.reason == "deleted"
 
 
 def test_a_host_on_the_first_protocol_revision_gets_text_and_is_error(
@@ -386,6 +593,21 @@ def test_verdicts_and_the_error_lead_the_text() -> None:
     assert text.startswith("exit_code: None, oom_killed, stdout_truncated (pool datasci, 12 ms)")
     assert "ran out of memory" in text
     assert "error: MemoryError: " in text
+
+
+def test_a_session_run_the_daemon_killed_says_the_session_ended() -> None:
+    killed = session_run_result(result_with(exit_code=None, timed_out=True))
+    assert "the session ended with this run" in text_of(killed)
+    assert killed.structured_content is not None
+    assert killed.structured_content["session_ended"] is True
+    failed = session_run_result(result_with(exit_code=1))  # the program's failure only
+    assert "session ended" not in text_of(failed)
+    ended = error_result(SessionEnded("session ended: idle", code="session_ended",
+                                      status=410, reason="idle"))
+    assert text_of(ended) == "session_ended: session ended: idle"
+    assert ended.structured_content == {"error": {
+        "code": "session_ended", "message": "session ended: idle", "status": 410,
+        "reason": "idle"}}
 
 
 def test_a_refusal_keeps_code_status_and_retry_after() -> None:
