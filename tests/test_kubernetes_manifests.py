@@ -85,18 +85,19 @@ Objects = list[dict[str, Any]]
 
 
 @functools.cache
-def _rendered(overlay: str) -> str:
+def _rendered(overlay: str) -> tuple[dict[str, Any], ...]:
     loading = ["--load-restrictor", "LoadRestrictionsNone"] if overlay == INSTALLER else []
     out = subprocess.run(
         [str(KUBECTL), "kustomize", *loading, str(KUBERNETES / overlay)],
         check=True, capture_output=True, text=True, timeout=60,
     )
-    return out.stdout
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return tuple(d for d in yaml.load_all(out.stdout, Loader=loader) if d)
 
 
 def render(overlay: str) -> Objects:
     """The overlay's objects, a fresh copy each call (tests break their copies)."""
-    return [d for d in yaml.safe_load_all(_rendered(overlay)) if d]
+    return copy.deepcopy(list(_rendered(overlay)))
 
 
 def find(objects: Objects, kind: str) -> list[dict[str, Any]]:
