@@ -481,6 +481,21 @@ def test_a_second_run_in_flight_is_refused_busy(sandpool: Client) -> None:
         assert session.run("print('after')").stdout == "after\n"
 
 
+def test_leaving_a_run_early_ends_the_session(sandpool: Client) -> None:
+    with sandpool.session(pool="python") as session:
+        session.run("x = 1")
+        with contextlib.closing(session.stream(
+            "import time\nprint('begun', flush=True)\ntime.sleep(10)"
+        )) as events:
+            first = next(events)
+        assert first == OutputChunk("stdout", "begun\n")
+        # The daemon cannot tell what state the killed run left: the session is over.
+        wait_until(lambda: session.id not in live_ids(sandpool), "the session to end")
+        with pytest.raises(SessionEnded) as caught:
+            session.run("print(x)")
+        assert caught.value.reason == "cancelled"
+
+
 def test_leaving_the_block_by_an_exception_closes(sandpool: Client) -> None:
     opened: list[str] = []
 

@@ -116,8 +116,9 @@ class SessionEnded(ApiError):
     """The session ended and its sandbox is gone (``session_ended``, 410).
 
     ``reason`` is why: ``deleted``, ``expired``, ``idle``, ``timed_out``,
-    ``oom_killed``, ``killed``, ``exited`` or ``shutdown`` (None if the daemon
-    sent none). Its state is lost; a new session starts from nothing.
+    ``oom_killed``, ``killed``, ``exited``, ``cancelled`` (this client left a run
+    before its answer) or ``shutdown`` (None if the daemon sent none). Its state
+    is lost; a new session starts from nothing.
     """
 
     def __init__(self, message: str, *, code: str, status: int, reason: str | None) -> None:

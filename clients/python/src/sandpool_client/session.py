@@ -109,7 +109,8 @@ class Session(_SessionBase):
         directory; the result's ``files`` are what is new or changed under
         ``out/`` since the previous run. A run that times out or runs out of
         memory ends the session: its result says so, and later calls raise
-        SessionEnded.
+        SessionEnded. So does a RequestTimeout here: the daemon kills the run
+        its client left.
 
         Raises SessionEnded (``.reason``), SessionNotFound, SessionBusy, and
         like ``Client.run``, but is never sent twice: ``Client(retries=)`` does
@@ -131,7 +132,7 @@ class Session(_SessionBase):
     ) -> Generator[OutputChunk | RunResult, None, None]:
         """``run``, yielding the output as it is written, then the RunResult
         (``Client.stream``). Leaving the loop early kills the run's program, which
-        ends the session (the daemon cannot tell what state it left)."""
+        ends the session (reason ``cancelled``: nobody can tell what state it left)."""
         body = protocol.run_body(code, pool=None, language=None, stdin=stdin,
                                  timeout_s=timeout_s, files=files, env=env, argv=argv)
         return self._client._stream(self._run_path, body, timeout_s, retry=False)
