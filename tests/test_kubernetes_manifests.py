@@ -467,6 +467,57 @@ def privilege_problems(objects: Objects, overlay: str) -> list[str]:
     return problems
 
 
+# Volume types the restricted Pod Security level admits.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+
+
+def pod_security_problems(objects: Objects) -> list[str]:
+    """A namespace labelled `enforce: restricted` admits the pods rendered into it.
+
+    The restricted level's controls as the manifests can break them; with
+    hostUsers: false, procMount: Unmasked is admitted (Kubernetes 1.34 and later).
+    """
+    problems = []
+    levels = {n["metadata"]["name"]: n["metadata"].get("labels", {}).get(
+        "pod-security.kubernetes.io/enforce") for n in find(objects, "Namespace")}
+    for workload in workloads(objects):
+        if levels.get(workload["metadata"].get("namespace", "")) != "restricted":
+            continue
+        pod = workload["spec"]["template"]["spec"]
+        user_namespace = pod.get("hostUsers") is False
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(flag):
+                problems.append(flag)
+        for volume in pod.get("volumes", []):
+            kinds = set(volume) - {"name"}
+            if not kinds <= RESTRICTED_VOLUMES:
+                problems.append(f"volume {volume['name']}: {sorted(kinds)}")
+        for container in all_containers(pod):
+            security = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+            where = f"container {container['name']}"
+            if security.get("privileged"):
+                problems.append(f"{where}: privileged")
+            if set(security.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+                problems.append(f"{where}: adds capabilities")
+            if security.get("procMount", "Default") != "Default" and not user_namespace:
+                problems.append(f"{where}: procMount without a user namespace")
+            if security.get("seccompProfile", {}).get("type") not in {"RuntimeDefault",
+                                                                       "Localhost"}:
+                problems.append(f"{where}: no seccomp profile")
+            if security.get("appArmorProfile", {}).get("type", "RuntimeDefault") == "Unconfined":
+                problems.append(f"{where}: AppArmor unconfined")
+            if not user_namespace and security.get("runAsNonRoot") is not True:
+                problems.append(f"{where}: may run as root")
+            if security.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where}: allows privilege escalation")
+            if "ALL" not in security.get("capabilities", {}).get("drop", []):
+                problems.append(f"{where}: keeps capabilities")
+            if any("hostPort" in port for port in container.get("ports", [])):
+                problems.append(f"{where}: hostPort")
+    return problems
+
+
 # --- the tests ---------------------------------------------------------------------
 
 
@@ -502,6 +553,7 @@ def test_the_pod_fits_the_daemon(overlay: str) -> None:
     assert config_problems(objects) == []
     assert network_problems(objects) == []
     assert privilege_problems(objects, overlay) == []
+    assert pod_security_problems(objects) == []
     assert SECCOMP_PROFILE.is_file()
 
 
@@ -706,6 +758,10 @@ def _break_metrics_port(objects: Objects) -> None:
     _set_config(objects, '"0.0.0.0:9464"', '"0.0.0.0:9465"')
 
 
+def _break_pod_security(objects: Objects) -> None:
+    _pod(objects)["volumes"].append({"name": "host", "hostPath": {"path": "/var/run"}})
+
+
 def _break_image_tag(objects: Objects) -> None:
     daemon_container(_pod(objects))["image"] = "sandpool/daemon"
 
@@ -753,6 +809,7 @@ BREAKAGES: list[tuple[Callable[[Objects], None], str, Callable[[Objects], list[s
      functools.partial(privilege_problems, overlay="overlays/node-local")),
     (_break_privileged, "overlays/dind",
      functools.partial(privilege_problems, overlay="overlays/dind")),
+    (_break_pod_security, "overlays/production", pod_security_problems),
     (_break_image_tag, "overlays/node-local",
      functools.partial(privilege_problems, overlay="overlays/node-local")),
     (_break_installer, INSTALLER, installer_problems),
