@@ -29,6 +29,7 @@ from sandpool_client import (
     OutputChunk,
     RunResult,
     SandpoolClientError,
+    Session,
     SessionBusy,
     SessionEnded,
     SessionInfo,
@@ -413,6 +414,20 @@ def test_an_idle_session_ends_by_itself(sandpool: Client) -> None:
         with pytest.raises(SessionEnded) as caught:
             session.run("print(x)")
         assert caught.value.reason == "idle"
+
+
+def test_a_session_ends_at_its_ttl_however_busy(sandpool: Client) -> None:
+    def keep_running(session: Session) -> None:
+        """Runs keep it from idling, not from expiring: until one is refused."""
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            session.run("import time; time.sleep(0.3)")
+
+    with sandpool.session(pool="python", ttl_s=2, idle_timeout_s=1) as session:
+        with pytest.raises(SessionEnded) as caught:
+            keep_running(session)
+        assert caught.value.reason == "expired"
+        assert session.close() == "expired"
 
 
 def test_close_is_idempotent_on_the_daemon_too(sandpool: Client) -> None:
