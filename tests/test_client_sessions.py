@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -449,6 +453,81 @@ def test_an_unknown_id_is_not_found(sandpool: Client) -> None:
     assert (caught.value.status, caught.value.code) == (404, "session_not_found")
     with pytest.raises(SessionNotFound):
         sandpool.resume_session("../pools")  # quoted: never another resource
+
+
+# A second caller on the socket: another uid (the daemon's owner is the peer's uid).
+NOBODY = 65534
+# The owner's daemon, whose socket another uid may reach (a directory it can
+# traverse, mode 0o666, no allowed_uids).
+SHARED_SOCKET_CONFIG = """
+[server]
+metrics_address = "off"
+socket_mode = 0o666
+
+[pools.python]
+backend = "process"
+min_idle = 1
+max_size = 4
+"""
+
+
+def as_another_uid(socket_path: str, session_id: str) -> dict[str, Any]:
+    """What uid ``NOBODY`` gets for ``session_id``: each request's status and code.
+
+    A forked child drops to that uid (it cannot exec this venv's Python, which
+    lives under root's home) and asks with modules the parent already loaded.
+    """
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - reported through the pipe
+        status = 1
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            seen: dict[str, Any] = {}
+            with httpx.Client(transport=httpx.HTTPTransport(uds=socket_path),
+                              base_url="http://sandpool") as other:
+                for name, method, path, body in (
+                    ("get", "GET", session_path(session_id), None),
+                    ("run", "POST", session_path(session_id, "run"), {"code": "print(secret)"}),
+                    ("delete", "DELETE", session_path(session_id), None),
+                    ("list", "GET", "/v1/sessions", None),
+                    ("unknown", "GET", session_path("s-" + secrets.token_urlsafe(32)), None),
+                ):
+                    answer = other.request(method, path, json=body)
+                    seen[name] = [answer.status_code, answer.json()]
+            os.write(writer, json.dumps(seen).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as answers:
+        said = answers.read()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the other uid's requests failed"
+    seen = json.loads(said)
+    assert isinstance(seen, dict)
+    return seen
+
+
+def test_another_callers_session_is_not_found_for_them() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="sandpool-sessions-"))
+    try:
+        workdir.chmod(0o755)
+        with running_daemon(workdir, SHARED_SOCKET_CONFIG) as daemon, \
+                Client(daemon.socket) as owner, owner.session(pool="python") as mine:
+            mine.run("secret = 1")
+            seen = as_another_uid(daemon.socket, mine.id)
+            # Refused as an id that never existed is: the id is not even confirmed.
+            assert seen["unknown"][0] == 404
+            assert seen["unknown"][1]["error"]["code"] == "session_not_found"
+            assert (seen["get"], seen["run"], seen["delete"]) == (seen["unknown"],) * 3
+            assert seen["list"] == [200, {"sessions": []}]
+            assert mine.run("print(secret)").stdout == "1\n"  # untouched by the other
+    finally:
+        shutil.rmtree(workdir)
 
 
 def test_the_limits_raise_their_classes(sandpool: Client) -> None:
