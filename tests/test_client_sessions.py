@@ -4,7 +4,8 @@ The first half feeds the parsing dicts and httpx's MockTransport answers, which
 docs/sessions.md specifies: each stable code to its exception, a session's run
 never sent twice, creation retried as a run is, ``close()`` idempotent. The
 second half runs ``Client.session`` and ``AsyncClient.session`` against a real
-daemon on its Unix socket (process tier).
+daemon on its Unix socket (process tier), and a second daemon whose socket
+another uid can reach, to be refused the owner's session.
 """
 
 from __future__ import annotations
