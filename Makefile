@@ -65,3 +65,9 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
 # Reinstalls only when the dependencies change.
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/ensure-venv.sh
 	bash scripts/ensure-venv.sh
+
+# The daemon's own image, sandpool/daemon:bookworm (docs/kubernetes-image.md):
+# built from Debian packages and this checkout, skipped when current.
+.PHONY: daemon-image
+daemon-image: setup
+	$(VENV)/bin/python -m deploy.image.build
