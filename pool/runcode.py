@@ -165,6 +165,10 @@ def prepare(request: GuestRequest) -> str:
             directory = f"{directory}/{part}"
             with contextlib.suppress(FileExistsError):
                 os.mkdir(directory)
+        # A session's earlier run may have left this path: replaced, never
+        # written through (a link there stays the code's own business).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{base}/{path}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(f"{base}/{path}", flags, 0o644)
         try:
@@ -253,6 +257,7 @@ def run_main(
     request: GuestRequest,
     before_exit: "list[Callable[[], object]]",
     results: Results,
+    namespace: "dict[str, object] | None" = None,
 ) -> "tuple[int, dict[str, str] | None]":
     """Run the code as ``python -c`` would, up to its exit functions: (status, error).
 
@@ -261,9 +266,17 @@ def run_main(
     Then each of ``before_exit`` (what the interpreter's shutdown runs:
     waiting for threads, atexit) is called; one that raises prints its
     traceback and turns a 0 status into 1. Figures still open are rendered.
+
+    ``namespace``: a session's ``__main__`` globals, kept from run to run as a
+    notebook's; a session's run is a cell, so the interpreter's exit steps
+    (``atexit``) are not run after it, only ``before_exit``.
     """
     code = request.code
-    namespace = fresh_main(request.argv)
+    cell = namespace is not None
+    if namespace is None:
+        namespace = fresh_main(request.argv)
+    else:
+        sys.argv = ["-c", *request.argv]
     # Register the source so tracebacks show the offending lines.
     linecache.cache["<string>"] = (len(code), None, code.splitlines(keepends=True), "<string>")
     status, error = 0, None
@@ -283,7 +296,8 @@ def run_main(
                  "traceback": text[-MAX_ERROR_BYTES // 2 :]}
         status = 1
     # Figures before atexit: matplotlib registers one that closes them all.
-    for step in [*before_exit, results.add_figures, atexit._run_exitfuncs]:
+    exit_steps = [] if cell else [atexit._run_exitfuncs]
+    for step in [*before_exit, results.add_figures, *exit_steps]:
         try:
             step()
         except BaseException:
@@ -312,12 +326,13 @@ def split_final_expression(code: str) -> "tuple[types.CodeType, types.CodeType |
 
 def outcome_frames(
     base: str, limits: OutcomeLimits, results: Results, error: "dict[str, str] | None",
-    files: bool = True,
+    files: bool = True, seen: "dict[str, tuple[int, int, int]] | None" = None,
 ) -> bytes:
     """Everything the run leaves besides its output, as frames (pool/wire.py's Outcome).
 
     ``files=False`` leaves out/ to the host (the wasm tier, whose host reads the
     guest's scratch directly, where each directory call from inside costs ~1 ms).
+    ``seen``: a session's out/ as its last answer reported it (out_dir_frames).
     """
     frames = []
     for mime, data in results.items:
@@ -325,12 +340,18 @@ def outcome_frames(
     if error is not None:
         frames.append(header_frame(ERROR, error))
     if files:
-        frames.extend(out_dir_frames(base, limits))
+        frames.extend(out_dir_frames(base, limits, seen))
     return b"".join(frames)
 
 
-def out_dir_frames(base: str, limits: OutcomeLimits) -> "list[bytes]":
+def out_dir_frames(
+    base: str, limits: OutcomeLimits, seen: "dict[str, tuple[int, int, int]] | None" = None
+) -> "list[bytes]":
     """Every entry under ``out/``, depth first in name order, within ``limits``.
+
+    ``seen`` (a session's): path -> (inode, size, mtime) of what an earlier
+    answer reported; an entry unchanged since is left out, and ``seen`` is
+    updated, so each run of a session reports what is new or changed.
 
     Symlinks are reported by kind and never followed; FIFOs, sockets and
     devices likewise, never opened. The wasm tier's daemon runs this on the
@@ -341,13 +362,13 @@ def out_dir_frames(base: str, limits: OutcomeLimits) -> "list[bytes]":
     """
     frames: list[bytes] = []
     budget = [limits.max_files + 1, limits.max_files_bytes]  # entries (one past: dropped), bytes
-    _walk(f"{base}/{OUT_DIR}", OUT_DIR, limits, budget, frames, depth=0)
+    _walk(f"{base}/{OUT_DIR}", OUT_DIR, limits, budget, frames, 0, seen)
     return frames
 
 
 def _walk(
     directory: str, prefix: str, limits: OutcomeLimits, budget: "list[int]",
-    frames: "list[bytes]", depth: int,
+    frames: "list[bytes]", depth: int, seen: "dict[str, tuple[int, int, int]] | None",
 ) -> None:
     try:
         with os.scandir(directory) as listing:
@@ -363,8 +384,13 @@ def _walk(
         except OSError:
             continue
         if stat.S_ISDIR(info.st_mode):
-            _walk(entry.path, path, limits, budget, frames, depth + 1)
+            _walk(entry.path, path, limits, budget, frames, depth + 1, seen)
             continue
+        if seen is not None:
+            state = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if seen.get(path) == state:
+                continue
+            seen[path] = state
         budget[0] -= 1
         kind = _kind(info.st_mode)
         frames.append(header_frame(FILE_OUT, {"path": path, "kind": kind, "size": info.st_size}))

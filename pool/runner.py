@@ -81,10 +81,12 @@ from pool.wire import (
     DRAIN_READS,
     EXIT,
     GARBLED_STATUS,
+    GONE,
     MATPLOTLIB_CONFIG_DIR,
     MAX_CONTROL_BYTES,
     OUTCOME_KINDS,
     READY,
+    SESSION,
     SPAWN_FDS,
     STATUS,
     STDERR,
@@ -121,38 +123,55 @@ def park() -> NoReturn:
         signal.pause()
 
 
-def run_python(request: GuestRequest, base: str, status_w: int, results: Results) -> NoReturn:
-    """Run the code, then send its outcome and status on the status channel, and park."""
+class Session:
+    """What a session's child keeps from run to run: its ``__main__`` and what out/ held."""
+
+    def __init__(self) -> None:
+        self.namespace = fresh_main()
+        self.seen: dict[str, tuple[int, int, int]] = {}
+
+
+def run_python(
+    request: GuestRequest, base: str, status_w: int, results: Results, session: "Session | None"
+) -> None:
+    """Run the code, then send its outcome and status on the status channel."""
     real_exit, me = os._exit, os.getpid()
+    seen = session.seen if session is not None else None
 
     def exit_with_outcome(status: int) -> NoReturn:
         # The code's own os._exit(n): its files still come back. Not from a
         # process the code forked: only this one's exit ends the run.
         if os.getpid() == me:
-            report(status_w, base, request.limits, results, None, status)
+            report(status_w, base, request.limits, results, None, status, seen)
         real_exit(status)
 
     os._exit = exit_with_outcome
-    # Wait for non-daemon threads first, as interpreter exit would.
-    status, error = run_main(request, [threading._shutdown], results)  # type: ignore[attr-defined]
+    if session is None:
+        # Wait for non-daemon threads first, as interpreter exit would.
+        before_exit = [threading._shutdown]  # type: ignore[attr-defined]
+        status, error = run_main(request, before_exit, results)
+    else:  # a cell: its threads run on into the next one
+        status, error = run_main(request, [], results, session.namespace)
     os._exit = real_exit
-    report(status_w, base, request.limits, results, error, status)
-    park()
+    report(status_w, base, request.limits, results, error, status, seen)
 
 
 def report(
     status_w: int, base: str, limits: OutcomeLimits, results: Results,
     error: dict[str, str] | None, status: int,
+    seen: "dict[str, tuple[int, int, int]] | None" = None,
 ) -> None:
     """The outcome, then the EXIT frame; exits with ``status`` if the code closed the channel."""
     try:
-        outcome = outcome_frames(base, limits, results, error)
+        outcome = outcome_frames(base, limits, results, error, seen=seen)
         write_all(status_w, outcome + frame(EXIT, STATUS.pack(status)))
     except OSError:  # the code closed the status pipe: report by exiting instead
         os._exit(status)
 
 
-def run_shell(request: GuestRequest, base: str, status_w: int) -> NoReturn:
+def run_shell(
+    request: GuestRequest, base: str, status_w: int, session: "Session | None"
+) -> None:
     """``sh -c`` in a process of its own, so the files it leaves in out/ still come back."""
     if "\0" in request.code:
         os.write(2, b"sh: the script contains a NUL byte\n")
@@ -162,12 +181,12 @@ def run_shell(request: GuestRequest, base: str, status_w: int) -> NoReturn:
         if pid == 0:
             os.execv("/bin/sh", ["sh", "-c", request.code, "sh", *request.argv])
         status = reap(pid)
+    seen = session.seen if session is not None else None
     try:
-        files = b"".join(out_dir_frames(base, request.limits))
+        files = b"".join(out_dir_frames(base, request.limits, seen))
         write_all(status_w, files + frame(EXIT, STATUS.pack(status)))
     except OSError:
         os._exit(status)
-    park()
 
 
 def prctl(option: int, value: int) -> None:
@@ -237,23 +256,41 @@ def child(
         f.write("1000")  # under memory pressure the kernel kills the code, not the runner
     rehearse_request()
     request = take_request(0)
-    results.limit = request.limits.max_display_bytes
-    stdin_fd = stdin_memfd(request.stdin)
-    os.dup2(stdin_fd, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
-    for fd in (stdin_fd, out_w, err_w):
+    for fd in (out_w, err_w):
         os.close(fd)
-    try:
-        base = prepare(request)
-    except OSError as e:  # a full scratch disk: the code never runs
-        os.write(2, f"sandpool: cannot write the request's files: {e}\n".encode())
-        write_all(status_w, frame(EXIT, STATUS.pack(1)))
-        park()
+    session = None
+    if request.session:
+        # The channel moves off fd 0 (each run's stdin goes there) for the
+        # next requests; the code can read it, but it is its own session's.
+        request_fd = os.dup(0)
+        session = Session()
     gc.enable()
-    if language == "shell":
-        run_shell(request, base, status_w)
-    run_python(request, base, status_w, results)
+    while True:
+        if session is not None:
+            # This run is taken: a child that dies from here on ran (part of) it.
+            write_all(status_w, frame(SESSION))
+        results.limit = request.limits.max_display_bytes
+        results.items, results.used = [], 0
+        stdin_fd = stdin_memfd(request.stdin)
+        os.dup2(stdin_fd, 0)
+        os.close(stdin_fd)
+        try:
+            base = prepare(request)
+        except OSError as e:  # a full scratch disk: the code never runs
+            os.write(2, f"sandpool: cannot write the request's files: {e}\n".encode())
+            write_all(status_w, frame(EXIT, STATUS.pack(1)))
+        else:
+            if language == "shell":
+                run_shell(request, base, status_w, session)
+            else:
+                run_python(request, base, status_w, results, session)
+        if session is None:
+            park()
+        request = take_request(request_fd)
+        if not request.session:
+            os._exit(EX_SOFTWARE)  # the daemon never mixes them: stop rather than guess
 
 
 def exec_node(runner: int, out_w: int, err_w: int, status_w: int, ready_w: int) -> NoReturn:
@@ -308,64 +345,88 @@ def reap(pid: int) -> int:
 
 
 def relay(pid: int, out_r: int, err_r: int, status_r: int) -> None:
+    """Relay the child's output and outcome until its status, then return (to park).
+
+    A session's child sends SESSION as it takes each request: the relay goes
+    on after each EXIT frame, until the child has ended. Then it sends GONE,
+    after the EXIT frame of a run the child had taken, or alone between runs,
+    so the daemon never takes an old status for a request the child never read.
+    """
     kinds = {out_r: STDOUT, err_r: STDERR}
     pidfd = os.pidfd_open(pid)
     poller = select.poll()
     for fd in (out_r, err_r, status_r, pidfd):
         poller.register(fd, select.POLLIN)
     status_frames = FrameDecoder()
-    garbled = False
-    status = None
-    while status is None:
-        frames = []
-        for fd, _ in poller.poll():
-            if fd in kinds:
-                data = os.read(fd, CHUNK)
-                if data:
-                    frames.append(frame(kinds[fd], data))
-                else:
-                    poller.unregister(fd)
-            elif fd == status_r:
-                # The child's outcome frames pass on as they are (the daemon holds
-                # them to its limits); its EXIT frame is the status.
-                data = os.read(status_r, CHUNK)
-                try:
-                    for kind, payload in status_frames.feed(data) if data else []:
-                        if kind == EXIT and len(payload) == STATUS.size:
-                            (status,) = STATUS.unpack(payload)
-                        elif kind in OUTCOME_KINDS:
-                            frames.append(frame(kind, payload))
-                        else:
-                            raise WireError("not an outcome frame")
-                except WireError:
-                    # The code wrote to its status channel: nothing from it is
-                    # trusted now. Stop it and report the violation.
-                    garbled = True
-                    if status is None:  # not reaped yet: the pid is still the child's
-                        os.kill(pid, signal.SIGKILL)
-                        status = reap(pid)
-                    break
-                if not data:  # closed before its status: wait for the process
-                    poller.unregister(status_r)
-            else:
-                status = reap(pid)
-        if frames and status is None:
-            write_all(1, b"".join(frames))
-            frames = []
-    # Output the child wrote before it finished is in the pipes; a process it
-    # left behind may hold them open and keep writing, so read what is there, then stop.
-    for fd, kind in kinds.items():
-        os.set_blocking(fd, False)
-        for _ in range(DRAIN_READS):
-            try:
-                data = os.read(fd, CHUNK)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            frames.append(frame(kind, data))
-    frames.append(frame(EXIT, STATUS.pack(GARBLED_STATUS if garbled else status)))
-    write_all(1, b"".join(frames))
+    session = in_run = False
+    gone = False  # the child has been reaped
+    while True:
+        garbled = False
+        status = None
+        frames: list[bytes] = []
+        while status is None and not (gone and session and not in_run):
+            for fd, _ in poller.poll():
+                if fd in kinds:
+                    data = os.read(fd, CHUNK)
+                    if data:
+                        frames.append(frame(kinds[fd], data))
+                    else:
+                        poller.unregister(fd)
+                elif fd == status_r:
+                    # The child's outcome frames pass on as they are (the daemon holds
+                    # them to its limits); its EXIT frame is the status.
+                    data = os.read(status_r, CHUNK)
+                    try:
+                        for kind, payload in status_frames.feed(data) if data else []:
+                            if kind == EXIT and len(payload) == STATUS.size:
+                                (status,) = STATUS.unpack(payload)
+                                in_run = False
+                                break  # a session's next run starts after it
+                            if kind == SESSION and not payload:
+                                session = in_run = True
+                            elif kind in OUTCOME_KINDS:
+                                frames.append(frame(kind, payload))
+                            else:
+                                raise WireError("not an outcome frame")
+                    except WireError:
+                        # The code wrote to its status channel: nothing from it is
+                        # trusted now. Stop it and report the violation.
+                        garbled = True
+                        if not gone:  # not reaped yet: the pid is still the child's
+                            os.kill(pid, signal.SIGKILL)
+                            status, gone = reap(pid), True
+                        break
+                    if not data:  # closed before its status: wait for the process
+                        poller.unregister(status_r)
+                elif fd == pidfd:
+                    poller.unregister(pidfd)
+                    reaped = reap(pid)
+                    gone = True
+                    if not session or in_run:
+                        status = reaped
+            if frames and status is None:
+                write_all(1, b"".join(frames))
+                frames = []
+        if status is not None:
+            # Output the child wrote before it finished is in the pipes; a process it
+            # left behind may hold them open and keep writing, so read what is there,
+            # then stop.
+            for fd, kind in kinds.items():
+                os.set_blocking(fd, False)
+                for _ in range(DRAIN_READS):
+                    try:
+                        data = os.read(fd, CHUNK)
+                    except OSError:
+                        break
+                    if not data:
+                        break
+                    frames.append(frame(kind, data))
+            frames.append(frame(EXIT, STATUS.pack(GARBLED_STATUS if garbled else status)))
+        if session and (gone or garbled):
+            frames.append(frame(GONE))
+        write_all(1, b"".join(frames))
+        if not session or gone or garbled:
+            return
 
 
 def protect_runner() -> None:

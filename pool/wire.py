@@ -38,7 +38,13 @@ READY, STDOUT, STDERR, EXIT = b"R", b"O", b"E", b"X"
 # of the last file or result, the uncaught exception.
 FILE_OUT, DISPLAY, CONTENT, ERROR = b"F", b"D", b"C", b"T"
 OUTCOME_KINDS = frozenset((FILE_OUT, DISPLAY, CONTENT, ERROR))
-KNOWN_KINDS = frozenset((READY, STDOUT, STDERR, EXIT)) | OUTCOME_KINDS
+# Sessions (a request with ``session`` set: the child takes another request
+# after it). SESSION: the child tells the relay, on its status pipe, to keep
+# relaying after the EXIT frame; never passed on. GONE: the relay tells the
+# daemon the child has ended, so no further request of the session is taken
+# (direct mode needs none: there the runner's EXIT frame means exactly that).
+SESSION, GONE = b"S", b"G"
+KNOWN_KINDS = frozenset((READY, STDOUT, STDERR, EXIT, SESSION, GONE)) | OUTCOME_KINDS
 READY_FRAME = FRAME.pack(READY, 0)
 CHUNK = 65536  # one read of an output pipe, and so the largest frame a runner sends
 # Once the code's status is in, what it wrote before is in the pipes; a process
@@ -377,7 +383,7 @@ class OutcomeLimits:
 class GuestRequest:
     """What the guest is asked to run: the code and everything around it."""
 
-    __slots__ = ("argv", "code", "env", "files", "limits", "stdin")
+    __slots__ = ("argv", "code", "env", "files", "limits", "session", "stdin")
 
     def __init__(
         self,
@@ -387,6 +393,7 @@ class GuestRequest:
         env: "dict[str, str] | None" = None,
         argv: "list[str] | None" = None,
         limits: "OutcomeLimits | None" = None,
+        session: bool = False,
     ) -> None:
         self.code = code
         self.stdin = stdin
@@ -394,6 +401,9 @@ class GuestRequest:
         self.env = dict(env or {})  # added to the sandbox's environment
         self.argv = list(argv or [])  # sys.argv[1:] / process.argv.slice(2)
         self.limits = limits or OutcomeLimits(0, 0, 0, 0)
+        # A session's run: the code runs in the session's __main__, and the
+        # child takes the next request afterwards instead of parking.
+        self.session = session
 
     def encode(self) -> bytes:
         """The length-prefixed request; lone surrogates survive the round trip."""
@@ -404,6 +414,7 @@ class GuestRequest:
             "env": self.env,
             "argv": self.argv,
             "limits": self.limits.to_json(),
+            "session": self.session,
         }, ensure_ascii=False).encode("utf-8", "surrogatepass")
         return REQUEST.pack(len(body)) + body
 
@@ -436,7 +447,10 @@ class GuestRequest:
         except ValueError:
             raise WireError("a request file is not base64") from None
         limits = OutcomeLimits.from_json(request["limits"]) if "limits" in request else None
-        return cls(code, stdin, decoded, env, argv, limits)
+        session = request.get("session", False)
+        if not isinstance(session, bool):
+            raise WireError("the request's session must be a boolean")
+        return cls(code, stdin, decoded, env, argv, limits, session)
 
 
 def header_frame(kind: bytes, header: "Mapping[str, object]") -> bytes:

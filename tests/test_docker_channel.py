@@ -110,7 +110,7 @@ async def test_the_request_is_one_length_prefixed_json_object() -> None:
     assert size == len(body)
     assert json.loads(body) == {
         "code": "print(1)", "stdin": "in\0put", "files": [["a.txt", "/w=="]], "env": {"K": "v"},
-        "argv": ["x"], "limits": LIMITS.to_json(),
+        "argv": ["x"], "limits": LIMITS.to_json(), "session": False,
     }
 
 
