@@ -33,11 +33,15 @@ class RunRequest:
     output_listener: Callable[[bytes, bytes], None] | None = field(
         default=None, compare=False, repr=False
     )
+    # A session's run (pool/sessions.py): the sandbox is leased, the code runs
+    # in the session's __main__ and the sandbox takes further requests.
+    session: bool = False
 
     def to_guest(self, limits: OutcomeLimits) -> GuestRequest:
         """What the guest is sent; ``limits`` are the pool's (outcome_limits)."""
         return GuestRequest(
-            self.code, self.stdin, list(self.files), dict(self.env), list(self.argv), limits
+            self.code, self.stdin, list(self.files), dict(self.env), list(self.argv), limits,
+            self.session,
         )
 
 
@@ -94,18 +98,25 @@ class SandboxState(enum.Enum):
 
     IDLE -> BUSY -> DESTROYED is a normal life; a sandbox that dies by itself
     goes to DEAD (from IDLE: the pool is told, "died"; from BUSY: its run
-    reports it) and is destroyed afterwards. DESTROYED is final.
+    reports it) and is destroyed afterwards. DESTROYED is final. A session's
+    sandbox goes IDLE -> LEASED instead, takes any number of requests there,
+    and is destroyed at the session's end; one that dies while LEASED is
+    reported as an idle one is, between runs or not.
     """
 
     IDLE = "idle"  # ready and parked: may be handed out
     BUSY = "busy"  # took its one request
+    LEASED = "leased"  # a session's: takes its requests, one at a time
     DEAD = "dead"  # died by itself; never handed out
     DESTROYED = "destroyed"  # the backend released it
 
 
 _FORWARD = {
-    SandboxState.IDLE: {SandboxState.BUSY, SandboxState.DEAD, SandboxState.DESTROYED},
+    SandboxState.IDLE: {
+        SandboxState.BUSY, SandboxState.LEASED, SandboxState.DEAD, SandboxState.DESTROYED
+    },
     SandboxState.BUSY: {SandboxState.DEAD, SandboxState.DESTROYED},
+    SandboxState.LEASED: {SandboxState.DEAD, SandboxState.DESTROYED},
     SandboxState.DEAD: {SandboxState.DESTROYED},
     SandboxState.DESTROYED: set(),
 }
@@ -125,7 +136,7 @@ class Sandbox:
     @property
     def alive(self) -> bool:
         """The pool hands out only a sandbox that is alive."""
-        return self.state in (SandboxState.IDLE, SandboxState.BUSY)
+        return self.state in (SandboxState.IDLE, SandboxState.BUSY, SandboxState.LEASED)
 
     def _move(self, to: SandboxState) -> bool:
         """Go to ``to`` if that is forward from here; False (and no change) otherwise."""
@@ -134,14 +145,28 @@ class Sandbox:
         self.state = to
         return True
 
+    def lease(self) -> bool:
+        """IDLE -> LEASED: it becomes one session's; False if it is no longer idle."""
+        return self._move(SandboxState.LEASED)
+
     def take_request(self) -> bool:
-        """IDLE -> BUSY; False if it is no longer idle (dead or destroyed: the pool retries)."""
+        """IDLE -> BUSY; False if it is no longer idle (dead or destroyed: the pool retries).
+
+        A LEASED sandbox takes each of its session's requests and stays LEASED.
+        """
+        if self.state is SandboxState.LEASED:
+            return True
         return self._move(SandboxState.BUSY)
 
+    @property
+    def waiting(self) -> bool:
+        """Between requests: idle in its pool, or leased to a session."""
+        return self.state in (SandboxState.IDLE, SandboxState.LEASED)
+
     def mark_dead(self) -> bool:
-        """It died by itself; True if it was idle, so the pool must be told."""
-        was_idle = self.state is SandboxState.IDLE
-        return self._move(SandboxState.DEAD) and was_idle
+        """It died by itself; True if it was idle or leased, so the pool must be told."""
+        was_waiting = self.waiting
+        return self._move(SandboxState.DEAD) and was_waiting
 
     def mark_destroyed(self) -> bool:
         """True the first time: the caller releases what the sandbox holds, once."""

@@ -248,7 +248,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
             raise BackendError(f"cannot create a container: {describe(e)}") from None
 
     async def run(self, sandbox: DockerSandbox, request: RunRequest) -> RunResult:
-        if not sandbox.take_request():
+        if sandbox.channel.child_gone or not sandbox.take_request():
             raise SandboxLostError(f"sandbox {sandbox.id} died while idle")
         began = time.monotonic()
         limits = self.config.outcome_limits()
@@ -260,6 +260,8 @@ class DockerBackend(BackendBase[DockerSandbox]):
         except DOCKER_ERRORS as e:
             raise BackendError(f"lost the stream of sandbox {sandbox.id}: {describe(e)}") from None
         execution_s = time.monotonic() - began
+        if end is RunEnd.NOT_TAKEN:
+            raise SandboxLostError(f"sandbox {sandbox.id}: its session's process had ended")
         if end is RunEnd.STREAM_ENDED:
             # The runner died without its exit frame (OOM kill, crash): ask Docker.
             exit_code = await self._exit_code(sandbox)

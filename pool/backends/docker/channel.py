@@ -26,6 +26,7 @@ from pool.errors import BackendError, SandboxLostError
 from pool.protocol import FrameDecoder, ProtocolViolation, decode_exit
 from pool.wire import (
     EXIT,
+    GONE,
     OUTCOME_KINDS,
     READY,
     Outcome,
@@ -66,6 +67,9 @@ class RunEnd(enum.Enum):
     OUTPUT_CAPPED = "output_capped"  # a stream passed its cap: the pool destroys the sandbox
     STREAM_ENDED = "stream_ended"  # the runner died without its exit frame (OOM kill, crash)
     TIMED_OUT = "timed_out"  # the request's timeout passed first
+    # A session's child had ended before it took this request (GONE before any
+    # EXIT): nothing ran, and the session takes no further request.
+    NOT_TAKEN = "not_taken"
     # Garbage on the channel: the sandbox is not trustworthy any more; what
     # was captured is reported and the pool destroys it.
     PROTOCOL_VIOLATION = "protocol_violation"
@@ -79,6 +83,8 @@ class RunnerChannel:
         self.sandbox_id = sandbox_id
         self._decoder = FrameDecoder()
         self._pending: deque[tuple[bytes, bytes]] = deque()  # decoded, not yet taken
+        # The relay said GONE: a session's child has ended, no request is taken any more.
+        self.child_gone = False
 
     async def next_frame(self) -> tuple[bytes, bytes] | None:
         """The next runner frame; None once the stream ends. Raises ProtocolViolation."""
@@ -130,7 +136,15 @@ class RunnerChannel:
                 while (frame := await self.next_frame()) is not None:
                     kind, payload = frame
                     if kind == EXIT:
+                        # GONE, if it follows, came in the same write: the
+                        # session ends with this run.
+                        if self._pending and self._pending[0][0] == GONE:
+                            self._pending.popleft()
+                            self.child_gone = True
                         return RunEnd.EXITED, decode_exit(payload)
+                    if kind == GONE:
+                        self.child_gone = True
+                        return RunEnd.NOT_TAKEN, None
                     if kind in OUTCOME_KINDS:
                         outcome.add(kind, payload)
                     elif kind != READY and not capture.add(kind, payload):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from pool.backends.base import BackendBase, RunRequest, RunResult, SandboxState, new_sandbox_id
+from pool.backends.base import BackendBase, RunRequest, RunResult, new_sandbox_id
 from pool.backends.fork.sandbox import ChannelReader, ForkSandbox, RequestWriter
 from pool.backends.fork.template import Template, inside_cgroup_procs
 from pool.backends.process.cgroups import (
@@ -41,7 +41,7 @@ from pool.backends.process.cgroups import (
 )
 from pool.backends.process.channel import OutputPipes, RunnerProtocol
 from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
-from pool.backends.process.execute import run_direct
+from pool.backends.process.execute import report_died_waiting, run_direct
 from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
@@ -259,7 +259,9 @@ class ForkBackend(BackendBase[ForkSandbox]):
                 why = sandbox.stderr_text or _describe(e)
                 raise BackendError(f"cannot fork a sandbox: {why}") from None
             raise
-        sandbox.protocol.on_idle_death = lambda: self._died_idle(sandbox)
+        sandbox.protocol.on_idle_death = lambda: report_died_waiting(
+            sandbox, self.config.name, self.report_died
+        )
         return sandbox
 
     def _make_cgroup(self, tree: CgroupTree, sandbox_id: str, template_uid: int) -> SandboxCgroup:
@@ -319,16 +321,6 @@ class ForkBackend(BackendBase[ForkSandbox]):
                 os.close(fd)
             pipes.close_write_ends()  # the template holds them now
         return sandbox
-
-    def _died_idle(self, sandbox: ForkSandbox) -> None:
-        if sandbox.state is SandboxState.IDLE:  # once, before report_died moves it on
-            log.warning(
-                "sandbox_died_idle",
-                pool=self.config.name,
-                sandbox=sandbox.id,
-                stderr=sandbox.read_stderr(),
-            )
-        self.report_died(sandbox)
 
     async def run(self, sandbox: ForkSandbox, request: RunRequest) -> RunResult:
         return await run_direct(sandbox, request, self.config, self.report_oom)

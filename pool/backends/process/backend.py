@@ -25,7 +25,7 @@ import subprocess
 
 import structlog
 
-from pool.backends.base import BackendBase, RunRequest, RunResult, SandboxState, new_sandbox_id
+from pool.backends.base import BackendBase, RunRequest, RunResult, new_sandbox_id
 from pool.backends.process.cgroups import (
     CgroupTree,
     SandboxCgroup,
@@ -37,7 +37,7 @@ from pool.backends.process.cgroups import (
 )
 from pool.backends.process.channel import OutputPipes, RunnerProtocol
 from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
-from pool.backends.process.execute import run_direct
+from pool.backends.process.execute import report_died_waiting, run_direct
 from pool.backends.process.sandbox import ProcessSandbox
 from pool.backends.process.scratch import SandboxScratch, ScratchMounts
 from pool.backends.runtime import Runtime, image_runtime
@@ -206,7 +206,9 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                 why = sandbox.stderr_text or _describe(e)
                 raise BackendError(f"cannot start a bubblewrap sandbox: {why}") from None
             raise
-        sandbox.protocol.on_idle_death = lambda: self._died_idle(sandbox)
+        sandbox.protocol.on_idle_death = lambda: report_died_waiting(
+            sandbox, self.config.name, self.report_died
+        )
         return sandbox
 
     async def _spawn(
@@ -264,16 +266,6 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         )
         self._sandboxes.add(sandbox)
         return sandbox
-
-    def _died_idle(self, sandbox: ProcessSandbox) -> None:
-        if sandbox.state is SandboxState.IDLE:  # once, before report_died moves it on
-            log.warning(
-                "sandbox_died_idle",
-                pool=self.config.name,
-                sandbox=sandbox.id,
-                stderr=sandbox.read_stderr(),
-            )
-        self.report_died(sandbox)
 
     async def run(self, sandbox: ProcessSandbox, request: RunRequest) -> RunResult:
         return await run_direct(sandbox, request, self.config, self.report_oom)

@@ -29,6 +29,7 @@ from pool.wire import (
     EXIT,
     OUTCOME_KINDS,
     READY,
+    SESSION,
     Outcome,
     OutputCapture,
     WireError,
@@ -92,6 +93,8 @@ class Run:
     output: PipeReader | None = None  # the code's stdout and stderr, once watched
     exit_code: int | None = None  # the last valid status that came back
     state: RunState = RunState.WAITING
+    session: bool = False  # a session's run: the child says SESSION as it takes it
+    taken: bool = False  # ... and has said it
 
     def answer(self, payload: bytes) -> None:
         """A status came back (status pipe or exit frame): the code has ended.
@@ -99,6 +102,11 @@ class Run:
         A forged one (pool.wire.decode_exit refuses it) gives no exit code and
         ends the run as a VIOLATION, so the sandbox is killed.
         """
+        if self.session and not self.taken:
+            # A session's child that ended before it took this request: its
+            # status is not this run's.
+            self.finish(RunState.NOT_TAKEN)
+            return
         if self.state is RunState.NOT_TAKEN:
             self.state = RunState.RUNNER_GONE  # it was taken after all
         try:
@@ -191,6 +199,9 @@ class OutputPipes:
                         loop.remove_reader(self.status_r)
                         run.answer(payload)
                         return
+                    if kind == SESSION and run.session and not run.taken and not payload:
+                        run.taken = True
+                        continue
                     if kind not in OUTCOME_KINDS or run.outcome is None:
                         raise WireError(f"unexpected frame {kind!r} on the status pipe")
                     run.outcome.add(kind, payload)
@@ -218,6 +229,9 @@ class RunnerProtocol(asyncio.SubprocessProtocol):
         self.transport: asyncio.SubprocessTransport | None = None
         self.run: Run | None = None
         self.on_idle_death: Callable[[], None] | None = None
+        # The runner's EXIT frame says the child (the code's process) has ended:
+        # a session's sandbox takes no further request.
+        self.child_gone = False
         self._broken = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -248,6 +262,10 @@ class RunnerProtocol(asyncio.SubprocessProtocol):
                 )
             return
         run = self.run
+        if kind == EXIT:
+            self.child_gone = True
+            if run is None and self.on_idle_death is not None:
+                self.on_idle_death()  # between a session's runs, or idle before the first
         if run is None or not run.state.waiting:
             return  # after the status, or while parked: nothing the verdict needs
         if kind == EXIT:

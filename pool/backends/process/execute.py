@@ -50,9 +50,14 @@ class DirectSandbox(Protocol):
     def stdin(self) -> asyncio.BaseTransport | None:
         """The write end of the runner's request channel."""
 
+    @property
+    def waiting(self) -> bool: ...
+
     def take_request(self) -> bool: ...
 
     def kill(self) -> None: ...
+
+    def read_stderr(self) -> str: ...
 
 
 S = TypeVar("S", bound=DirectSandbox)
@@ -66,6 +71,7 @@ async def run_direct(
     stdin = sandbox.stdin()
     if (
         protocol.exited.done()
+        or protocol.child_gone
         or not isinstance(stdin, asyncio.WriteTransport)
         or stdin.is_closing()
         or not sandbox.take_request()
@@ -75,7 +81,7 @@ async def run_direct(
     began = time.monotonic()
     limits = config.outcome_limits()
     capture = OutputCapture(config.max_output_bytes, request.output_listener)
-    run = Run(capture, loop.create_future(), Outcome(limits))
+    run = Run(capture, loop.create_future(), Outcome(limits), session=request.session)
     protocol.run = run
     sandbox.pipes.watch(loop, run)
     stdin.write(request.to_guest(limits).encode())
@@ -101,6 +107,11 @@ async def run_direct(
     oom_killed = await oom_verdict(sandbox, wait=state.runner_gone or exit_code == 137)
     if oom_killed:
         report_oom(sandbox)
+    if request.session and state is RunState.EXITED and not timed_out:
+        # Between a session's runs, as before its first: a death is reported.
+        protocol.run = None
+        if protocol.child_gone and protocol.on_idle_death is not None:
+            protocol.on_idle_death()
     return RunResult.from_capture(
         run.capture,
         exit_code=None if timed_out or state.over_cap else exit_code,
@@ -109,6 +120,17 @@ async def run_direct(
         execution_s=execution_s,
         outcome=run.outcome,
     )
+
+
+def report_died_waiting(
+    sandbox: S, pool: str, report_died: Callable[[S], None]
+) -> None:
+    """The runner, or its child, ended while the sandbox waited for a request
+    (idle in its pool, or leased between a session's runs): the pool is told."""
+    if sandbox.waiting:  # once, before report_died moves it on
+        log.warning("sandbox_died_idle", pool=pool, sandbox=sandbox.id,
+                    stderr=sandbox.read_stderr())
+    report_died(sandbox)
 
 
 async def exit_status(sandbox: DirectSandbox) -> int | None:
