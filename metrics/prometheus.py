@@ -38,13 +38,16 @@ _LATENCY_BUCKETS = (
     60.0,
 )
 _LIFECYCLE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A session lives seconds (a failed first run) to its ttl (server.session_max_ttl_s: 1 h).
+_SESSION_LIFETIME_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
+_SESSION_RUNS_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100, 250)
 # ok: exit code 0; failed: the program exited non-zero; error: the daemon or
 # backend failed it; rejected: a 503; disconnected: the client left mid-run.
 OUTCOMES = ("ok", "failed", "error", "timeout", "oom", "rejected", "disconnected")
 # Whether a request found an idle sandbox (hit) or waited for one, or was
 # refused waiting (miss): the hit ratio is hit / (hit + miss).
 ACQUISITION_RESULTS = ("hit", "miss")
-STATES = ("idle", "busy", "starting", "destroying")
+STATES = ("idle", "busy", "leased", "starting", "destroying")
 
 # (pool name) -> (state -> count, waiters); read at scrape time, never polled.
 PoolSnapshot = Callable[[], Iterable[tuple[str, dict[str, int], int]]]
@@ -172,6 +175,30 @@ class Metrics:
             registry=r,
         )
 
+        self.sessions_active = Gauge(
+            "sandpool_sessions_active", "Sessions alive now", ["pool"], registry=r
+        )
+        self.session_lifetime = Histogram(
+            "sandpool_session_lifetime_seconds",
+            "Session creation to end",
+            ["pool"],
+            buckets=_SESSION_LIFETIME_BUCKETS,
+            registry=r,
+        )
+        self.session_runs = Histogram(
+            "sandpool_session_runs",
+            "Runs per session, observed at its end",
+            ["pool"],
+            buckets=_SESSION_RUNS_BUCKETS,
+            registry=r,
+        )
+        self.sessions_ended = Counter(
+            "sandpool_sessions_ended",
+            "Sessions ended, by reason (docs/sessions.md)",
+            ["pool", "reason"],
+            registry=r,
+        )
+
     def watch_pools(self, snapshot: PoolSnapshot) -> None:
         """Export pool depth and queue length, read from ``snapshot`` at each scrape."""
         self.registry.register(_PoolCollector(snapshot))
@@ -235,6 +262,23 @@ class Metrics:
 
     def oom_killed(self, pool: str) -> None:
         self._series(self.oom_kills, pool).inc()
+
+    def sessions_expected(self, pool: str, reasons: Iterable[str]) -> None:
+        """Create a session pool's series at zero, so a scrape shows them before traffic."""
+        self.sessions_active.labels(pool).set(0)
+        self.session_lifetime.labels(pool)
+        self.session_runs.labels(pool)
+        for reason in reasons:
+            self.sessions_ended.labels(pool, reason)
+
+    def session_started(self, pool: str) -> None:
+        self.sessions_active.labels(pool).inc()
+
+    def session_ended(self, pool: str, reason: str, lifetime_s: float, runs: int) -> None:
+        self.sessions_active.labels(pool).dec()
+        self._series(self.session_lifetime, pool).observe(lifetime_s)
+        self._series(self.session_runs, pool).observe(runs)
+        self._series(self.sessions_ended, pool, reason).inc()
 
     def watch_connections(self, listener: str, open_count: Callable[[], float]) -> None:
         """Export ``listener``'s open connections, read from ``open_count`` at each scrape."""

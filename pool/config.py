@@ -87,6 +87,22 @@ class PoolConfig:
     max_results_bytes: int = 4 * 1024 * 1024
     # Modules every sandbox imports and warms before it is ready (python pools).
     preload: tuple[str, ...] = ()
+    # Sessions (docs/sessions.md) leased from this pool at once; none: half of
+    # max_size, at least 1. 0 refuses sessions here.
+    max_sessions: int | None = None
+
+    @property
+    def session_capacity(self) -> int:
+        """Sessions this pool may hold at once; 0 where its tier cannot hold state."""
+        if not self.holds_state:
+            return 0
+        return self.max_sessions if self.max_sessions is not None else max(1, self.max_size // 2)
+
+    @property
+    def holds_state(self) -> bool:
+        """Whether a sandbox of this pool can keep state between requests: not a wasm
+        guest (its run ends with its instance) nor node (it runs one script)."""
+        return self.backend != "wasm" and self.language != "javascript"
 
     def outcome_limits(self) -> OutcomeLimits:
         """What one run of this pool may return besides its output (files out, results)."""
@@ -128,6 +144,9 @@ class PoolConfig:
             _positive(f"{where}.{key}", getattr(self, key))
         if self.memory_mb < 16:
             raise ConfigError(f"{where}.memory_mb must be at least 16 (Python needs ~10 MiB)")
+        if self.max_sessions is not None and not 0 <= self.max_sessions <= self.max_size:
+            raise ConfigError(f"{where}.max_sessions must be between 0 and max_size "
+                              f"({self.max_size})")
         if self.language == "javascript" and self.memory_mb < JAVASCRIPT_MIN_MEMORY_MB:
             raise ConfigError(
                 f"{where}.memory_mb must be at least {JAVASCRIPT_MIN_MEMORY_MB} for javascript "
@@ -290,6 +309,15 @@ class ServerConfig:
     # Its own connection caps, a peer being an IP address.
     listen_max_connections: int = 128
     listen_max_connections_per_peer: int = 32
+    # Sessions (docs/sessions.md): a session's lifetime when the client names
+    # none, and the most it may ask; its idle timeout likewise (at most its
+    # lifetime); sessions one caller may hold; and the sum of the memory_mb of
+    # every session's pool, over all pools.
+    session_ttl_s: float = 600.0
+    session_max_ttl_s: float = 3600.0
+    session_idle_timeout_s: float = 300.0
+    max_sessions_per_caller: int = 4
+    session_memory_mb: int = 4096
 
     def validate(self) -> None:
         if not self.socket.startswith("/"):
@@ -300,7 +328,9 @@ class ServerConfig:
                     "body_timeout_s", "max_connections", "max_connections_per_peer",
                     "metrics_max_connections", "metrics_max_connections_per_peer",
                     "header_timeout_s", "keepalive_timeout_s", "idle_memory_mb",
-                    "listen_max_connections", "listen_max_connections_per_peer"):
+                    "listen_max_connections", "listen_max_connections_per_peer",
+                    "session_ttl_s", "session_max_ttl_s", "session_idle_timeout_s",
+                    "max_sessions_per_caller", "session_memory_mb"):
             _positive(f"server.{key}", getattr(self, key))
         for prefix in ("", "metrics_", "listen_"):
             if getattr(self, f"{prefix}max_connections_per_peer") > getattr(
@@ -310,6 +340,9 @@ class ServerConfig:
                     f"server.{prefix}max_connections_per_peer must not exceed "
                     f"{prefix}max_connections"
                 )
+        if not self.session_idle_timeout_s <= self.session_ttl_s <= self.session_max_ttl_s:
+            raise ConfigError("server.session_idle_timeout_s <= session_ttl_s <= "
+                              "session_max_ttl_s must hold")
         # aiohttp's keep-alive timer also runs from the moment of connection,
         # so a longer header timeout would never be reached.
         if self.header_timeout_s > self.keepalive_timeout_s:
@@ -541,7 +574,7 @@ def _fields(
 
 
 STRING_LISTS = frozenset({"preload"})  # the tuple-valued keys that hold strings, not ids
-OPTIONAL_INTS = frozenset({"max_idle"})  # default none, else an integer
+OPTIONAL_INTS = frozenset({"max_idle", "max_sessions"})  # default none, else an integer
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 

@@ -102,3 +102,36 @@ class ImageBuildError(SandpoolError):
 class UnsupportedMediaTypeError(BadRequestError):
     code = "unsupported_media_type"
     status = 415
+
+
+class SessionNotFoundError(SandpoolError):
+    """No live session of this id belongs to the caller: never confirms that it exists."""
+
+    code = "session_not_found"
+    status = 404
+
+
+class SessionEndedError(SandpoolError):
+    """The caller's session has ended; ``reason`` says why (docs/sessions.md)."""
+
+    code = "session_ended"
+    status = 410
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SessionBusyError(SandpoolError):
+    """A run of the session is in flight: a session runs one request at a time."""
+
+    code = "session_busy"
+    status = 409
+
+
+class TooManySessionsError(UnavailableError):
+    """The caller holds ``max_sessions_per_caller`` sessions: 429, this caller is over
+    its share."""
+
+    code = "too_many_sessions"
+    status = 429

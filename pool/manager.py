@@ -108,6 +108,12 @@ class PoolHandle(Protocol):
 
     async def run(self, request: RunRequest) -> PoolRun: ...
 
+    async def lease(self, on_died: Callable[[], None]) -> Any: ...
+
+    async def run_leased(self, sandbox: Any, request: RunRequest) -> PoolRun: ...
+
+    def end_lease(self, sandbox: Any) -> None: ...
+
     async def ready(self) -> bool: ...
 
     def not_ready_reason(self) -> str: ...
@@ -148,6 +154,8 @@ class Pool(Generic[SandboxT]):
         self.activity = activity if activity is not None else Activity()
         self._idle: deque[SandboxT] = deque()
         self._busy: set[SandboxT] = set()
+        # Sessions' sandboxes (pool/sessions.py), each with what to call if it dies.
+        self._leased: dict[SandboxT, Callable[[], None]] = {}
         self._starting = 0
         self._destroying = 0
         self._waiters: deque[asyncio.Future[SandboxT]] = deque()
@@ -172,7 +180,7 @@ class Pool(Generic[SandboxT]):
     def __repr__(self) -> str:
         return (
             f"<Pool {self.name} idle={len(self._idle)} busy={len(self._busy)} "
-            f"starting={self._starting} destroying={self._destroying} "
+            f"leased={len(self._leased)} starting={self._starting} destroying={self._destroying} "
             f"waiters={len(self._waiters)}>"
         )
 
@@ -201,6 +209,9 @@ class Pool(Generic[SandboxT]):
             task.cancel()
         while self._idle:
             self._destroy(self._idle.popleft())
+        # Sessions end before the pools close (the daemon's order); any left is destroyed.
+        for sandbox in list(self._leased):
+            self.end_lease(sandbox)
         # Busy sandboxes are destroyed by their requests' own release, which the
         # server's drain has already awaited or cancelled.
         while self._tasks:
@@ -220,6 +231,7 @@ class Pool(Generic[SandboxT]):
         return {
             "idle": len(self._idle),
             "busy": len(self._busy),
+            "leased": len(self._leased),
             "starting": self._starting,
             "destroying": self._destroying,
         }
@@ -235,7 +247,8 @@ class Pool(Generic[SandboxT]):
 
     @property
     def total(self) -> int:
-        return len(self._idle) + len(self._busy) + self._starting + self._destroying
+        return (len(self._idle) + len(self._busy) + len(self._leased) + self._starting
+                + self._destroying)
 
     def backend_version(self) -> str:
         return self.backend.version()
@@ -309,6 +322,47 @@ class Pool(Generic[SandboxT]):
         finally:
             # Refused and timed-out requests count as misses: they were not served at once.
             self.metrics.acquisition(self.name, hit=not waited)
+
+    # --- sessions (pool/sessions.py) ---------------------------------------
+
+    async def lease(self, on_died: Callable[[], None]) -> SandboxT:
+        """A warm sandbox of this pool, leased to a session until ``end_lease``.
+
+        It counts against ``max_size`` and the pool refills its idle target
+        behind it. ``on_died`` is called if it dies by itself while leased.
+        Raises UnavailableError as ``run`` does, and SandboxLostError if every
+        sandbox handed out was dead.
+        """
+        for _ in range(HANDOUT_ATTEMPTS):
+            sandbox = self._take_idle()
+            if sandbox is None:
+                sandbox = await self._wait_for_sandbox()
+            self._busy.discard(sandbox)
+            if sandbox.lease():
+                self._leased[sandbox] = on_died
+                self._maintain()
+                return sandbox
+            self._destroy(sandbox)  # died in the instant it was handed out
+        raise SandboxLostError(f"every sandbox of pool {self.name!r} handed out had died")
+
+    async def run_leased(self, sandbox: SandboxT, request: RunRequest) -> PoolRun:
+        """Run one of a session's requests in its leased sandbox, which stays leased.
+
+        Raises SandboxLostError if the sandbox (its code's process) has ended.
+        """
+        self.activity.begin()
+        try:
+            result = await self.backend.run(sandbox, request)
+        finally:
+            self.activity.end()
+        self.metrics.sandbox_ran(self.name, result.execution_s)
+        return PoolRun(result=result, sandbox_id=sandbox.id, acquire_wait_s=0.0)
+
+    def end_lease(self, sandbox: SandboxT) -> None:
+        """The session is over: destroy its sandbox; the pool refills."""
+        if self._leased.pop(sandbox, None) is not None:
+            self._destroy(sandbox)
+            self._maintain()
 
     async def _wait_for_sandbox(self) -> SandboxT:
         if self._failing():
@@ -523,6 +577,10 @@ class Pool(Generic[SandboxT]):
                 log.warning("sandbox_died_idle", pool=self.name, sandbox=idle.id)
                 self._destroy(idle)
                 self._maintain()
+                return
+        for leased, on_died in self._leased.items():
+            if leased is sandbox:
+                on_died()  # the session ends it (end_lease), after a run in flight
                 return
 
     # --- I/O ---------------------------------------------------------------

@@ -59,7 +59,7 @@ async def test_warms_to_min_idle_and_reports_counts() -> None:
     async with make_pool() as (pool, _):
         await asyncio.wait_for(pool.warmed.wait(), 5)
         await settle(pool, idle=2, starting=0)
-        assert repr(pool) == "<Pool t idle=2 busy=0 starting=0 destroying=0 waiters=0>"
+        assert repr(pool) == "<Pool t idle=2 busy=0 leased=0 starting=0 destroying=0 waiters=0>"
 
 
 async def test_each_request_gets_a_fresh_sandbox_that_is_destroyed() -> None:
