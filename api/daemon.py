@@ -32,6 +32,7 @@ from metrics import Metrics
 from pool.backends import create_pool
 from pool.config import Config, default_pools
 from pool.manager import Activity, PoolHandle
+from pool.sessions import Sessions
 from pool.uids import SandboxUids
 
 log = structlog.get_logger("sandpool.daemon")
@@ -115,6 +116,10 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
             for pool_config in config.pools:
                 pool = create_pool(pool_config, instance_id, uids, metrics, activity)
                 pools[pool.name] = await stack.enter_async_context(pool)
+            # Closed before the pools (the stack unwinds in reverse): every session's
+            # sandbox is destroyed while its pool still runs; after the server's drain.
+            sessions = Sessions(pools, config.server, metrics)
+            stack.callback(sessions.close)
             metrics.watch_pools(lambda: [(p.name, p.counts(), p.waiters) for p in pools.values()])
             metrics.set_build_info(
                 VERSION, {p.config.backend: p.backend_version() for p in pools.values()}
@@ -124,7 +129,7 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
             if stop.is_set():
                 return
             await stack.enter_async_context(ApiServer(config, pools, metrics, force_exit, bound,
-                                                     remote))
+                                                     remote, sessions))
             log.info(
                 "listening",
                 socket=config.server.socket,

@@ -25,12 +25,14 @@ from api.schema import (
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     RUN_FIELDS,
+    SESSION_RUN_FIELDS,
     DisplayBody,
     ErrorBody,
     FileBody,
     PoolSummary,
     RunResultBody,
     RuntimeSummary,
+    SessionSummary,
 )
 from pool.wire import FILE_KINDS
 
@@ -45,6 +47,7 @@ BODY_TYPES: dict[str, type] = {
     "RunError": ErrorBody,
     "PoolSummary": PoolSummary,
     "Runtime": RuntimeSummary,
+    "Session": SessionSummary,
 }
 # What a TypedDict cannot say: bounds, choices and meaning, by schema and field.
 FIELD_DETAILS: dict[str, dict[str, Schema]] = {
@@ -69,9 +72,20 @@ FIELD_DETAILS: dict[str, dict[str, Schema]] = {
     "Display": {
         "data": {"description": "text for text/* types, else base64"},
     },
+    "Session": {
+        "session_id": {"description": "256 random bits; only its creator can use it"},
+        "expires_at": {"format": "date-time", "description": "created_at + ttl_s"},
+        "created_at": {"format": "date-time"},
+        "idle_expires_at": {"description": "the last run's end + idle_timeout_s; null while "
+                            "a run is in flight"},
+        "runs": {"minimum": 0},
+    },
     "PoolSummary": {
         "idle": {"minimum": 0},
         "busy": {"minimum": 0},
+        "leased": {"minimum": 0, "description": "sandboxes leased to sessions"},
+        "max_sessions": {"minimum": 0, "description": "sessions the pool may hold; 0: none "
+                         "(wasm and javascript pools, or max_sessions = 0)"},
         "starting": {"minimum": 0},
         "min_idle": {"minimum": 0},
         "max_size": {"minimum": 1},
@@ -91,12 +105,30 @@ def build_document(version: str) -> dict[str, Any]:
         for name, body in BODY_TYPES.items()
     }
     schemas["RunRequest"] = run_request_schema()
+    schemas["SessionRunRequest"] = session_run_request_schema(schemas["RunRequest"])
+    schemas["SessionRequest"] = {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "pool": {"type": "string", "description": f"default: the pool {DEFAULT_POOL!r}"},
+            "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description":
+                      "the session's lifetime; default server.session_ttl_s, at most "
+                      "server.session_max_ttl_s"},
+            "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0, "description":
+                               "ends the session after this long without a run; default "
+                               "server.session_idle_timeout_s, at most ttl_s"},
+        },
+    }
     schemas["Error"] = error_schema(sorted(e.code for e in ERROR_CODES))
     schemas["RunStreamLine"] = run_stream_line_schema(
         schemas["RunResult"], sorted(e.code for e in ERROR_CODES)
     )
     any_errors = _error_responses("any")
     run_errors = _error_responses("run", "any")
+    session_errors = _error_responses("session", "any")
+    session_run_errors = _error_responses("session", "run", "any")
+    session_ref = {"$ref": "#/components/schemas/Session"}
+    session_id = [{"name": "session_id", "in": "path", "required": True,
+                   "schema": {"type": "string"}}]
     routing = _error_responses("routing")
     return {
         "openapi": OPENAPI_VERSION,
@@ -146,6 +178,69 @@ def build_document(version: str) -> dict[str, Any]:
                     **run_errors,
                 },
             }},
+            "/v1/sessions": {
+                "post": {
+                    "operationId": "createSession",
+                    "summary": "Lease a sandbox to the caller until the session ends "
+                               "(docs/sessions.md)",
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/SessionRequest"}}}},
+                    "responses": {"201": _json_response("the session", session_ref),
+                                  **session_errors},
+                },
+                "get": {
+                    "operationId": "listSessions",
+                    "summary": "The caller's live sessions",
+                    "responses": {
+                        "200": _json_response("the sessions", _object({"sessions": {
+                            "type": "array", "items": session_ref}})),
+                        **session_errors,
+                    },
+                },
+            },
+            "/v1/sessions/{session_id}": {
+                "parameters": session_id,
+                "get": {
+                    "operationId": "getSession",
+                    "summary": "One of the caller's sessions",
+                    "responses": {"200": _json_response("the session", session_ref),
+                                  **session_errors},
+                },
+                "delete": {
+                    "operationId": "deleteSession",
+                    "summary": "End the session and destroy its sandbox; a session that "
+                               "ended already answers the reason it ended for",
+                    "responses": {
+                        "200": _json_response("ended", _object({
+                            "session_id": {"type": "string"},
+                            "ended": {"type": "string", "description": "why it ended"}})),
+                        **session_errors,
+                    },
+                },
+            },
+            "/v1/sessions/{session_id}/run": {
+                "parameters": session_id,
+                "post": {
+                    "operationId": "runInSession",
+                    "summary": "Run code in the session's sandbox, which keeps its state",
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/SessionRunRequest"}}}},
+                    "responses": {
+                        "200": {
+                            "description": "the run's result, as /v1/run answers it (and "
+                                           "streamed likewise with Accept: "
+                                           "application/x-ndjson)",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/RunResult"}},
+                                "application/x-ndjson": {
+                                    "schema": {"$ref": "#/components/schemas/RunStreamLine"}},
+                            },
+                        },
+                        **session_run_errors,
+                    },
+                },
+            },
             "/v1/pools": {"get": {
                 "operationId": "listPools",
                 "summary": "Each pool's settings, runtime and sandboxes by state",
@@ -259,6 +354,14 @@ def run_request_schema() -> Schema:
             "properties": properties}
 
 
+def session_run_request_schema(run_request: Schema) -> Schema:
+    """A session's run: the ``/v1/run`` body without ``pool`` and ``language``."""
+    properties = {k: v for k, v in run_request["properties"].items() if k in SESSION_RUN_FIELDS}
+    if set(properties) != SESSION_RUN_FIELDS:
+        raise AssertionError("SessionRunRequest and SESSION_RUN_FIELDS differ")
+    return {**run_request, "properties": properties}
+
+
 def run_stream_line_schema(run_result: Schema, codes: list[str]) -> Schema:
     """One line of a streamed run (api/streaming.py): output, the result, or an error."""
     result_line = {**run_result, "required": ["type", *run_result["required"]],
@@ -274,8 +377,12 @@ def run_stream_line_schema(run_result: Schema, codes: list[str]) -> Schema:
 
 
 def error_schema(codes: list[str]) -> Schema:
-    """An error body whose code is one of ``codes``."""
-    return _object({"error": _object({"code": {"enum": codes}, "message": {"type": "string"}})})
+    """An error body whose code is one of ``codes``; ``session_ended`` also says why."""
+    error = _object({"code": {"enum": codes}, "message": {"type": "string"}})
+    if "session_ended" in codes:
+        error["properties"]["reason"] = {"type": "string", "description":
+                                         "session_ended only: why (docs/sessions.md)"}
+    return _object({"error": error})
 
 
 def typed_dict_schema(body: type, details: Mapping[str, Schema]) -> Schema:

@@ -56,7 +56,8 @@ SHOWN_CHARS = 60  # of a client's string quoted back in an error message
 class ErrorCode:
     """A stable code of an error body ``{"error": {"code", "message"}}`` and when it comes.
 
-    ``scope`` says which requests may get it: ``run`` only ``POST /v1/run``,
+    ``scope`` says which requests may get it: ``run`` only ``POST /v1/run`` (and a
+    session's run), ``session`` only the ``/v1/sessions`` endpoints,
     ``any`` a request to any endpoint (answered at connection or by aiohttp),
     ``routing`` a path the daemon does not serve or a method it does not allow there.
     ``status`` None: whatever status an HTTP error no other code covers carries.
@@ -64,7 +65,7 @@ class ErrorCode:
 
     code: str
     status: int | None
-    scope: Literal["run", "any", "routing"]
+    scope: Literal["run", "session", "any", "routing"]
     when: str
 
 
@@ -130,6 +131,21 @@ ERROR_CODES = (
               "the listener's max_connections are open (at connection)"),
     ErrorCode("too_many_connections_from_peer", 503, "any",
               "the peer's max_connections_per_peer are open (at connection)"),
+    ErrorCode("invalid_session", 400, "session",
+              "ttl_s or idle_timeout_s not a number in range (docs/sessions.md)"),
+    ErrorCode("sessions_unsupported", 400, "session",
+              "the pool's tier cannot keep state between runs (wasm, javascript), or its "
+              "max_sessions is 0"),
+    ErrorCode("session_not_found", 404, "session",
+              "no live session of that id is the caller's (another caller's id included)"),
+    ErrorCode("session_busy", 409, "session", "a run of the session is in flight"),
+    ErrorCode("session_ended", 410, "session",
+              "the session has ended; error.reason says why (docs/sessions.md)"),
+    ErrorCode("too_many_sessions", 429, "session",
+              "the caller holds server.max_sessions_per_caller sessions"),
+    ErrorCode("session_limit", 503, "session", "the pool holds its max_sessions sessions"),
+    ErrorCode("session_memory", 503, "session",
+              "the sessions together would pass server.session_memory_mb"),
     ErrorCode("http_error", None, "any", "another HTTP error, with its own status"),
 )
 
@@ -196,9 +212,11 @@ class PoolSummary(TypedDict):
     runtime: RuntimeSummary
     idle: int
     busy: int
+    leased: int
     starting: int
     min_idle: int
     max_size: int
+    max_sessions: int
     problem: str | None
 
 
@@ -248,6 +266,66 @@ def parse_run(body: Mapping[str, object], pools: Mapping[str, PoolConfig]) -> Ru
     return RunBody(pool=pool.name, request=RunRequest(
         code=code, stdin=stdin, timeout_s=timeout_s, files=files, env=env, argv=argv
     ))
+
+
+SESSION_FIELDS = frozenset({"pool", "ttl_s", "idle_timeout_s"})
+# A session's run names no pool: it runs in the session's.
+SESSION_RUN_FIELDS = RUN_FIELDS - {"pool", "language"}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionBody:
+    pool: str
+    ttl_s: float | None  # None: the server's default (pool/sessions.py checks the bounds)
+    idle_timeout_s: float | None
+
+
+class SessionSummary(TypedDict):
+    session_id: str
+    pool: str
+    created_at: str
+    expires_at: str
+    idle_timeout_s: float
+    idle_expires_at: str | None
+    runs: int
+    busy: bool
+
+
+def parse_session(body: Mapping[str, object], pools: Mapping[str, PoolConfig]) -> SessionBody:
+    """Validate a ``POST /v1/sessions`` body: unknown fields, the pool, then the two
+    durations' types (their bounds are the server's, checked where they live).
+    Raises BadRequestError (400) or UnknownPoolError (404)."""
+    unknown = sorted(set(body) - SESSION_FIELDS)
+    if unknown:
+        raise BadRequestError(
+            f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(SESSION_FIELDS))})",
+            code="unknown_field",
+        )
+    pool = choose_pool(body, pools)
+    durations: list[float | None] = []
+    for key in ("ttl_s", "idle_timeout_s"):
+        value = body.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or value <= 0
+        ):
+            raise BadRequestError(f"the field {key!r} must be a positive number of seconds",
+                                  code="invalid_session")
+        durations.append(None if value is None else float(value))
+    return SessionBody(pool.name, durations[0], durations[1])
+
+
+def parse_session_run(body: Mapping[str, object], pool: PoolConfig) -> RunRequest:
+    """Validate a ``POST /v1/sessions/{id}/run`` body: the ``/v1/run`` body without
+    ``pool`` and ``language``, held to the session's pool."""
+    unknown = sorted(set(body) - SESSION_RUN_FIELDS)
+    if unknown:
+        raise BadRequestError(
+            f"unknown field {unknown[0]!r} (a session's run takes: "
+            f"{', '.join(sorted(SESSION_RUN_FIELDS))})",
+            code="unknown_field",
+        )
+    return parse_run({**body, "pool": pool.name}, {pool.name: pool}).request
 
 
 def parse_files(value: object, pool: PoolConfig) -> tuple[tuple[str, bytes], ...]:
@@ -480,9 +558,11 @@ def pool_summary(
         "runtime": {"version": runtime.version, "packages": dict(runtime.packages)},
         "idle": counts["idle"],
         "busy": counts["busy"],
+        "leased": counts.get("leased", 0),
         "starting": counts["starting"],
         "min_idle": config.min_idle,
         "max_size": config.max_size,
+        "max_sessions": config.session_capacity,
         "problem": problem,
     }
 

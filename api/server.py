@@ -40,10 +40,19 @@ from api.connections import (
     ThrottledLog,
     http_server_logger,
     mark_request_started,
+    peer_credentials,
 )
 from api.openapi import build_document
 from api.remote import TOKEN, WWW_AUTHENTICATE, RemoteListener, bearer_auth
-from api.schema import ERROR_CODES, decode_json_object, parse_run, pool_summary, result_body
+from api.schema import (
+    ERROR_CODES,
+    decode_json_object,
+    parse_run,
+    parse_session,
+    parse_session_run,
+    pool_summary,
+    result_body,
+)
 from api.streaming import RunStream, wants_ndjson
 from metrics import Metrics
 from pool.backends.base import RunRequest, RunResult
@@ -51,12 +60,15 @@ from pool.backends.runtime import Runtime
 from pool.config import Config, PoolConfig, ServerConfig, parse_address
 from pool.errors import (
     BadRequestError,
+    PoolForbiddenError,
     SandpoolError,
+    SessionEndedError,
     UnauthorizedError,
     UnavailableError,
     UnsupportedMediaTypeError,
 )
 from pool.manager import PoolRun
+from pool.sessions import Sessions
 
 log = structlog.get_logger("sandpool.api")
 
@@ -75,12 +87,14 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
 
 
 def error_response(
-    status: int, code: str, message: str, *, retry_after_s: int | None = None
+    status: int, code: str, message: str, *, retry_after_s: int | None = None,
+    reason: str | None = None,
 ) -> web.Response:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    response = web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers=headers
-    )
+    error = {"code": code, "message": message}
+    if reason is not None:  # session_ended: why it ended
+        error["reason"] = reason
+    response = web.json_response({"error": error}, status=status, headers=headers)
     response["error_code"] = code  # for the request-tracking middleware's log and counter
     return response
 
@@ -100,6 +114,8 @@ async def json_errors(
         return await handler(request)
     except UnavailableError as e:
         return error_response(e.status, e.code, e.message, retry_after_s=e.retry_after_s)
+    except SessionEndedError as e:
+        return error_response(e.status, e.code, e.message, reason=e.reason)
     except UnauthorizedError as e:
         response = error_response(e.status, e.code, e.message)
         response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
@@ -155,8 +171,10 @@ class ApiServer:
         force_exit: asyncio.Event | None = None,
         bound: BoundSockets | None = None,
         remote: RemoteListener | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.config = config
+        self.sessions = sessions  # None: the session endpoints answer 404 (not served)
         self.remote = remote  # the TCP listener's TLS and tokens (api/remote.py), if any
         self._bound = bound  # taken before the pools warmed (bind_sockets), else at start()
         self.force_exit = force_exit  # set by a second signal: skip the drain
@@ -188,6 +206,12 @@ class ApiServer:
             client_max_size=self.config.server.max_request_bytes,
         )
         app.router.add_post("/v1/run", self.handle_run)
+        if self.sessions is not None:
+            app.router.add_post("/v1/sessions", self.handle_session_create)
+            app.router.add_get("/v1/sessions", self.handle_session_list)
+            app.router.add_get("/v1/sessions/{session_id}", self.handle_session_get)
+            app.router.add_delete("/v1/sessions/{session_id}", self.handle_session_delete)
+            app.router.add_post("/v1/sessions/{session_id}/run", self.handle_session_run)
         app.router.add_get("/v1/pools", self.handle_pools)
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/readyz", self.handle_readyz)
@@ -361,23 +385,41 @@ class ApiServer:
 
     async def handle_run(self, request: web.Request) -> web.StreamResponse:
         received = time.monotonic()
+        self._admit_run()
+        parsed = parse_run(await self._read_body(request), self._pool_configs)
+        pool = self.pools[parsed.pool]
+        return await self._answer_run(request, received, pool.name, parsed.request, pool.run)
+
+    def _admit_run(self) -> None:
         if self._draining:
             raise UnavailableError("sandpool is shutting down", code="shutting_down")
         if len(self._runs) >= self.config.server.max_concurrent_requests:
             raise UnavailableError(
                 "sandpool is at its limit of concurrent requests", code="server_busy"
             )
+
+    async def _read_body(self, request: web.Request) -> dict[str, object]:
         # A body that came with the headers (the usual case) needs no timer.
         body_timeout_s = None if request.content.is_eof() else self.config.server.body_timeout_s
         try:
             async with asyncio.timeout(body_timeout_s):
-                body = await read_json_object(request)
+                return await read_json_object(request)
         except TimeoutError:
             raise BadRequestError(
                 "the request body did not arrive in time", code="body_timeout"
             ) from None
-        parsed = parse_run(body, self._pool_configs)
-        pool = self.pools[parsed.pool]
+
+    async def _answer_run(
+        self,
+        request: web.Request,
+        received: float,
+        pool_name: str,
+        run_request: RunRequest,
+        start: Callable[[RunRequest], Awaitable[PoolRun]],
+    ) -> web.StreamResponse:
+        """Run ``run_request`` through ``start`` (a pool's run, or a session's) and answer:
+        JSON, or NDJSON as it runs; drain, token and metrics as for every run."""
+        pool = self.pools[pool_name]
         token = request.get(TOKEN)  # set on the TCP listener only
         if token is not None:
             assert self.remote is not None
@@ -391,10 +433,10 @@ class ApiServer:
         failure: SandpoolError | None = None  # the last line of a stream that began
         try:
             if stream is None:
-                run = await pool.run(parsed.request)
+                run = await start(run_request)
             else:
-                listened = replace(parsed.request, output_listener=stream.listener)
-                run = await stream.follow(pool.run(listened))
+                listened = replace(run_request, output_listener=stream.listener)
+                run = await stream.follow(start(listened))
             outcome = result_outcome(run.result)
         except UnavailableError as e:
             outcome = "rejected"
@@ -455,6 +497,55 @@ class ApiServer:
         if stream is not None:
             return await finish_stream(stream, {"type": "result", **answer})
         return web.json_response(answer)
+
+    # --- sessions (pool/sessions.py, docs/sessions.md) -----------------------
+
+    async def handle_session_create(self, request: web.Request) -> web.Response:
+        assert self.sessions is not None
+        if self._draining:
+            raise UnavailableError("sandpool is shutting down", code="shutting_down")
+        parsed = parse_session(await self._read_body(request), self._pool_configs)
+        token = request.get(TOKEN)
+        if token is not None and token.pools is not None and parsed.pool not in token.pools:
+            raise PoolForbiddenError(f"this token may not use pool {parsed.pool!r}")
+        session = await self.sessions.create(
+            caller(request), parsed.pool, parsed.ttl_s, parsed.idle_timeout_s
+        )
+        return web.json_response(self.sessions.describe(session), status=201)
+
+    async def handle_session_list(self, request: web.Request) -> web.Response:
+        assert self.sessions is not None
+        owned = self.sessions.owned_by(caller(request))
+        return web.json_response({"sessions": [self.sessions.describe(s) for s in owned]})
+
+    async def handle_session_get(self, request: web.Request) -> web.Response:
+        assert self.sessions is not None
+        session_id = request.match_info["session_id"]
+        with structlog.contextvars.bound_contextvars(session=session_id):
+            session = self.sessions.get(caller(request), session_id)
+        return web.json_response(self.sessions.describe(session))
+
+    async def handle_session_delete(self, request: web.Request) -> web.Response:
+        assert self.sessions is not None
+        session_id = request.match_info["session_id"]
+        with structlog.contextvars.bound_contextvars(session=session_id):
+            reason = self.sessions.delete(caller(request), session_id)
+        return web.json_response({"session_id": session_id, "ended": reason})
+
+    async def handle_session_run(self, request: web.Request) -> web.StreamResponse:
+        assert self.sessions is not None
+        sessions = self.sessions
+        received = time.monotonic()
+        session_id = request.match_info["session_id"]
+        owner = caller(request)
+        with structlog.contextvars.bound_contextvars(session=session_id):
+            self._admit_run()
+            session = sessions.get(owner, session_id)  # 404 or 410 before the body is read
+            run_request = parse_session_run(await self._read_body(request), session.pool.config)
+            return await self._answer_run(
+                request, received, session.pool.name, run_request,
+                partial(sessions.run, owner, session_id),
+            )
 
     async def handle_pools(self, request: web.Request) -> web.Response:
         token = request.get(TOKEN)  # a token lists only the pools it may use
@@ -534,6 +625,17 @@ def is_peer_allowed(server: ServerConfig, peer: PeerCredentials) -> bool:
     if not server.allowed_uids and not server.allowed_gids:
         return True
     return peer.uid == 0 or peer.uid in server.allowed_uids or peer.gid in server.allowed_gids
+
+
+def caller(request: web.Request) -> str:
+    """Who owns what this request creates: the bearer token's name on the TCP listener,
+    the peer's uid (SO_PEERCRED, taken at connect) on the Unix socket."""
+    token = request.get(TOKEN)
+    if token is not None:
+        return f"token:{token.name}"
+    transport = request.transport
+    uid = peer_credentials(transport).uid if transport is not None else -1
+    return f"uid:{uid}"
 
 
 def result_outcome(result: RunResult) -> str:

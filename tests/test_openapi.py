@@ -123,6 +123,12 @@ PROVOKED_BY_TESTS = {
     "body_timeout", "pool_exhausted", "acquire_timeout", "too_many_connections_from_peer",
     "server_busy", "shutting_down", "forbidden", "too_many_connections",
 }
+# Codes of the session endpoints: provoked by tests/test_sessions.py, which
+# checks those answers against this document.
+PROVOKED_BY_SESSION_TESTS = {
+    "invalid_session", "sessions_unsupported", "session_not_found", "session_busy",
+    "session_ended", "too_many_sessions", "session_limit", "session_memory",
+}
 # Codes of the TCP listener: provoked over TLS by tests/test_tls_listener.py,
 # which checks those answers against this document.
 PROVOKED_OVER_TLS = {"unauthorized", "pool_forbidden", "token_busy"}
@@ -188,14 +194,15 @@ def raised_codes(path: Path) -> set[str]:
 
 def test_every_code_raised_is_documented(document: dict[str, Any]) -> None:
     raised = set()
-    for source in ("api/schema.py", "api/server.py", "pool/manager.py"):
+    for source in ("api/schema.py", "api/server.py", "pool/manager.py", "pool/sessions.py"):
         raised |= raised_codes(REPOSITORY / source)
     # The default codes of the errors that reach a client.
     raised |= {cls.code for cls in (
         errors.BadRequestError, errors.ForbiddenError, errors.UnknownPoolError,
         errors.UnavailableError, errors.BackendError, errors.SandboxLostError,
         errors.UnsupportedMediaTypeError, errors.UnauthorizedError, errors.PoolForbiddenError,
-        errors.TokenBusyError,
+        errors.TokenBusyError, errors.SessionNotFoundError, errors.SessionEndedError,
+        errors.SessionBusyError, errors.TooManySessionsError,
     )}
     # raised_codes must see the codes it is meant to (a test that cannot fail is a defect).
     assert {"invalid_path", "duplicate_path", "not_found", "http_error",
@@ -207,7 +214,7 @@ def test_every_documented_code_is_raised(document: dict[str, Any]) -> None:
     sources = "".join(
         (REPOSITORY / p).read_text()
         for p in ("api/schema.py", "api/server.py", "api/connections.py", "pool/manager.py",
-                  "pool/errors.py")
+                  "pool/sessions.py", "pool/errors.py")
     ).replace("ErrorCode(\"", "")  # the table itself is no use of a code
     documented = documented_codes(document)
     assert documented == {e.code for e in schema.ERROR_CODES}
@@ -215,7 +222,8 @@ def test_every_documented_code_is_raised(document: dict[str, Any]) -> None:
 
 
 def test_every_code_is_provoked_or_said_why_not(document: dict[str, Any]) -> None:
-    provoked = {code for *_, code in RUN_REFUSALS} | PROVOKED_BY_TESTS | PROVOKED_OVER_TLS
+    provoked = ({code for *_, code in RUN_REFUSALS} | PROVOKED_BY_TESTS | PROVOKED_OVER_TLS
+                | PROVOKED_BY_SESSION_TESTS)
     assert provoked.isdisjoint(NOT_PROVOKED)
     assert documented_codes(document) - provoked == set(NOT_PROVOKED)
 

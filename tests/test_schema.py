@@ -247,7 +247,7 @@ def test_result_body_of_a_killed_sandbox_has_no_exit_code() -> None:
 
 def test_pool_summary() -> None:
     config = PoolConfig(name="python-process", backend="process", min_idle=1, max_size=3)
-    counts = {"idle": 1, "busy": 2, "starting": 0, "destroying": 4}
+    counts = {"idle": 1, "busy": 2, "leased": 1, "starting": 0, "destroying": 4}
     runtime = Runtime(version="3.11.2", packages={"pandas": "1.5.3"})
     assert pool_summary(config, counts, runtime) == {
         "name": "python-process",
@@ -256,9 +256,11 @@ def test_pool_summary() -> None:
         "runtime": {"version": "3.11.2", "packages": {"pandas": "1.5.3"}},
         "idle": 1,
         "busy": 2,
+        "leased": 1,
         "starting": 0,
         "min_idle": 1,
         "max_size": 3,
+        "max_sessions": 1,  # half of max_size, rounded down
         "problem": None,
     }
 
