@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     mcp = commands.add_parser(
-        "mcp", help="serve the daemon to MCP hosts (Model Context Protocol): run_code, list_pools",
+        "mcp", help="serve the daemon to MCP hosts (Model Context Protocol): run_code, "
+        "list_pools and the session tools",
         description="A Model Context Protocol server in front of a running daemon; "
         "see docs/mcp.md.",
     )
@@ -146,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mcp.add_argument(
         "--port", type=int, default=8000, help="streamable-http: the port (default: 8000)"
+    )
+    mcp.add_argument(
+        "--session-idle-timeout-s", type=float, default=300.0, metavar="SECONDS",
+        help="end a session this server created after this long without a run, so an agent "
+        "that forgets to close one leaks nothing (default: 300)",
     )
 
     config = commands.add_parser("config", help="check a configuration file")
@@ -417,7 +423,10 @@ def command_mcp(args: argparse.Namespace) -> int:
             check_http_host(args.host)
         except ValueError as e:
             raise SandpoolError(str(e)) from None
-    asyncio.run(serve_mcp(args.socket, version(), args.transport, args.host, args.port))
+    if not args.session_idle_timeout_s > 0:
+        raise SandpoolError("--session-idle-timeout-s must be a positive number of seconds")
+    asyncio.run(serve_mcp(args.socket, version(), args.transport, args.host, args.port,
+                          session_idle_timeout_s=args.session_idle_timeout_s))
     return 0
 
 

@@ -85,15 +85,6 @@ def server_log(tmp_path: Path) -> Iterator[TextIO]:
         yield log
 
 
-# ``sandpool mcp`` with a session idle timeout of its own: serve_mcp's argument,
-# until the command has an option for it.
-SHORT_IDLE_SERVER = (
-    "import asyncio, sys\n"
-    "from api.mcp_server import serve_mcp\n"
-    "asyncio.run(serve_mcp(sys.argv[1], 'test', session_idle_timeout_s=float(sys.argv[2])))\n"
-)
-
-
 @pytest.fixture
 def sandpool(mcp_daemon: Daemon) -> Iterator[Client]:
     """A client of the daemon beside the MCP server (the same user); after the test, no
@@ -108,8 +99,9 @@ async def stdio_session(
     socket_path: str, errlog: TextIO, idle_timeout_s: float | None = None
 ) -> AsyncIterator[ClientSession]:
     """An initialized session with ``sandpool mcp`` spawned by the SDK's stdio client."""
-    args = ["-m", "api.cli", "mcp", "--socket", socket_path] if idle_timeout_s is None \
-        else ["-c", SHORT_IDLE_SERVER, socket_path, str(idle_timeout_s)]
+    args = ["-m", "api.cli", "mcp", "--socket", socket_path]
+    if idle_timeout_s is not None:
+        args += ["--session-idle-timeout-s", str(idle_timeout_s)]
     server = StdioServerParameters(command=sys.executable, args=args, cwd=REPOSITORY)
     async with stdio_client(server, errlog=errlog) as (read, write), \
             ClientSession(read, write) as session:
