@@ -159,6 +159,25 @@ def test_only_its_own_processes_mounts_and_devices_are_visible(client: Client) -
     assert report["workdir"] == ["/sandbox", True]
 
 
+def test_the_code_holds_no_descriptor_of_the_template(client: Client) -> None:
+    # PID 1 closed every fd it did not need before it dropped privileges: the
+    # template's control socket, its siblings' pipes and its diagnostics are gone.
+    result = run(client, """
+        import json, os
+        fds = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except FileNotFoundError:
+                pass  # the listing's own fd, closed by now
+        print(json.dumps(fds))
+    """)
+    targets = sorted(last_json(result).values())
+    assert [t for t in targets if not t.startswith(("pipe:", "/memfd:"))] == [], targets
+    # stdin (a memfd), stdout, stderr and the status pipe.
+    assert len(targets) == 4, targets
+
+
 def test_a_pty_or_shm_segment_of_one_sandbox_is_not_in_the_next(
     daemon: Daemon, client: Client
 ) -> None:

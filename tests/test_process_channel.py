@@ -20,6 +20,7 @@ from pool.wire import (
     EXIT,
     FILE_OUT,
     READY_FRAME,
+    SESSION,
     STATUS,
     STDOUT,
     Outcome,
@@ -383,3 +384,56 @@ async def test_closing_the_write_ends_leaves_the_read_ends(pipes: OutputPipes) -
     assert pipes.write_ends == ()
     assert os.read(pipes.stdout_r, 16) == b"kept"
     assert os.read(pipes.stdout_r, 16) == b""  # EOF: no writer is left
+
+
+# --- a session's runs -------------------------------------------------------------------
+
+
+def session_run(protocol: RunnerProtocol | None = None) -> Run:
+    run = new_run(protocol)
+    run.session = True
+    return run
+
+
+async def test_a_session_childs_death_before_it_took_the_run_is_not_its_status() -> None:
+    # The runner's exit frame for a child that died between runs arrives while the
+    # next run waits: nothing ran, whatever status the frame holds.
+    protocol = ready_protocol()
+    run = session_run(protocol)
+    protocol.pipe_data_received(1, frame(EXIT, STATUS.pack(0)))
+    await run.done
+    assert run.state is RunState.NOT_TAKEN
+    assert run.exit_code is None
+    assert protocol.child_gone is True
+
+
+async def test_a_session_child_that_took_the_run_answers_it(pipes: OutputPipes) -> None:
+    loop = asyncio.get_running_loop()
+    run = session_run()
+    pipes.watch(loop, run)
+    _, _, status_w = write_ends(pipes)
+    os.write(status_w, frame(SESSION) + frame(EXIT, STATUS.pack(3)))
+    await asyncio.wait_for(run.done, 5)
+    pipes.unwatch(loop, run)
+    assert (run.taken, run.state, run.exit_code) == (True, RunState.EXITED, 3)
+
+
+async def test_session_on_a_single_use_runs_status_pipe_is_a_violation(
+    pipes: OutputPipes,
+) -> None:
+    loop = asyncio.get_running_loop()
+    run = new_run()
+    pipes.watch(loop, run)
+    _, _, status_w = write_ends(pipes)
+    os.write(status_w, frame(SESSION) + frame(EXIT, STATUS.pack(0)))
+    await asyncio.wait_for(run.done, 5)
+    pipes.unwatch(loop, run)
+    assert run.state is RunState.VIOLATION
+
+
+async def test_a_childs_death_between_a_sessions_runs_is_reported() -> None:
+    protocol = ready_protocol()
+    deaths: list[None] = []
+    protocol.on_idle_death = lambda: deaths.append(None)
+    protocol.pipe_data_received(1, frame(EXIT, STATUS.pack(3)))  # no run in flight
+    assert (deaths, protocol.child_gone) == ([None], True)

@@ -288,9 +288,8 @@ class ForkBackend(BackendBase[ForkSandbox]):
         diagnostics_r, diagnostics_w = os.pipe()
         os.set_blocking(diagnostics_r, False)
         theirs = [request_r, channel_w, diagnostics_w, *pipes.write_ends]
-        sandbox = ForkSandbox(
-            sandbox_id, protocol, pipes, cgroup, self._uids.acquire(), diagnostics_r
-        )
+        uid = self._uids.acquire()
+        sandbox = ForkSandbox(sandbox_id, protocol, pipes, cgroup, uid, diagnostics_r)
         self._sandboxes.add(sandbox)
         try:
             # The transports own their fds from here on, closed by sandbox.close().
@@ -301,7 +300,7 @@ class ForkBackend(BackendBase[ForkSandbox]):
                 lambda: RequestWriter(protocol), os.fdopen(request_w, "wb", buffering=0)
             )
             order = SpawnOrder(
-                sandbox_id, sandbox.host_uid or 0, inside_cgroup_procs(tree, cgroup),
+                sandbox_id, uid, inside_cgroup_procs(tree, cgroup),
                 self.config.tmpfs_mb * 1024 * 1024, self._quotas,
             )  # fmt: skip
             template.spawn(order, theirs, protocol.exited_with)

@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 
 from pool.backends.base import Sandbox
-from pool.backends.process.cgroups import SandboxCgroup
+from pool.backends.process.cgroups import SandboxCgroup, kill_members, members
 from pool.backends.process.channel import OutputPipes, RunnerProtocol
 
 STDERR_LOG_BYTES = 4096
@@ -93,11 +93,7 @@ class ForkSandbox(Sandbox):
     def _members(self) -> list[int]:
         if self.cgroup is None or not self.cgroup.dirs:
             return []
-        try:
-            text = (self.cgroup.dirs[0] / "cgroup.procs").read_text()
-        except OSError:
-            return []
-        return [int(pid) for pid in text.split()]
+        return members(self.cgroup.dirs[0])
 
     def kill(self) -> None:
         """SIGKILL PID 1: its death empties the namespace. Before it is known, every
@@ -106,9 +102,8 @@ class ForkSandbox(Sandbox):
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.runner_pidfd, signal.SIGKILL)
             return
-        for pid in self._members():  # listed, hence alive and ours: the pid is not reused
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        if self.cgroup is not None and self.cgroup.dirs:
+            kill_members(self.cgroup.dirs[0])
 
     def read_stderr(self) -> str:
         try:

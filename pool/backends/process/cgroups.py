@@ -256,21 +256,26 @@ def remove_sandbox_cgroup(cgroup: SandboxCgroup) -> None:
                     raise BackendError(f"cannot remove cgroup {directory}: {e}") from None
                 # Normally empty once bwrap is reaped; anything still inside
                 # (a child bwrap lost in a failed start) dies now.
-                _kill_members(directory)
+                kill_members(directory)
                 time.sleep(0.01)  # a worker thread, not the event loop
         else:
             raise BackendError(f"cgroup {directory} still has processes")
     cgroup.dirs.clear()
 
 
-def _kill_members(directory: Path) -> None:
+def members(directory: Path) -> list[int]:
+    """The pids in a cgroup directory; [] when it cannot be read (gone already)."""
     try:
-        members = (directory / "cgroup.procs").read_text().split()
+        return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
     except OSError:
-        return
-    for pid in members:  # listed, hence alive and ours: the pid is not reused
+        return []
+
+
+def kill_members(directory: Path) -> None:
+    """SIGKILL every process of a cgroup directory."""
+    for pid in members(directory):  # listed, hence alive and ours: the pid is not reused
         with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
 
 def remove_pool_cgroups(tree: CgroupTree) -> None:
