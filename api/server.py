@@ -72,6 +72,8 @@ from pool.sessions import Sessions
 
 log = structlog.get_logger("sandpool.api")
 
+# An error answer's stable code, for the request-tracking middleware.
+ERROR_CODE: web.ResponseKey[str] = web.ResponseKey("sandpool_error_code", str)
 LISTEN_BACKLOG = 128  # aiohttp's default: connections the kernel queues before accept()
 _HTTP_CODES = {
     400: "invalid_request",
@@ -95,7 +97,7 @@ def error_response(
     if reason is not None:  # session_ended: why it ended
         error["reason"] = reason
     response = web.json_response({"error": error}, status=status, headers=headers)
-    response["error_code"] = code  # for the request-tracking middleware's log and counter
+    response[ERROR_CODE] = code  # for the request-tracking middleware's log and counter
     return response
 
 
@@ -377,7 +379,7 @@ class ApiServer:
             if not response.prepared:  # a streamed answer sent its headers already
                 response.headers[REQUEST_ID_HEADER] = rid
             if 400 <= response.status < 500:
-                code = str(response.get("error_code", "http_error"))
+                code = response.get(ERROR_CODE, "http_error")
                 self.metrics.client_error(code)
                 log_after_response("request_refused", status=response.status,
                                    code=code, method=request.method, path=request.path)

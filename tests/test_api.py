@@ -135,7 +135,8 @@ def test_pools_health_and_readiness(client: Client) -> None:
     assert pools["python-process"]["backend"] == "process"
     assert pools["shell"]["language"] == "shell"
     assert set(pools["python"]) == {"name", "backend", "language", "runtime", "idle", "busy",
-                                    "starting", "min_idle", "max_size", "problem"}
+                                    "starting", "min_idle", "max_size", "problem",
+                                    "leased", "max_sessions"}
     assert {p["problem"] for p in pools.values()} == {None}  # all warm, every backend up
     # The image's runtime label and the pinned wasm module say what runs where.
     for name in ("python", "python-process"):
