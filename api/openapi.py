@@ -125,6 +125,7 @@ def build_document(version: str) -> dict[str, Any]:
     any_errors = _error_responses("any")
     run_errors = _error_responses("run", "any")
     session_errors = _error_responses("session", "any")
+    session_create_errors = _error_responses("session", "any", also=SESSION_CREATE_RUN_CODES)
     session_run_errors = _error_responses("session", "run", "any")
     session_ref = {"$ref": "#/components/schemas/Session"}
     session_id = [{"name": "session_id", "in": "path", "required": True,
@@ -186,7 +187,7 @@ def build_document(version: str) -> dict[str, Any]:
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": {"$ref": "#/components/schemas/SessionRequest"}}}},
                     "responses": {"201": _json_response("the session", session_ref),
-                                  **session_errors},
+                                  **session_create_errors},
                 },
                 "get": {
                     "operationId": "listSessions",
@@ -438,11 +439,21 @@ def _schemas(responses: Mapping[str, dict[str, Any]]) -> list[Schema]:
     return [r["content"]["application/json"]["schema"] for r in responses.values()]
 
 
-def _error_responses(*scopes: str) -> dict[str, dict[str, Any]]:
-    """One response per status (``default`` for a code without one) of the codes in ``scopes``."""
+# What creating a session shares with /v1/run: reading the body, naming a pool,
+# the token's pools, and waiting for a sandbox of it.
+SESSION_CREATE_RUN_CODES = frozenset({
+    "invalid_json", "invalid_encoding", "invalid_request", "unknown_field", "body_timeout",
+    "unknown_pool", "request_too_large", "unsupported_media_type", "pool_forbidden",
+    "pool_exhausted", "acquire_timeout", "backend_unavailable", "sandbox_lost", "shutting_down",
+})
+
+
+def _error_responses(*scopes: str, also: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """One response per status (``default`` for a code without one) of the codes in ``scopes``,
+    and of ``also``."""
     by_status: dict[str, list[str]] = {}
     for error in ERROR_CODES:
-        if error.scope in scopes:
+        if error.scope in scopes or error.code in also:
             key = "default" if error.status is None else str(error.status)
             by_status.setdefault(key, []).append(error.code)
     responses: dict[str, dict[str, Any]] = {}

@@ -440,3 +440,34 @@ def test_token_new_prints_the_token_once_and_its_hash(tmp_path: Path) -> None:
     document = tomllib.loads("[server]\n" + done.stdout)
     parsed = parse_config({**document, "pools": {"python": {"backend": "fake"}}})
     assert parsed.server.tokens == (TokenConfig("ci", token_sha256(token)),)
+
+
+def test_a_session_belongs_to_its_token(remote: Remote, document: dict[str, Any]) -> None:
+    """On the TCP listener a session's owner is its token: another token gets what an
+    unknown id gets, and a token may hold sessions only in its pools."""
+    full = {"Authorization": f"Bearer {remote.tokens['full']}"}
+    limited = {"Authorization": f"Bearer {remote.tokens['limited']}"}
+    with remote.raw() as http:
+        created = http.post("/v1/sessions", json={"pool": "python"}, headers=full)
+        assert created.status_code == 201, created.text
+        session = created.json()["session_id"]
+        try:
+            ran = http.post(f"/v1/sessions/{session}/run", json={"code": "x = 5"}, headers=full)
+            assert ran.status_code == 200, ran.text
+            template = "/v1/sessions/{session_id}"
+            for method, path in (("get", f"/v1/sessions/{session}"),
+                                 ("delete", f"/v1/sessions/{session}"),
+                                 ("post", f"/v1/sessions/{session}/run")):
+                answer = http.request(method.upper(), path, json={"code": "print(x)"}
+                                      if method == "post" else None, headers=limited)
+                check_error(document, answer, 404, "session_not_found",
+                            template + ("/run" if method == "post" else ""), method)
+            assert http.get("/v1/sessions", headers=limited).json() == {"sessions": []}
+            answer = http.post(f"/v1/sessions/{session}/run", json={"code": "print(x)"},
+                               headers=full)
+            assert answer.json()["stdout"] == "5\n"
+            check_error(document, http.post("/v1/sessions", json={"pool": "other"},
+                                            headers=limited),
+                        403, "pool_forbidden", "/v1/sessions")
+        finally:
+            http.delete(f"/v1/sessions/{session}", headers=full)
