@@ -29,9 +29,11 @@ class Workload:
     files: tuple[tuple[str, bytes], ...] = ()  # uploaded with the request
     result_types: tuple[str, ...] = ()  # the response's ``results``, in order
 
-    def request_body(self, pool: str) -> dict[str, Any]:
-        """The POST /v1/run body for ``pool``."""
-        body: dict[str, Any] = {"code": self.code, "pool": pool}
+    def request_body(self, pool: str | None) -> dict[str, Any]:
+        """The POST /v1/run body for ``pool``; without a pool (None), a session run's body."""
+        body: dict[str, Any] = {"code": self.code}
+        if pool is not None:
+            body["pool"] = pool
         if self.files:
             body["files"] = [
                 {"path": path, "content": base64.b64encode(content).decode("ascii"),
@@ -152,3 +154,47 @@ def build_datasci_workload() -> Workload:
     data, expected = _orders_csv()
     return Workload("datasci", DATASCI_CODE, expected, files=((DATASCI_CSV, data),),
                     result_types=("image/png",))
+
+
+# The data analysis in the three steps an agent takes it in, each a turn of its
+# own (load the CSV, a groupby summary, a chart): (name, the step's own code,
+# what it prints). Together they are DATASCI_CODE's work.
+ANALYSIS_STEPS = (
+    ("load", 'import pandas as pd\n\norders = pd.read_csv("orders.csv")\n',
+     "print(len(orders))\n"),
+    ("summary", 'orders["revenue"] = orders["qty"] * orders["unit_price"]\n'
+     'by_region = orders.groupby("region")["revenue"].sum().sort_values()\n',
+     "print(by_region.idxmax())\n"),
+    ("chart", "import matplotlib.pyplot as plt\n\n"
+     'by_region.plot.bar(title="Revenue by region")\nplt.show()\n', ""),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """The three-step data analysis, as single-use runs and as one session's runs."""
+
+    steps: tuple[str, ...]
+    # Each step in a fresh sandbox: the CSV sent again, the earlier steps' code run again.
+    single_use: tuple[Workload, ...]
+    # Each step in the session's interpreter: the CSV sent with the first only, the
+    # DataFrame kept.
+    session: tuple[Workload, ...]
+
+
+def build_analysis(datasci: Workload) -> Analysis:
+    """``datasci``'s CSV analysed in ANALYSIS_STEPS; the same stdout and results per step
+    on both paths (the rows, the top region, one PNG)."""
+    rows, region = datasci.expected_stdout.split()
+    expected = (f"{rows}\n", f"{region}\n", "")
+    single_use, session = [], []
+    done = ""
+    for index, (name, code, output) in enumerate(ANALYSIS_STEPS):
+        result_types = ("image/png",) if name == "chart" else ()
+        single_use.append(Workload(f"{name}-single-use", done + code + output,
+                                   expected[index], datasci.files, result_types))
+        session.append(Workload(f"{name}-session", code + output, expected[index],
+                                datasci.files if index == 0 else (), result_types))
+        done += code
+    return Analysis(tuple(name for name, _, _ in ANALYSIS_STEPS), tuple(single_use),
+                    tuple(session))
