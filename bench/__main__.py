@@ -8,8 +8,11 @@ pool (its open-loop print(1) load), then a Docker-only daemon with 16 warm
 sandboxes (RSS, idle CPU), then the data analysis (a cold ``docker run`` of
 the datasci image, and a daemon with datasci pools in the docker, process and
 fork tiers: low-load latency, a warm sandbox's RSS, PSS and USS, open-loop
-load). Each section has a time budget so the full run stays under 15 minutes;
-a section that runs out records fewer samples (``n``).
+load), then sessions against single use (bench/sessions.py: print(1) per
+tier, and a three-step analysis of the same CSV, in a daemon of their own).
+Each section has a time budget so the full run stays under 16 minutes; a
+section that runs out records fewer samples (``n``). ``--only sessions`` runs
+that section alone (with the machine description), as the full run does it.
 Every container and daemon the run starts is gone when it ends, or it fails.
 """
 
@@ -35,10 +38,16 @@ from typing import Any
 from aiodocker import Docker as aiodocker_client
 from aiodocker import DockerError
 
-from bench import docker_paths, peers, report, sandbox_memory, sandpool_paths
+from bench import docker_paths, peers, report, sandbox_memory, sandpool_paths, sessions
 from bench.daemon import BenchDaemon, DaemonFailed
 from bench.machine import CpuMeter, describe_machine, dockerd_pid
-from bench.workloads import DATASCI_ROWS, Workload, build_datasci_workload, build_workloads
+from bench.workloads import (
+    DATASCI_ROWS,
+    Workload,
+    build_analysis,
+    build_datasci_workload,
+    build_workloads,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Quick runs (make bench-quick, the test suite) must not litter bench/results/.
@@ -73,12 +82,18 @@ class Mode:
     datasci_load_step_s: dict[str, float]  # per backend
     datasci_load_steps: int
     datasci_load_budget_s: dict[str, float]  # per backend
+    sessions_print1_samples: int  # pairs: one single-use run and one session run
+    sessions_cycles: int  # session create + delete
+    sessions_print1_budget_s: dict[str, float]  # per backend, both paths together
+    sessions_analysis_repetitions: int  # each one analysis per path
+    sessions_analysis_budget_s: dict[str, float]  # per backend
+    sessions_datasci_backends: tuple[str, ...]  # the datasci pools of the sessions daemon
     pool_sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     datasci_sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 FULL = Mode(
-    name="full", budget_s=870, churn_s=8.0, cold_samples=30, seed_budget_s=35,
+    name="full", budget_s=960, churn_s=8.0, cold_samples=30, seed_budget_s=35,
     aiodocker_budget_s=40, llm_session_budget_s=40, llm_pool_budget_s=25,
     latency_samples=200, latency_budget_s=45, idle_window_s=10.0,
     # Docker rates are a few per second: longer steps, so each counts enough arrivals.
@@ -97,6 +112,13 @@ FULL = Mode(
     datasci_latency_samples=100, datasci_print1_samples=30, datasci_latency_budget_s=50,
     datasci_load_step_s={"docker": 12.0, "process": 12.0, "fork": 4.0}, datasci_load_steps=7,
     datasci_load_budget_s={"docker": 60.0, "process": 60.0, "fork": 30.0},
+    # ~90 s with the daemon's start: a Docker pair or analysis waits for a refill
+    # (a datasci sandbox's start is ~1 s of CPU), a fork one hardly.
+    sessions_print1_samples=60, sessions_cycles=10,
+    sessions_print1_budget_s={"docker": 8.0, "process": 4.0, "fork": 4.0},
+    sessions_analysis_repetitions=9,
+    sessions_analysis_budget_s={"docker": 15.0, "process": 15.0, "fork": 6.0},
+    sessions_datasci_backends=("docker", "process", "fork"),
 )
 QUICK = Mode(
     name="quick", budget_s=95, churn_s=0.8, cold_samples=1, seed_budget_s=4,
@@ -112,6 +134,14 @@ QUICK = Mode(
     datasci_load_step_s={"docker": 1.5, "process": 1.5, "fork": 1.5}, datasci_load_steps=2,
     datasci_load_budget_s={"docker": 6.0, "process": 6.0, "fork": 6.0},
     datasci_sizes={"docker": (1, 2, 1), "process": (1, 2, 1), "fork": (2, 4, 2)},
+    sessions_print1_samples=2, sessions_cycles=1,
+    sessions_print1_budget_s={"docker": 1.0, "process": 1.0, "fork": 1.0},
+    sessions_analysis_repetitions=1,
+    sessions_analysis_budget_s={"docker": 1.0, "process": 1.0, "fork": 1.0},
+    # The fork tier's datasci pool alone: it starts in a second, where a docker
+    # or process one imports the preload per sandbox; every tier runs the same
+    # code of the section, and the plain pools cover each tier's sessions.
+    sessions_datasci_backends=("fork",),
 )
 GEOMETRIC_STEP = 1.6  # process and wasm: rates rise by this factor per step
 CPU_BOUND_PERCENT = 85.0  # a load step this busy (all cores) counts as CPU-bound
@@ -472,6 +502,57 @@ def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, work
     return out
 
 
+def run_sessions(doc: dict[str, Any], mode: Mode, clock: Clock, workload: Workload,
+                 workdir: Path, daemons: list[BenchDaemon]) -> dict[str, Any]:
+    """Sessions against single use, in a daemon of their own (bench/sessions.py):
+    print(1) and create + delete per tier, then the three-step analysis per datasci pool."""
+    section = sessions.plan(mode.sessions_datasci_backends)
+    out: dict[str, Any] = {"pools_not_started": {}}
+    image = sandpool_paths.DATASCI_IMAGE
+    if not _image_present(image):
+        missing = {p.name for p in section.pools if p.image == image}
+        out["pools_not_started"] = dict.fromkeys(
+            missing, f"the image {image} is not built (sandpool image build --profile datasci)")
+        section = section.without(missing)
+    daemon, section, not_started = sessions.start(section, workdir, daemons, _say)
+    out["pools_not_started"].update(not_started)
+    _say(f"sessions daemon {daemon.instance_id} ready after {daemon.ready_after_s:.1f} s")
+    out["config"] = daemon.config_text
+    out["instance"] = daemon.instance_id
+    out["ready_after_s"] = round(daemon.ready_after_s, 2)
+    out["pools"] = daemon.pools()
+    backend = {p.name: p.backend for p in section.pools}
+    out["print1"], out["analysis"] = {}, {}
+    for name in section.print1_pools:
+        entry = out["print1"][name] = _part(
+            doc, f"sessions {name} print(1)", sessions.print1_side_by_side, daemon.socket,
+            name, backend[name], mode.sessions_print1_samples, mode.sessions_cycles,
+            clock.section(mode.sessions_print1_budget_s[backend[name]]))
+        _say(f"sessions {name} print(1) p50: single use "
+             f"{_get(entry, 'single_use', 'e2e', 'p50_ms')} ms, session "
+             f"{_get(entry, 'session', 'e2e', 'p50_ms')} ms, create + delete "
+             f"{_get(entry, 'create_plus_delete', 'p50_ms')} ms")
+    analysis = build_analysis(workload)
+    for name in section.analysis_pools:
+        entry = out["analysis"][name] = _part(
+            doc, f"sessions {name} analysis", sessions.analysis_side_by_side, daemon.socket,
+            name, backend[name], analysis, mode.sessions_analysis_repetitions,
+            clock.section(mode.sessions_analysis_budget_s[backend[name]]))
+        _say(f"sessions {name} analysis p50: single use "
+             f"{_get(entry, 'single_use', 'total', 'p50_ms')} ms, session "
+             f"{_get(entry, 'session', 'total', 'p50_ms')} ms")
+    with daemon.client() as client:
+        # Every session above was deleted: none may be left, and no sandbox leased.
+        out["sessions_left"] = len(client.request("GET", "/v1/sessions")["sessions"])
+        out["leased_left"] = sum(p["leased"] for p in client.pools())
+    out["stop_status"] = daemon.stop()
+    out["leftover_containers"] = len(asyncio.run(
+        docker_paths.list_labelled(f"sandpool.instance={daemon.instance_id}")))
+    out["leftover_sandbox_processes"] = len(sessions.sandbox_processes())
+    return out
+
+
+ONLY = ("sessions",)  # the sections --only runs alone
 REFERENCE_NAME = re.compile(r"\d{4}-\d{2}-\d{2}\.json")
 
 
@@ -624,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a line printed at the top of the markdown")
     parser.add_argument("--docker-pool", metavar="MIN_IDLE,MAX_SIZE,START_CONCURRENCY",
                         default="8,16,4", help="the Docker pool's sizes (default 8,16,4)")
+    parser.add_argument("--only", choices=ONLY, help="run this section alone (its own daemon, "
+                        "as in the whole run), results named <date>-<section>")
     parser.add_argument("--image", default=docker_paths.IMAGE,
                         help="the image of every Docker path (default %(default)s); "
                         "for A/B runs of an image change")
@@ -646,8 +729,10 @@ def main(argv: list[str] | None = None) -> int:
     date = time.strftime("%Y-%m-%d")
     doc: dict[str, Any] = {
         "schema": report.SCHEMA,
-        "name": args.name or (date if mode is not QUICK else f"{date}-quick"),
+        "name": args.name or "-".join(
+            [date, *(["quick"] if mode is QUICK else []), *([args.only] if args.only else [])]),
         "mode": mode.name,
+        "only": args.only,
         "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run_id": run_id,
@@ -672,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
                            "shown (plt.show(): a PNG in the response's results)",
             "code": datasci.code,
             "csv_bytes": len(datasci.files[0][1]),
+            "rows": DATASCI_ROWS,
             "expected_stdout": datasci.expected_stdout,
             "result_types": list(datasci.result_types),
         },
@@ -680,27 +766,31 @@ def main(argv: list[str] | None = None) -> int:
     doc["cold_paths"] = {}
     doc["sandpool"] = {}
     doc["datasci"] = {}
+    doc["sessions"] = {}
     daemons: list[BenchDaemon] = []
     exit_status = 0
     with tempfile.TemporaryDirectory(prefix="sandpool-bench-") as tmp:
         try:
-            doc["churn_ceiling"] = _section(doc, "churn ceiling", lambda: churn(run_id, mode))
-            cold = doc["cold_paths"]
-            cold["seed_docker_py"] = _section(doc, "seed docker-py path", lambda: (
-                docker_paths.seed_docker_py(run_id, workloads, mode.cold_samples,
-                                            clock.section(mode.seed_budget_s))))
-            cold["aiodocker_cold"] = _section(doc, "aiodocker cold", lambda: asyncio.run(
-                docker_paths.aiodocker_cold(run_id, workloads, mode.cold_samples,
-                                            clock.section(mode.aiodocker_budget_s))))
-            cold["llm_sandbox"] = _section(doc, "llm-sandbox", lambda: peers.llm_sandbox(
-                run_id, workloads, mode.cold_samples, clock.section(mode.llm_session_budget_s),
-                lambda: clock.section(mode.llm_pool_budget_s)))
-            doc["sandpool"] = _section(doc, "sandpool daemon", lambda: run_sandpool(
-                doc, mode, clock, workloads, Path(tmp), daemons))
-            doc["sandpool"]["rss"] = _section(doc, "daemon RSS", lambda: run_rss(
-                mode, Path(tmp), daemons))
-            doc["datasci"] = _section(doc, "data analysis", lambda: run_datasci(
-                doc, mode, clock, run_id, datasci, Path(tmp), daemons))
+            if not args.only:  # else the one section named
+                doc["churn_ceiling"] = _section(doc, "churn ceiling", lambda: churn(run_id, mode))
+                cold = doc["cold_paths"]
+                cold["seed_docker_py"] = _section(doc, "seed docker-py path", lambda: (
+                    docker_paths.seed_docker_py(run_id, workloads, mode.cold_samples,
+                                                clock.section(mode.seed_budget_s))))
+                cold["aiodocker_cold"] = _section(doc, "aiodocker cold", lambda: asyncio.run(
+                    docker_paths.aiodocker_cold(run_id, workloads, mode.cold_samples,
+                                                clock.section(mode.aiodocker_budget_s))))
+                cold["llm_sandbox"] = _section(doc, "llm-sandbox", lambda: peers.llm_sandbox(
+                    run_id, workloads, mode.cold_samples, clock.section(mode.llm_session_budget_s),
+                    lambda: clock.section(mode.llm_pool_budget_s)))
+                doc["sandpool"] = _section(doc, "sandpool daemon", lambda: run_sandpool(
+                    doc, mode, clock, workloads, Path(tmp), daemons))
+                doc["sandpool"]["rss"] = _section(doc, "daemon RSS", lambda: run_rss(
+                    mode, Path(tmp), daemons))
+                doc["datasci"] = _section(doc, "data analysis", lambda: run_datasci(
+                    doc, mode, clock, run_id, datasci, Path(tmp), daemons))
+            doc["sessions"] = _section(doc, "sessions", lambda: run_sessions(
+                doc, mode, clock, datasci, Path(tmp), daemons))
         except KeyboardInterrupt:
             doc["errors"].append("interrupted")
             exit_status = 130
@@ -726,8 +816,9 @@ def main(argv: list[str] | None = None) -> int:
                             f"sandpool.instance={daemon.instance_id}"))
                 doc["errors"].append(f"{len(leftovers)} containers were left behind (removed)")
     out_dir = args.out or (QUICK_RESULTS if mode is QUICK else RESULTS)
-    doc["reference"] = reference_run(RESULTS, doc["name"])
-    doc["targets"] = targets(doc)
+    # The targets are the other sections'; a section run alone has none.
+    doc["reference"] = None if args.only else reference_run(RESULTS, doc["name"])
+    doc["targets"] = [] if args.only else targets(doc)
     doc["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["dockerd_restarted_during_run"] = dockerd_pid() != doc["machine"]["dockerd_pid_at_start"]
     doc["duration_s"] = round(clock.elapsed(), 1)

@@ -9,8 +9,8 @@ from typing import Any
 SCHEMA = "sandpool-bench/1"
 WORKLOADS = ("print1", "realistic")
 # Every result carries these top-level sections, in quick mode too.
-SECTIONS = ("machine", "workloads", "churn_ceiling", "cold_paths", "sandpool", "datasci", "targets",
-            "cleanup")
+SECTIONS = ("machine", "workloads", "churn_ceiling", "cold_paths", "sandpool", "datasci",
+            "sessions", "targets", "cleanup")
 COLD_PATHS = ("seed_docker_py", "aiodocker_cold", "llm_sandbox")
 
 
@@ -170,6 +170,89 @@ def datasci_markdown(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _delta(after: dict[str, Any] | None, before: dict[str, Any] | None) -> str:
+    """p50 of ``after`` minus p50 of ``before``, signed, or '-'."""
+    if not after or not after.get("n") or not before or not before.get("n"):
+        return "-"
+    return f"{after['p50_ms'] - before['p50_ms']:+.2f}"
+
+
+def sessions_markdown(doc: dict[str, Any]) -> list[str]:
+    """Sessions against single use: print(1) per tier, create + delete, the three-step
+    analysis."""
+    section = doc.get("sessions") or {}
+    lines = ["", "## Sessions against single use", ""]
+    if "print1" not in section:
+        why = section.get("skipped") or section.get("error") or "not run"
+        return [*lines, f"Not measured: {why}", ""]
+    lines += [
+        "Sequential, one client on one keep-alive connection; every request is sent once "
+        "its pool is quiet (`min_idle` idle, nothing starting or busy), so no request pays "
+        "for another's refill. `print(1)`: a `/v1/run` and a run of one long-lived session "
+        "in pairs, the order flipping every pair; then session create and delete.", "",
+        "| pool (tier) | single-use p50 | p99 | session run p50 | p99 | pairs | session minus "
+        "single-use p50 | hand-out to result p50: single-use / session | create p50 | delete "
+        "p50 | create + delete p50 | p99 | cycles |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry in section["print1"].items():
+        if "error" in entry:
+            lines.append(f"| `{name}` | {entry['error']} |" + " |" * 11)
+            continue
+        single, session = entry["single_use"], entry["session"]
+        both = entry["create_plus_delete"]
+        lines.append(
+            f"| `{name}` ({entry['backend']}) | {_ms(single['e2e'], 'p50_ms')} | "
+            f"{_ms(single['e2e'], 'p99_ms')} | {_ms(session['e2e'], 'p50_ms')} | "
+            f"{_ms(session['e2e'], 'p99_ms')} | {session['e2e'].get('n', 0)} | "
+            f"{_delta(session['e2e'], single['e2e'])} | "
+            f"{_ms(single['execution'], 'p50_ms')} / {_ms(session['execution'], 'p50_ms')} | "
+            f"{_ms(entry['create'], 'p50_ms')} | {_ms(entry['delete'], 'p50_ms')} | "
+            f"{_ms(both, 'p50_ms')} | {_ms(both, 'p99_ms')} | {both.get('n', 0)} |")
+    analysis = section.get("analysis") or {}
+    if analysis:
+        lines += [
+            "", "The data analysis's CSV "
+            f"({doc['workloads']['datasci']['csv_bytes'] / 1e6:.2f} MB, "
+            f"{doc['workloads']['datasci']['rows']} rows) in three steps, as an agent "
+            "takes it: load, a groupby summary, a PNG chart. Single use: three `/v1/run` "
+            "calls, each sending the CSV again and running the earlier steps again; "
+            "session: create, three runs (the CSV sent with the first, the DataFrame kept), "
+            "delete. Each step waits for a quiet pool (an agent's think time), not counted; "
+            "the two paths alternate which goes first. p50 per step and of the totals, ms:",
+            "",
+            "| pool (tier) | path | load | summary | chart | total p50 | total p99 | n "
+            "| total vs session |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    for name, entry in analysis.items():
+        if "error" in entry:
+            lines.append(f"| `{name}` | {entry['error']} |" + " |" * 7)
+            continue
+        session_total = entry["session"]["total"]
+        rows = (("single use: 3 runs", entry["single_use"], entry["single_use"]["total"]),
+                ("session: create + 3 runs + delete", entry["session"], session_total),
+                ("session: the 3 runs alone", entry["session"], entry["session"]["runs_only"]))
+        for label, path, total in rows:
+            ratio = (f"{total['p50_ms'] / session_total['p50_ms']:.2f}x"
+                     if total.get("n") and session_total.get("n") else "-")
+            cells = [_ms(path["steps"][step]["e2e"], "p50_ms") for step in path["steps"]]
+            lines.append(f"| `{name}` ({entry['backend']}) | {label} | " + " | ".join(cells)
+                         + f" | {_ms(total, 'p50_ms')} | {_ms(total, 'p99_ms')} | "
+                         f"{total.get('n', 0)} | {ratio} |")
+        lines.append(f"| `{name}` | session create / delete p50 | "
+                     f"{_ms(entry['session']['create'], 'p50_ms')} / "
+                     f"{_ms(entry['session']['delete'], 'p50_ms')} | | | | | | |")
+    for name, why in section.get("pools_not_started", {}).items():
+        lines += ["", f"Pool `{name}` was not measured: `{why.strip().splitlines()[-1]}`."]
+    if section.get("config"):
+        lines += ["", "The section's daemon:", "", "```toml", section["config"].rstrip(), "```"]
+    lines += ["", f"Left after the section: {section.get('sessions_left')} sessions, "
+                  f"{section.get('leftover_containers')} containers, "
+                  f"{section.get('leftover_sandbox_processes')} sandbox processes.", ""]
+    return lines
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The whole result as markdown tables."""
     m = doc["machine"]
@@ -190,6 +273,9 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("dockerd_restarted_during_run"):
         lines += ["**dockerd restarted during this run (another process restarted it): "
                   "the Docker figures are disturbed.**", ""]
+    if doc.get("only") == "sessions":  # one section alone, as the whole run makes it
+        lines += sessions_markdown(doc)
+        return "\n".join([*lines, *_footer(doc)]) + "\n"
     lines += [
         "## Latency per request (ms)",
         "",
@@ -272,16 +358,20 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"(`duration_ms`) p50 {_ms(print1['execution'], 'p50_ms')} ms; e2e minus "
                      f"both p50 {_ms(print1.get('outside_backend'), 'p50_ms')} ms.")
     lines += datasci_markdown(doc)
+    lines += sessions_markdown(doc)
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for target in doc["targets"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[target["met"]]
         lines.append(f"| {target['target']} | {target['measured']} | {met} |")
-    cleanup = doc["cleanup"]
-    lines += ["", f"Cleanup: {cleanup.get('leftover_containers', '?')} containers "
-                  "left after the run."]
+    return "\n".join([*lines, *_footer(doc)]) + "\n"
+
+
+def _footer(doc: dict[str, Any]) -> list[str]:
+    lines = ["", f"Cleanup: {doc['cleanup'].get('leftover_containers', '?')} containers "
+                 "left after the run."]
     if doc.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in doc["errors"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(doc: dict[str, Any], path: Path) -> str | None:
