@@ -109,6 +109,40 @@ max_output_bytes = 4096
 PYTHON_POOLS = [
     "python", "python-process", "python-fork", "python-wasm", "datasci", "datasci-process",
 ]
+# SANDPOOL_TEST_DAEMON_IMAGE=1: the suites' daemons are the daemon's image run
+# as a pod runs it (tests/daemon_image.py, tests/test_daemon_image.py), serving
+# the tiers a pod serves, with the pool names and settings above.
+IN_DAEMON_IMAGE = os.environ.get("SANDPOOL_TEST_DAEMON_IMAGE") == "1"
+if IN_DAEMON_IMAGE:
+    DAEMON_CONFIG = """
+[server]
+metrics_address = "off"
+max_request_bytes = 262144
+shutdown_timeout_s = 10
+
+[pools.python-process]
+backend = "process"
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
+[pools.python-wasm]
+backend = "wasm"
+min_idle = 2
+max_size = 4
+timeout_s = 5
+max_timeout_s = 20
+
+[pools.shell]
+backend = "process"
+language = "shell"
+min_idle = 1
+max_size = 2
+timeout_s = 5
+"""
+    PYTHON_POOLS = ["python-process", "python-wasm"]
+
 # CPython on WASI preview 1 has no processes and no signals: tests that need
 # them cannot apply there; test_wasm_backend.py covers that tier's containment.
 WASI_POOLS = frozenset({"python-wasm"})
@@ -195,9 +229,18 @@ class Daemon:
     socket: str
     log_path: Path
     instance_id: str
+    # What stop_daemon removes once the daemon has stopped (a container's cgroups).
+    cleanup: Callable[[], None] | None = None
+    # The daemon's image run with `docker run` (tests/daemon_image.py): process
+    # is the attached `docker run`, which passes SIGTERM on.
+    container: str | None = None
 
     @property
     def pid(self) -> int:
+        if self.container is not None:
+            from tests.daemon_image import daemon_pid
+
+            return daemon_pid(self.container)
         return self.process.pid
 
     def client(self, timeout_s: float = 60) -> Client:
@@ -244,6 +287,10 @@ def launch_daemon(
     working directory, so ``python -m`` imports that tree's ``api`` and ``pool``
     first (another checkout, to compare).
     """
+    if IN_DAEMON_IMAGE:
+        from tests.daemon_image import launch_container
+
+        return launch_container(workdir, config, env)
     config_path = workdir / "sandpool.toml"
     config_path.write_text(textwrap.dedent(config))
     socket_path = workdir / "sandpool.sock"
@@ -355,9 +402,13 @@ def stop_daemon(daemon: Daemon) -> None:
 
     A daemon that had already exited (a test killed it) is only checked for leftovers.
     """
-    if daemon.process.poll() is None:
-        code = terminate_daemon(daemon)
-        assert code == 0, daemon.log_tail()
+    try:
+        if daemon.process.poll() is None:
+            code = terminate_daemon(daemon)
+            assert code == 0, daemon.log_tail()
+    finally:
+        if daemon.cleanup is not None:
+            daemon.cleanup()
     leftovers = docker_containers(f"sandpool.instance={daemon.instance_id}")
     if leftovers:
         subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True, timeout=60)

@@ -71,7 +71,7 @@ BASE_RECIPE = Recipe(profile=BASE_PROFILE)
 # What the daemon's venv is built from; the digest covers each of them.
 SOURCE_TREES = ("pool", "api", "metrics", "clients/python/src")
 SOURCE_FILES = ("pyproject.toml", "clients/python/pyproject.toml", "constraints.txt")
-CONTEXT_FILES = ("Dockerfile", "docker-offline", "sandpool.toml")
+CONTEXT_FILES = ("Dockerfile", "docker-offline", "sandpool-probe", "sandpool.toml")
 # Files the daemon reads at run time that the sandpool wheel does not carry
 # (pyproject.toml's package-data lists metrics' JSON only).
 PACKAGE_DATA = ("pool/node_runner.js",)
