@@ -114,10 +114,10 @@ FULL = Mode(
     datasci_load_budget_s={"docker": 60.0, "process": 60.0, "fork": 30.0},
     # ~90 s with the daemon's start: a Docker pair or analysis waits for a refill
     # (a datasci sandbox's start is ~1 s of CPU), a fork one hardly.
-    sessions_print1_samples=60, sessions_cycles=10,
-    sessions_print1_budget_s={"docker": 8.0, "process": 4.0, "fork": 4.0},
+    sessions_print1_samples=60, sessions_cycles=8,
+    sessions_print1_budget_s={"docker": 6.0, "process": 3.0, "fork": 3.0},
     sessions_analysis_repetitions=9,
-    sessions_analysis_budget_s={"docker": 15.0, "process": 15.0, "fork": 6.0},
+    sessions_analysis_budget_s={"docker": 18.0, "process": 12.0, "fork": 6.0},
     sessions_datasci_backends=("docker", "process", "fork"),
 )
 QUICK = Mode(

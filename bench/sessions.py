@@ -40,14 +40,20 @@ QUIET_WAIT_S = 10.0  # a datasci sandbox's start is ~1 s of CPU; a loaded host t
 # Pacing of the print(1) pairs: at most one request per this many seconds, as
 # low_load_latency paces the other sections (an idle vCPU's wake-up is in both).
 PRINT1_PACE_S = {"docker": 0.2, "process": 0.04, "fork": 0.04}
-WARM_UP_PAIRS = 2
-MIN_SAMPLES = 5  # taken even when the budget has run out
+WARM_UP_PAIRS = 1
+MIN_SAMPLES = 5  # pairs taken even when the budget has run out
+MIN_CYCLES = 3  # likewise create + delete (a datasci Docker one waits ~1.5 s for its refill)
 PRINT1 = Workload("print1", "print(1)", "1\n")
-# (min_idle, max_size, start_concurrency) of every pool: one idle sandbox is
-# enough, since every request waits for a quiet pool; max_size leaves room for
-# a session (max_sessions: half of it) beside a refill. Small pools start in
-# seconds (a datasci sandbox's start in the docker and process tiers is ~1 s of CPU).
-POOL_SIZES = (1, 4, 1)
+# (min_idle, max_size, start_concurrency) of every pool. Two idle, not one: a
+# pool hands out its oldest idle sandbox, and with one a single-use request
+# would always take the sandbox that became ready a moment before (its first
+# run measured slower: a datasci Docker sandbox's ran the analysis's load step
+# in 160 ms against 65 ms for one idle longer); with two it takes one that has
+# been idle for a refill's time at least, as in a warm pool. max_size leaves
+# room for a session (max_sessions: half of it) beside a refill. Small pools
+# start in seconds (a datasci sandbox's start in the docker and process tiers
+# is ~1 s of CPU).
+POOL_SIZES = (2, 4, 2)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,7 +184,7 @@ def print1_side_by_side(socket_path: str, pool: str, backend: str, samples: int,
         finally:
             timer.delete(session_id)
         for index in range(cycles):
-            if time_left() <= 0 and index >= min(cycles, MIN_SAMPLES):
+            if time_left() <= 0 and index >= min(cycles, MIN_CYCLES):
                 break
             elapsed_ms, session_id = timer.create()
             create_ms.append(elapsed_ms)
