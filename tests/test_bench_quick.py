@@ -172,6 +172,66 @@ def test_datasci_section_is_sane(quick_result: dict[str, Any]) -> None:
     assert datasci["leftover_containers"] == 0
 
 
+def test_sessions_section_is_sane(quick_result: dict[str, Any]) -> None:
+    section = quick_result["sessions"]
+    assert "error" not in section, section.get("error")
+    served = {p["name"]: p["backend"] for p in section["pools"]}
+    # print(1) side by side in every tier's plain pool, and in the datasci ones there.
+    plain = {name for name in served if not name.startswith("datasci")}
+    assert served.get("python") == "docker", served
+    # A tier left out says why (its backend did not start here).
+    assert set(served) | set(section["pools_not_started"]) >= {
+        "python", "python-process", "python-fork"}, served
+    assert plain <= set(section["print1"]) <= set(served)
+    for name, entry in section["print1"].items():
+        for path in ("single_use", "session"):
+            for key in ("e2e", "execution"):
+                assert_stats(entry[path][key], f"{name} print(1) {path} {key}")
+            # The daemon's hand-out to result fits inside the client's e2e.
+            assert entry[path]["execution"]["min_ms"] <= entry[path]["e2e"]["max_ms"]
+        # Interleaved pairs: as many requests of each path.
+        assert entry["single_use"]["e2e"]["n"] == entry["session"]["e2e"]["n"], name
+        for key in ("create", "delete", "create_plus_delete"):
+            assert_stats(entry[key], f"{name} {key}")
+        assert entry["create_plus_delete"]["min_ms"] >= entry["create"]["min_ms"]
+    datasci = {name for name in served if name.startswith("datasci")}
+    assert set(section["analysis"]) == datasci
+    if datasci:
+        assert section["pools_not_started"] == {}
+    for name, entry in section["analysis"].items():
+        assert entry["repetitions"] >= 1, name
+        for path in ("single_use", "session"):
+            steps = entry[path]["steps"]
+            assert list(steps) == ["load", "summary", "chart"], name
+            for step, measured in steps.items():
+                assert_stats(measured["e2e"], f"{name} {path} {step}")
+                assert measured["e2e"]["n"] == entry["repetitions"], (name, path, step)
+            # A total is its steps' sum in each repetition, so at least the sum of their minima.
+            total = entry[path]["total"]
+            assert_stats(total, f"{name} {path} total")
+            assert total["min_ms"] >= sum(m["e2e"]["min_ms"] for m in steps.values()) - 0.01
+        session = entry["session"]
+        # The session's total adds its create and delete to its runs.
+        assert session["total"]["min_ms"] >= session["runs_only"]["min_ms"]
+        assert session["total"]["p50_ms"] >= session["runs_only"]["p50_ms"]
+        assert_stats(session["create"], f"{name} analysis create")
+    # Every session was deleted, and nothing of the section's daemon is left.
+    assert section["sessions_left"] == 0
+    assert section["leased_left"] == 0
+    assert section["stop_status"] == 0
+    assert section["leftover_containers"] == 0
+    assert section["leftover_sandbox_processes"] == 0
+
+
+def test_the_sessions_section_alone_renders_alone(quick_result: dict[str, Any]) -> None:
+    """What ``--only sessions`` writes: the section's markdown without the others'."""
+    alone = report.markdown({**quick_result, "only": "sessions"})
+    assert "## Sessions against single use" in alone
+    assert "## Latency per request" not in alone
+    assert "## Targets" not in alone
+    assert "| `python` (docker) |" in alone
+
+
 def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
     targets = quick_result["targets"]
     # sandpool's print(1) targets, the fork tier's, the datasci pools' latency and
@@ -186,6 +246,7 @@ def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
     assert "## Latency per request (ms)" in markdown
     assert "## Targets" in markdown
     assert "## Data analysis" in markdown
+    assert "## Sessions against single use" in markdown
     if quick_result["plot"]["path"] is not None:
         assert (out / "quick.png").read_bytes().startswith(b"\x89PNG")
     else:
