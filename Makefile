@@ -71,3 +71,10 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt scripts/e
 .PHONY: daemon-image
 daemon-image: setup
 	$(VENV)/bin/python -m deploy.image.build
+
+# Three daemon containers of that image behind HAProxy, under load, one drained
+# and one killed; prints the report (about 2 minutes; docs/kubernetes-image.md).
+# SIMULATE_ARGS="--json FILE" also writes it as JSON.
+.PHONY: simulate
+simulate: daemon-image
+	$(VENV)/bin/python -m deploy.simulate.run $(SIMULATE_ARGS)

@@ -20,3 +20,19 @@ if ! have systemd-analyze; then
         say "warning: systemd-analyze is missing; install Debian's systemd package, or run make as root"
     fi
 fi
+
+# haproxy: the load balancer of the multi-node simulation (deploy/simulate,
+# tests/test_multinode.py, `make simulate`), run by it as a plain process.
+if ! have haproxy; then
+    if [ "$(id -u)" -eq 0 ] && have apt-get; then
+        say "installing haproxy (for the multi-node simulation) with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null
+        # Debian's package starts a haproxy service; the simulation runs its own.
+        if have systemctl && [ -d /run/systemd/system ]; then
+            systemctl disable --now haproxy >/dev/null 2>&1 || true
+        fi
+    else
+        say "warning: haproxy is missing; install Debian's haproxy package, or run make as root"
+    fi
+fi
