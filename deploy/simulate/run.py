@@ -23,11 +23,15 @@ import argparse
 import asyncio
 import collections
 import contextvars
+import datetime
 import json
+import os
+import platform
 import random
 import shutil
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +85,8 @@ class Outcome:
 class Report:
     plan: dict[str, Any]
     nodes: list[str]
+    date: str = ""
+    host: dict[str, object] = field(default_factory=dict)
     requests: int = 0
     ok: int = 0
     failures: dict[str, int] = field(default_factory=dict)
@@ -176,6 +182,20 @@ async def load(client: AsyncClient, workers: int, stop: asyncio.Event, t0: float
             group.create_task(worker(i))
 
 
+def host_facts() -> dict[str, object]:
+    """What the figures depend on: the machine, how busy it was, the versions."""
+    haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True, timeout=30)
+    engine = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"],
+                            capture_output=True, text=True, timeout=30)
+    return {
+        "cpus": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "kernel": platform.release(),
+        "docker": engine.stdout.strip(),
+        "haproxy": haproxy.stdout.split("\n")[0].removeprefix("HAProxy version ").split(" ")[0],
+    }
+
+
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -195,7 +215,8 @@ def current_sessions(balancer: Balancer, server: str) -> int:
 async def simulate(plan: Plan, work_dir: Path, say: Callable[[str], None] = print) -> Report:
     """Run the scenario; always removes every container, cgroup and process it started."""
     names = cluster.node_names(3)
-    report = Report(plan=asdict(plan), nodes=names)
+    report = Report(plan=asdict(plan), nodes=names, date=datetime.datetime.now(
+        datetime.UTC).isoformat(timespec="seconds"), host=host_facts())
     pki = make_pki(work_dir / "secrets", [SERVER_NAME, "127.0.0.1"], [CLIENT_TOKEN, CHECK_TOKEN])
     started: list[cluster.Node] = []
     balancer: Balancer | None = None
@@ -350,10 +371,12 @@ async def check(report: Report, outcomes: list[Outcome], transport: TaggingTrans
         violations.append("runs were in flight on the killed node, and none was reported lost")
 
 
-def render(report: Report) -> str:
+def render(report: Report, *, events: bool = True) -> str:
+    """The report as text; ``events=False`` leaves out the timeline (printed as it happened)."""
     lines = [
+        f"{report.date} on {report.host}",
         f"nodes: {', '.join(report.nodes)}",
-        *report.events,
+        *(report.events if events else []),
         f"requests {report.requests}: ok {report.ok}, in flight on the killed node and "
         f"reported lost {report.in_flight_lost} ({report.in_flight_at_kill} in flight at the kill)",
         f"failures by kind: {report.failures or 'none'} (retriable: {report.failures_retriable})",
@@ -390,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="sandpool-simulate-") as work:
             Path(work).chmod(0o755)
             report = asyncio.run(simulate(plan, Path(work)))
-    print(render(report))
+    print(render(report, events=False))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(report), indent=1) + "\n")
     return 0 if report.passed() else 1
