@@ -280,8 +280,14 @@ async def faults(plan: Plan, balancer: Balancer, started: list[cluster.Node], re
         report.drain_s = round(time.monotonic() - began, 2)
         event(f"{drained.name} exited {report.drained_exit_code} after {report.drain_s} s")
         await asyncio.sleep(max(0.0, plan.kill_at_s - (time.monotonic() - t0)))
-        await asyncio.to_thread(wait_for, lambda: current_sessions(balancer, killed.name) > 0,
-                                10.0, f"runs in flight on {killed.name}")
+        # Two or more, so that the kill surely meets a run past its connection
+        # (HAProxy counts a request still connecting, which a failure re-sends).
+        try:
+            await asyncio.to_thread(wait_for, lambda: current_sessions(balancer, killed.name) > 1,
+                                    10.0, f"runs in flight on {killed.name}")
+        except RuntimeError:
+            await asyncio.to_thread(wait_for, lambda: current_sessions(balancer, killed.name) > 0,
+                                    10.0, f"runs in flight on {killed.name}")
         report.in_flight_at_kill = current_sessions(balancer, killed.name)
         cluster.signal_node(killed, "KILL")
         event(f"SIGKILL {killed.name} with {report.in_flight_at_kill} requests in flight")
