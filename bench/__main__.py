@@ -104,7 +104,8 @@ FULL = Mode(
     # preloaded fork pool's (10/s to 268/s) too.
     load_step_s={"docker": 15.0, "process": 6.0, "wasm": 6.0, "fork": 3.0}, load_steps=8,
     # The fork tier's sections took the docker load test's and the peers' last
-    # ~100 s (a full run measured 982 s before): the run stays under 15 minutes.
+    # ~100 s (a full run measured 982 s before): the run stays under 15 minutes
+    # (16 with the sessions section, ~100 s more).
     load_budget_s={"docker": 90.0, "process": 50.0, "wasm": 50.0, "fork": 35.0},
     rss_warm=16,
     docker_rate_fractions=(0.5, 0.75, 0.9, 1.0, 1.1, 1.25), start_cpu_samples=8,
