@@ -36,7 +36,7 @@ setup: $(STAMP)
 	for profile in $(IMAGE_PROFILES); do $(IMAGE_BUILD) --profile $$profile || exit 1; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pool api metrics tests bench clients/python
+	$(VENV)/bin/ruff check pool api metrics tests bench clients/python deploy scripts
 	$(VENV)/bin/mypy
 
 # Removes each protection in scripts/mutations.toml in turn from a scratch copy

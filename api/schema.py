@@ -126,7 +126,10 @@ ERROR_CODES = (
     ErrorCode("backend_error", 503, "run", "the backend failed while running the request"),
     ErrorCode("sandbox_lost", 503, "run", "every sandbox handed to the request died first"),
     ErrorCode("server_busy", 503, "run", "the server's max_concurrent_requests are running"),
-    ErrorCode("shutting_down", 503, "run", "the daemon is stopping"),
+    ErrorCode("shutting_down", 503, "run", "the daemon is stopping; the request did not run"),
+    ErrorCode("run_interrupted", 500, "run",
+              "the daemon stopped while the run was in flight (its drain ran out) and stopped "
+              "it part-way: the code may have had effects; not safe to send again blindly"),
     ErrorCode("too_many_connections", 503, "any",
               "the listener's max_connections are open (at connection)"),
     ErrorCode("too_many_connections_from_peer", 503, "any",

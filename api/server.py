@@ -61,6 +61,7 @@ from pool.config import Config, PoolConfig, ServerConfig, parse_address
 from pool.errors import (
     BadRequestError,
     PoolForbiddenError,
+    RunInterruptedError,
     SandpoolError,
     SessionEndedError,
     UnauthorizedError,
@@ -428,6 +429,8 @@ class ApiServer:
             self.remote.tokens.admit(token, pool.name)  # 403 pool_forbidden, 429 token_busy
         # Accept: application/x-ndjson streams the output (api/streaming.py).
         stream = RunStream(request) if wants_ndjson(request) else None
+        started: list[None] = []  # a sandbox took the request: the code may have run
+        run_request = replace(run_request, on_start=lambda: started.append(None))
         task = asyncio.current_task()
         assert task is not None
         self._runs.add(task)
@@ -461,11 +464,13 @@ class ApiServer:
                 # The client went away; the pool destroyed the sandbox.
                 outcome = "disconnected"
                 raise
-            # We cancelled it ourselves to finish shutting down: tell the client.
+            # We cancelled it ourselves to finish shutting down: tell the client
+            # whether the code may have run (never 503 then: that one is retried).
             task.uncancel()
-            failure = UnavailableError(
-                "sandpool shut down before the run finished; it was stopped",
-                code="shutting_down",
+            failure = RunInterruptedError(
+                "sandpool shut down while the run was in flight; it was stopped part-way"
+            ) if started else UnavailableError(
+                "sandpool shut down before the run started; nothing ran", code="shutting_down"
             )
             if stream is None or not stream.began:
                 raise failure from None

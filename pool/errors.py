@@ -135,3 +135,12 @@ class TooManySessionsError(UnavailableError):
 
     code = "too_many_sessions"
     status = 429
+
+
+class RunInterruptedError(SandpoolError):
+    """The daemon stopped (its drain ran out) while the run was in flight, and stopped
+    it part-way. Not a 503: the code ran, may have had effects, and is not safe to
+    send again blindly, which a proxy or client would do with a 503."""
+
+    code = "run_interrupted"
+    status = 500

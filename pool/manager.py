@@ -300,6 +300,8 @@ class Pool(Generic[SandboxT]):
                     sandbox = await self._wait_for_sandbox()
                 wait_s = time.monotonic() - began
                 self.activity.begin()
+                if request.on_start is not None:
+                    request.on_start()
                 try:
                     result = await self.backend.run(sandbox, request)
                 except SandboxLostError:
@@ -351,6 +353,8 @@ class Pool(Generic[SandboxT]):
         Raises SandboxLostError if the sandbox (its code's process) has ended.
         """
         self.activity.begin()
+        if request.on_start is not None:
+            request.on_start()
         try:
             result = await self.backend.run(sandbox, request)
         finally:

@@ -1,4 +1,5 @@
-"""Three daemons behind HAProxy under load: one drained, one killed, nothing lost that could be kept.
+"""Three daemons behind HAProxy under load: one drained, one killed, nothing lost that could
+be kept.
 
 The shorter run of ``make simulate`` (deploy/simulate/run.py): three containers
 of the daemon's image with the pod's settings, HAProxy in front (TLS, /readyz

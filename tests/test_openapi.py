@@ -121,7 +121,7 @@ RUN_REFUSALS: list[tuple[str, bytes, int, str]] = [
 PROVOKED_BY_TESTS = {
     "not_found", "method_not_allowed", "request_too_large", "unsupported_media_type",
     "body_timeout", "pool_exhausted", "acquire_timeout", "too_many_connections_from_peer",
-    "server_busy", "shutting_down", "forbidden", "too_many_connections",
+    "server_busy", "shutting_down", "forbidden", "too_many_connections", "run_interrupted",
 }
 # Codes of the session endpoints: provoked by tests/test_sessions.py, which
 # checks those answers against this document.
@@ -202,7 +202,7 @@ def test_every_code_raised_is_documented(document: dict[str, Any]) -> None:
         errors.UnavailableError, errors.BackendError, errors.SandboxLostError,
         errors.UnsupportedMediaTypeError, errors.UnauthorizedError, errors.PoolForbiddenError,
         errors.TokenBusyError, errors.SessionNotFoundError, errors.SessionEndedError,
-        errors.SessionBusyError, errors.TooManySessionsError,
+        errors.SessionBusyError, errors.TooManySessionsError, errors.RunInterruptedError,
     )}
     # raised_codes must see the codes it is meant to (a test that cannot fail is a defect).
     assert {"invalid_path", "duplicate_path", "not_found", "http_error",
@@ -572,6 +572,6 @@ def test_run_cut_by_shutdown_matches(
             wait_until(busy, "the run to start")
             draining.process.send_signal(signal.SIGTERM)
             status, answer = cut.result(timeout=30)
-        assert (status, answer["error"]["code"]) == (503, "shutting_down")
+        assert (status, answer["error"]["code"]) == (500, "run_interrupted")
     finally:
         stop_daemon(draining)

@@ -30,6 +30,7 @@ from api.client import ApiError
 from tests.support import (
     Daemon,
     docker_containers,
+    metric_sample,
     restart_dockerd,
     start_daemon,
     stop_daemon,
@@ -97,6 +98,12 @@ def busy(daemon: Daemon) -> int:
         return int(next(p for p in client.pools() if p["name"] == "p")["busy"])
 
 
+def queue_length(daemon: Daemon) -> int:
+    with daemon.client() as client:
+        metrics = client.request_raw("GET", "/metrics")[1].decode()
+    return int(metric_sample(metrics, "sandpool_queue_waiters", pool="p"))
+
+
 def test_drain_lets_a_run_in_flight_finish(spawn_daemon: Spawn) -> None:
     daemon = spawn_daemon(one_pool())
     conn = send_run(daemon, {"code": "import time; time.sleep(1.5); print('done')"})
@@ -108,11 +115,18 @@ def test_drain_lets_a_run_in_flight_finish(spawn_daemon: Spawn) -> None:
 
 
 def test_drain_timeout_stops_the_run_with_a_clear_error(spawn_daemon: Spawn) -> None:
+    """A run the drain cuts had begun: 500 run_interrupted, never the 503 that proxies and
+    clients send again; a request still queued for a sandbox ran nothing: 503."""
     daemon = spawn_daemon(one_pool(shutdown=1))
-    conn = send_run(daemon, {"code": "import time; time.sleep(60)"})
-    wait_until(lambda: busy(daemon) == 1, "the run to start")
+    running = [send_run(daemon, {"code": "import time; time.sleep(60)"}) for _ in range(2)]
+    wait_until(lambda: busy(daemon) == 2, "both runs to start")
+    queued = send_run(daemon, {"code": "open('/sandbox/ran', 'w')"})
+    wait_until(lambda: queue_length(daemon) == 1, "the third request to queue")
     daemon.process.send_signal(signal.SIGTERM)
-    status, body = read_response(conn)
+    for conn in running:
+        status, body = read_response(conn)
+        assert (status, body["error"]["code"]) == (500, "run_interrupted")
+    status, body = read_response(queued)
     assert (status, body["error"]["code"]) == (503, "shutting_down")
     assert daemon.process.wait(timeout=30) == 0
     stop_daemon(daemon)
@@ -126,7 +140,7 @@ def test_second_signal_skips_the_drain(spawn_daemon: Spawn) -> None:
     time.sleep(0.3)
     daemon.process.send_signal(signal.SIGINT)
     status, body = read_response(conn, timeout_s=20)
-    assert (status, body["error"]["code"]) == (503, "shutting_down")
+    assert (status, body["error"]["code"]) == (500, "run_interrupted")
     assert daemon.process.wait(timeout=20) == 0
     stop_daemon(daemon)
 

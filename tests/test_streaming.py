@@ -399,7 +399,8 @@ def test_shutdown_mid_stream_ends_it_with_an_error_line(tmp_path: Path) -> None:
                 draining.process.send_signal(signal.SIGTERM)
                 rest = [json.loads(line) for line in lines]
         assert response.status_code == 200
-        assert rest == [{"type": "error", "code": "shutting_down", "message":
-                         "sandpool shut down before the run finished; it was stopped"}]
+        assert rest == [{"type": "error", "code": "run_interrupted", "message":
+                         "sandpool shut down while the run was in flight; it was stopped "
+                         "part-way"}]
     finally:
         stop_daemon(draining)

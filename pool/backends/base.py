@@ -33,6 +33,9 @@ class RunRequest:
     output_listener: Callable[[bytes, bytes], None] | None = field(
         default=None, compare=False, repr=False
     )
+    # Called once a sandbox has the request, just before it is sent to it: from
+    # then on the code may run (the API answers a drain's cut differently).
+    on_start: Callable[[], None] | None = field(default=None, compare=False, repr=False)
     # A session's run (pool/sessions.py): the sandbox is leased, the code runs
     # in the session's __main__ and the sandbox takes further requests.
     session: bool = False
