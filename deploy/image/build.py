@@ -72,8 +72,9 @@ BASE_RECIPE = Recipe(profile=BASE_PROFILE)
 SOURCE_TREES = ("pool", "api", "metrics", "clients/python/src")
 SOURCE_FILES = ("pyproject.toml", "clients/python/pyproject.toml", "constraints.txt")
 CONTEXT_FILES = ("Dockerfile", "docker-offline", "sandpool-probe", "sandpool.toml")
-# Files the daemon reads at run time that the sandpool wheel does not carry
-# (pyproject.toml's package-data lists metrics' JSON only).
+# Files the daemon reads at run time, copied in explicitly: the wheel carries
+# them too since pyproject.toml's package-data lists pool/*.js, but an image
+# built from an older checkout's wheel must not lose them.
 PACKAGE_DATA = ("pool/node_runner.js",)
 # Persistent between builds (git-ignored): the dependency wheels, per pin set,
 # and the exported root file systems, so a rebuild after a source change costs
