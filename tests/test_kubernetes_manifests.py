@@ -267,6 +267,7 @@ def scaledobject_problems(scaled: dict[str, Any], objects: Objects) -> list[str]
             problems += [f"prometheus trigger without {k}" for k in sorted(missing)]
             query = metadata.get("query", "")
             problems += query_problems(query)
+            problems += in_flight_target_problems(metadata.get("threshold", "0"), objects)
             namespaces = set(re.findall(r'namespace="([^"]+)"', query))
             if namespaces != {scaled["metadata"].get("namespace")}:
                 problems.append(f"query reads namespaces {sorted(namespaces)}, not its own")
@@ -300,6 +301,19 @@ def query_problems(query: str) -> list[str]:
     return problems
 
 
+def in_flight_target_problems(target: str, objects: Objects) -> list[str]:
+    """The in-flight target per pod is below the pod's slots (every pool's max_size):
+    at the slots themselves a request already waits, so the autoscaler would add pods
+    only once a queue had formed."""
+    problems = []
+    for workload in workloads(objects):
+        pod = workload["spec"]["template"]["spec"]
+        slots = sum(p.max_size for p in mounted_config(objects, pod).pools)
+        if not 0 < float(target) < slots:
+            problems.append(f"in-flight target {target} is not below the pod's {slots} slots")
+    return problems
+
+
 def autoscaler_problems(objects: Objects) -> list[str]:
     """The HPA's pod metric is the adapter rule's, which reads what sandpool exports."""
     problems = []
@@ -320,6 +334,10 @@ def autoscaler_problems(objects: Objects) -> list[str]:
             problems.append("the HPA has no sandpool metric")
         problems += [f"HPA metric {name} is no adapter rule's" for name in pod_metrics
                      if name not in served]
+        for metric in hpa["spec"]["metrics"]:
+            if metric["type"] == "Pods":
+                problems += in_flight_target_problems(
+                    metric["pods"]["target"]["averageValue"], objects)
     return problems
 
 
@@ -722,9 +740,17 @@ def test_the_base_serves_what_a_stock_cluster_can_run() -> None:
     pod = find(objects, "Deployment")[0]["spec"]["template"]["spec"]
     assert {p.name: p.backend for p in mounted_config(objects, pod).pools} == {
         "python": "process", "python-wasm": "wasm"}
+    # The autoscaler's in-flight target follows the tier (docs/scaling.md#the-autoscaler).
+    hpa = find(objects, "HorizontalPodAutoscaler")[0]["spec"]["metrics"][0]["pods"]["target"]
+    assert hpa["averageValue"] == "4"
+    keda = find(render("keda+process"), "ScaledObject")[0]["spec"]["triggers"][0]["metadata"]
+    assert keda["threshold"] == "4"
+    hpa = find(render("overlays/production"), "HorizontalPodAutoscaler")[0]["spec"]["metrics"][0]
+    assert hpa["pods"]["target"]["averageValue"] == "3"
 
 
-@pytest.mark.parametrize("overlay", ["overlays/production", "overlays/keda"])
+@pytest.mark.parametrize("overlay", ["overlays/production", "overlays/process", "overlays/keda",
+                                     "keda+process"])
 def test_the_autoscaler_reads_what_sandpool_exports(overlay: str) -> None:
     objects = render(overlay)
     assert find(objects, "HorizontalPodAutoscaler") or find(objects, "ScaledObject")
@@ -1073,6 +1099,11 @@ def _break_hpa_metric(objects: Objects) -> None:
     hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] = "sandpool_busy_ratio"
 
 
+def _break_hpa_target(objects: Objects) -> None:
+    hpa = find(objects, "HorizontalPodAutoscaler")[0]
+    hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] = "4"
+
+
 def _break_scaledobject(objects: Objects) -> None:
     trigger = find(objects, "ScaledObject")[0]["spec"]["triggers"][0]
     trigger["metadata"]["query"] = trigger["metadata"]["query"].replace(
@@ -1117,6 +1148,7 @@ BREAKAGES: list[tuple[Callable[[Objects], None], str, Callable[[Objects], list[s
     (_break_servicemonitor, "overlays/production",
      functools.partial(schema_problems, version=KUBERNETES_VERSIONS[0])),
     (_break_hpa_metric, "overlays/production", autoscaler_problems),
+    (_break_hpa_target, "overlays/production", autoscaler_problems),
     (_break_scaledobject, "overlays/keda",
      functools.partial(schema_problems, version=KUBERNETES_VERSIONS[0])),
 ]
