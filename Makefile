@@ -47,7 +47,7 @@ mutate: setup
 	$(VENV)/bin/python scripts/mutate.py $(MUTATE_ARGS)
 
 # Benchmarks (docs/benchmarks.md): never part of `make test`.
-# `make bench` takes under 10 minutes and writes bench/results/<date>.{json,md,png}.
+# `make bench` takes at most 16 minutes and writes bench/results/<date>.{json,md,png}.
 .PHONY: bench bench-quick
 BENCH_STAMP := $(VENV)/.bench-installed
 
