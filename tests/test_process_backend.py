@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import textwrap
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -477,3 +478,40 @@ async def test_a_run_ends_at_the_status_while_a_leftover_keeps_writing(
     """))
     assert result.exit_code == 0
     assert b"done\n" in result.stdout
+
+
+def test_a_dead_daemons_leftover_sandbox_process_is_killed_with_its_cgroup() -> None:
+    """A sandbox that was starting when its daemon was SIGKILLed has no parent-death
+    signal yet (bwrap's child mid-setup) and outlives it; the next daemon's sweep kills
+    what is left in a dead daemon's sandbox cgroups, then removes them. A live daemon's
+    are left alone."""
+    own = process_cgroups.own_cgroups()
+    if "memory" not in own:
+        pytest.skip("no cgroup v1 memory hierarchy here")
+    base = process_cgroups.CGROUP_ROOT / "memory" / own["memory"].lstrip("/")
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)  # a pid that no process has now: the "dead daemon"
+    stale = base / f"sandpool-{dead}-{uuid.uuid4().hex[:12]}-p" / "sandbox"
+    live = base / f"sandpool-{os.getpid()}-{uuid.uuid4().hex[:12]}-p" / "sandbox"
+    orphans = []
+    try:
+        for directory in (stale, live):
+            directory.mkdir(parents=True)
+            orphan = subprocess.Popen(["sleep", "300"])
+            orphans.append(orphan)
+            (directory / "cgroup.procs").write_text(str(orphan.pid))
+        process_cgroups.sweep_stale_cgroups(base)
+        assert orphans[0].wait(timeout=10) == -signal.SIGKILL
+        assert not stale.parent.exists()
+        assert orphans[1].poll() is None  # its daemon (this test) is alive
+        assert live.exists()
+    finally:
+        for orphan in orphans:
+            orphan.kill()
+            orphan.wait()
+        for directory in (stale, live):
+            for path in (directory, directory.parent):
+                with contextlib.suppress(OSError):
+                    path.rmdir()

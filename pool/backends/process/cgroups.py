@@ -29,6 +29,9 @@ from pool.errors import BackendError
 from pool.procfs import pid_alive
 
 log = structlog.get_logger("sandpool.process")
+# A dead daemon's leftover sandbox processes, SIGKILLed, are waited for this many
+# 10 ms steps before their cgroup is removed.
+STALE_EXIT_WAITS = 200
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_DAEMON_LEAF = "sandpool-daemon"  # cgroup v2: where the daemon moves itself
@@ -169,16 +172,30 @@ def cgroup_dir_name(pool_name: str, instance_id: str) -> str:
 
 
 def sweep_stale_cgroups(base: Path) -> None:
-    """Remove the empty cgroups of daemons that died without cleaning up (SIGKILL, crash).
+    """Remove the cgroups of daemons that died without cleaning up (SIGKILL, crash),
+    killing what is left in them first. Blocking: run in a thread.
 
-    Their sandboxes died with them (--die-with-parent); a daemon still alive, or
-    a cgroup that still holds a process, is left alone.
+    Their running sandboxes died with them (--die-with-parent), but not one
+    that was starting: bwrap's child, still setting up its namespaces, has no
+    parent-death signal yet, and waits forever for a parent that is gone (seen
+    after a SIGKILL that met a refill). A process in a dead daemon's sandbox
+    cgroup is such an orphan. A daemon that reads as alive (a reused pid
+    included) is left alone.
     """
     for stale in base.glob("sandpool-*"):
         daemon_pid = stale.name.split("-")[1]
         if not daemon_pid.isdigit() or pid_alive(int(daemon_pid)):
             continue
-        for sandbox_dir in [d for d in stale.iterdir() if d.is_dir()]:
+        sandbox_dirs = [d for d in stale.iterdir() if d.is_dir()]
+        for sandbox_dir in sandbox_dirs:
+            if members(sandbox_dir):
+                log.warning("stale_sandbox_killed", path=str(sandbox_dir))
+                kill_members(sandbox_dir)
+        for sandbox_dir in sandbox_dirs:
+            for _ in range(STALE_EXIT_WAITS):  # SIGKILLed: gone within milliseconds
+                if not members(sandbox_dir):
+                    break
+                time.sleep(0.01)
             with contextlib.suppress(OSError):
                 sandbox_dir.rmdir()
         with contextlib.suppress(OSError):
