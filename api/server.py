@@ -518,19 +518,19 @@ class ApiServer:
         session = await self.sessions.create(
             caller(request), parsed.pool, parsed.ttl_s, parsed.idle_timeout_s
         )
-        return web.json_response(self.sessions.describe(session), status=201)
+        return web.json_response(session.describe(), status=201)
 
     async def handle_session_list(self, request: web.Request) -> web.Response:
         assert self.sessions is not None
         owned = self.sessions.owned_by(caller(request))
-        return web.json_response({"sessions": [self.sessions.describe(s) for s in owned]})
+        return web.json_response({"sessions": [s.describe() for s in owned]})
 
     async def handle_session_get(self, request: web.Request) -> web.Response:
         assert self.sessions is not None
         session_id = request.match_info["session_id"]
         with structlog.contextvars.bound_contextvars(session=session_id):
             session = self.sessions.get(caller(request), session_id)
-        return web.json_response(self.sessions.describe(session))
+        return web.json_response(session.describe())
 
     async def handle_session_delete(self, request: web.Request) -> web.Response:
         assert self.sessions is not None

@@ -299,11 +299,8 @@ class Pool(Generic[SandboxT]):
                     waited = True
                     sandbox = await self._wait_for_sandbox()
                 wait_s = time.monotonic() - began
-                self.activity.begin()
-                if request.on_start is not None:
-                    request.on_start()
                 try:
-                    result = await self.backend.run(sandbox, request)
+                    result = await self._execute(sandbox, request)
                 except SandboxLostError:
                     log.info(
                         "sandbox_lost_at_handout",
@@ -315,10 +312,8 @@ class Pool(Generic[SandboxT]):
                         raise
                     continue
                 finally:
-                    self.activity.end()
                     self._release(sandbox)
                 self.metrics.sandbox_acquired(self.name, wait_s)
-                self.metrics.sandbox_ran(self.name, result.execution_s)
                 return PoolRun(result=result, sandbox_id=sandbox.id, acquire_wait_s=wait_s)
             raise AssertionError("unreachable")  # pragma: no cover
         finally:
@@ -352,6 +347,12 @@ class Pool(Generic[SandboxT]):
 
         Raises SandboxLostError if the sandbox (its code's process) has ended.
         """
+        result = await self._execute(sandbox, request)
+        return PoolRun(result=result, sandbox_id=sandbox.id, acquire_wait_s=0.0)
+
+    async def _execute(self, sandbox: SandboxT, request: RunRequest) -> RunResult:
+        """One request in a sandbox the caller holds (a single-use or a leased one):
+        counted in flight, ``on_start`` told, its execution time recorded."""
         self.activity.begin()
         if request.on_start is not None:
             request.on_start()
@@ -360,7 +361,7 @@ class Pool(Generic[SandboxT]):
         finally:
             self.activity.end()
         self.metrics.sandbox_ran(self.name, result.execution_s)
-        return PoolRun(result=result, sandbox_id=sandbox.id, acquire_wait_s=0.0)
+        return result
 
     def end_lease(self, sandbox: SandboxT) -> None:
         """The session is over: destroy its sandbox; the pool refills."""

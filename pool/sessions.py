@@ -86,7 +86,7 @@ class Session:
     ended: str | None = None
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
-    def describe(self, now: float) -> dict[str, object]:
+    def describe(self) -> dict[str, object]:
         """The API's session object (docs/sessions.md)."""
         wall = self.created_at - self.created  # monotonic -> wall clock
         return {
@@ -206,9 +206,6 @@ class Sessions:
 
     def owned_by(self, owner: str) -> list[Session]:
         return [s for s in self._live.values() if s.owner == owner]
-
-    def describe(self, session: Session) -> dict[str, object]:
-        return session.describe(self._clock())
 
     async def run(self, owner: str, session_id: str, request: RunRequest) -> PoolRun:
         """Run ``request`` in the session's sandbox. Raises the errors of ``get``,
