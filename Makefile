@@ -33,6 +33,7 @@ hostile: setup
 setup: $(STAMP)
 	bash scripts/ensure-docker.sh
 	bash scripts/ensure-tools.sh
+	bash scripts/ensure-wasm-datasci.sh
 	for profile in $(IMAGE_PROFILES); do $(IMAGE_BUILD) --profile $$profile || exit 1; done
 
 lint: $(STAMP)
@@ -47,7 +48,7 @@ mutate: setup
 	$(VENV)/bin/python scripts/mutate.py $(MUTATE_ARGS)
 
 # Benchmarks (docs/benchmarks.md): never part of `make test`.
-# `make bench` takes at most 16 minutes and writes bench/results/<date>.{json,md,png}.
+# `make bench` takes at most 18 minutes and writes bench/results/<date>.{json,md,png}.
 .PHONY: bench bench-quick
 BENCH_STAMP := $(VENV)/.bench-installed
 

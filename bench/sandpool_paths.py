@@ -15,6 +15,7 @@ until the queue grows.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -57,10 +58,13 @@ class PoolPlan:
     preload: tuple[str, ...] = ()
     memory_mb: int | None = None  # None: the pool default
     cpus: float | None = None  # None: the pool default
+    wasm_module: str | None = None  # None: the pinned default module
 
     def toml(self) -> str:
         image = self.image or (docker_paths.IMAGE if self.backend == "docker" else None)
         extra = f'image = "{image}"\n' if image else ""
+        if self.wasm_module is not None:
+            extra += f'wasm_module = "{self.wasm_module}"\n'
         if self.preload:
             extra += "preload = [" + ", ".join(f'"{m}"' for m in self.preload) + "]\n"
         if self.memory_mb is not None:
@@ -89,6 +93,11 @@ POOL_SIZES = {"docker": (8, 16, 6), "process": (8, 16, 4), "wasm": (4, 8, 2),
               "fork": (8, 16, 4)}
 
 
+# Guests from a memory image start in ~12 ms of CPU, not ~290: the steps begin
+# higher, as the process tier's do, so that they reach its ceiling.
+IMAGE_WASM_FIRST_LOAD_RATE = 10.0
+
+
 # A preloaded fork pool (datasci-fork) under print(1): what a sandbox with the
 # data-science imports costs the host when its request costs nothing. Its
 # sandboxes are forks of a ~100 MiB interpreter: its steps begin lower.
@@ -98,7 +107,9 @@ PRELOADED_POOL_SIZES = {"fork": (4, 16, 4)}
 
 def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPlan]:
     """One benchmark pool per Python pool of sandpool's default configuration whose
-    print(1) is worth measuring: each tier's plain pool, and a fork pool with a preload.
+    print(1) is worth measuring: each tier's plain pool, and a fork pool with a preload;
+    beside a wasm pool on a module of its own (guests from a memory image), one on
+    the pinned default module.
 
     A preloaded pool keeps its image, ``preload`` and ``memory_mb``. Those of the
     other tiers are left out: a sandbox start there imports the preload again
@@ -118,15 +129,26 @@ def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPla
             min_idle, max_size, concurrency = docker_sizes
         first_rate = (PRELOADED_FIRST_LOAD_RATE if preloaded else FIRST_LOAD_RATE).get(
             pool.backend, 4.0)
+        if pool.backend == "wasm" and pool.wasm_module is not None:
+            first_rate = IMAGE_WASM_FIRST_LOAD_RATE
         plans.append(PoolPlan(
             name=pool.name, backend=pool.backend, min_idle=min_idle, max_size=max_size,
             start_concurrency=concurrency,
             low_load_rate_per_s=LOW_LOAD_RATE.get(pool.backend, 5.0),
             first_load_rate_per_s=first_rate,
             image=pool.image if preloaded else None, preload=pool.preload,
-            memory_mb=pool.memory_mb if preloaded else None,
+            memory_mb=pool.memory_mb if preloaded else None, wasm_module=pool.wasm_module,
         ))
+        if pool.backend == "wasm" and pool.wasm_module is not None:
+            # Beside it, the pinned CPython 3.12 module, whose guests each start
+            # an interpreter (no memory image): what the image saves, same run.
+            plans.append(dataclasses.replace(
+                plans[-1], name=PINNED_WASM_POOL, wasm_module=None,
+                first_load_rate_per_s=FIRST_LOAD_RATE["wasm"]))
     return plans
+
+
+PINNED_WASM_POOL = "python-wasm-cpython312"
 
 
 DATASCI_IMAGE = "sandpool/datasci:bookworm"

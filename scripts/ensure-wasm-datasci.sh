@@ -3,8 +3,9 @@
 # unpacked into sandpool's cache and compiled there (pool/backends/wasm/modules.py pins its
 # files). Quick when in place: one hash of its files and of the compiled module.
 #
-# Not run by `make`: it downloads ~100 MB, and the first compile takes minutes and ~2.5 GB of
-# memory. Run it, as the user the daemon runs as, on a host that serves a datasci pool.
+# `make setup` (so `make run` and `make test`) runs it: the default pool `python-wasm` runs this
+# module. The first time it downloads ~100 MB, and compiling takes minutes and ~2.5 GB of memory.
+# Run it as the user the daemon runs as (the cache is that user's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -71,6 +71,7 @@ max_timeout_s = 20
 
 [pools.python-wasm]
 backend = "wasm"
+wasm_module = "datasci"
 min_idle = 2
 max_size = 4
 timeout_s = 5

@@ -102,11 +102,14 @@ def test_sandpool_sections_are_sane(quick_result: dict[str, Any]) -> None:
     sandpool = quick_result["sandpool"]
     served = {p["name"]: p["backend"] for p in sandpool["pools"]}
     assert served.get("python") == "docker"
-    # One plain pool per tier, whose latency is measured; a preloaded pool (a
-    # fork pool alone) only under load, its latency beside its data analysis.
+    # One plain pool per tier (the wasm tier: one per module, the default
+    # pool's and the pinned one), whose latency is measured; a preloaded pool
+    # (a fork pool alone) only under load, its latency beside its data analysis.
     configured = tomllib.loads(sandpool["config"])["pools"]
     plain = {name for name in served if not configured[name].get("preload")}
-    assert len({served[name] for name in plain}) == len(plain), served
+    kinds = {(served[name], configured[name].get("wasm_module")) for name in plain}
+    assert len(kinds) == len(plain), served
+    assert {module for backend, module in kinds if backend == "wasm"} == {"datasci", None}
     assert {served[name] for name in set(served) - plain} <= {"fork"}, served
     assert set(sandpool["latency"]) == plain
     for name, entry in sandpool["latency"].items():
@@ -234,9 +237,11 @@ def test_the_sessions_section_alone_renders_alone(quick_result: dict[str, Any]) 
 
 def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
     targets = quick_result["targets"]
-    # sandpool's print(1) targets, the fork tier's, the datasci pools' latency and
+    # sandpool's print(1) targets (the wasm pool's throughput from its memory
+    # image among them), the fork tier's, the datasci pools' latency and
     # speed-up, and print(1) against the last published run, per backend.
-    assert len(targets) == 9 + 5 + 3 * 2 + 4
+    assert len(targets) == 10 + 5 + 3 * 2 + 4
+    assert any("from a memory image" in target["target"] for target in targets)
     for target in targets:
         assert target["met"] in (True, False, None)
         assert target["measured"]
