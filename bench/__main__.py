@@ -48,6 +48,7 @@ from bench.workloads import (
     build_datasci_workload,
     build_workloads,
 )
+from pool.config import DATASCI_CPUS, DATASCI_IMAGE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Quick runs (make bench-quick, the test suite) must not litter bench/results/.
@@ -412,7 +413,7 @@ def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, work
                 workdir: Path, daemons: list[BenchDaemon]) -> dict[str, Any]:
     """The data analysis: a cold docker run, then datasci pools in the docker, process and
     fork tiers."""
-    image = sandpool_paths.DATASCI_IMAGE
+    image = DATASCI_IMAGE
     if not _image_present(image):
         return {"skipped": f"the image {image} is not built (make setup, or "
                            "sandpool image build --profile datasci)"}
@@ -420,13 +421,13 @@ def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, work
     out: dict[str, Any] = {}
     out["cold"] = _part(
         doc, "datasci cold docker run", docker_paths.seed_docker_py_datasci, run_id, workload,
-        image, sandpool_paths.DATASCI_MEMORY_MB, sandpool_paths.DATASCI_CPUS,
+        image, sandpool_paths.DATASCI_MEMORY_MB, DATASCI_CPUS,
         mode.datasci_cold_samples, clock.section(mode.datasci_cold_budget_s),
         workdir / "datasci-cold")
     _say(f"datasci cold: {_get(out, 'cold', workload.name, 'result')}")
     out["floor"] = _part(
         doc, "datasci floor", docker_paths.datasci_floor, run_id, workload, image,
-        sandpool_paths.DATASCI_MEMORY_MB, sandpool_paths.DATASCI_CPUS,
+        sandpool_paths.DATASCI_MEMORY_MB, DATASCI_CPUS,
         mode.datasci_floor_runs, workdir / "datasci-floor")
     _say(f"datasci floor: {out['floor'].get('wall')}")
     out["config"] = sandpool_paths.daemon_config(plans)
@@ -510,7 +511,7 @@ def run_sessions(doc: dict[str, Any], mode: Mode, clock: Clock, workload: Worklo
     print(1) and create + delete per tier, then the three-step analysis per datasci pool."""
     section = sessions.plan(mode.sessions_datasci_backends)
     out: dict[str, Any] = {"pools_not_started": {}}
-    image = sandpool_paths.DATASCI_IMAGE
+    image = DATASCI_IMAGE
     if not _image_present(image):
         missing = {p.name for p in section.pools if p.image == image}
         out["pools_not_started"] = dict.fromkeys(

@@ -29,7 +29,13 @@ from bench import docker_paths
 from bench.machine import CpuMeter
 from bench.stats import percentile, summarize
 from bench.workloads import Workload
-from pool.config import DEFAULT_IMAGE, default_pools
+from pool.config import (
+    DATASCI_CPUS,
+    DATASCI_IMAGE,
+    DATASCI_PRELOAD,
+    DEFAULT_IMAGE,
+    default_pools,
+)
 
 # A step counts as saturated ("the queue grows") when any of these holds:
 MAX_ERROR_FRACTION = 0.01  # rejections (503) or failures above 1 % of arrivals
@@ -151,12 +157,8 @@ def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPla
 PINNED_WASM_POOL = "python-wasm-cpython312"
 
 
-DATASCI_IMAGE = "sandpool/datasci:bookworm"
-DATASCI_PRELOAD = ("numpy", "pandas", "matplotlib.pyplot")
+# The default configuration's datasci pools' image, preload and CPU quota.
 DATASCI_MEMORY_MB = 512
-# A data-analysis request is ~100 ms of CPU (read_csv, groupby, a PNG drawn):
-# at the default cpus = 0.5 the CPU quota alone would double it.
-DATASCI_CPUS = 1.0
 # A datasci sandbox's start is ~0.3-1 s of CPU (the imports and the warm-up),
 # so pacing and the first load step are well below print(1)'s. A fork sandbox
 # pays the imports once per pool (its template's), then a fork of a large

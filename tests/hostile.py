@@ -42,6 +42,7 @@ from typing import Any
 
 from api.client import ApiError, Client
 from bench.stats import percentile
+from pool.config import WASM_IMAGE_MODULE
 from pool.uids import SandboxUids
 from tests.support import Daemon, docker_containers, free_port, start_daemon, stop_daemon
 
@@ -54,7 +55,9 @@ IDLE_CONNECTIONS = 300  # on the socket and on the metrics port each
 
 
 def config(metrics_port: int) -> str:
-    tenants = """
+    # The wasm pools run the default python-wasm pool's module (guests from a
+    # memory image).
+    tenants = f"""
 [pools.python]
 min_idle = 3
 max_size = 6
@@ -71,6 +74,7 @@ max_size = 6
 timeout_s = 5
 [pools.python-wasm]
 backend = "wasm"
+wasm_module = "{WASM_IMAGE_MODULE}"
 min_idle = 2
 max_size = 4
 timeout_s = 5
@@ -79,6 +83,7 @@ timeout_s = 5
         f"""
 [pools.{name}]
 backend = "{backend}"
+{f'wasm_module = "{WASM_IMAGE_MODULE}"' if backend == "wasm" else ""}
 min_idle = 1
 max_size = 2
 timeout_s = 4

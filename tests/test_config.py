@@ -125,6 +125,13 @@ def test_defaults_and_overrides() -> None:
     assert set(defaults) >= {"python", "shell", "datasci", "javascript", "python-wasm"}
     assert defaults["datasci"].image == "sandpool/datasci:bookworm"
     assert defaults["datasci"].preload == ("numpy", "pandas", "matplotlib.pyplot")
+    # A data analysis is CPU-bound on one thread: a whole core, not the default half.
+    assert defaults["datasci"].cpus == 1.0
+    assert all(p.cpus == 1.0 for p in defaults.values() if p.preload)
+    # The default wasm pool's guests start from a memory image, which the pinned
+    # module cannot give.
+    assert (defaults["python-wasm"].backend, defaults["python-wasm"].wasm_module) == (
+        "wasm", "datasci")
     assert (defaults["javascript"].language, defaults["javascript"].image) == (
         "javascript", "sandpool/node:bookworm")
 
