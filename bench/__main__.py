@@ -3,16 +3,19 @@
 Order: machine description, churn ceiling, the cold paths (seed docker-py,
 aiodocker, llm-sandbox), then a dedicated sandpool daemon with the plain
 Python pool of each tier (docker, process, fork, wasm: idle CPU, low-load
-latency per pool, open-loop print(1) load per pool) and the preloaded fork
+latency per pool, open-loop print(1) load per pool; beside the wasm pool on its
+memory image, one on the pinned module without) and the preloaded fork
 pool (its open-loop print(1) load), then a Docker-only daemon with 16 warm
 sandboxes (RSS, idle CPU), then the data analysis (a cold ``docker run`` of
 the datasci image, and a daemon with datasci pools in the docker, process and
 fork tiers: low-load latency, a warm sandbox's RSS, PSS and USS, open-loop
-load), then sessions against single use (bench/sessions.py: print(1) per
+load; then the fork pool's warm memory again with 16 warm, in a daemon of its
+own), then sessions against single use (bench/sessions.py: print(1) per
 tier, and a three-step analysis of the same CSV, in a daemon of their own).
 Each section has a time budget so the full run stays under 18 minutes; a
-section that runs out records fewer samples (``n``). ``--only sessions`` runs
-that section alone (with the machine description), as the full run does it.
+section that runs out records fewer samples (``n``). ``--only datasci`` or
+``--only sessions`` runs that section alone (with the machine description), as
+the full run does it.
 Every container and daemon the run starts is gone when it ends, or it fails.
 """
 
@@ -502,7 +505,27 @@ def run_datasci(doc: dict[str, Any], mode: Mode, clock: Clock, run_id: str, work
     out["stop_status"] = daemon.stop()
     out["leftover_containers"] = len(asyncio.run(
         docker_paths.list_labelled(f"sandpool.instance={daemon.instance_id}")))
+    fork = next((plan for plan in plans if plan.backend == "fork"), None)
+    if fork is not None:
+        out["memory_many"] = {fork.name: _part(
+            doc, f"{fork.name} memory, {mode.rss_warm} warm", _fork_memory_many, fork,
+            mode.rss_warm, workdir, daemons)}
+        _say(f"{fork.name} with {mode.rss_warm} warm: {out['memory_many'][fork.name]}")
     return out
+
+
+def _fork_memory_many(plan: sandpool_paths.PoolPlan, warm: int, workdir: Path,
+                      daemons: list[BenchDaemon]) -> dict[str, Any]:
+    """A fork pool's warm sandbox memory with ``warm`` of them idle, in a daemon of its
+    own: their PSS shares the template's pages among more processes than at min_idle."""
+    many = dataclasses.replace(plan, min_idle=warm, max_size=warm)
+    daemon = BenchDaemon(workdir / f"{plan.name}-{warm}-warm", sandpool_paths.daemon_config([many]))
+    daemons.append(daemon)
+    daemon.start()
+    try:
+        return {"warm": warm, **_sandbox_memory(daemon, many)}
+    finally:
+        daemon.stop()
 
 
 def run_sessions(doc: dict[str, Any], mode: Mode, clock: Clock, workload: Workload,
@@ -555,7 +578,7 @@ def run_sessions(doc: dict[str, Any], mode: Mode, clock: Clock, workload: Worklo
     return out
 
 
-ONLY = ("sessions",)  # the sections --only runs alone
+ONLY = ("datasci", "sessions")  # the sections --only runs alone
 REFERENCE_NAME = re.compile(r"\d{4}-\d{2}-\d{2}\.json")
 
 
@@ -703,6 +726,10 @@ def fork_targets(doc: dict[str, Any], pools: dict[str, tuple[str, dict[str, Any]
               "MiB" if memory.get("sandboxes") else "")
     add(f"fork pool `{plan.name}` PSS ≤ 10 MiB per warm sandbox (datasci preload)",
         memory.get("pss_mib_median"), 10.0, " MiB", detail=detail)
+    many = (datasci.get("memory_many") or {}).get(plan.name) or {}
+    add(f"fork pool `{plan.name}` PSS ≤ 10 MiB per warm sandbox with {many.get('warm', 16)} "
+        "warm (datasci preload)", many.get("pss_mib_median"), 10.0, " MiB",
+        detail=f"USS {many['uss_mib_median']} MiB each" if many.get("sandboxes") else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -797,10 +824,12 @@ def main(argv: list[str] | None = None) -> int:
                     doc, mode, clock, workloads, Path(tmp), daemons))
                 doc["sandpool"]["rss"] = _section(doc, "daemon RSS", lambda: run_rss(
                     mode, Path(tmp), daemons))
+            if args.only in (None, "datasci"):
                 doc["datasci"] = _section(doc, "data analysis", lambda: run_datasci(
                     doc, mode, clock, run_id, datasci, Path(tmp), daemons))
-            doc["sessions"] = _section(doc, "sessions", lambda: run_sessions(
-                doc, mode, clock, datasci, Path(tmp), daemons))
+            if args.only in (None, "sessions"):
+                doc["sessions"] = _section(doc, "sessions", lambda: run_sessions(
+                    doc, mode, clock, datasci, Path(tmp), daemons))
         except KeyboardInterrupt:
             doc["errors"].append("interrupted")
             exit_status = 130

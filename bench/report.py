@@ -162,6 +162,15 @@ def datasci_markdown(doc: dict[str, Any]) -> list[str]:
                          f"{template['processes']} | {template['rss_mib']} | "
                          f"{template['pss_mib']} | {template['uss_mib']} | "
                          f"{template['pss_mib']} |")
+    for name, memory in datasci.get("memory_many", {}).items():
+        if not memory.get("sandboxes"):
+            lines.append(f"| `{name}`, {memory.get('warm', '?')} warm | 0 | - | - | - | - "
+                         f"| {memory.get('error', '')} |")
+            continue
+        lines.append(f"| `{name}`, {memory['warm']} warm (a daemon of its own) "
+                     f"| {memory['sandboxes']} | {memory['processes_per_sandbox']} "
+                     f"| {memory['rss_mib_median']} | {memory['pss_mib_median']} "
+                     f"| {memory.get('uss_mib_median', '-')} | {memory['pss_mib_total']} |")
     lines += ["", "Open-loop load, the data analysis (Poisson arrivals):", ""]
     if datasci.get("config"):
         lines += ["Daemon configuration:", "", "```toml", datasci["config"].rstrip(), "```", ""]
@@ -253,6 +262,10 @@ def sessions_markdown(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+# The sections ``python -m bench --only`` runs alone, each as the whole run renders it.
+SECTION_MARKDOWN = {"datasci": datasci_markdown, "sessions": sessions_markdown}
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The whole result as markdown tables."""
     m = doc["machine"]
@@ -273,8 +286,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("dockerd_restarted_during_run"):
         lines += ["**dockerd restarted during this run (another process restarted it): "
                   "the Docker figures are disturbed.**", ""]
-    if doc.get("only") == "sessions":  # one section alone, as the whole run makes it
-        lines += sessions_markdown(doc)
+    if doc.get("only"):  # one section alone, as the whole run makes it
+        lines += SECTION_MARKDOWN[doc["only"]](doc)
         return "\n".join([*lines, *_footer(doc)]) + "\n"
     lines += [
         "## Latency per request (ms)",

@@ -171,6 +171,10 @@ def test_datasci_section_is_sane(quick_result: dict[str, Any]) -> None:
         template = datasci["memory"][name]["template"]
         assert 20 < template["rss_mib"] < 1024, template
         assert 0 < template["pss_mib"] <= template["rss_mib"], template
+        # Again with rss_warm of them warm, each sharing the template with more.
+        many = datasci["memory_many"][name]
+        assert many["sandboxes"] == many["warm"] > datasci["memory"][name]["sandboxes"], many
+        assert 0 < many["pss_mib_median"] <= datasci["memory"][name]["pss_mib_median"], many
     assert datasci["stop_status"] == 0
     assert datasci["leftover_containers"] == 0
 
@@ -240,7 +244,7 @@ def test_targets_files_and_cleanup(quick_result: dict[str, Any]) -> None:
     # sandpool's print(1) targets (the wasm pool's throughput from its memory
     # image among them), the fork tier's, the datasci pools' latency and
     # speed-up, and print(1) against the last published run, per backend.
-    assert len(targets) == 10 + 5 + 3 * 2 + 4
+    assert len(targets) == 10 + 6 + 3 * 2 + 4
     assert any("from a memory image" in target["target"] for target in targets)
     for target in targets:
         assert target["met"] in (True, False, None)
