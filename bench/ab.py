@@ -23,6 +23,7 @@ from pathlib import Path
 
 from api.client import Client
 from bench.stats import percentile
+from pool.config import WASM_IMAGE_MODULE
 from tests.support import REPOSITORY, Daemon, start_daemon, terminate_daemon
 
 POOLS = ("python", "python-process", "python-wasm")
@@ -43,6 +44,7 @@ max_size = 4
 
 [pools.python-wasm]
 backend = "wasm"
+wasm_module = "{wasm_module}"
 min_idle = 2
 max_size = 4
 """
@@ -122,7 +124,7 @@ def main() -> None:
             for side, code_dir in (("before", worktree), ("after", REPOSITORY)):
                 workdir = root / f"{side}-run"
                 workdir.mkdir()
-                config = CONFIG.format(uid_base=UID_BASES[side])
+                config = CONFIG.format(uid_base=UID_BASES[side], wasm_module=WASM_IMAGE_MODULE)
                 daemons[side] = start_daemon(workdir, config, code_dir=code_dir)
             latencies = measure(daemons, pools, args.requests, args.rate)
         finally:

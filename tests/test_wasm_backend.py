@@ -30,7 +30,7 @@ import wasmtime
 
 from api.client import Client
 from pool import paths
-from pool.backends.base import RunRequest
+from pool.backends.base import RunRequest, SandboxState
 from pool.backends.wasm import WasmBackend, cache, epoch, modules
 from pool.backends.wasm import image as wasm_image
 from pool.backends.wasm import scratch as wasm_scratch
@@ -335,6 +335,33 @@ async def test_destroying_a_parked_sandbox_stops_its_thread(backend: WasmBackend
     assert not sandbox.worker.done()
     await backend.destroy_sandbox(sandbox)
     assert sandbox.worker.done()
+
+
+async def test_a_guest_that_ran_keeps_its_store_until_its_destroy(backend: WasmBackend) -> None:
+    # The Store's drop unmaps the guest's memory; done while the answer is
+    # still being written, it lengthened every request (docs/wasm-tier.md).
+    sandbox = await backend.start_sandbox()
+    assert sandbox.worker is not None
+    result = await backend.run(sandbox, RunRequest(code="print(1)", stdin="", timeout_s=10))
+    assert (result.stdout, result.exit_code) == (b"1\n", 0)
+    await asyncio.sleep(0.3)
+    assert sandbox.exited.done()
+    assert not sandbox.worker.done()  # the worker still holds the Store
+    await backend.destroy_sandbox(sandbox)
+    assert sandbox.worker.done()
+
+
+async def test_a_guest_that_ends_while_idle_drops_its_store_at_once(
+    backend: WasmBackend,
+) -> None:
+    # Its death is reported when its worker ends: that may not wait for a destroy.
+    sandbox = await backend.start_sandbox()
+    assert sandbox.worker is not None
+    sandbox.channel.close_stdin()  # EOF on a parked guest: it exits
+    async with asyncio.timeout(10):
+        await asyncio.wait({sandbox.worker})
+    assert sandbox.state is not SandboxState.BUSY
+    await backend.destroy_sandbox(sandbox)
 
 
 async def test_close_stops_parked_and_running_guests(backend: WasmBackend) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 
 from pool.backends.base import Sandbox
 from pool.backends.wasm.channel import GuestChannel, GuestExit
@@ -30,6 +31,9 @@ class WasmSandbox(Sandbox):
         self.exited: asyncio.Future[GuestExit] = loop.create_future()
         self.worker: asyncio.Future[GuestExit] | None = None
         self.thread_id: int | None = None  # the worker's native id, for demote_thread
+        # Set when the pool destroys it: a guest that ran a request keeps its Store
+        # until then, so the Store's drop is not on the answer's path.
+        self.released = threading.Event()
 
     def report_exit(self, outcome: GuestExit) -> None:
         """Called by the worker thread when the guest has ended."""
@@ -47,6 +51,7 @@ class WasmSandbox(Sandbox):
 
     def stop_at_exit(self) -> None:
         """``kill`` from the interpreter's exit hook, where no event loop runs any more."""
+        self.released.set()
         self.guest.kill()
         self.channel.close_stdin_at_exit()
 
