@@ -157,7 +157,8 @@ def plan_pools(docker_sizes: tuple[int, int, int] | None = None) -> list[PoolPla
 PINNED_WASM_POOL = "python-wasm-cpython312"
 
 
-# The default configuration's datasci pools' image, preload and CPU quota.
+# The datasci pools' memory; their image, preload and CPU quota are the default
+# configuration's (pool.config).
 DATASCI_MEMORY_MB = 512
 # A datasci sandbox's start is ~0.3-1 s of CPU (the imports and the warm-up),
 # so pacing and the first load step are well below print(1)'s. A fork sandbox
