@@ -150,12 +150,9 @@ def datasci_markdown(doc: dict[str, Any]) -> list[str]:
               "| USS MiB (median) | PSS MiB, all warm together |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name, memory in datasci.get("memory", {}).items():
+        lines.append(_memory_row(f"`{name}`", memory))
         if not memory.get("sandboxes"):
-            lines.append(f"| `{name}` | 0 | - | - | - | - | {memory.get('error', '')} |")
             continue
-        lines.append(f"| `{name}` | {memory['sandboxes']} | {memory['processes_per_sandbox']} "
-                     f"| {memory['rss_mib_median']} | {memory['pss_mib_median']} "
-                     f"| {memory.get('uss_mib_median', '-')} | {memory['pss_mib_total']} |")
         template = memory.get("template")
         if template:
             lines.append(f"| `{name}`: its template (once per pool) | 1 | "
@@ -163,20 +160,23 @@ def datasci_markdown(doc: dict[str, Any]) -> list[str]:
                          f"{template['pss_mib']} | {template['uss_mib']} | "
                          f"{template['pss_mib']} |")
     for name, memory in datasci.get("memory_many", {}).items():
-        if not memory.get("sandboxes"):
-            lines.append(f"| `{name}`, {memory.get('warm', '?')} warm | 0 | - | - | - | - "
-                         f"| {memory.get('error', '')} |")
-            continue
-        lines.append(f"| `{name}`, {memory['warm']} warm (a daemon of its own) "
-                     f"| {memory['sandboxes']} | {memory['processes_per_sandbox']} "
-                     f"| {memory['rss_mib_median']} | {memory['pss_mib_median']} "
-                     f"| {memory.get('uss_mib_median', '-')} | {memory['pss_mib_total']} |")
+        lines.append(_memory_row(
+            f"`{name}`, {memory.get('warm', '?')} warm (a daemon of its own)", memory))
     lines += ["", "Open-loop load, the data analysis (Poisson arrivals):", ""]
     if datasci.get("config"):
         lines += ["Daemon configuration:", "", "```toml", datasci["config"].rstrip(), "```", ""]
     for name, load in datasci.get("load", {}).items():
         lines += _load_table(name, load)
     return lines
+
+
+def _memory_row(label: str, memory: dict[str, Any]) -> str:
+    """One row of the warm-memory table: a pool's warm sandboxes, or why none was read."""
+    if not memory.get("sandboxes"):
+        return f"| {label} | 0 | - | - | - | - | {memory.get('error', '')} |"
+    return (f"| {label} | {memory['sandboxes']} | {memory['processes_per_sandbox']} "
+            f"| {memory['rss_mib_median']} | {memory['pss_mib_median']} "
+            f"| {memory.get('uss_mib_median', '-')} | {memory['pss_mib_total']} |")
 
 
 def _delta(after: dict[str, Any] | None, before: dict[str, Any] | None) -> str:
