@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from api.client import ApiError, Client
 from metrics import Metrics
+from pool.config import WASM_IMAGE_MODULE
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # The wasm pool compiles its module once (6-20 s) and Docker starts queue on a
@@ -36,7 +37,8 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 
-DAEMON_CONFIG = """
+# Its wasm pool runs the default python-wasm pool's module.
+DAEMON_CONFIG = f"""
 [server]
 metrics_address = "off"
 max_request_bytes = 262144
@@ -71,7 +73,7 @@ max_timeout_s = 20
 
 [pools.python-wasm]
 backend = "wasm"
-wasm_module = "datasci"
+wasm_module = "{WASM_IMAGE_MODULE}"
 min_idle = 2
 max_size = 4
 timeout_s = 5
