@@ -52,6 +52,7 @@ class DemandSizer:
         self._rate = 0.0  # arrivals per second, as of _rate_at
         self._rate_at = now
         self.refill_s: float | None = None  # unknown until a refill is measured
+        self.start_s: float | None = None  # the backend's part of it, likewise
         self._held = floor
         self._window_peak = floor  # the most arrivals asked for since the last review
         self.review_at: float | None = None
@@ -67,10 +68,10 @@ class DemandSizer:
 
     def arrived(self, now: float) -> None:
         """A request reached the pool (served, queued or refused alike): demand is demand."""
-        if self.fixed:
-            return
         self._rate = self.rate(now) + 1.0 / RATE_TIME_CONSTANT_S
         self._rate_at = now
+        if self.fixed:
+            return  # the rate still tells whether the pool is short
         wanted = self.wanted(now)
         self._window_peak = max(self._window_peak, wanted)
         if wanted > self._held:
@@ -84,6 +85,21 @@ class DemandSizer:
             self.refill_s = duration_s
         else:
             self.refill_s += REFILL_WEIGHT * (duration_s - self.refill_s)
+
+    def started(self, duration_s: float) -> None:
+        """A backend start (not the wait before it) took ``duration_s``."""
+        if self.start_s is None:
+            self.start_s = duration_s
+        else:
+            self.start_s += REFILL_WEIGHT * (duration_s - self.start_s)
+
+    def short(self, idle: int, now: float) -> bool:
+        """Whether ``idle`` sandboxes are fewer than the arrivals expected while
+        one more starts (Little's law again, with HEADROOM): a refill begun now
+        may just be in time, one that waits for a quiet moment would not."""
+        if self.start_s is None:
+            return False
+        return idle < self.rate(now) * self.start_s * HEADROOM
 
     def wanted(self, now: float) -> int:
         """What the demand at ``now`` asks for, within the bounds, before holding."""

@@ -39,7 +39,13 @@ BACKOFF_MAX_S = 30.0
 FAILING_AFTER = 3
 # Refills wait for a moment with no request in flight, at most this long: on 2
 # cores a container start beside a hand-out raises its latency several-fold.
+# They stop waiting as soon as their pool runs dry or has a request queued.
 QUIET_WAIT_MAX_S = 1.0
+# Only a request younger than this holds refills back. A start's CPU barely
+# moves the latency of one that has run longer, and neighbours' long runs,
+# always in flight, would otherwise hold every refill of every pool for the
+# whole QUIET_WAIT_MAX_S and run the short pools dry (docs/performance.md).
+QUIET_HORIZON_S = 0.25
 # Destroys wait for it too, but only this long: a used sandbox must not linger.
 DESTROY_QUIET_WAIT_MAX_S = 0.02
 # The quiet moment starts this long after the last run ends: its response has
@@ -49,41 +55,73 @@ DESTROY_QUIET_WAIT_MAX_S = 0.02
 SETTLE_S = 0.002
 
 
+class InFlight:
+    """One request counted by ``Activity`` from ``begin`` to ``end``."""
+
+    __slots__ = ("timer", "young")
+
+    def __init__(self) -> None:
+        self.young = True  # began less than QUIET_HORIZON_S ago and has not ended
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class Activity:
     """What the pools of one daemon share.
 
     It counts requests in flight across all pools so refills can wait for a
     quiet moment, and holds the idle memory budget (``server.idle_memory_mb``;
     None: no budget) that the pools' demand-driven idle targets share.
+
+    Invariant: ``young`` is the number of requests begun less than
+    QUIET_HORIZON_S ago and not ended; the quiet event is set only while it is
+    0 (SETTLE_S after it became 0).
     """
 
     def __init__(self, idle_memory_mb: int | None = None) -> None:
         self.idle_budget = IdleBudget(idle_memory_mb)
-        self.in_flight = 0
+        self.young = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
 
-    def begin(self) -> None:
-        self.in_flight += 1
+    def begin(self) -> InFlight:
+        """Count a request in flight; pass what it returns to ``end``."""
+        self.young += 1
         self._quiet.clear()
+        run = InFlight()
+        run.timer = asyncio.get_running_loop().call_later(QUIET_HORIZON_S, self._grown, run)
+        return run
 
-    def end(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
+    def end(self, run: InFlight) -> None:
+        if run.timer is not None:
+            run.timer.cancel()
+        self._grown(run)
+
+    def _grown(self, run: InFlight) -> None:
+        """The request has ended or aged past the horizon: it no longer holds refills."""
+        if not run.young:
+            return
+        run.young = False
+        self.young -= 1
+        if self.young == 0:
             asyncio.get_running_loop().call_later(SETTLE_S, self._settled)
 
     def _settled(self) -> None:
-        if self.in_flight == 0:
+        if self.young == 0:
             self._quiet.set()
 
-    async def wait_quiet(self, max_wait_s: float) -> None:
-        if self._quiet.is_set():
+    async def wait_quiet(self, max_wait_s: float, hurry: asyncio.Event | None = None) -> None:
+        """Until no young request is in flight, ``hurry`` is set, or ``max_wait_s`` passed."""
+        if self._quiet.is_set() or (hurry is not None and hurry.is_set()):
             return
+        waits = [asyncio.ensure_future(self._quiet.wait())]
+        if hurry is not None:
+            waits.append(asyncio.ensure_future(hurry.wait()))
         try:
-            async with asyncio.timeout(max_wait_s):
-                await self._quiet.wait()
-        except TimeoutError:
-            pass  # under steady load there is no quiet moment; refill anyway
+            # Under steady load there may be no quiet moment: refill anyway.
+            await asyncio.wait(waits, timeout=max_wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +197,10 @@ class Pool(Generic[SandboxT]):
         self._starting = 0
         self._destroying = 0
         self._waiters: deque[asyncio.Future[SandboxT]] = deque()
+        # Set while the pool has a request queued, no idle sandbox, or fewer
+        # than arrive while one starts: starts waiting for a quiet moment then
+        # begin at once. Invariant kept by _refill.
+        self._short = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._start_tasks: set[asyncio.Task[None]] = set()
         self._consecutive_failures = 0
@@ -289,8 +331,7 @@ class Pool(Generic[SandboxT]):
         and BackendError. Cancellation destroys the sandbox too.
         """
         began = time.monotonic()
-        if not self._sizer.fixed:
-            self._sizer.arrived(self._clock())
+        self._sizer.arrived(self._clock())
         waited = False  # a hit: every hand-out of this request came from the idle sandboxes
         try:
             for attempt in range(1, HANDOUT_ATTEMPTS + 1):
@@ -353,13 +394,13 @@ class Pool(Generic[SandboxT]):
     async def _execute(self, sandbox: SandboxT, request: RunRequest) -> RunResult:
         """One request in a sandbox the caller holds (a single-use or a leased one):
         counted in flight, ``on_start`` told, its execution time recorded."""
-        self.activity.begin()
+        in_flight = self.activity.begin()
         if request.on_start is not None:
             request.on_start()
         try:
             result = await self.backend.run(sandbox, request)
         finally:
-            self.activity.end()
+            self.activity.end(in_flight)
         self.metrics.sandbox_ran(self.name, result.execution_s)
         return result
 
@@ -480,6 +521,10 @@ class Pool(Generic[SandboxT]):
             self._destroy(self._idle.popleft())
 
     def _refill(self) -> None:
+        if self._waiters or not self._idle or self._sizer.short(len(self._idle), self._clock()):
+            self._short.set()
+        else:
+            self._short.clear()
         if self._backing_off():
             if self._backoff_timer is None:
                 delay = self._backoff_until - time.monotonic()
@@ -604,7 +649,7 @@ class Pool(Generic[SandboxT]):
         decided = time.monotonic()
         try:
             if not urgent:
-                await self.activity.wait_quiet(QUIET_WAIT_MAX_S)
+                await self.activity.wait_quiet(QUIET_WAIT_MAX_S, hurry=self._short)
             began = time.monotonic()
             sandbox = await self.backend.start_sandbox()
         except asyncio.CancelledError:
@@ -619,6 +664,7 @@ class Pool(Generic[SandboxT]):
             return
         parked = time.monotonic()
         self.metrics.sandbox_started(self.name, parked - began)
+        self._sizer.started(parked - began)
         self._sizer.refilled(parked - decided)
         self._sandbox_started(sandbox)
 

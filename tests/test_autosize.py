@@ -25,6 +25,21 @@ def test_without_a_ceiling_above_the_floor_demand_changes_nothing() -> None:
     assert sizer.review_at is None
 
 
+def test_a_pool_is_short_when_fewer_idle_than_arrive_while_one_starts() -> None:
+    sizer = DemandSizer(3, 3, now=0.0)  # a fixed target still measures its demand
+    burst(sizer, 20, at=0.0)  # 4 per second
+    assert not sizer.short(0, now=0.0)  # no start measured: nothing to compare with
+    sizer.started(0.4)
+    # 4/s x 0.4 s x 1.5 headroom = 2.4 arrivals while one starts.
+    assert [sizer.short(idle, now=0.0) for idle in (0, 1, 2, 3)] == [True, True, True, False]
+    # A start measured quick, and the same demand: two idle suffice.
+    sizer.started(0.1)
+    assert sizer.start_s == pytest.approx(0.4 + 0.25 * (0.1 - 0.4))
+    assert not sizer.short(2, now=0.0)
+    # Once demand has faded, one idle sandbox is not short either.
+    assert not sizer.short(1, now=10 * RATE_TIME_CONSTANT_S)
+
+
 def test_nothing_is_known_before_a_refill_was_measured() -> None:
     sizer = DemandSizer(0, 4, now=0.0)
     burst(sizer, 50, at=0.0)

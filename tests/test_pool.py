@@ -18,7 +18,7 @@ from pool.backends.base import RunRequest
 from pool.backends.fake import FakeBackend
 from pool.config import PoolConfig
 from pool.errors import SandboxLostError, UnavailableError
-from pool.manager import Activity, Pool
+from pool.manager import QUIET_HORIZON_S, QUIET_WAIT_MAX_S, Activity, Pool
 
 PoolFactory = Callable[..., Any]
 
@@ -260,6 +260,35 @@ async def test_refill_waits_until_the_run_in_flight_has_ended() -> None:
         assert len(backend.started) == 3
 
 
+async def test_a_run_older_than_the_horizon_no_longer_holds_refills() -> None:
+    # A neighbour's long run is always in flight on a busy daemon: were it to
+    # hold refills for QUIET_WAIT_MAX_S, short pools would run dry.
+    async with make_pool() as (pool, backend):
+        await settle(pool, idle=2, starting=0)
+        run = asyncio.create_task(pool.run(request(f"sleep {QUIET_WAIT_MAX_S * 0.8}")))
+        await asyncio.sleep(QUIET_HORIZON_S / 2)
+        assert len(backend.started) == 2  # young: the refill waits
+        await settle(pool, idle=2, starting=0)  # within settle's timeout, before the run ends
+        assert len(backend.started) == 3
+        assert not run.done()
+        await run
+
+
+async def test_a_refill_waiting_for_quiet_begins_once_its_pool_runs_dry() -> None:
+    async with make_pool() as (pool, backend):
+        await settle(pool, idle=2, starting=0)
+        first = asyncio.create_task(pool.run(request("sleep 0.2")))
+        await asyncio.sleep(0.02)
+        assert len(backend.started) == 2  # one idle left: the refill waits for quiet
+        second = asyncio.create_task(pool.run(request("sleep 0.2")))
+        await asyncio.sleep(0.05)
+        # The pool is dry with both runs young: every refill has begun anyway.
+        assert len(backend.started) == 4
+        assert not first.done()
+        assert not second.done()
+        await asyncio.gather(first, second)
+
+
 async def test_destroy_waits_briefly_for_quiet_but_not_for_long() -> None:
     async with make_pool(min_idle=1) as (pool, backend):
         await settle(pool, idle=1, starting=0)
@@ -301,6 +330,25 @@ async def cancel(runs: list[asyncio.Task[Any]]) -> None:
     for run in runs:
         run.cancel()
     await asyncio.gather(*runs, return_exceptions=True)
+
+
+async def test_a_refill_begins_at_once_when_demand_would_drain_the_pool_during_a_start() -> None:
+    clock = FakeClock()
+    # Starts take 0.5 s; 12 arrivals at one instant estimate 2.4 per second:
+    # 2.4 x 0.5 x 1.5 = 1.8 arrivals while one starts, so one idle sandbox is short
+    # and two are not.
+    async with make_pool(min_idle=2, max_size=4, start_delay_s=0.5, clock=clock) as (
+        pool, backend
+    ):
+        await settle(pool, idle=2, starting=0)
+        await cancel(await burst(pool, 12))
+        await settle(pool, idle=2, starting=0)
+        begun = backend.begun
+        run = asyncio.create_task(pool.run(request("sleep 0.3")))
+        await asyncio.sleep(0.05)
+        # One idle left and the run young: the refill began without waiting for quiet.
+        assert backend.begun == begun + 1
+        await run
 
 
 async def test_a_burst_raises_the_idle_target_within_max_idle_then_idleness_decays_it() -> None:

@@ -27,6 +27,7 @@ class FakeBackend:
         self.start_delay_s = 0.0
         self.failing_starts = 0  # the next N starts raise BackendError
         self.down = False  # every start fails and ping() is False
+        self.begun = 0  # calls of start_sandbox, finished or not
         self.started: list[str] = []
         self.destroyed: list[str] = []
         self.live: dict[str, Sandbox] = {}
@@ -39,6 +40,7 @@ class FakeBackend:
         return None
 
     async def start_sandbox(self) -> Sandbox:
+        self.begun += 1
         await asyncio.sleep(self.start_delay_s)
         if self.down or self.failing_starts > 0:
             self.failing_starts = max(0, self.failing_starts - 1)
