@@ -39,7 +39,7 @@ SPLICED = ("pool.wire", "pool.runcode", "pool.isolate")  # the modules a guest p
 WIRE_MARKER = "// @@WIRE_CONSTANTS@@\n"  # the line of a JavaScript program that becomes WIRE
 # How node_runner.js lays out what it reads and writes (Buffer's readUInt32BE,
 # writeInt32BE): composing refuses a wire whose structs no longer match.
-JAVASCRIPT_STRUCTS = {"FRAME": ">cI", "REQUEST": ">I", "STATUS": ">i"}
+JAVASCRIPT_STRUCTS = {"FRAME": ">cI", "REQUEST": ">II", "STATUS": ">i"}
 
 
 def _source(module_file: str) -> str:

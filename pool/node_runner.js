@@ -10,7 +10,7 @@
 // (``fs.readFileSync(0)``, ``/dev/stdin`` and ``process.stdin`` all read it).
 // This program loads what a request needs, writes one byte on the ready fd
 // (the runner reports ready only after it) and blocks reading its one request
-// (pool/wire.py's GuestRequest, length-prefixed JSON) from the request fd.
+// (pool/wire.py's GuestRequest: a JSON header, then the files' bytes) from the request fd.
 //
 // A run: the request's files are written and out/ made (as pool/runcode.py's
 // ``prepare``), env and argv applied (``process.argv.slice(2)`` is argv), and
@@ -127,24 +127,30 @@ function exitFrame(status) {
 // --- the request ---------------------------------------------------------------
 
 function takeRequest(fd) {
-  const size = readExact(fd, WIRE.REQUEST_BYTES).readUInt32BE(0);
-  return parseRequest(readExact(fd, size));
+  const sizes = readExact(fd, WIRE.REQUEST_BYTES);
+  const header = readExact(fd, sizes.readUInt32BE(0));
+  return parseRequest(header, readExact(fd, sizes.readUInt32BE(4)));
 }
 
-// A request from its body (the bytes after its length). Throws on a malformed one.
-function parseRequest(body) {
-  const request = JSON.parse(body.toString('utf8'));
+// A request from its JSON header and the files' contents after it (pool/wire.py's
+// GuestRequest). Throws on a malformed one.
+function parseRequest(header, contents) {
+  const request = JSON.parse(header.toString('utf8'));
   const strings = (list) => Array.isArray(list) && list.every((x) => typeof x === 'string');
   const { code, stdin = '', files = [], env = {}, argv = [], limits } = request;
+  const sized = (f) => Array.isArray(f) && f.length === 2 && typeof f[0] === 'string' &&
+    Number.isSafeInteger(f[1]) && f[1] >= 0;
   if (typeof code !== 'string' || typeof stdin !== 'string' || !strings(argv) ||
-      !Array.isArray(files) || !files.every((f) => strings(f) && f.length === 2) ||
+      !Array.isArray(files) || !files.every(sized) ||
+      files.reduce((total, [, size]) => total + size, 0) !== contents.length ||
       typeof env !== 'object' || env === null || !strings(Object.values(env)) ||
       typeof limits !== 'object' || limits === null ||
       !WIRE.LIMITS.every((key) => Number.isSafeInteger(limits[key]) && limits[key] >= 0)) {
     throw new TypeError('malformed request');
   }
-  return { code, stdin, files: files.map(([p, data]) => [p, Buffer.from(data, 'base64')]),
-           env, argv, limits };
+  let offset = 0;
+  const contentsOf = ([path, size]) => [path, contents.subarray(offset, offset += size)];
+  return { code, stdin, files: files.map(contentsOf), env, argv, limits };
 }
 
 // The request's files under the working directory, each created new and never
@@ -460,11 +466,11 @@ function runModule(code, base, settled, uncaught) {
 // Walk the request path once on a dummy request, so V8 has compiled it before
 // a real one arrives.
 function rehearse() {
-  const body = Buffer.from(JSON.stringify({
-    code: '', stdin: '', files: [['f', 'eA==']], env: {}, argv: [],
+  const header = Buffer.from(JSON.stringify({
+    code: '', stdin: '', files: [['f', 1]], env: {}, argv: [],
     limits: Object.fromEntries(WIRE.LIMITS.map((key) => [key, 1])),
   }));
-  parseRequest(body);
+  parseRequest(header, Buffer.from('x'));
   vm.compileFunction('exports.x = [1, 2].map((i) => i * 2);', ['exports'], { filename: 'warm' })(
     {});
   createRequire(SELF);

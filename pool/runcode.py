@@ -123,9 +123,10 @@ def read_exact(fd: int, size: int) -> bytes:
 
 
 def take_request(fd: int) -> GuestRequest:
-    """The one length-prefixed request on ``fd``. Raises WireError."""
-    (size,) = REQUEST.unpack(read_exact(fd, REQUEST.size))
-    return GuestRequest.decode(read_exact(fd, size))
+    """The one request on ``fd`` (REQUEST, header, contents). Raises WireError."""
+    header_size, contents_size = REQUEST.unpack(read_exact(fd, REQUEST.size))
+    header = read_exact(fd, header_size)
+    return GuestRequest.decode(header, read_exact(fd, contents_size))
 
 
 def exit_status(code: object) -> int:

@@ -211,7 +211,7 @@ def rehearse_request() -> None:
     fewer for the request (docs/performance.md has the figures).
     """
     request_r, request_w = os.pipe()
-    rehearsal = GuestRequest("x = 1\nx", "", [], {}, [], OutcomeLimits(1, 1, 1, 1))
+    rehearsal = GuestRequest("x = 1\nx", "", [("f", b"x")], {}, [], OutcomeLimits(1, 1, 1, 1))
     write_all(request_w, rehearsal.encode())
     request = take_request(request_r)
     body, last = split_final_expression(request.code)

@@ -100,18 +100,19 @@ async def test_ready_needs_the_ready_frame_first() -> None:
         await channel().wait_ready()
 
 
-async def test_the_request_is_one_length_prefixed_json_object() -> None:
+async def test_the_request_is_a_json_header_then_the_files_bytes() -> None:
     stream = FakeStream()
     await RunnerChannel(stream, "sbx-test").send_request(
         RunRequest("print(1)", "in\0put", 5.0, files=(("a.txt", b"\xff"),), env={"K": "v"},
                    argv=("x",)), LIMITS)
-    (size,) = REQUEST.unpack_from(stream.written)
+    header_size, contents_size = REQUEST.unpack_from(stream.written)
     body = bytes(stream.written[REQUEST.size :])
-    assert size == len(body)
-    assert json.loads(body) == {
-        "code": "print(1)", "stdin": "in\0put", "files": [["a.txt", "/w=="]], "env": {"K": "v"},
+    assert len(body) == header_size + contents_size
+    assert json.loads(body[:header_size]) == {
+        "code": "print(1)", "stdin": "in\0put", "files": [["a.txt", 1]], "env": {"K": "v"},
         "argv": ["x"], "limits": LIMITS.to_json(), "session": False,
     }
+    assert body[header_size:] == b"\xff"
 
 
 async def test_a_stream_that_refuses_the_request_is_a_lost_sandbox() -> None:

@@ -80,18 +80,23 @@ def test_impossible_exit_statuses_are_forgeries(payload: bytes) -> None:
     ("print(1)", ""), ("x = '\x00'", "a\x00b"), ("s = '\udcff'", "\U0001f600\udc80"),
 ])
 def test_requests_round_trip_nul_bytes_and_lone_surrogates(code: str, stdin: str) -> None:
-    encoded = wire.GuestRequest(code, stdin).encode()
-    (size,) = wire.REQUEST.unpack(encoded[: wire.REQUEST.size])
-    assert size == len(encoded) - wire.REQUEST.size
-    decoded = wire.GuestRequest.decode(encoded[wire.REQUEST.size :])
+    decoded = decode_request(wire.GuestRequest(code, stdin).encode())
     assert (decoded.code, decoded.stdin) == (code, stdin)
+
+
+def decode_request(encoded: bytes) -> wire.GuestRequest:
+    """What a guest reads: REQUEST's two lengths, which must account for every byte."""
+    header_size, contents_size = wire.REQUEST.unpack(encoded[: wire.REQUEST.size])
+    body = encoded[wire.REQUEST.size :]
+    assert len(body) == header_size + contents_size
+    return wire.GuestRequest.decode(body[:header_size], body[header_size:])
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[1]", b'{"stdin": ""}', b'{"code": 1}',
                                   b'{"code": "", "stdin": 2}', b"\xff"])
 def test_a_malformed_request_is_a_wire_error(body: bytes) -> None:
     with pytest.raises(wire.WireError):
-        wire.GuestRequest.decode(body)
+        wire.GuestRequest.decode(body, b"")
 
 
 def test_the_output_capture_stops_each_stream_at_its_cap() -> None:
@@ -378,7 +383,8 @@ def test_a_guest_request_round_trips_files_env_argv_and_limits() -> None:
         {"K": "v"}, ["-x", "\x00"], LIMITS,
     )
     encoded = request.encode()
-    decoded = wire.GuestRequest.decode(encoded[wire.REQUEST.size :])
+    assert b"\x00\xff" in encoded  # the contents travel as they are, not as base64
+    decoded = decode_request(encoded)
     assert (decoded.code, decoded.stdin, decoded.files, decoded.env, decoded.argv) == (
         "print(1)", "in\udc80", [("data.csv", b"a,b\n\x00\xff"), ("sub/x", b"")],
         {"K": "v"}, ["-x", "\x00"],
@@ -386,14 +392,23 @@ def test_a_guest_request_round_trips_files_env_argv_and_limits() -> None:
     assert decoded.limits.to_json() == LIMITS.to_json()
 
 
-@pytest.mark.parametrize("body", [
-    b'{"code": "", "files": [["a"]]}', b'{"code": "", "files": [["a", "!!"]]}',
-    b'{"code": "", "env": {"a": 1}}', b'{"code": "", "argv": "x"}',
-    b'{"code": "", "limits": {"max_files": -1}}',
+@pytest.mark.parametrize(("header", "contents"), [
+    (b'{"code": "", "files": [["a"]]}', b""), (b'{"code": "", "files": [["a", "!!"]]}', b""),
+    (b'{"code": "", "files": [["a", -1]]}', b""), (b'{"code": "", "files": [["a", true]]}', b"x"),
+    (b'{"code": "", "files": [["a", 2]]}', b"x"), (b'{"code": "", "files": [["a", 1]]}', b"xy"),
+    (b'{"code": "", "files": [["a", 1.0]]}', b"x"),
+    (b'{"code": "", "env": {"a": 1}}', b""), (b'{"code": "", "argv": "x"}', b""),
+    (b'{"code": "", "limits": {"max_files": -1}}', b""),
 ])
-def test_a_malformed_guest_request_is_a_wire_error(body: bytes) -> None:
+def test_a_malformed_guest_request_is_a_wire_error(header: bytes, contents: bytes) -> None:
     with pytest.raises(wire.WireError):
-        wire.GuestRequest.decode(body)
+        wire.GuestRequest.decode(header, contents)
+
+
+def test_each_file_takes_its_own_bytes_of_the_contents() -> None:
+    decoded = wire.GuestRequest.decode(
+        b'{"code": "", "files": [["a", 2], ["b", 0], ["c", 3]]}', b"xyz\x00w")
+    assert decoded.files == [("a", b"xy"), ("b", b""), ("c", b"z\x00w")]
 
 
 def test_files_results_and_the_error_are_kept_within_their_limits() -> None:
