@@ -1,4 +1,4 @@
-"""A small synchronous client for sandpool's Unix-socket API (standard library only).
+"""A small synchronous client for sandpool's Unix-socket API (the standard library's HTTP).
 
 What sandpool's own tests, soak and benchmarks drive the daemon with. Programs
 of users, and ``sandpool run``, use the ``sandpool_client`` distribution
@@ -23,6 +23,8 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from sandpool_client.protocol import file_entry
 
 DEFAULT_SOCKET = os.environ.get("SANDPOOL_SOCKET", "/run/sandpool/sandpool.sock")
 
@@ -69,7 +71,8 @@ class Client:
         """Run ``code`` in a fresh sandbox and return the result object of POST /v1/run.
 
         ``files`` maps a path relative to the sandbox's working directory to its
-        content: bytes travel as base64, str as UTF-8 text.
+        content, encoded as the SDK encodes it (text where that is lossless,
+        else base64).
         """
         body: dict[str, Any] = {"code": code}
         for key, value in (
@@ -81,12 +84,7 @@ class Client:
             if value is not None:
                 body[key] = value
         if files is not None:
-            body["files"] = [
-                {"path": path, "content": base64.b64encode(content).decode("ascii"),
-                 "encoding": "base64"}
-                if isinstance(content, bytes) else {"path": path, "content": content}
-                for path, content in files.items()
-            ]
+            body["files"] = [file_entry(path, content) for path, content in files.items()]
         if env is not None:
             body["env"] = dict(env)
         if argv is not None:

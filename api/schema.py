@@ -663,9 +663,10 @@ def _check_path(path: str, where: str) -> list[str]:
 def _decode_content(content: str, encoding: str, where: str, path: str) -> bytes:
     try:
         if encoding == "base64":
-            # Strict: the standard alphabet with padding, no line breaks, so a
-            # client's mistake is an error rather than silently different bytes.
-            return base64.b64decode(content, validate=True)
+            # Strict: the standard alphabet with padding, no line breaks, nothing
+            # after the padding, so a client's mistake is an error rather than
+            # silently different bytes.
+            return binascii.a2b_base64(content, strict_mode=True)
         return content.encode("utf-8")
     except (binascii.Error, ValueError, UnicodeEncodeError):
         what = "base64" if encoding == "base64" else "UTF-8 text (a lone surrogate)"

@@ -20,6 +20,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from sandpool_client.protocol import file_entry
+
 
 @dataclass(frozen=True, slots=True)
 class Workload:
@@ -34,12 +36,8 @@ class Workload:
         body: dict[str, Any] = {"code": self.code}
         if pool is not None:
             body["pool"] = pool
-        if self.files:
-            body["files"] = [
-                {"path": path, "content": base64.b64encode(content).decode("ascii"),
-                 "encoding": "base64"}
-                for path, content in self.files
-            ]
+        if self.files:  # as the SDK sends them: text where that is lossless
+            body["files"] = [file_entry(path, content) for path, content in self.files]
         return body
 
     def check(self, document: dict[str, Any]) -> bool:

@@ -31,7 +31,7 @@ from sandpool_client import (
     SandpoolClientError,
     Unavailable,
 )
-from sandpool_client.protocol import encode_json, parse_retry_after
+from sandpool_client.protocol import encode_json, file_entry, parse_retry_after
 
 from tests.support import REPOSITORY, Daemon, running_daemon, wait_until
 
@@ -102,21 +102,34 @@ def test_files_go_in_and_come_back_typed(sandpool: Client, tmp_path: Path) -> No
         "os.makedirs('out/sub')\n"
         "open('out/sub/copy.bin', 'wb').write(open('raw.bin', 'rb').read())\n"
         "open('out/text.csv', 'w').write(open('data/in.csv').read())\n"
+        "open('out/utf8.bin', 'wb').write(open('utf8.bin', 'rb').read())\n"
         "os.symlink('/etc/passwd', 'out/link')\n"
         "{'answer': 6 * 7}\n",
-        files={"data/in.csv": "a,é\n", "raw.bin": b"\0\xff"},
+        files={"data/in.csv": "a,é\n", "raw.bin": b"\0\xff", "utf8.bin": "\0é\r\n".encode()},
     )
     assert result.ok, result.stderr
     files = {entry.path: entry for entry in result.files}
-    assert set(files) == {"out/sub/copy.bin", "out/text.csv", "out/link"}
+    assert set(files) == {"out/sub/copy.bin", "out/text.csv", "out/utf8.bin", "out/link"}
+    # Sent as text (valid UTF-8), back byte for byte.
+    assert files["out/utf8.bin"].content == "\0é\r\n".encode()
     assert (files["out/sub/copy.bin"].content, files["out/sub/copy.bin"].size) == (b"\0\xff", 2)
     assert files["out/text.csv"].content == "a,é\n".encode()
     assert (files["out/link"].type, files["out/link"].content) == ("symlink", None)
     assert [(r.type, r.text) for r in result.results] == [("text/plain", "{'answer': 42}")]
     written = result.save_files(tmp_path)
-    assert sorted(written) == [tmp_path / "out/sub/copy.bin", tmp_path / "out/text.csv"]
+    assert sorted(written) == [tmp_path / "out/sub/copy.bin", tmp_path / "out/text.csv",
+                               tmp_path / "out/utf8.bin"]
     assert (tmp_path / "out/sub/copy.bin").read_bytes() == b"\0\xff"
     assert not (tmp_path / "out/link").exists()
+
+
+def test_bytes_travel_as_text_when_that_is_lossless_else_as_base64() -> None:
+    assert file_entry("a.csv", "x,é\n".encode()) == {
+        "path": "a.csv", "content": "x,é\n", "encoding": "utf-8"}
+    assert file_entry("b.bin", b"\0\xff") == {
+        "path": "b.bin", "content": "AP8=", "encoding": "base64"}
+    assert file_entry("c.txt", "\udc80") == {
+        "path": "c.txt", "content": "\udc80", "encoding": "utf-8"}
 
 
 def test_a_bad_request_raises_bad_request_with_the_daemons_code(sandpool: Client) -> None:

@@ -95,7 +95,9 @@ def run_body(
 ) -> dict[str, Any]:
     """The JSON object of ``POST /v1/run``; fields left None are left out (the daemon's defaults).
 
-    A file's bytes travel as base64, a str as UTF-8 text.
+    A str travels as UTF-8 text, and so do bytes that are valid UTF-8 (a CSV, a
+    script): the same bytes arrive, a quarter fewer of them, and neither end
+    pays for base64 (about 10 ms per MB here). Other bytes travel as base64.
     """
     body: dict[str, Any] = {"code": code}
     for key, value in (("pool", pool), ("language", language), ("stdin", stdin),
@@ -103,13 +105,7 @@ def run_body(
         if value is not None:
             body[key] = value
     if files is not None:
-        body["files"] = [
-            {"path": path, "content": base64.b64encode(content).decode("ascii"),
-             "encoding": "base64"}
-            if isinstance(content, bytes)
-            else {"path": path, "content": content, "encoding": "utf-8"}
-            for path, content in files.items()
-        ]
+        body["files"] = [file_entry(path, content) for path, content in files.items()]
     if env is not None:
         body["env"] = dict(env)
     if argv is not None:
@@ -117,6 +113,17 @@ def run_body(
             raise TypeError("argv must be a list of strings, not a str")
         body["argv"] = list(argv)
     return body
+
+
+def file_entry(path: str, content: bytes | str) -> dict[str, str]:
+    """One entry of a request's ``files``: as text where that is lossless, else base64."""
+    if isinstance(content, bytes):
+        try:
+            content = content.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"path": path, "content": base64.b64encode(content).decode("ascii"),
+                    "encoding": "base64"}
+    return {"path": path, "content": content, "encoding": "utf-8"}
 
 
 def session_body(
