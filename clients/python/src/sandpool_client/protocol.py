@@ -119,10 +119,11 @@ def file_entry(path: str, content: bytes | str) -> dict[str, str]:
     """One entry of a request's ``files``: as text where that is lossless, else base64."""
     if isinstance(content, bytes):
         try:
-            content = content.decode("utf-8")
+            text = content.decode("utf-8")
         except UnicodeDecodeError:
             return {"path": path, "content": base64.b64encode(content).decode("ascii"),
                     "encoding": "base64"}
+        return {"path": path, "content": text, "encoding": "utf-8"}
     return {"path": path, "content": content, "encoding": "utf-8"}
 
 
