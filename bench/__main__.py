@@ -52,6 +52,7 @@ from bench.workloads import (
     build_workloads,
 )
 from pool.config import DATASCI_CPUS, DATASCI_IMAGE
+from tests.support import processes_in_uid_range
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Quick runs (make bench-quick, the test suite) must not litter bench/results/.
@@ -574,7 +575,8 @@ def run_sessions(doc: dict[str, Any], mode: Mode, clock: Clock, workload: Worklo
     out["stop_status"] = daemon.stop()
     out["leftover_containers"] = len(asyncio.run(
         docker_paths.list_labelled(f"sandpool.instance={daemon.instance_id}")))
-    out["leftover_sandbox_processes"] = len(sessions.sandbox_processes())
+    out["leftover_sandbox_processes"] = len(
+        processes_in_uid_range(sessions.UID_BASE, sessions.UID_COUNT))
     return out
 
 

@@ -271,22 +271,6 @@ def analysis_side_by_side(socket_path: str, pool: str, backend: str, analysis: A
             "requests_without_quiet_pool": not_quiet}
 
 
-def sandbox_processes() -> list[int]:
-    """Pids of processes whose uid is in this section's sandbox uid range."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:  # it ended while we looked
-            continue
-        uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
-        if UID_BASE <= uid < UID_BASE + UID_COUNT:
-            pids.append(int(entry.name))
-    return pids
-
-
 def start(section: Plan, workdir: Path, daemons: list[BenchDaemon],
           say: Callable[[str], None]) -> tuple[BenchDaemon, Plan, dict[str, str]]:
     """The section's daemon: (daemon, the section without the pools it does not serve,

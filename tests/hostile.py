@@ -44,7 +44,14 @@ from api.client import ApiError, Client
 from bench.stats import percentile
 from pool.config import WASM_IMAGE_MODULE
 from pool.uids import SandboxUids
-from tests.support import Daemon, docker_containers, free_port, start_daemon, stop_daemon
+from tests.support import (
+    Daemon,
+    docker_containers,
+    free_port,
+    processes_in_uid_range,
+    start_daemon,
+    stop_daemon,
+)
 
 TENANT_RATES = {  # requests/s
     "python": 1.0, "python-process": 4.0, "python-fork": 4.0, "python-wasm": 2.0,
@@ -299,15 +306,7 @@ class Run:
 
     def leftovers(self, daemon_pid: int) -> dict[str, list[str]]:
         uids = SandboxUids()
-        processes = []
-        for status in Path("/proc").glob("[0-9]*/status"):
-            try:
-                fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
-                              if ":\t" in line)
-            except OSError:
-                continue
-            if int(fields.get("Uid", "0").split()[0]) in uids:
-                processes.append(status.parent.name)
+        processes = [str(pid) for pid in processes_in_uid_range(uids.base, uids.count)]
         cgroups = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/**/sandpool-{daemon_pid}-*")]
         run_dirs = [str(p) for p in Path(tempfile.gettempdir()).glob("sandpool-wasm-*")
                     if f"-{daemon_pid}-" in p.name]

@@ -497,6 +497,22 @@ def host_processes_with(marker: str) -> list[int]:
     return found
 
 
+def processes_in_uid_range(base: int, count: int) -> list[int]:
+    """Host pids whose real uid is in ``[base, base + count)`` (a daemon's sandbox uids)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue  # exited while we looked
+        if base <= uid < base + count:
+            found.append(int(entry))
+    return found
+
+
 def metric_sample(text: str, name: str, **labels: str) -> float:
     """The first ``name`` sample in Prometheus text format that has ``labels``; 0 if none.
 

@@ -31,6 +31,7 @@ from tests.support import (
     assert_out_of_memory,
     docker_containers,
     metric_sample,
+    processes_in_uid_range,
     start_daemon,
     stop_daemon,
     wait_until,
@@ -118,22 +119,6 @@ def client(daemon: Daemon) -> Iterator[Client]:
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:
     return build_document(metadata.version("sandpool"))
-
-
-def sandbox_processes(base: int = UID_BASE, count: int = UID_COUNT) -> list[int]:
-    """Pids of processes whose uid is in a sandbox uid range (the module daemon's)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
-        if base <= uid < base + count:
-            pids.append(int(entry.name))
-    return pids
 
 
 def create(client: Client, pool: str, **fields: object) -> str:
@@ -480,10 +465,10 @@ def test_sigkill_then_restart_leaves_no_session_sandbox(tmp_path: Path) -> None:
 
 def no_sandbox_process_left(base: int, count: int) -> None:
     try:
-        wait_until(lambda: sandbox_processes(base, count) == [],
+        wait_until(lambda: processes_in_uid_range(base, count) == [],
                    "no process of a sandbox uid", timeout_s=10)
     except AssertionError:
-        left = describe(sandbox_processes(base, count))
+        left = describe(processes_in_uid_range(base, count))
         raise AssertionError(f"processes of sandbox uids left: {left}") from None
 
 
