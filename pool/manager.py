@@ -44,7 +44,7 @@ QUIET_WAIT_MAX_S = 1.0
 # Only a request younger than this holds refills back. A start's CPU barely
 # moves the latency of one that has run longer, and neighbours' long runs,
 # always in flight, would otherwise hold every refill of every pool for the
-# whole QUIET_WAIT_MAX_S and run the short pools dry (docs/performance.md).
+# whole QUIET_WAIT_MAX_S and run the short pools dry (docs/autosize.md).
 QUIET_HORIZON_S = 0.25
 # Destroys wait for it too, but only this long: a used sandbox must not linger.
 DESTROY_QUIET_WAIT_MAX_S = 0.02
