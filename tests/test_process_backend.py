@@ -17,6 +17,7 @@ import textwrap
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -322,6 +323,60 @@ async def test_cgroup_holds_the_tree_with_the_pool_limits(
     assert {sandbox.bwrap_pid, sandbox.runner_pid} <= procs  # born inside, not moved later
     await backend.destroy_sandbox(sandbox)
     assert [d for d in directories if d.exists()] == []
+
+
+def pool_cpu_weight(backend: ProcessBackend) -> int | None:
+    """The pool directory's cpu.shares (v1) or cpu.weight (v2); None without a cpu controller."""
+    name = process_cgroups.cgroup_dir_name(backend.config.name, backend.instance_id)
+    for controller, own in process_cgroups.own_cgroups().items():
+        for file_name in ("cpu.shares", "cpu.weight"):
+            root = process_cgroups.CGROUP_ROOT / (controller or "") / own.lstrip("/")
+            for path in root.glob(f"{name}/{file_name}"):
+                return int(path.read_text())
+    return None
+
+
+def test_start_weights_per_cgroup_version_within_the_kernels_range(tmp_path: Path) -> None:
+    for directory in ("v1", "v2", "memory"):
+        (tmp_path / directory).mkdir()
+    v1 = process_cgroups.CgroupTree(1, {"cpu": tmp_path / "v1", "memory": tmp_path / "memory"})
+    v2 = process_cgroups.CgroupTree(2, {"unified": tmp_path / "v2"})
+    weights = []
+    for tree, starting, written in ((v1, 2, "v1/cpu.shares"), (v1, 10**6, "v1/cpu.shares"),
+                                    (v2, 3, "v2/cpu.weight"), (v2, 10**6, "v2/cpu.weight")):
+        process_cgroups.weigh_starts(tree, starting)
+        weights.append((tmp_path / written).read_text())
+    assert weights == ["3072", "262144", "400", "10000"]
+    # No cpu controller (v1 without the cpu hierarchy): nothing to weigh, nothing written.
+    process_cgroups.weigh_starts(process_cgroups.CgroupTree(1, {"memory": tmp_path / "memory"}), 1)
+    assert list((tmp_path / "memory").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon creates cgroups only as root")
+async def test_a_start_weighs_its_pool_as_one_more_process_while_it_lasts(
+    backend: ProcessBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at_rest = pool_cpu_weight(backend)
+    if at_rest is None:
+        pytest.skip("no cpu controller here")
+    during: list[int | None] = []
+    spawn = backend._spawn
+
+    async def spawn_and_look(*args: Any) -> ProcessSandbox:
+        during.append(pool_cpu_weight(backend))
+        return await spawn(*args)
+
+    monkeypatch.setattr(backend, "_spawn", spawn_and_look)
+    first, second = await asyncio.gather(backend.start_sandbox(), backend.start_sandbox())
+    try:
+        one = at_rest  # nothing starting: the default, one process's weight
+        assert one in (1024, 100)
+        # Each spawn saw at least its own start counted, and the two together at most.
+        assert all(weight in (2 * one, 3 * one) for weight in during), during
+        assert pool_cpu_weight(backend) == one  # back once both are ready
+    finally:
+        for started in (first, second):
+            await backend.destroy_sandbox(started)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="finds the tree by its cgroup, made only as root")

@@ -34,6 +34,7 @@ from pool.backends.process.cgroups import (
     prepare_cgroups,
     remove_pool_cgroups,
     remove_sandbox_cgroup,
+    weigh_starts,
 )
 from pool.backends.process.channel import OutputPipes, RunnerProtocol
 from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
@@ -68,6 +69,8 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         self._version = "unknown"
         self._runtime = Runtime()
         self._sandboxes: set[ProcessSandbox] = set()
+        self._starting = 0  # start_sandbox calls in progress: the pool cgroup's extra weight
+        self._weighing = asyncio.Lock()  # one weight write at a time, the latest count last
 
     def __repr__(self) -> str:
         return f"<ProcessBackend {self.config.name} sandboxes={len(self._sandboxes)}>"
@@ -156,6 +159,20 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
     async def start_sandbox(self) -> ProcessSandbox:
         if self._definition is None:
             raise BackendError("the process backend is not started")
+        self._starting += 1
+        try:
+            await asyncio.shield(self._weigh_starts())
+            return await self._start_sandbox(self._definition)
+        finally:
+            self._starting -= 1
+            await asyncio.shield(self._weigh_starts())
+
+    async def _weigh_starts(self) -> None:
+        async with self._weighing:
+            if self._cgroups is not None:
+                await asyncio.to_thread(weigh_starts, self._cgroups, self._starting)
+
+    async def _start_sandbox(self, definition: SandboxDefinition) -> ProcessSandbox:
         sandbox_id = new_sandbox_id()
         cgroup: SandboxCgroup | None = None
         if self._cgroups is not None:
@@ -171,7 +188,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                 raise
         # Shielded: cancelling the spawn halfway would have asyncio kill bwrap
         # between its clone and --die-with-parent, orphaning the half-made child.
-        spawning = asyncio.ensure_future(self._spawn(self._definition, sandbox_id, cgroup))
+        spawning = asyncio.ensure_future(self._spawn(definition, sandbox_id, cgroup))
         try:
             sandbox = await asyncio.shield(spawning)
         except BaseException as e:

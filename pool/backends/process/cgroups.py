@@ -36,6 +36,9 @@ STALE_EXIT_WAITS = 200
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_DAEMON_LEAF = "sandpool-daemon"  # cgroup v2: where the daemon moves itself
 CPU_PERIOD_US = 100_000
+# A cgroup's default CPU weight, that of one process: cpu.shares (v1) and
+# cpu.weight (v2), and the largest each takes.
+WEIGHT_OF_ONE = {1: ("cpu.shares", 1024, 262_144), 2: ("cpu.weight", 100, 10_000)}
 RMDIR_ATTEMPTS = 50  # x 10 ms: a cgroup is busy until the kernel has freed its last task
 
 
@@ -293,6 +296,27 @@ def kill_members(directory: Path) -> None:
     for pid in members(directory):  # listed, hence alive and ours: the pid is not reused
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def weigh_starts(tree: CgroupTree, starting: int) -> None:
+    """Weigh the pool's cgroup as one process plus one per sandbox being started.
+
+    A pool's sandboxes share their pool directory's CPU weight, by default one
+    process's, and a process sandbox's start (~70 ms of CPU, Python's start-up)
+    runs in it: beside busy neighbours its starts got a fifth of a core, took
+    370 ms each and the pool ran dry (docs/security.md, hostile neighbours).
+    A start is the daemon's work for the next request, so it adds weight for as
+    long as it lasts; running code keeps one process's weight and its quota.
+    Best effort, as a weight only moves latency: a cgroup without a cpu
+    controller, or one being removed, is left as it is. Blocking (a kernfs
+    write): run in a thread.
+    """
+    name, one, most = WEIGHT_OF_ONE[tree.version]
+    directory = tree.pool_dirs.get("cpu" if tree.version == 1 else "unified")
+    if directory is None:
+        return
+    with contextlib.suppress(OSError):
+        (directory / name).write_text(str(min(most, one * (1 + starting))))
 
 
 def remove_pool_cgroups(tree: CgroupTree) -> None:
