@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -241,6 +242,34 @@ def test_a_killed_template_is_replaced_and_no_request_fails(spawn_daemon: object
     replacement = [pid for pid in templates() if _daemon_of(pid) == daemon.pid]
     assert len(replacement) == 1
     assert replacement[0] != mine[0]
+
+
+def test_a_request_whose_template_dies_under_it_runs_again_in_a_new_sandbox(
+    spawn_daemon: object,
+) -> None:
+    # The code is silent while its template is killed: the sandbox dies with
+    # the template, and its runner's end is not the code's exit 137.
+    config = """
+        [server]
+        metrics_address = "off"
+
+        [pools.python-fork]
+        backend = "fork"
+        min_idle = 1
+        max_size = 2
+        timeout_s = 20
+    """
+    daemon = spawn_daemon(textwrap.dedent(config))  # type: ignore[operator]
+    with daemon.client() as client:
+        mine = [pid for pid in templates() if _daemon_of(pid) == daemon.pid]
+        assert len(mine) == 1, mine
+        with ThreadPoolExecutor(1) as executor:
+            running = executor.submit(
+                run, client, "import time\ntime.sleep(2)\nprint('ran')", timeout_s=20)
+            time.sleep(0.5)  # handed out, and asleep
+            os.kill(mine[0], signal.SIGKILL)
+            result = running.result(timeout=60)
+    assert (result["exit_code"], result["stdout"]) == (0, "ran\n"), result
 
 
 def test_a_killed_daemon_takes_its_template_and_sandboxes_along(tmp_path: Path) -> None:

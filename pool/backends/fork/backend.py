@@ -290,6 +290,7 @@ class ForkBackend(BackendBase[ForkSandbox]):
         theirs = [request_r, channel_w, diagnostics_w, *pipes.write_ends]
         uid = self._uids.acquire()
         sandbox = ForkSandbox(sandbox_id, protocol, pipes, cgroup, uid, diagnostics_r)
+        sandbox.template_alive = lambda: template.alive
         self._sandboxes.add(sandbox)
         try:
             # The transports own their fds from here on, closed by sandbox.close().
@@ -322,7 +323,10 @@ class ForkBackend(BackendBase[ForkSandbox]):
         return sandbox
 
     async def run(self, sandbox: ForkSandbox, request: RunRequest) -> RunResult:
-        return await run_direct(sandbox, request, self.config, self.report_oom)
+        return await run_direct(
+            sandbox, request, self.config, self.report_oom,
+            killed_outside=lambda: not sandbox.template_alive(),
+        )
 
     async def destroy_sandbox(self, sandbox: ForkSandbox) -> None:
         if not sandbox.mark_destroyed():

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from pool.backends.base import Sandbox
@@ -70,6 +71,8 @@ class ForkSandbox(Sandbox):
         self.channel_transport: asyncio.ReadTransport | None = None
         self.runner_pid: int | None = None  # host pid of PID 1 of its namespace
         self.runner_pidfd: int | None = None
+        # Whether the template that forked it is alive: its sandboxes die with it.
+        self.template_alive: Callable[[], bool] = lambda: True
 
     def stdin(self) -> asyncio.BaseTransport | None:
         return self.request_transport

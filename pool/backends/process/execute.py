@@ -64,9 +64,15 @@ S = TypeVar("S", bound=DirectSandbox)
 
 
 async def run_direct(
-    sandbox: S, request: RunRequest, config: PoolConfig, report_oom: Callable[[S], None]
+    sandbox: S, request: RunRequest, config: PoolConfig, report_oom: Callable[[S], None],
+    killed_outside: Callable[[], bool] | None = None,
 ) -> RunResult:
-    """Run ``request`` in ``sandbox``; raises SandboxLostError if it never took it."""
+    """Run ``request`` in ``sandbox``; raises SandboxLostError if it never took it.
+
+    ``killed_outside``: whether something other than the request killed the
+    sandbox (the fork tier: its template died); a run whose runner then died
+    without a word of output counts as lost, not as the code's exit 137.
+    """
     protocol = sandbox.protocol
     stdin = sandbox.stdin()
     if (
@@ -101,8 +107,14 @@ async def run_direct(
         log.warning("sandbox_protocol_violation", sandbox=sandbox.id)
     exit_code = run.exit_code
     if state.runner_gone:
-        if state is RunState.NOT_TAKEN and not (run.output and run.output.received):
+        silent = not (run.output and run.output.received)
+        if silent and state is RunState.NOT_TAKEN:
             raise SandboxLostError(f"sandbox {sandbox.id} did not take its request")
+        if silent and killed_outside is not None and killed_outside():
+            # Killed as the request arrived, before anything of the code's came
+            # back; a sandbox has no network, so the pool's next one may run the
+            # request again without anyone seeing it twice.
+            raise SandboxLostError(f"sandbox {sandbox.id} was killed from outside")
         exit_code = await exit_status(sandbox)
     oom_killed = await oom_verdict(sandbox, wait=state.runner_gone or exit_code == 137)
     if oom_killed:
