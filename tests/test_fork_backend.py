@@ -220,28 +220,34 @@ def test_user_quotas_and_rlimits_are_the_sandboxs_share(client: Client) -> None:
 # --- the template's life ----------------------------------------------------------
 
 
-def test_a_killed_template_is_replaced_and_no_request_fails(spawn_daemon: object) -> None:
-    config = """
-        [server]
-        metrics_address = "off"
+# One fork pool of two sandboxes at most, for the tests that kill its template.
+SMALL_FORK_POOL = """
+[server]
+metrics_address = "off"
 
-        [pools.python-fork]
-        backend = "fork"
-        min_idle = 1
-        max_size = 2
-    """
-    daemon = spawn_daemon(textwrap.dedent(config))  # type: ignore[operator]
+[pools.python-fork]
+backend = "fork"
+min_idle = 1
+max_size = 2
+"""
+
+
+def template_of(daemon: Daemon) -> int:
+    """The host pid of the daemon's one fork template."""
+    mine = [pid for pid in templates() if _daemon_of(pid) == daemon.pid]
+    assert len(mine) == 1, mine
+    return mine[0]
+
+
+def test_a_killed_template_is_replaced_and_no_request_fails(spawn_daemon: object) -> None:
+    daemon = spawn_daemon(SMALL_FORK_POOL)  # type: ignore[operator]
     with daemon.client() as client:
         assert run(client, "print(1)")["stdout"] == "1\n"
-        before = set(templates())
-        mine = [pid for pid in before if _daemon_of(pid) == daemon.pid]
-        assert len(mine) == 1, before
-        os.kill(mine[0], signal.SIGKILL)
+        killed = template_of(daemon)
+        os.kill(killed, signal.SIGKILL)
         results = [run(client, "print(2)") for _ in range(5)]
     assert [r["stdout"] for r in results] == ["2\n"] * 5, results
-    replacement = [pid for pid in templates() if _daemon_of(pid) == daemon.pid]
-    assert len(replacement) == 1
-    assert replacement[0] != mine[0]
+    assert template_of(daemon) != killed
 
 
 def test_a_request_whose_template_dies_under_it_runs_again_in_a_new_sandbox(
@@ -249,25 +255,14 @@ def test_a_request_whose_template_dies_under_it_runs_again_in_a_new_sandbox(
 ) -> None:
     # The code is silent while its template is killed: the sandbox dies with
     # the template, and its runner's end is not the code's exit 137.
-    config = """
-        [server]
-        metrics_address = "off"
-
-        [pools.python-fork]
-        backend = "fork"
-        min_idle = 1
-        max_size = 2
-        timeout_s = 20
-    """
-    daemon = spawn_daemon(textwrap.dedent(config))  # type: ignore[operator]
+    daemon = spawn_daemon(SMALL_FORK_POOL)  # type: ignore[operator]
     with daemon.client() as client:
-        mine = [pid for pid in templates() if _daemon_of(pid) == daemon.pid]
-        assert len(mine) == 1, mine
+        template = template_of(daemon)
         with ThreadPoolExecutor(1) as executor:
             running = executor.submit(
                 run, client, "import time\ntime.sleep(2)\nprint('ran')", timeout_s=20)
             time.sleep(0.5)  # handed out, and asleep
-            os.kill(mine[0], signal.SIGKILL)
+            os.kill(template, signal.SIGKILL)
             result = running.result(timeout=60)
     assert (result["exit_code"], result["stdout"]) == (0, "ran\n"), result
 
