@@ -327,11 +327,9 @@ async def test_cgroup_holds_the_tree_with_the_pool_limits(
 
 def pool_cpu_weight(backend: ProcessBackend) -> int | None:
     """The pool directory's cpu.shares (v1) or cpu.weight (v2); None without a cpu controller."""
-    name = process_cgroups.cgroup_dir_name(backend.config.name, backend.instance_id)
-    for controller, own in process_cgroups.own_cgroups().items():
+    for pool_dir in pool_directories(backend):
         for file_name in ("cpu.shares", "cpu.weight"):
-            root = process_cgroups.CGROUP_ROOT / (controller or "") / own.lstrip("/")
-            for path in root.glob(f"{name}/{file_name}"):
+            if (path := pool_dir / file_name).exists():
                 return int(path.read_text())
     return None
 
@@ -478,14 +476,21 @@ def backend_cgroup_members(backend: ProcessBackend) -> list[int]:
     return members
 
 
-def sandbox_cgroups(backend: ProcessBackend) -> list[Path]:
-    """The sandbox cgroup directories below this backend's pool directories."""
+def pool_directories(backend: ProcessBackend) -> list[Path]:
+    """This backend's pool directories: one per v1 controller, or the v2 one."""
     name = process_cgroups.cgroup_dir_name(backend.config.name, backend.instance_id)
     return [
-        sandbox_dir
+        pool_dir
         for controller, own in process_cgroups.own_cgroups().items()
-        if controller
         for pool_dir in (process_cgroups.CGROUP_ROOT / controller / own.lstrip("/")).glob(name)
+    ]
+
+
+def sandbox_cgroups(backend: ProcessBackend) -> list[Path]:
+    """The sandbox cgroup directories below this backend's pool directories."""
+    return [
+        sandbox_dir
+        for pool_dir in pool_directories(backend)
         for sandbox_dir in pool_dir.iterdir()
         if sandbox_dir.is_dir()
     ]
