@@ -17,6 +17,7 @@ from pool.config import (
     PoolConfig,
     ServerConfig,
     _toml_value,
+    default_pools,
     load_config,
     parse_config,
     to_toml,
@@ -173,11 +174,26 @@ def test_configuration_reference_matches_the_code(marker: str, table: type) -> N
         assert documented[key] == expected, key
 
 
-def test_default_config_is_valid() -> None:
-    config = Config(pools=(PoolConfig(name="x"),))
-    for pool in config.pools:
+@pytest.mark.parametrize(
+    ("bwrap", "euid"), [("/usr/bin/bwrap", 0), (None, 0), ("/usr/bin/bwrap", 1000)]
+)
+def test_the_default_pools_are_valid_with_and_without_the_bubblewrap_tiers(
+    monkeypatch: pytest.MonkeyPatch, bwrap: str | None, euid: int
+) -> None:
+    # make run on a fresh machine gets one of these shapes: each pool valid, and
+    # together within the sandbox uids and the idle-memory budget (Config.validate).
+    monkeypatch.setattr("pool.config.shutil.which", lambda name: bwrap)
+    monkeypatch.setattr("pool.config.os.geteuid", lambda: euid)
+    pools = default_pools()
+    bubblewrap_tiers = {p.name for p in pools if p.backend in ("process", "fork")}
+    assert bubblewrap_tiers == (
+        {"python-process", "python-fork", "datasci-fork"} if bwrap and euid == 0 else set()
+    )
+    for pool in pools:
         pool.validate()
+    config = Config(pools=pools)
     config.server.validate()
+    config.validate()
 
 
 def test_preload_is_a_list_of_module_names_for_python_pools() -> None:
