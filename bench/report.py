@@ -80,7 +80,8 @@ def _load_table(name: str, load: dict[str, Any], note: str = "") -> list[str]:
             for k in ("daemon_cpu_percent", "dockerd_cpu_percent", "host_busy_percent")
         )
         lines.append(
-            f"| {step['offered_per_s']:g} | {step['arrived_per_s']:g} | "
+            f"| {step['offered_per_s']:g}{' (refined)' if step.get('refined') else ''} | "
+            f"{step['arrived_per_s']:g} | "
             f"{step['achieved_ok_per_s']:g} | {step['rejected']} | {step['failed']} | "
             f"{_ms(step['e2e'], 'p50_ms')} | {_ms(step['e2e'], 'p95_ms')} | "
             f"{_ms(step['e2e'], 'p99_ms')} | {_ms(step['handout'], 'p99_ms')} | "
@@ -91,7 +92,9 @@ def _load_table(name: str, load: dict[str, Any], note: str = "") -> list[str]:
         )
     lines += ["", f"Sustained (highest completed/s of an unsaturated step): "
                   f"{load['sustained_ok_per_s']}/s; peak completed/s: "
-                  f"{load['peak_ok_per_s']}/s; stopped: {load['stopped']}.", ""]
+                  f"{load['peak_ok_per_s']}/s; stopped: {load['stopped']}. A refined rate "
+                  f"lies between the ladder's last unsaturated rate and its first saturated "
+                  f"one.", ""]
     return lines
 
 

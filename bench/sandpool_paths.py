@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable
@@ -46,6 +47,12 @@ DRAIN_FLOOR_S = 1.0  # or the last answer comes over 1 s after the last arrival 
 # then waits for one start (Docker: ~0.3-0.5 s), once, and the pool keeps up.
 P99_GROWTH = 10.0
 P99_FLOOR_MS = 100.0
+# After the ladder, steps between the highest unsaturated rate and the lowest
+# saturated one (geometric midpoints): with rates x 1.6 apart, "sustained"
+# could otherwise sit up to 60 % below the pool's capacity. Not when the two
+# are already within REFINED_ENOUGH of each other.
+REFINE_STEPS = 2
+REFINED_ENOUGH = 1.1
 REFILL_WAIT_S = 5.0
 
 
@@ -412,6 +419,19 @@ def latency_knee(step: dict[str, Any], first: dict[str, Any] | None) -> str | No
     return None
 
 
+def refining_rate(steps: list[dict[str, Any]]) -> float | None:
+    """The geometric midpoint of the highest unsaturated and the lowest saturated
+    offered rate above it; None when there is no such pair or they are close enough."""
+    held = [s["offered_per_s"] for s in steps if not s["saturated"]]
+    if not held:
+        return None
+    low = max(held)
+    failed = [s["offered_per_s"] for s in steps if s["saturated"] and s["offered_per_s"] > low]
+    if not failed or min(failed) <= low * REFINED_ENOUGH:
+        return None
+    return round(math.sqrt(low * min(failed)), 2)
+
+
 def load_test(
     socket_path: str,
     pool: str,
@@ -422,22 +442,23 @@ def load_test(
     settle: Callable[[], None],
     meter: CpuMeter | None = None,
 ) -> dict[str, Any]:
-    """Open-loop steps at rising rates, until two have saturated (or time runs out).
+    """Open-loop steps at rising rates, until two have saturated (or time runs out),
+    then up to REFINE_STEPS between the last rate that held and the first that did not.
 
     The step after the first saturated one shows the pool's capacity under
-    overload (completions per second while the queue grows).
+    overload (completions per second while the queue grows). Steps are listed
+    by offered rate; a refining one says so (``refined``).
     """
     steps: list[dict[str, Any]] = []
     stopped = "all rates run"
-    saturated_steps = 0
-    for index, rate in enumerate(rates):
-        if steps and time_left() < step_s * 2:
-            stopped = "time budget"
-            break
+
+    def measure(rate: float) -> dict[str, Any]:
         settle()
         if meter is not None:
             meter.start()
-        step = asyncio.run(open_loop_step(socket_path, pool, workload, rate, step_s, seed=index))
+        step = asyncio.run(
+            open_loop_step(socket_path, pool, workload, rate, step_s, seed=len(steps))
+        )
         if meter is not None:
             step["cpu"] = meter.stop()
             # Everything the daemon did for these requests: HTTP, hand-out, run,
@@ -453,10 +474,23 @@ def load_test(
         step["saturated"] = saturation(step)
         step["latency_knee"] = latency_knee(step, steps[0] if steps else None)
         steps.append(step)
-        saturated_steps += bool(step["saturated"])
+        return step
+
+    saturated_steps = 0
+    for rate in rates:
+        if steps and time_left() < step_s * 2:
+            stopped = "time budget"
+            break
+        saturated_steps += bool(measure(rate)["saturated"])
         if saturated_steps >= 2:
             stopped = "saturated"
             break
+    for _ in range(REFINE_STEPS):
+        between = refining_rate(steps)
+        if between is None or time_left() < step_s * 2:
+            break
+        measure(between)["refined"] = True
+    steps.sort(key=lambda step: step["offered_per_s"])
     healthy = [s for s in steps if not s["saturated"]]
     return {
         "workload": workload.name,

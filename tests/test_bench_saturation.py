@@ -1,10 +1,11 @@
-"""The load test's rules: a step is saturated only when its queue grows; a latency knee is not."""
+"""The load test's rules: a step is saturated only when its queue grows; a latency knee is not;
+the rates between the last that held and the first that did not are measured too."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bench.sandpool_paths import latency_knee, saturation
+from bench.sandpool_paths import latency_knee, refining_rate, saturation
 
 
 def step(**overrides: Any) -> dict[str, Any]:
@@ -29,3 +30,24 @@ def test_a_growing_queue_is_saturated() -> None:
     )
     assert saturation(step(drain_s=2.5)) == "backlog: last answer 2.50 s after the last arrival"
     assert saturation(step(rejected=2)) == "2 rejected and 0 failed of 100"
+
+
+def ladder(*rates: tuple[float, bool]) -> list[dict[str, Any]]:
+    return [{"offered_per_s": rate, "saturated": "queue grows" if full else None}
+            for rate, full in rates]
+
+
+def test_refining_steps_halve_the_gap_between_held_and_saturated_rates() -> None:
+    # 81.92/s held and 131.07/s did not: the capacity is anywhere in between.
+    steps = ladder((51.2, False), (81.92, False), (131.07, True), (209.72, True))
+    assert refining_rate(steps) == 103.62  # sqrt(81.92 x 131.07)
+    steps += ladder((103.62, False))
+    assert refining_rate(steps) == 116.54  # between what held last and 131.07
+    steps += ladder((116.54, True))
+    assert refining_rate(steps) == 109.89
+
+
+def test_no_refining_step_without_a_gap_to_narrow() -> None:
+    assert refining_rate(ladder((20.0, False), (32.0, False))) is None  # never saturated
+    assert refining_rate(ladder((20.0, True), (32.0, True))) is None  # saturated from the start
+    assert refining_rate(ladder((100.0, False), (108.0, True))) is None  # within 10 %
