@@ -1,10 +1,14 @@
 """The load test's rules: a step is saturated only when its queue grows; a latency knee is not;
-the rates between the last that held and the first that did not are measured too."""
+the rates between the last that held and the first that did not are measured too; a run is
+compared with the same pools of the run before it."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from bench.__main__ import reference_run
 from bench.sandpool_paths import latency_knee, refining_rate, saturation
 
 
@@ -51,3 +55,19 @@ def test_no_refining_step_without_a_gap_to_narrow() -> None:
     assert refining_rate(ladder((20.0, False), (32.0, False))) is None  # never saturated
     assert refining_rate(ladder((20.0, True), (32.0, True))) is None  # saturated from the start
     assert refining_rate(ladder((100.0, False), (108.0, True))) is None  # within 10 %
+
+
+def test_the_reference_run_gives_each_tier_its_plain_pools_p50(tmp_path: Path) -> None:
+    # The plain pool comes first in a run's latency section, as in targets();
+    # a later pool of the same backend (the pinned wasm module's) is not the tier's.
+    def pool(backend: str, p50: float) -> dict[str, Any]:
+        return {"backend": backend, "print1": {"e2e": {"p50_ms": p50}}}
+
+    latency = {"python-wasm": pool("wasm", 3.64), "python-wasm-cpython312": pool("wasm", 2.78),
+               "python-fork": pool("fork", 2.64)}
+    run = {"mode": "full", "name": "2026-12-01", "sandpool": {"latency": latency}}
+    (tmp_path / "2026-12-01.json").write_text(json.dumps(run))
+    reference = reference_run(tmp_path, "2026-12-02")
+    assert reference is not None
+    assert reference["print1_p50_ms"] == {"wasm": 3.64, "fork": 2.64}
+    assert reference_run(tmp_path, "2026-12-01") is None  # never a run its own reference
