@@ -701,7 +701,10 @@ def _load_detail(load: dict[str, Any]) -> str:
     if not load.get("steps"):
         return ""
     top = max(step["offered_per_s"] for step in load["steps"])
-    floor = "; a floor: no step saturated" if load.get("stopped") != "saturated" else ""
+    # The ladder may stop at its time budget after one saturated step, or
+    # refining steps may saturate: only a test with none gives a floor.
+    saturated = any(step.get("saturated") for step in load["steps"])
+    floor = "" if saturated else "; a floor: no step saturated"
     return (f"peak {load.get('peak_ok_per_s')}/s, steps up to {top:g}/s offered, "
             f"stopped: {load.get('stopped')}{floor}")
 

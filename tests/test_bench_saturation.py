@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import reference_run
+from bench.__main__ import _load_detail, reference_run
 from bench.sandpool_paths import latency_knee, refining_rate, saturation
 
 
@@ -71,3 +71,12 @@ def test_the_reference_run_gives_each_tier_its_plain_pools_p50(tmp_path: Path) -
     assert reference is not None
     assert reference["print1_p50_ms"] == {"wasm": 3.64, "fork": 2.64}
     assert reference_run(tmp_path, "2026-12-01") is None  # never a run its own reference
+
+
+def test_a_load_test_is_a_floor_only_when_no_step_saturated() -> None:
+    held = {"offered_per_s": 104.86, "saturated": None}
+    full = {"offered_per_s": 167.77, "saturated": "queue grows"}
+    stopped_early = {"steps": [held, full], "stopped": "time budget", "peak_ok_per_s": 119.6}
+    assert "a floor" not in _load_detail(stopped_early)
+    never_full = {"steps": [held], "stopped": "time budget", "peak_ok_per_s": 102.0}
+    assert _load_detail(never_full).endswith("stopped: time budget; a floor: no step saturated")
