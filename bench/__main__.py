@@ -597,15 +597,24 @@ def reference_run(out_dir: Path, own_name: str) -> dict[str, Any] | None:
         if old.get("mode") != "full":
             continue
         latency = (old.get("sandpool") or {}).get("latency") or {}
-        p50: dict[str, Any] = {}
-        for entry in latency.values():
-            # The tier's plain pool, as targets() takes it: not the last pool of a
-            # backend (the pinned wasm module's, say).
-            p50.setdefault(entry["backend"], _get(entry, "print1", "e2e", "p50_ms"))
         return {"name": old["name"], "started_at": old.get("started_at"),
                 "loadavg_at_start": (old.get("machine") or {}).get("loadavg_at_start"),
-                "print1_p50_ms": p50}
+                "print1_p50_ms": {backend: _get(entry, "print1", "e2e", "p50_ms")
+                                  for backend, (_, entry) in plain_pools(latency).items()}}
     return None
+
+
+def plain_pools(latency: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Each backend's plain pool in a run's latency section, by backend: (name, entry).
+
+    The first of a backend is the tier's own (``plan_pools`` lists it first); a
+    later one of the same backend (the pinned wasm module's, say) is not. What
+    a run's targets and the next run's reference both compare.
+    """
+    pools: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, entry in latency.items():
+        pools.setdefault(entry["backend"], (name, entry))
+    return pools
 
 
 def _get(doc: dict[str, Any], *keys: str) -> Any:
@@ -619,9 +628,7 @@ def _get(doc: dict[str, Any], *keys: str) -> Any:
 def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """sandpool's own targets against this run's numbers (met is None when not measured)."""
     sp = doc["sandpool"]
-    pools: dict[str, tuple[str, dict[str, Any]]] = {}
-    for name, entry in (sp.get("latency") or {}).items():
-        pools.setdefault(entry["backend"], (name, entry))  # the tier's plain pool
+    pools = plain_pools(sp.get("latency") or {})
     rows: list[dict[str, Any]] = []
 
     def add(target: str, value: float | None, limit: float, unit: str, *, at_least: bool = False,
