@@ -183,6 +183,10 @@ class Run:
         self.daemon: Daemon = start_daemon(self.tmp, config(self.metrics_port))
         self.lock = threading.Lock()
         self.latencies: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        # Per phase and pool, each request's time split as the daemon saw it:
+        # waiting for a sandbox (queued_ms), running in it (duration_ms), the rest.
+        self.parts: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list)))
         self.failures: list[str] = []
         self.attacks: dict[str, int] = defaultdict(int)
         self.phase = "quiet"
@@ -195,14 +199,22 @@ class Run:
                 next_at += interval
                 began = time.monotonic()
                 phase = self.phase
+                result = None
                 try:
                     result = client.run("print('ok')", pool=pool, timeout_s=5)
                     if result["stdout"] != "ok\n" or result["exit_code"] != 0:
                         self.fail(f"{pool}: wrong answer {result}")
                 except ApiError as e:
                     self.fail(f"{pool}: {e.status} {e.code}: {e.message}")
+                latency = (time.monotonic() - began) * 1000
                 with self.lock:
-                    self.latencies[phase][pool].append((time.monotonic() - began) * 1000)
+                    self.latencies[phase][pool].append(latency)
+                    if result is not None:
+                        parts = self.parts[phase][pool]
+                        parts["queued"].append(result["queued_ms"])
+                        parts["run"].append(result["duration_ms"])
+                        parts["rest"].append(
+                            latency - result["queued_ms"] - result["duration_ms"])
                 stop.wait(max(0.0, next_at - time.monotonic()))
 
     def neighbour(self, tenant_pool: str, stop: threading.Event, *, hostile: bool) -> None:
@@ -298,6 +310,12 @@ class Run:
             "tenant_latency_ms": {
                 phase: {pool: summary(values) for pool, values in pools.items()}
                 for phase, pools in self.latencies.items()
+            },
+            # Where a tenant's time went: each part's own p50/p99 (ms).
+            "tenant_parts_ms": {
+                phase: {pool: {part: summary(values) for part, values in parts.items()}
+                        for pool, parts in pools.items()}
+                for phase, pools in self.parts.items()
             },
             "attacks_run": dict(self.attacks),
             "leftovers": leftovers,
