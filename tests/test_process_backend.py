@@ -334,20 +334,47 @@ def pool_cpu_weight(backend: ProcessBackend) -> int | None:
     return None
 
 
-def test_start_weights_per_cgroup_version_within_the_kernels_range(tmp_path: Path) -> None:
+def test_pool_weights_per_cgroup_version_within_the_kernels_range(tmp_path: Path) -> None:
     for directory in ("v1", "v2", "memory"):
         (tmp_path / directory).mkdir()
     v1 = process_cgroups.CgroupTree(1, {"cpu": tmp_path / "v1", "memory": tmp_path / "memory"})
     v2 = process_cgroups.CgroupTree(2, {"unified": tmp_path / "v2"})
     weights = []
-    for tree, starting, written in ((v1, 2, "v1/cpu.shares"), (v1, 10**6, "v1/cpu.shares"),
-                                    (v2, 3, "v2/cpu.weight"), (v2, 10**6, "v2/cpu.weight")):
-        process_cgroups.weigh_starts(tree, starting)
+    for tree, weight, written in ((v1, 3, "v1/cpu.shares"), (v1, 10**6, "v1/cpu.shares"),
+                                  (v2, 4, "v2/cpu.weight"), (v2, 10**6, "v2/cpu.weight")):
+        process_cgroups.set_pool_cpu(tree, weight, False, was_idle=False)
         weights.append((tmp_path / written).read_text())
     assert weights == ["3072", "262144", "400", "10000"]
+    assert not (tmp_path / "v1" / "cpu.idle").exists()  # never idle: the flag left alone
     # No cpu controller (v1 without the cpu hierarchy): nothing to weigh, nothing written.
-    process_cgroups.weigh_starts(process_cgroups.CgroupTree(1, {"memory": tmp_path / "memory"}), 1)
+    process_cgroups.set_pool_cpu(
+        process_cgroups.CgroupTree(1, {"memory": tmp_path / "memory"}), 1, True, was_idle=False)
     assert list((tmp_path / "memory").iterdir()) == []
+
+
+def test_an_idle_pool_writes_its_flag_alone_and_clears_it_before_its_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel refuses a weight for an idle cgroup, and resets it on clearing."""
+    tree = process_cgroups.CgroupTree(1, {"cpu": tmp_path})
+    (tmp_path / "cpu.idle").write_text("0")
+    written: list[str] = []
+    real_write = Path.write_text
+
+    def write(path: Path, value: str) -> int:
+        written.append(f"{path.name}={value}")
+        return real_write(path, value)
+
+    monkeypatch.setattr(Path, "write_text", write)
+    process_cgroups.set_pool_cpu(tree, 1, True, was_idle=False)
+    process_cgroups.set_pool_cpu(tree, 2, False, was_idle=True)
+    assert written == ["cpu.idle=1", "cpu.idle=0", "cpu.shares=2048"]
+    # A kernel without cpu.idle (before 5.15): the weight alone, one process's.
+    (tmp_path / "cpu.idle").unlink()
+    written.clear()
+    process_cgroups.set_pool_cpu(tree, 1, True, was_idle=False)
+    process_cgroups.set_pool_cpu(tree, 2, False, was_idle=True)
+    assert written == ["cpu.shares=1024", "cpu.shares=2048"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon creates cgroups only as root")

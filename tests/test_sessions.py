@@ -216,6 +216,50 @@ def pool_counts(client: Client, name: str) -> tuple[int, int]:
     return pool["idle"], pool["leased"]
 
 
+def cpu_standing(daemon: Daemon, pool: str, sandbox_id: str) -> str:
+    """What the session's sandbox stands at: a container's CpuShares, or its cgroup's
+    and its pool's cpu.idle ("" where the host has no such file)."""
+    if pool == "python":
+        return subprocess.run(
+            ["docker", "inspect", "--format", "{{.HostConfig.CpuShares}}",
+             f"sandpool-{pool}-{sandbox_id}"],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout.strip()
+    name = f"sandpool-{daemon.process.pid}-{daemon.instance_id}-{pool}"
+    for found in Path("/sys/fs/cgroup").glob(f"*/**/{name}"):
+        if (found / "cpu.idle").exists():
+            flags = ((d / "cpu.idle").read_text().strip() for d in (found, found / sandbox_id))
+            return ",".join(flags)
+    return ""
+
+
+@pytest.mark.parametrize("pool", TIERS)
+def test_a_busy_run_leaves_the_sessions_next_run_an_ordinary_cpu_standing(
+    daemon: Daemon, client: Client, pool: str
+) -> None:
+    """A busy run yields the CPU (tests/security/test_busy_neighbours.py); a
+    session's sandbox gets its standing back for the next run, which may be short."""
+    session = create(client, pool)
+    sandbox_id = run(client, session, "print(1)")["sandbox_id"]
+    ordinary = {"python": ("0", "1024")}.get(pool, ("0,0",))  # Docker: unset, or set back
+    demoted = {"python": ("2",)}.get(pool, ("1,1",))
+    if cpu_standing(daemon, pool, sandbox_id) not in ordinary:
+        pytest.skip("no cpu.idle here")
+    answers: list[dict[str, Any]] = []
+    busy = threading.Thread(target=lambda: answers.append(run(
+        client, session, "import time\nb = time.monotonic()\nwhile time.monotonic() - b < 3: pass",
+        timeout_s=10)))
+    busy.start()
+    try:
+        wait_until(lambda: cpu_standing(daemon, pool, sandbox_id) in demoted,
+                   "the busy run's sandbox demoted", timeout_s=10)
+    finally:
+        busy.join()
+    assert answers[0]["exit_code"] == 0
+    assert cpu_standing(daemon, pool, sandbox_id) in ordinary
+    assert run(client, session, "print(2)")["stdout"] == "2\n"
+
+
 # --- ends ---------------------------------------------------------------------------
 
 

@@ -18,6 +18,14 @@ from pool.backends.runtime import Runtime
 from pool.config import PoolConfig
 from pool.wire import GuestRequest, Outcome, OutcomeLimits, OutputCapture
 
+# A run still going this long after its request is busy, in every tier: its
+# sandbox then takes only CPU that short runs, starts and the daemon leave
+# (wasm: the guest's thread in SCHED_IDLE; process and fork: cpu.idle on the
+# sandbox's and, while the pool runs nothing else, the pool's cgroup; Docker:
+# the container's CPU shares at their least, after 5 x this, as that costs a
+# `runc update`). A short run meets none of it.
+BUSY_AFTER_S = 0.1
+
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:

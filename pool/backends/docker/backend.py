@@ -24,7 +24,14 @@ import structlog
 from aiodocker.containers import DockerContainer
 
 from pool import guest
-from pool.backends.base import BackendBase, RunRequest, RunResult, Sandbox, new_sandbox_id
+from pool.backends.base import (
+    BUSY_AFTER_S,
+    BackendBase,
+    RunRequest,
+    RunResult,
+    Sandbox,
+    new_sandbox_id,
+)
 from pool.backends.docker import engine
 from pool.backends.docker.channel import RunEnd, RunnerChannel
 from pool.backends.docker.containers import Containers
@@ -51,6 +58,14 @@ log = structlog.get_logger("sandpool.docker")
 READY_TIMEOUT_S = 20.0  # container start to the runner's ready frame
 SWEEP_INTERVAL_S = 10.0
 OOM_EXIT_CODE = 137  # 128 + SIGKILL: what the runner reports for an OOM-killed child
+# A busy run's container gets the least CPU shares: among the containers it
+# competes with only a 512th of a default one's weight. Not BUSY_AFTER_S as in
+# the other tiers: an update costs dockerd a `runc update` (~30 ms, measured),
+# which would be a quarter of a 0.12 s run's own CPU; past half a second it is
+# a few percent. A session's container gets the default back after the run.
+DOCKER_BUSY_AFTER_S = 5 * BUSY_AFTER_S
+BUSY_CPU_SHARES = 2  # the kernel's least
+DEFAULT_CPU_SHARES = 1024  # one process's, what Docker gives a container without CpuShares
 
 
 class DockerSandbox(Sandbox):
@@ -63,6 +78,9 @@ class DockerSandbox(Sandbox):
         self.uid = uid  # host uid and gid of every process in the container
         self.container = container
         self.channel = channel
+        # Lowering a busy run's CPU shares (DockerBackend.run): awaited before
+        # the container is removed, or, in a session, before its next run.
+        self.demotion: asyncio.Future[None] | None = None
 
     @property
     def container_id(self) -> str:
@@ -255,11 +273,23 @@ class DockerBackend(BackendBase[DockerSandbox]):
         await sandbox.channel.send_request(request, limits)
         capture = OutputCapture(self.config.max_output_bytes, request.output_listener)
         outcome = Outcome(limits)
+
+        def become_busy() -> None:
+            sandbox.demotion = asyncio.ensure_future(self._set_shares(sandbox, BUSY_CPU_SHARES))
+
+        busy = asyncio.get_running_loop().call_later(DOCKER_BUSY_AFTER_S, become_busy)
         try:
             end, exit_code = await sandbox.channel.collect(capture, outcome, request.timeout_s)
         except DOCKER_ERRORS as e:
             raise BackendError(f"lost the stream of sandbox {sandbox.id}: {describe(e)}") from None
+        finally:
+            busy.cancel()
         execution_s = time.monotonic() - began
+        if request.session and sandbox.demotion is not None:
+            # The session's next run starts at an ordinary container's standing.
+            await asyncio.shield(sandbox.demotion)
+            sandbox.demotion = None
+            await asyncio.shield(self._set_shares(sandbox, DEFAULT_CPU_SHARES))
         if end is RunEnd.NOT_TAKEN:
             raise SandboxLostError(f"sandbox {sandbox.id}: its session's process had ended")
         if end is RunEnd.STREAM_ENDED:
@@ -292,9 +322,18 @@ class DockerBackend(BackendBase[DockerSandbox]):
             self._oom.event(sandbox.container_id).set()
         return int(info.get("StatusCode", state["State"].get("ExitCode", 0)))
 
+    async def _set_shares(self, sandbox: DockerSandbox, shares: int) -> None:
+        """Best effort: shares only move latency, and the container may be gone."""
+        try:
+            await engine.set_cpu_shares(self.docker, sandbox.container_id, shares)
+        except (*DOCKER_ERRORS, BackendError) as e:
+            log.debug("cpu_shares_not_set", sandbox=sandbox.id, error=describe(e))
+
     async def destroy_sandbox(self, sandbox: DockerSandbox) -> None:
         self._sandboxes.pop(sandbox.container_id, None)
         sandbox.mark_destroyed()
+        if sandbox.demotion is not None:  # never left running past its container
+            await asyncio.shield(sandbox.demotion)
         await sandbox.channel.close()
         try:
             await self._remove_and_release(sandbox.container_id, sandbox.uid)

@@ -3,8 +3,9 @@
 This is the only module of sandpool that touches aiodocker's private API
 (``Docker._query_json``, ``Docker._query``, ``Stream``'s setup callable). Each
 use says why the public call does not do: readiness probes must not cost
-dockerd an ``/info``, an attach must not cost it an inspect, and the event
-stream must run in a task of ours, not one aiodocker starts. An aiodocker
+dockerd an ``/info``, an attach must not cost it an inspect, the event
+stream must run in a task of ours, not one aiodocker starts, and aiodocker
+has no container update. An aiodocker
 upgrade that changes them breaks here and nowhere else.
 
 Every Docker call has a timeout: aiodocker's defaults never time out.
@@ -37,6 +38,17 @@ async def ping(docker: aiodocker.Docker) -> None:
     """
     async with asyncio.timeout(PING_TIMEOUT_S):
         await docker._query_json("_ping", versioned_api=False)
+
+
+async def set_cpu_shares(docker: aiodocker.Docker, container_id: str, shares: int) -> None:
+    """POST /containers/{id}/update with CpuShares (v1 cpu.shares; Docker maps it to
+    cpu.weight on v2). Raises one of DOCKER_ERRORS. aiodocker has no update call."""
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        await docker._query_json(
+            f"containers/{container_id}/update", "POST",
+            data=json.dumps({"CpuShares": shares}),
+            headers={"Content-Type": "application/json"},
+        )
 
 
 def attach(docker: aiodocker.Docker, container_id: str) -> Stream:

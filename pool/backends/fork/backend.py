@@ -40,6 +40,7 @@ from pool.backends.process.cgroups import (
     remove_sandbox_cgroup,
 )
 from pool.backends.process.channel import OutputPipes, RunnerProtocol
+from pool.backends.process.cpu import PoolCpu
 from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
 from pool.backends.process.execute import report_died_waiting, run_direct
 from pool.backends.runtime import Runtime, image_runtime
@@ -110,6 +111,9 @@ class ForkBackend(BackendBase[ForkSandbox]):
         self._runtime = Runtime()
         self._sandboxes: set[ForkSandbox] = set()
         self._quotas: dict[str, int] = {}
+        # The pool cgroup's standing (cpu.py). A fork costs the template ~1 ms:
+        # starts add no weight, and a pool whose runs are short never writes.
+        self._cpu = PoolCpu(None, weigh_starts=False)
 
     def __repr__(self) -> str:
         return f"<ForkBackend {self.config.name} sandboxes={len(self._sandboxes)}>"
@@ -139,6 +143,7 @@ class ForkBackend(BackendBase[ForkSandbox]):
                 f"cannot create one ({reason})",
                 code="process_needs_cgroups",
             )
+        self._cpu = PoolCpu(self._cgroups, weigh_starts=False)
         try:
             self._definition = await with_rootfs(definition)
             self._runtime = await image_runtime(self.config.language, self.config.image)
@@ -226,6 +231,10 @@ class ForkBackend(BackendBase[ForkSandbox]):
     # --- sandboxes ---------------------------------------------------------
 
     async def start_sandbox(self) -> ForkSandbox:
+        async with self._cpu.starting():  # the template forks in the pool's cgroup
+            return await self._start_sandbox()
+
+    async def _start_sandbox(self) -> ForkSandbox:
         template = await self._live_template()
         if self._cgroups is None:
             raise BackendError("the fork backend is not started")
@@ -323,10 +332,11 @@ class ForkBackend(BackendBase[ForkSandbox]):
         return sandbox
 
     async def run(self, sandbox: ForkSandbox, request: RunRequest) -> RunResult:
-        return await run_direct(
-            sandbox, request, self.config, self.report_oom,
-            killed_outside=lambda: not sandbox.template_alive(),
-        )
+        async with self._cpu.running(sandbox.cgroup, kept=request.session):
+            return await run_direct(
+                sandbox, request, self.config, self.report_oom,
+                killed_outside=lambda: not sandbox.template_alive(),
+            )
 
     async def destroy_sandbox(self, sandbox: ForkSandbox) -> None:
         if not sandbox.mark_destroyed():

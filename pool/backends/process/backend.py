@@ -34,9 +34,9 @@ from pool.backends.process.cgroups import (
     prepare_cgroups,
     remove_pool_cgroups,
     remove_sandbox_cgroup,
-    weigh_starts,
 )
 from pool.backends.process.channel import OutputPipes, RunnerProtocol
+from pool.backends.process.cpu import PoolCpu
 from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
 from pool.backends.process.execute import report_died_waiting, run_direct
 from pool.backends.process.sandbox import ProcessSandbox
@@ -69,8 +69,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         self._version = "unknown"
         self._runtime = Runtime()
         self._sandboxes: set[ProcessSandbox] = set()
-        self._starting = 0  # start_sandbox calls in progress: the pool cgroup's extra weight
-        self._weighing = asyncio.Lock()  # one weight write at a time, the latest count last
+        self._cpu = PoolCpu(None, weigh_starts=True)  # the pool cgroup's standing (cpu.py)
 
     def __repr__(self) -> str:
         return f"<ProcessBackend {self.config.name} sandboxes={len(self._sandboxes)}>"
@@ -93,6 +92,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                 "Delegate=yes on a cgroup v2 host (see docs/process-tier.md)",
                 code="process_needs_cgroups",
             )
+        self._cpu = PoolCpu(self._cgroups, weigh_starts=True)
         try:
             definition = await with_rootfs(definition)
         except BaseException:
@@ -159,18 +159,8 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
     async def start_sandbox(self) -> ProcessSandbox:
         if self._definition is None:
             raise BackendError("the process backend is not started")
-        self._starting += 1
-        try:
-            await asyncio.shield(self._weigh_starts())
+        async with self._cpu.starting():
             return await self._start_sandbox(self._definition)
-        finally:
-            self._starting -= 1
-            await asyncio.shield(self._weigh_starts())
-
-    async def _weigh_starts(self) -> None:
-        async with self._weighing:
-            if self._cgroups is not None:
-                await asyncio.to_thread(weigh_starts, self._cgroups, self._starting)
 
     async def _start_sandbox(self, definition: SandboxDefinition) -> ProcessSandbox:
         sandbox_id = new_sandbox_id()
@@ -285,7 +275,8 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         return sandbox
 
     async def run(self, sandbox: ProcessSandbox, request: RunRequest) -> RunResult:
-        return await run_direct(sandbox, request, self.config, self.report_oom)
+        async with self._cpu.running(sandbox.cgroup, kept=request.session):
+            return await run_direct(sandbox, request, self.config, self.report_oom)
 
     async def destroy_sandbox(self, sandbox: ProcessSandbox) -> None:
         if not sandbox.mark_destroyed():

@@ -62,6 +62,7 @@ class SandboxCgroup:
     procs_files: list[str] = field(default_factory=list)
     oom_counter_fd: int | None = None  # memory.oom_control (v1) or memory.events (v2)
     cpu_limit: tuple[Path, str] | None = None  # written once the runner is ready
+    idle_file: Path | None = None  # cpu.idle: 1 while a busy run goes on (cpu.py)
 
     def apply_cpu_limit(self) -> None:
         """Set the CPU quota. Blocking (one kernfs write): run in a thread.
@@ -72,6 +73,15 @@ class SandboxCgroup:
         if self.cpu_limit is not None:
             path, value = self.cpu_limit
             path.write_text(value)
+
+    def set_idle(self, idle: bool) -> None:
+        """SCHED_IDLE among its pool's sandboxes, or not. Blocking (one kernfs
+        write): run in a thread. Best effort: a cgroup already removed (the run
+        ended and the sandbox went) or a kernel without cpu.idle (before 5.15)
+        keeps its standing, which only moves latency."""
+        if self.idle_file is not None:
+            with contextlib.suppress(OSError):
+                self.idle_file.write_text("1" if idle else "0")
 
     def oom_kills(self) -> int:
         """The kernel's count of OOM kills in this cgroup: one pread of a kernfs file, no I/O."""
@@ -250,6 +260,8 @@ def create_sandbox_cgroup(tree: CgroupTree, sandbox_id: str, config: PoolConfig)
                 cgroup.oom_counter_fd = os.open(directory / counter[1], os.O_RDONLY | os.O_CLOEXEC)
             if controller == cpu_limit[0] and (directory / cpu_limit[1]).exists():
                 cgroup.cpu_limit = (directory / cpu_limit[1], cpu_limit[2])
+                if (directory / "cpu.idle").exists():
+                    cgroup.idle_file = directory / "cpu.idle"
     except OSError as e:
         remove_sandbox_cgroup(cgroup)
         raise BackendError(f"cannot create the sandbox's cgroup: {e}") from None
@@ -298,25 +310,29 @@ def kill_members(directory: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def weigh_starts(tree: CgroupTree, starting: int) -> None:
-    """Weigh the pool's cgroup as one process plus one per sandbox being started.
+def set_pool_cpu(tree: CgroupTree, weight: int, idle: bool, *, was_idle: bool) -> None:
+    """Set the pool directory's CPU weight (in processes' weights) and idle flag.
 
-    A pool's sandboxes share their pool directory's CPU weight, by default one
-    process's, and a process sandbox's start (~70 ms of CPU, Python's start-up)
-    runs in it: beside busy neighbours its starts got a fifth of a core, took
-    370 ms each and the pool ran dry (docs/security.md, hostile neighbours).
-    A start is the daemon's work for the next request, so it adds weight for as
-    long as it lasts; running code keeps one process's weight and its quota.
-    Best effort, as a weight only moves latency: a cgroup without a cpu
-    controller, or one being removed, is left as it is. Blocking (a kernfs
-    write): run in a thread.
+    What the values are is pool/backends/process/cpu.py's. The kernel refuses a
+    weight for an idle cgroup and resets it to one process's when the flag is
+    cleared, so the flag is cleared (if ``was_idle``) before the weight is written.
+    Best effort, as both only move latency: a cgroup without a cpu controller,
+    a kernel without cpu.idle, or a directory being removed is left as it is.
+    Blocking (kernfs writes): run in a thread.
     """
     name, one, most = WEIGHT_OF_ONE[tree.version]
     directory = tree.pool_dirs.get("cpu" if tree.version == 1 else "unified")
     if directory is None:
         return
+    idle_file = directory / "cpu.idle"
+    flagged = idle_file.exists()  # not before Linux 5.15: then the weight alone moves
     with contextlib.suppress(OSError):
-        (directory / name).write_text(str(min(most, one * (1 + starting))))
+        if idle and flagged:
+            idle_file.write_text("1")
+            return
+        if was_idle and flagged:
+            idle_file.write_text("0")
+        (directory / name).write_text(str(min(most, one * weight)))
 
 
 def remove_pool_cgroups(tree: CgroupTree) -> None:

@@ -43,7 +43,14 @@ from typing import Any
 import structlog
 import wasmtime
 
-from pool.backends.base import BackendBase, RunRequest, RunResult, SandboxState, new_sandbox_id
+from pool.backends.base import (
+    BUSY_AFTER_S,
+    BackendBase,
+    RunRequest,
+    RunResult,
+    SandboxState,
+    new_sandbox_id,
+)
 from pool.backends.runtime import Runtime
 from pool.backends.wasm import epoch
 from pool.backends.wasm.cache import compiled_module, engine_config, wasmtime_version
@@ -55,7 +62,6 @@ from pool.backends.wasm.modules import runtime_of, select_module
 from pool.backends.wasm.sandbox import WasmSandbox
 from pool.backends.wasm.scratch import Scratch, TmpfsSource
 from pool.backends.wasm.threads import (
-    BUSY_AFTER_S,
     demote_thread,
     start_worker,
     stop_at_interpreter_exit,

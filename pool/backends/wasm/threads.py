@@ -28,13 +28,12 @@ log = structlog.get_logger("sandpool.wasm")
 
 T = TypeVar("T")
 
-# A guest still running this long after its request is busy: its thread goes
-# to SCHED_IDLE at this nice value (the lowest weight), so it takes only CPU
-# that the event loop and the other tiers' sandboxes leave idle (demote_thread).
-# Before that, and while the interpreter starts, it runs at the daemon's own
-# priority: a thread in SCHED_IDLE that holds the GIL (start-up and host
-# functions are Python) would stall the event loop whenever the host is busy.
-BUSY_AFTER_S = 0.1
+# A busy guest (still running BUSY_AFTER_S after its request) has its thread
+# moved to SCHED_IDLE at this nice value (the lowest weight), so it takes only
+# CPU that the event loop and the other tiers' sandboxes leave idle
+# (demote_thread). Before that, and while the interpreter starts, it runs at
+# the daemon's own priority: a thread in SCHED_IDLE that holds the GIL (start-up
+# and host functions are Python) would stall the event loop whenever the host is busy.
 GUEST_NICE = 19
 
 

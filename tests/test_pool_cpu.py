@@ -1,0 +1,127 @@
+"""A pool's CPU standing (pool/backends/process/cpu.py): busy runs yield, starts weigh.
+
+The counts and the writes they make, against cgroup files in a temporary
+directory; tests/test_fork_backend.py checks the same on the kernel's files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pool.backends.process import cpu
+from pool.backends.process.cgroups import CgroupTree, SandboxCgroup
+from pool.backends.process.cpu import PoolCpu, Standing, standing
+
+
+def test_a_pool_is_idle_only_while_busy_runs_are_all_it_does() -> None:
+    def of(starting: int, short: int, busy: int, weigh: bool = True) -> Standing:
+        return standing(starting=starting, short=short, busy=busy, weigh_starts=weigh)
+
+    assert of(0, 0, 0) == Standing(1, False)
+    assert of(0, 0, 2) == Standing(1, True)
+    assert of(0, 1, 2) == Standing(1, False)  # a short run must not wait behind busy ones
+    assert of(1, 0, 2) == Standing(2, False)  # nor a start, which weighs
+    assert of(3, 0, 0) == Standing(4, False)
+    assert of(3, 0, 0, weigh=False) == Standing(1, False)
+
+
+@pytest.fixture
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[CgroupTree, SandboxCgroup]:
+    monkeypatch.setattr(cpu, "BUSY_AFTER_S", 0.02)
+    pool_dir, sandbox_dir = tmp_path / "pool", tmp_path / "pool" / "sandbox"
+    sandbox_dir.mkdir(parents=True)
+    for directory in (pool_dir, sandbox_dir):
+        (directory / "cpu.idle").write_text("0")
+    (pool_dir / "cpu.shares").write_text("1024")
+    return CgroupTree(1, {"cpu": pool_dir}), SandboxCgroup(dirs=[sandbox_dir],
+                                                           idle_file=sandbox_dir / "cpu.idle")
+
+
+def flags(tree: CgroupTree, sandbox: SandboxCgroup) -> tuple[str, str]:
+    assert sandbox.idle_file is not None
+    return (tree.pool_dirs["cpu"] / "cpu.idle").read_text(), sandbox.idle_file.read_text()
+
+
+async def until(condition: object, what: str) -> None:
+    """Wait (bounded) for a state; how long it takes is not what is tested."""
+    for _ in range(500):
+        if callable(condition) and condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {what}")
+
+
+async def test_a_short_run_writes_nothing(
+    files: tuple[CgroupTree, SandboxCgroup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree, sandbox = files
+    writes: list[object] = []
+    monkeypatch.setattr(cpu, "set_pool_cpu", lambda *a, **k: writes.append(a))
+    pool = PoolCpu(tree, weigh_starts=False)
+    async with pool.running(sandbox, kept=False):
+        pass
+    async with pool.starting():
+        pass
+    assert writes == []
+    assert flags(tree, sandbox) == ("0", "0")
+
+
+async def test_a_busy_run_yields_in_its_pool_and_among_pools_until_it_ends(
+    files: tuple[CgroupTree, SandboxCgroup],
+) -> None:
+    tree, sandbox = files
+    pool = PoolCpu(tree, weigh_starts=True)
+    ended = asyncio.Event()
+
+    async def busy_run() -> None:
+        async with pool.running(sandbox, kept=False):
+            await ended.wait()
+
+    task = asyncio.ensure_future(busy_run())
+    await until(lambda: flags(tree, sandbox) == ("1", "1"), "idle at both levels")
+    # A short run in the same pool: the pool stands as usual before its code runs.
+    other = SandboxCgroup(dirs=[], idle_file=None)
+    async with pool.running(other, kept=False):
+        assert flags(tree, sandbox) == ("0", "1")
+    await until(lambda: flags(tree, sandbox) == ("1", "1"), "idle again after the short run")
+    # So does a start, which weighs the pool as two processes.
+    async with pool.starting():
+        assert flags(tree, sandbox)[0] == "0"
+        assert (tree.pool_dirs["cpu"] / "cpu.shares").read_text() == "2048"
+    ended.set()
+    await task
+    # The single-use sandbox is destroyed next: only its pool's flag is undone.
+    assert flags(tree, sandbox) == ("0", "1")
+    assert repr(pool) == "<PoolCpu starting=0 short=0 busy=0 Standing(weight=1, idle=False)>"
+
+
+async def test_a_sessions_busy_run_is_undone_for_its_next_run(
+    files: tuple[CgroupTree, SandboxCgroup],
+) -> None:
+    tree, sandbox = files
+    pool = PoolCpu(tree, weigh_starts=False)
+    async with pool.running(sandbox, kept=True):
+        await until(lambda: flags(tree, sandbox) == ("1", "1"), "idle at both levels")
+    assert flags(tree, sandbox) == ("0", "0")
+
+
+async def test_a_cancelled_busy_run_leaves_the_pool_as_it_found_it(
+    files: tuple[CgroupTree, SandboxCgroup],
+) -> None:
+    tree, sandbox = files
+    pool = PoolCpu(tree, weigh_starts=True)
+
+    async def busy_run() -> None:
+        async with pool.running(sandbox, kept=False):
+            await asyncio.sleep(60)
+
+    task = asyncio.ensure_future(busy_run())
+    await until(lambda: flags(tree, sandbox)[0] == "1", "idle")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # we cancelled it ourselves
+        await task
+    assert pool.standing == Standing(1, False)
+    assert flags(tree, sandbox)[0] == "0"
