@@ -24,9 +24,9 @@ test: setup lint
 soak: setup
 	$(VENV)/bin/python -m tests.soak
 
-# Tenant traffic alone, then beside attackers in pools of their own (every
-# resource attack, idle connection floods): latency of both phases, nothing
-# left behind (about 2.5 minutes; see tests/hostile.py).
+# Tenant traffic alone, beside busy neighbours, then beside attackers in pools
+# of their own (every resource attack, idle connection floods): latency of each
+# phase and where it went, nothing left behind (about 4.5 minutes; see tests/hostile.py).
 hostile: setup
 	$(VENV)/bin/python -m tests.hostile
 

@@ -54,6 +54,15 @@ async def until(condition: object, what: str) -> None:
     raise AssertionError(f"never {what}")
 
 
+def busy_run(pool: PoolCpu, sandbox: SandboxCgroup, ends: asyncio.Event) -> asyncio.Future[None]:
+    """A single-use run in ``sandbox`` that lasts until ``ends`` is set."""
+    async def run() -> None:
+        async with pool.running(sandbox, kept=False):
+            await ends.wait()
+
+    return asyncio.ensure_future(run())
+
+
 async def test_a_short_run_writes_nothing(
     files: tuple[CgroupTree, SandboxCgroup], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -75,12 +84,7 @@ async def test_a_busy_run_yields_in_its_pool_and_among_pools_until_it_ends(
     tree, sandbox = files
     pool = PoolCpu(tree, weigh_starts=True)
     ended = asyncio.Event()
-
-    async def busy_run() -> None:
-        async with pool.running(sandbox, kept=False):
-            await ended.wait()
-
-    task = asyncio.ensure_future(busy_run())
+    task = busy_run(pool, sandbox, ended)
     await until(lambda: flags(tree, sandbox) == ("1", "1"), "idle at both levels")
     # A short run in the same pool: the pool stands as usual before its code runs.
     other = SandboxCgroup(dirs=[], idle_file=None)
@@ -113,12 +117,7 @@ async def test_a_cancelled_busy_run_leaves_the_pool_as_it_found_it(
 ) -> None:
     tree, sandbox = files
     pool = PoolCpu(tree, weigh_starts=True)
-
-    async def busy_run() -> None:
-        async with pool.running(sandbox, kept=False):
-            await asyncio.sleep(60)
-
-    task = asyncio.ensure_future(busy_run())
+    task = busy_run(pool, sandbox, asyncio.Event())  # never set
     await until(lambda: flags(tree, sandbox)[0] == "1", "idle")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):  # we cancelled it ourselves
