@@ -472,6 +472,31 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def pool_cgroup_dir(daemon: Daemon, pool: str, controller: str = "cpu") -> Path | None:
+    """A daemon's pool directory in the v1 ``controller`` hierarchy, or its v2
+    directory; None where there is none.
+
+    Found from the daemon's own cgroup (/proc/PID/cgroup), as the daemon makes
+    it, never by walking /sys/fs/cgroup: containers' directories come and go
+    under a walk, which then fails with ENOENT.
+    """
+    name = f"sandpool-{daemon.process.pid}-{daemon.instance_id}-{pool}"
+    unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    for line in Path(f"/proc/{daemon.process.pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if not unified and controller in controllers.split(","):
+            base = Path("/sys/fs/cgroup", controller, path.lstrip("/"))
+        elif unified and controllers == "":
+            base = Path("/sys/fs/cgroup", path.lstrip("/"))
+            if base.name == "sandpool-daemon":  # the daemon's own leaf, beside its pools
+                base = base.parent
+        else:
+            continue
+        if (base / name).is_dir():
+            return base / name
+    return None
+
+
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     """Poll ``condition`` every 50 ms; AssertionError naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

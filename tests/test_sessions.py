@@ -31,6 +31,7 @@ from tests.support import (
     assert_out_of_memory,
     docker_containers,
     metric_sample,
+    pool_cgroup_dir,
     processes_in_uid_range,
     start_daemon,
     stop_daemon,
@@ -225,12 +226,10 @@ def cpu_standing(daemon: Daemon, pool: str, sandbox_id: str) -> str:
              f"sandpool-{pool}-{sandbox_id}"],
             check=True, capture_output=True, text=True, timeout=30,
         ).stdout.strip()
-    name = f"sandpool-{daemon.process.pid}-{daemon.instance_id}-{pool}"
-    for found in Path("/sys/fs/cgroup").glob(f"*/**/{name}"):
-        if (found / "cpu.idle").exists():
-            flags = ((d / "cpu.idle").read_text().strip() for d in (found, found / sandbox_id))
-            return ",".join(flags)
-    return ""
+    found = pool_cgroup_dir(daemon, pool)
+    if found is None or not (found / "cpu.idle").exists():
+        return ""
+    return ",".join((d / "cpu.idle").read_text().strip() for d in (found, found / sandbox_id))
 
 
 @pytest.mark.parametrize("pool", TIERS)

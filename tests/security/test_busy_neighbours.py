@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from api.client import Client
-from tests.support import Daemon, docker_containers, wait_until
+from tests.support import Daemon, docker_containers, pool_cgroup_dir, wait_until
 
 # Pinned to core 0 and spinning for 3 s, it reports (monotonic, CPU time)
 # every 20 ms: the clocks are the host's (a sandbox has no time namespace).
@@ -52,12 +52,8 @@ print(began, time.monotonic(), time.process_time())
 
 def pool_cpu_dir(daemon: Daemon, pool: str) -> Path | None:
     """The pool's cgroup directory holding cpu.idle (v1 cpu hierarchy or v2); None without."""
-    name = f"sandpool-{daemon.process.pid}-{daemon.instance_id}-{pool}"
-    for root in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-        for found in Path(root).glob(f"**/{name}"):
-            if (found / "cpu.idle").exists():
-                return found
-    return None
+    found = pool_cgroup_dir(daemon, pool)
+    return found if found is not None and (found / "cpu.idle").exists() else None
 
 
 def idle(directory: Path) -> bool:
