@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from api.client import ApiError, Client
 from metrics import Metrics
+from pool.backends.process import cgroups as process_cgroups
 from pool.config import WASM_IMAGE_MODULE
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -476,25 +477,21 @@ def pool_cgroup_dir(daemon: Daemon, pool: str, controller: str = "cpu") -> Path 
     """A daemon's pool directory in the v1 ``controller`` hierarchy, or its v2
     directory; None where there is none.
 
-    Found from the daemon's own cgroup (/proc/PID/cgroup), as the daemon makes
-    it, never by walking /sys/fs/cgroup: containers' directories come and go
-    under a walk, which then fails with ENOENT.
+    Found from the daemon's own cgroup, by the rules the daemon makes it with
+    (pool/backends/process/cgroups.py), never by walking /sys/fs/cgroup:
+    containers' directories come and go under a walk, which then fails with ENOENT.
     """
-    name = f"sandpool-{daemon.process.pid}-{daemon.instance_id}-{pool}"
-    unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-    for line in Path(f"/proc/{daemon.process.pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if not unified and controller in controllers.split(","):
-            base = Path("/sys/fs/cgroup", controller, path.lstrip("/"))
-        elif unified and controllers == "":
-            base = Path("/sys/fs/cgroup", path.lstrip("/"))
-            if base.name == "sandpool-daemon":  # the daemon's own leaf, beside its pools
-                base = base.parent
-        else:
-            continue
-        if (base / name).is_dir():
-            return base / name
-    return None
+    own = process_cgroups.own_cgroups(daemon.process.pid)
+    if (process_cgroups.CGROUP_ROOT / "cgroup.controllers").exists():
+        base = process_cgroups.CGROUP_ROOT / own.get("", "/").lstrip("/")
+        if base.name == process_cgroups.CGROUP_DAEMON_LEAF:  # beside its pools
+            base = base.parent
+    elif controller in own:
+        base = process_cgroups.CGROUP_ROOT / controller / own[controller].lstrip("/")
+    else:
+        return None
+    found = base / f"sandpool-{daemon.process.pid}-{daemon.instance_id}-{pool}"
+    return found if found.is_dir() else None
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:

@@ -94,10 +94,10 @@ class SandboxCgroup:
         return 0
 
 
-def own_cgroups() -> dict[str, str]:
-    """This process's cgroup path per v1 controller, and under "" its v2 path."""
+def own_cgroups(pid: int | str = "self") -> dict[str, str]:
+    """This process's (or ``pid``'s) cgroup path per v1 controller, and under "" its v2 path."""
     paths: dict[str, str] = {}
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         for controller in controllers.split(",") if controllers else [""]:
             paths[controller] = path
