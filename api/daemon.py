@@ -31,6 +31,7 @@ from api.server import ApiServer, bind_remote, bind_sockets
 from metrics import Metrics
 from pool.backends import create_pool
 from pool.config import Config, default_pools
+from pool.daemon_cpu import DAEMON_WEIGHT, lower_daemon, raise_daemon
 from pool.manager import Activity, PoolHandle
 from pool.sessions import Sessions
 from pool.uids import SandboxUids
@@ -111,6 +112,15 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
             if remote is not None:
                 stack.callback(remote.close)
                 bind_remote(remote)
+            # Before the pools, so that they start beside the daemon's cgroup, and
+            # lowered after they have closed (the stack unwinds in reverse).
+            serves_wasm = any(p.backend == "wasm" for p in config.pools)
+            unchanged = await asyncio.to_thread(raise_daemon, serves_wasm=serves_wasm)
+            if unchanged:
+                log.info("daemon_cpu_unchanged", reason=unchanged)
+            else:
+                log.info("daemon_cpu_raised", weight=DAEMON_WEIGHT)
+            stack.push_async_callback(asyncio.to_thread, lower_daemon)
             pools: dict[str, PoolHandle] = {}
             uids = SandboxUids(config.server.sandbox_uid_base, config.server.sandbox_uid_count)
             for pool_config in config.pools:

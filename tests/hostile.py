@@ -1,6 +1,7 @@
 """Hostile neighbours (`make hostile`, beside `make soak`, not part of `make test`).
 
-    python -m tests.hostile [--phase-s 60] [--neighbour-rate 0.5] [--attacks a,b] [--out FILE]
+    python -m tests.hostile [--phase-s 30] [--rounds 2] [--neighbour-rate 0.5] [--attacks a,b]
+                            [--out FILE]
 
 One daemon serves tenant pools (``python``, ``python-process``, ``python-fork``,
 ``python-wasm``)
@@ -19,6 +20,13 @@ tenant pools:
    held on the socket and the metrics port.
 
 What the attacks cost the tenants is the difference between phases 2 and 3.
+The three phases run ``--rounds`` times in turn, each phase's samples pooled
+across rounds, so that a host whose speed drifts over minutes (a VM) weighs on
+every phase alike. The tenants' client stands for callers elsewhere: as root
+with a cgroup v1 cpu hierarchy it runs in a cpu cgroup of the daemon's weight
+(pool/daemon_cpu.py), so its own waits for CPU behind the sandboxes are not
+counted as the daemon's latency (``client_weight`` in the report; null where
+it ran as it was started).
 Then the daemon is stopped and nothing may be left: containers of its
 instance, its cgroups, processes running as a sandbox uid, wasm run
 directories. It prints one JSON report (tenant latency per pool and phase,
@@ -29,7 +37,9 @@ something was left. Latency is reported, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import socket
 import sys
@@ -37,12 +47,15 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from api.client import ApiError, Client
 from bench.stats import percentile
+from pool.backends.process.cgroups import CGROUP_ROOT, WEIGHT_OF_ONE, own_cgroups
 from pool.config import WASM_IMAGE_MODULE
+from pool.daemon_cpu import DAEMON_WEIGHT
 from pool.uids import SandboxUids
 from tests.support import (
     Daemon,
@@ -296,9 +309,11 @@ class Run:
 
     def run(self) -> dict[str, Any]:
         try:
-            self.phase_run("quiet", neighbours=False, attack=False)
-            self.phase_run("neighbours", neighbours=True, attack=False)
-            self.phase_run("hostile", neighbours=True, attack=True)
+            with weighted_client() as client_weight:
+                for _ in range(self.args.rounds):
+                    self.phase_run("quiet", neighbours=False, attack=False)
+                    self.phase_run("neighbours", neighbours=True, attack=False)
+                    self.phase_run("hostile", neighbours=True, attack=True)
             daemon_pid = self.daemon.process.pid
         finally:
             stop_daemon(self.daemon)
@@ -307,6 +322,8 @@ class Run:
             self.fail(f"left behind: {leftovers}")
         return {
             "phase_s": self.args.phase_s,
+            "rounds": self.args.rounds,
+            "client_weight": client_weight,
             "tenant_latency_ms": {
                 phase: {pool: summary(values) for pool, values in pools.items()}
                 for phase, pools in self.latencies.items()
@@ -336,6 +353,31 @@ class Run:
         }
 
 
+@contextlib.contextmanager
+def weighted_client() -> Iterator[int | None]:
+    """This process (the tenants' and neighbours' client, not the daemon, started
+    before) in a cpu cgroup weighted like the daemon, while the phases run.
+    Yields the weight in processes' weights, or None where it stays as it is
+    (not root, or no cgroup v1 cpu hierarchy)."""
+    own = own_cgroups().get("cpu")
+    if os.geteuid() != 0 or own is None:
+        yield None
+        return
+    home = CGROUP_ROOT / "cpu" / own.lstrip("/")
+    group = home / f"hostile-client-{os.getpid()}"
+    name, one, _ = WEIGHT_OF_ONE[1]
+    group.mkdir()
+    try:
+        (group / name).write_text(str(one * DAEMON_WEIGHT))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield DAEMON_WEIGHT
+        finally:
+            (home / "cgroup.procs").write_text(str(os.getpid()))
+    finally:
+        group.rmdir()
+
+
 def _still_open(s: socket.socket) -> bool:
     """Whether the daemon kept the connection (no EOF, no reset); closes it if not."""
     try:
@@ -360,7 +402,9 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase-s", type=float, default=60.0)
+    parser.add_argument("--phase-s", type=float, default=30.0)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="the three phases, this many times in turn (samples pooled)")
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     parser.add_argument("--neighbour-rate", type=float, default=0.5,
                         help="requests per second in each neighbouring pool (both phases)")

@@ -481,13 +481,13 @@ def pool_cgroup_dir(daemon: Daemon, pool: str, controller: str = "cpu") -> Path 
     (pool/backends/process/cgroups.py), never by walking /sys/fs/cgroup:
     containers' directories come and go under a walk, which then fails with ENOENT.
     """
-    own = process_cgroups.own_cgroups(daemon.process.pid)
-    if (process_cgroups.CGROUP_ROOT / "cgroup.controllers").exists():
-        base = process_cgroups.CGROUP_ROOT / own.get("", "/").lstrip("/")
-        if base.name == process_cgroups.CGROUP_DAEMON_LEAF:  # beside its pools
-            base = base.parent
+    pid = daemon.process.pid
+    own = process_cgroups.own_cgroups(pid)
+    root = process_cgroups.CGROUP_ROOT
+    if (root / "cgroup.controllers").exists():
+        base = process_cgroups.pools_base(own.get("", "/"), root, pid)
     elif controller in own:
-        base = process_cgroups.CGROUP_ROOT / controller / own[controller].lstrip("/")
+        base = process_cgroups.pools_base(own[controller], root / controller, pid)
     else:
         return None
     found = base / f"sandpool-{daemon.process.pid}-{daemon.instance_id}-{pool}"

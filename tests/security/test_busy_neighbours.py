@@ -5,7 +5,8 @@ fork sandbox then goes to ``cpu.idle`` at both levels of the cgroup tree: its
 own cgroup among its pool's sandboxes, and its pool's among the other pools and
 the daemon while the pool runs nothing else. A Docker container gets the least
 CPU shares; a wasm guest's thread goes to SCHED_IDLE
-(tests/security/test_wasm_limits.py). Each level is checked by what it does:
+(tests/security/test_wasm_limits.py) and, out of the daemon's weighted cgroup,
+to an idle one (pool/daemon_cpu.py). Each level is checked by what it does:
 a process beside the busy sandbox, pinned to the same core, gets that core. A
 check of the sandbox's own flag would pass with the pool's level gone, and then
 a busy sandbox competes as an equal with every other pool.
@@ -13,18 +14,30 @@ a busy sandbox competes as an equal with every other pool.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from api.client import Client
-from tests.support import Daemon, docker_containers, pool_cgroup_dir, wait_until
+from pool.backends.process.cgroups import CGROUP_ROOT, daemon_group_name, own_cgroups
+from pool.daemon_cpu import DAEMON_WEIGHT
+from tests.support import (
+    Daemon,
+    docker_containers,
+    pool_cgroup_dir,
+    stop_daemon,
+    wait_until,
+)
+
+Spawn = Callable[..., Daemon]
 
 # Pinned to core 0 and spinning for 3 s, it reports (monotonic, CPU time)
 # every 20 ms: the clocks are the host's (a sandbox has no time namespace).
@@ -124,3 +137,85 @@ def test_a_busy_container_gets_the_least_cpu_shares(daemon: Daemon, client: Clie
     finally:
         busy.join()
     assert answers[0]["exit_code"] == 0
+
+
+# --- the daemon and its wasm guests -------------------------------------------------
+
+
+def daemon_cpu_cgroup(daemon: Daemon, role: str = "daemon") -> Path:
+    """Where the daemon's cgroup v1 cpu cgroup ``sandpool-<pid>-<role>`` is to be:
+    beside the cgroup it was started in (this test's). Skips the test where
+    there is no cgroup v1 cpu hierarchy (cgroup v2 keeps a daemon serving wasm
+    where it is)."""
+    own = own_cgroups().get("cpu")
+    if own is None or (CGROUP_ROOT / "cgroup.controllers").exists():
+        pytest.skip("no cgroup v1 cpu hierarchy")
+    return CGROUP_ROOT / "cpu" / own.lstrip("/") / daemon_group_name(daemon.pid, role)
+
+
+def threads_cpu_cgroups(pid: int) -> set[str]:
+    """The cpu cgroup of each thread of ``pid`` (v1), as /proc names it."""
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            found.add(own_cgroups(f"{pid}/task/{task}")["cpu"])
+    return found
+
+
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU seconds a thread has run (schedstat: nanoseconds on a CPU, exact)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def tasks(directory: Path) -> list[int]:
+    return [int(tid) for tid in (directory / "tasks").read_text().split()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon makes cgroups only as root")
+def test_the_daemon_stands_above_its_pools_and_takes_its_cgroups_along(spawn_daemon: Spawn) -> None:
+    daemon = spawn_daemon()
+    group = daemon_cpu_cgroup(daemon)
+    assert int((group / "cpu.shares").read_text()) == 1024 * DAEMON_WEIGHT
+    # Every thread of the daemon, and the pools beside it, not inside it.
+    assert threads_cpu_cgroups(daemon.pid) == {"/" + str(group.relative_to(CGROUP_ROOT / "cpu"))}
+    pool_dir = pool_cgroup_dir(daemon, "python-process")
+    assert pool_dir is not None
+    assert pool_dir.parent == group.parent
+    guests = daemon_cpu_cgroup(daemon, "guests")
+    assert tasks(guests) == []  # no guest is busy
+    stop_daemon(daemon)
+    assert not group.exists()
+    assert not guests.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon makes cgroups only as root")
+@pytest.mark.skipif(os.cpu_count() == 1, reason="the busy guest and the test share the core")
+def test_a_busy_wasm_guest_leaves_its_core_to_a_process_of_another_cgroup(
+    daemon: Daemon, client: Client
+) -> None:
+    """Its thread alone in the daemon's cgroup would take that cgroup's weight,
+    SCHED_IDLE or not: out of it, in an idle cgroup, it takes what is left."""
+    guests = daemon_cpu_cgroup(daemon, "guests")
+    answers: list[dict[str, object]] = []
+    busy = threading.Thread(target=lambda: answers.append(client.run(
+        "import time\nbegan = time.monotonic()\nwhile time.monotonic() - began < 4: pass",
+        pool="python-wasm", timeout_s=10)))
+    busy.start()
+    try:
+        wait_until(lambda: tasks(guests) != [], "the busy guest's thread in the idle cgroup",
+                   timeout_s=10)
+        (guest,) = tasks(guests)
+        os.sched_setaffinity(guest, {0})  # beside the neighbour, as BUSY pins itself
+        before = thread_cpu_s(daemon.pid, guest)
+        neighbour = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(NEIGHBOUR)],
+            check=True, capture_output=True, text=True, timeout=30,
+        )
+        guest_cpu = thread_cpu_s(daemon.pid, guest) - before
+    finally:
+        busy.join()
+    neighbour_cpu = float(neighbour.stdout.split()[2])
+    assert answers[0]["exit_code"] == 0, answers
+    # Its pool's cpus quota is half a core: as an equal it would take about
+    # half of core 0; idle, a few percent at most.
+    assert guest_cpu < neighbour_cpu / 4, (guest_cpu, neighbour_cpu)

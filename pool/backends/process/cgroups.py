@@ -104,6 +104,35 @@ def own_cgroups(pid: int | str = "self") -> dict[str, str]:
     return paths
 
 
+def daemon_group_name(pid: int | None = None, role: str = "daemon") -> str:
+    """``sandpool-<daemon pid>-<role>``: cgroup v1's cgroups for the daemon's own
+    threads (pool/daemon_cpu.py), named so a later daemon sweeps them."""
+    return f"sandpool-{os.getpid() if pid is None else pid}-{role}"
+
+
+def pools_base(own_path: str, hierarchy: Path, pid: int | None = None) -> Path:
+    """Where the pools' directories of daemon ``pid`` (this one by default) go:
+    the cgroup ``own_path`` names in ``hierarchy``, or its parent when that is
+    the daemon's own (v2's leaf, v1's weighted group): pools and daemon are siblings."""
+    base = hierarchy / own_path.lstrip("/")
+    if base.name in (CGROUP_DAEMON_LEAF, daemon_group_name(pid)):
+        base = base.parent
+    return base
+
+
+def delegated_v2_base(own_path: str) -> Path:
+    """The cgroup (v2) this daemon may manage: its own, or the parent of its leaf.
+
+    Raises OSError (EPERM) for root in a cgroup that systemd did not delegate:
+    root could write anywhere, but such a cgroup is systemd's, and moving the
+    daemon inside it would confuse the service manager.
+    """
+    base = pools_base(own_path, CGROUP_ROOT)
+    if base != CGROUP_ROOT and os.geteuid() == 0 and not _delegated(base):
+        raise OSError(errno.EPERM, f"{base} is not delegated (systemd: Delegate=yes)")
+    return base
+
+
 def prepare_cgroups(dir_name: str) -> tuple[CgroupTree | None, str]:
     """Create this pool's cgroup directory below the daemon's own cgroup.
 
@@ -124,7 +153,7 @@ def _prepare_v1(own: dict[str, str], dir_name: str) -> CgroupTree:
     for controller in ("memory", "pids", "cpu"):
         if controller not in own:
             continue
-        base = CGROUP_ROOT / controller / own[controller].lstrip("/")
+        base = pools_base(own[controller], CGROUP_ROOT / controller)
         directory = base / dir_name
         try:
             sweep_stale_cgroups(base)
@@ -140,13 +169,7 @@ def _prepare_v1(own: dict[str, str], dir_name: str) -> CgroupTree:
 
 
 def _prepare_v2(own: str, dir_name: str) -> CgroupTree:
-    base = CGROUP_ROOT / own.lstrip("/")
-    if base.name == CGROUP_DAEMON_LEAF:  # moved there by another pool of this daemon
-        base = base.parent
-    if own != "/" and os.geteuid() == 0 and not _delegated(base):
-        # Root could write anywhere, but a cgroup systemd did not delegate is
-        # systemd's: moving the daemon inside it would confuse the service manager.
-        raise OSError(errno.EPERM, f"{base} is not delegated (systemd: Delegate=yes)")
+    base = delegated_v2_base(own)
     available = (base / "cgroup.controllers").read_text().split()
     controllers = [c for c in ("memory", "pids", "cpu") if c in available]
     if "memory" not in controllers:

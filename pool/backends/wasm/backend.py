@@ -68,6 +68,7 @@ from pool.backends.wasm.threads import (
 )
 from pool.backends.wasm.wasi import TRAMPOLINE_WAT, fd_budget
 from pool.config import PoolConfig
+from pool.daemon_cpu import yield_guest_thread
 from pool.errors import BackendError, SandboxLostError
 from pool.guest import install as install_guest_programs
 from pool.paths import cache_dir
@@ -360,12 +361,19 @@ class WasmBackend(BackendBase[WasmSandbox]):
 
         output = sandbox.channel.output(loop, capture, stop_at_cap)
         ended = {sandbox.exited, worker}
+        moving: asyncio.Future[None] | None = None  # awaited before the run ends
+
         def still_running() -> None:
             # A guest still running BUSY_AFTER_S into its request is busy: it goes
-            # below the daemon's threads and under its CPU share. A short request
-            # meets neither (each would cost it a wake-up of another thread).
+            # below the daemon's threads and under its CPU share, and out of the
+            # daemon's cgroup (pool/daemon_cpu.py). A short request meets none
+            # of it (each would cost it a wake-up of another thread).
+            nonlocal moving
             demote_thread(sandbox.thread_id)
             sandbox.guest.meter()
+            if sandbox.thread_id is not None:
+                moving = asyncio.ensure_future(
+                    asyncio.to_thread(yield_guest_thread, sandbox.thread_id))
 
         busy = loop.call_later(BUSY_AFTER_S, still_running)
         try:
@@ -389,6 +397,8 @@ class WasmBackend(BackendBase[WasmSandbox]):
         finally:
             busy.cancel()
             output.stop()
+            if moving is not None:  # the thread lives on until the destroy: never a reused id
+                await asyncio.shield(moving)
         if not sandbox.exited.done():
             raise BackendError(f"the wasm worker of sandbox {sandbox.id} failed: "
                                f"{sandbox.how_it_ended()}")
