@@ -1,4 +1,4 @@
-"""The daemon's CPU standing: above its sandboxes, with busy wasm guests below all.
+"""The daemon's CPU standing: above its sandboxes, with busy wasm guests out of it.
 
 Every request passes through the daemon's threads several times (the HTTP
 request, the hand-out, the output, the answer, the destroy and the refill). In
@@ -16,11 +16,16 @@ processes, beside its pools' directories:
 A thread alone in a cgroup takes the whole cgroup's weight, whatever its own:
 the kernel divides a group's weight by its load, and a SCHED_IDLE thread is all
 of it when the rest sleeps. A busy wasm guest's thread therefore leaves the
-daemon's cgroup for ``sandpool-<pid>-guests``, a ``cpu.idle`` cgroup beside
-it (v1 moves threads one by one). Cgroup v2 moves whole processes (a threaded
-subtree cannot hold the pools, which need the memory controller), so there a
-daemon that serves wasm pools keeps an ordinary weight: its busy guests would
-otherwise outrank every pool.
+daemon's cgroup for ``sandpool-<pid>-guests`` beside it, of one process's
+weight (v1 moves threads one by one): the standing it had before the daemon
+was weighted. Not an idle cgroup: a busy guest's thread takes the GIL in its
+host functions (the epoch callback among them), and preempted there in an idle
+cgroup on a host whose cores are busy, it can stall the whole event loop (the
+likely cause of one `make hostile` run where every tier's p99 rose to 0.4-1.1 s
+at once; docs/security.md). Cgroup v2 moves whole
+processes (a threaded subtree cannot hold the pools, which need the memory
+controller), so there a daemon that serves wasm pools keeps an ordinary
+weight: its busy guests would otherwise outrank every pool.
 
 Best effort throughout: without root or delegation, a cpu controller, or on
 any error, the daemon keeps the standing it was started with, which only
@@ -65,7 +70,7 @@ class DaemonCgroups:
     version: int
     home: Path  # the cgroup it was started in (v2: the delegated one, the leaf's parent)
     group: Path  # its own, weighted
-    guests: Path | None  # v1, when it serves wasm pools: busy guests' threads
+    guests: Path | None  # v1, when it serves wasm pools: busy guests' threads, weight of one
 
 
 _raised: DaemonCgroups | None = None  # this process's standing: one per process, like its pid
@@ -103,8 +108,6 @@ def _raise_v1(own: dict[str, str], serves_wasm: bool) -> DaemonCgroups:
                 directory.mkdir()
                 made.append(directory)
         (group / name).write_text(str(one * DAEMON_WEIGHT))
-        if guests is not None:
-            _make_idle(guests, name)
         (group / "cgroup.procs").write_text(str(os.getpid()))  # v1: every thread moves
     except OSError:
         for directory in reversed(made):
@@ -112,14 +115,6 @@ def _raise_v1(own: dict[str, str], serves_wasm: bool) -> DaemonCgroups:
                 directory.rmdir()
         raise
     return DaemonCgroups(1, home, group, guests)
-
-
-def _make_idle(directory: Path, weight_file: str) -> None:
-    """SCHED_IDLE among its siblings (Linux >= 5.15), or else the least weight."""
-    if (directory / "cpu.idle").exists():
-        (directory / "cpu.idle").write_text("1")
-    else:
-        (directory / weight_file).write_text("2")
 
 
 def _raise_v2(own: str, serves_wasm: bool) -> DaemonCgroups:
@@ -141,7 +136,7 @@ def _raise_v2(own: str, serves_wasm: bool) -> DaemonCgroups:
 
 
 def yield_guest_thread(thread_id: int) -> None:
-    """Move a busy wasm guest's thread to the idle guests' cgroup (v1). Never raises.
+    """Move a busy wasm guest's thread to the guests' cgroup (v1). Never raises.
 
     The thread is alive: the guest's worker lives until its sandbox is destroyed,
     which waits for this. Without that cgroup the thread stays in SCHED_IDLE

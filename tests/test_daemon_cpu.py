@@ -31,7 +31,7 @@ def started_in(monkeypatch: pytest.MonkeyPatch, paths: dict[str, str]) -> None:
     monkeypatch.setattr(daemon_cpu, "own_cgroups", lambda: paths)
 
 
-def test_v1_weighs_the_daemon_and_parks_busy_guests_in_an_idle_cgroup(
+def test_v1_weighs_the_daemon_and_parks_busy_guests_beside_it(
     cgroupfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = cgroupfs / "cpu" / "system.slice"
@@ -42,8 +42,7 @@ def test_v1_weighs_the_daemon_and_parks_busy_guests_in_an_idle_cgroup(
     guests = home / f"sandpool-{os.getpid()}-guests"
     assert (group / "cpu.shares").read_text() == str(1024 * DAEMON_WEIGHT)
     assert (group / "cgroup.procs").read_text() == str(os.getpid())
-    # No cpu.idle in a cgroupfs of files, as on a kernel before 5.15: the least weight.
-    assert (guests / "cpu.shares").read_text() == "2"
+    assert list(guests.iterdir()) == []  # a new cgroup's weight: one process's
     yield_guest_thread(4321)
     assert (guests / "tasks").read_text() == "4321"
     # Pools go beside the daemon's cgroup, not inside it.
