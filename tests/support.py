@@ -564,3 +564,38 @@ def assert_out_of_memory(result: dict[str, Any], pool: str) -> None:
         assert str(result["stderr"]).rstrip().endswith("MemoryError")
     else:
         assert (result["exit_code"], result["oom_killed"]) == (137, True)
+
+
+# --- wasm guests' threads -------------------------------------------------------------
+
+
+SCHED_OTHER, SCHED_IDLE = 0, 5
+
+
+def task_stats(pid: int) -> dict[int, tuple[int, int, int]]:
+    """tid -> (policy, nice, user+system ticks) of every thread of ``pid``."""
+    stats = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
+            # proc(5) numbers fields from 1 with the name as 2: utime 14,
+            # stime 15, nice 19, policy 41; fields[0] here is field 3.
+            stats[int(task)] = (
+                int(fields[38]), int(fields[16]), int(fields[11]) + int(fields[12])
+            )
+    return stats
+
+
+def one_guest_config(cpus: float) -> str:
+    """A daemon config with one wasm pool, ``wasm``, of one guest at a time at ``cpus``."""
+    return f"""
+[server]
+metrics_address = "off"
+
+[pools.wasm]
+backend = "wasm"
+min_idle = 1
+max_size = 1
+cpus = {cpus}
+timeout_s = 30
+"""

@@ -30,10 +30,13 @@ from api.client import Client
 from pool.backends.process.cgroups import CGROUP_ROOT, daemon_group_name, own_cgroups
 from pool.daemon_cpu import DAEMON_WEIGHT
 from tests.support import (
+    SCHED_IDLE,
     Daemon,
     docker_containers,
+    one_guest_config,
     pool_cgroup_dir,
     stop_daemon,
+    task_stats,
     wait_until,
 )
 
@@ -190,29 +193,7 @@ def test_the_daemon_stands_above_its_pools_and_takes_its_cgroups_along(spawn_dae
 
 # One guest at a time, allowed a whole core: its share of core 0 is then the
 # scheduler's to decide, not its quota's.
-WASM_CONFIG = """
-[server]
-metrics_address = "off"
-
-[pools.wasm]
-backend = "wasm"
-min_idle = 1
-max_size = 1
-cpus = 1.0
-timeout_s = 30
-"""
-SCHED_IDLE = 5
-
-
-def idle_threads(pid: int) -> list[int]:
-    """The threads of ``pid`` in SCHED_IDLE: a busy wasm guest's (pool/backends/wasm/threads.py)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
-            stat = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[38]) == SCHED_IDLE:  # proc(5) field 41, the policy
-                found.append(int(task))
-    return found
+WASM_CONFIG = one_guest_config(1.0)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon makes cgroups only as root")
@@ -232,11 +213,15 @@ def test_a_busy_wasm_guest_takes_no_more_than_a_process_of_another_cgroup(
                 "import time\nbegan = time.monotonic()\nwhile time.monotonic() - began < 4: pass",
                 pool="wasm", timeout_s=10))
 
+    def idle_threads() -> list[int]:  # a busy guest's (pool/backends/wasm/threads.py)
+        return [tid for tid, (policy, _, _) in task_stats(daemon.pid).items()
+                if policy == SCHED_IDLE]
+
     busy = threading.Thread(target=spin)
     busy.start()
     try:
-        wait_until(lambda: idle_threads(daemon.pid) != [], "a busy guest's thread", timeout_s=10)
-        (guest,) = idle_threads(daemon.pid)
+        wait_until(lambda: idle_threads() != [], "a busy guest's thread", timeout_s=10)
+        (guest,) = idle_threads()
         os.sched_setaffinity(guest, {0})  # beside the neighbour, as BUSY pins itself
         before = thread_cpu_s(daemon.pid, guest)
         neighbour = subprocess.run(

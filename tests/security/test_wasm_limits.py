@@ -41,7 +41,15 @@ import pytest
 from api.client import ApiError, Client
 from pool import paths
 from pool.backends.wasm import threads, wasi
-from tests.support import Daemon, start_daemon, stop_daemon
+from tests.support import (
+    SCHED_IDLE,
+    SCHED_OTHER,
+    Daemon,
+    one_guest_config,
+    start_daemon,
+    stop_daemon,
+    task_stats,
+)
 
 Spawn = Callable[..., Daemon]
 
@@ -183,23 +191,6 @@ def test_the_daemon_raises_its_soft_fd_limit_and_refuses_a_budget_it_cannot_keep
 # --- CPU ---------------------------------------------------------------------------
 
 
-SCHED_OTHER, SCHED_IDLE = 0, 5
-
-
-def task_stats(pid: int) -> dict[int, tuple[int, int, int]]:
-    """tid -> (policy, nice, user+system ticks) of every thread of ``pid``."""
-    stats = {}
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
-            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
-            # proc(5) numbers fields from 1 with the name as 2: utime 14,
-            # stime 15, nice 19, policy 41; fields[0] here is field 3.
-            stats[int(task)] = (
-                int(fields[38]), int(fields[16]), int(fields[11]) + int(fields[12])
-            )
-    return stats
-
-
 def test_a_busy_guest_runs_in_sched_idle(spawn_daemon: Spawn) -> None:
     daemon = spawn_daemon(FD_CONFIG)
     pid = daemon.process.pid
@@ -228,18 +219,7 @@ def test_a_busy_guest_runs_in_sched_idle(spawn_daemon: Spawn) -> None:
 
 
 CPU_SHARE = 0.25
-CPU_CONFIG = f"""
-[server]
-metrics_address = "off"
-
-[pools.wasm]
-backend = "wasm"
-min_idle = 1
-max_size = 1
-cpus = {CPU_SHARE}
-timeout_s = 30
-max_timeout_s = 30
-"""
+CPU_CONFIG = one_guest_config(CPU_SHARE) + "max_timeout_s = 30\n"
 
 
 def test_a_busy_guest_uses_no_more_cpu_than_its_pools_share(spawn_daemon: Spawn) -> None:
