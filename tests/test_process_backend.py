@@ -14,6 +14,8 @@ import os
 import signal
 import subprocess
 import textwrap
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,6 +27,8 @@ from api.client import Client
 from pool.backends.base import RunRequest, Sandbox, SandboxEvent
 from pool.backends.process import ProcessBackend, ProcessSandbox, definition
 from pool.backends.process import cgroups as process_cgroups
+from pool.backends.process import cpu as process_cpu
+from pool.backends.process.cgroups import set_pool_cpu
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.uids import SandboxUids
@@ -414,6 +418,34 @@ async def test_a_cancelled_start_leaves_nothing(backend: ProcessBackend, delay_s
         await backend.destroy_sandbox(await starting)  # or it won the race: fine too
     # A cgroup leaked by an abandoned worker thread would appear within this.
     await asyncio.sleep(0.2)
+    assert backend_cgroup_members(backend) == []
+    assert sandbox_cgroups(backend) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="finds the tree by its cgroup, made only as root")
+async def test_a_start_cancelled_while_its_pool_stands_back_leaves_nothing(
+    backend: ProcessBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start is done, and its pool's weight goes back (a kernfs write, in a
+    thread) when the cancel comes: nobody will receive the sandbox, so it goes."""
+    standing_back = threading.Event()
+
+    def slow_set_pool_cpu(tree: Any, weight: int, idle: bool, *, was_idle: bool) -> None:
+        if weight == 1:  # the start's weight taken off again
+            standing_back.set()
+            time.sleep(0.3)
+        set_pool_cpu(tree, weight, idle, was_idle=was_idle)
+
+    monkeypatch.setattr(process_cpu, "set_pool_cpu", slow_set_pool_cpu)
+    starting = asyncio.ensure_future(backend.start_sandbox())
+    async with asyncio.timeout(10):
+        while not standing_back.is_set():
+            await asyncio.sleep(0.005)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await asyncio.sleep(0.2)
+    assert repr(backend).endswith("sandboxes=0>")
     assert backend_cgroup_members(backend) == []
     assert sandbox_cgroups(backend) == []
 

@@ -231,8 +231,17 @@ class ForkBackend(BackendBase[ForkSandbox]):
     # --- sandboxes ---------------------------------------------------------
 
     async def start_sandbox(self) -> ForkSandbox:
-        async with self._cpu.starting():  # the template forks in the pool's cgroup
-            return await self._start_sandbox()
+        started: ForkSandbox | None = None
+        try:
+            async with self._cpu.starting():  # the template forks in the pool's cgroup
+                started = await self._start_sandbox()
+        except asyncio.CancelledError:
+            # Cancelled while the pool's standing was written back after the
+            # start: the sandbox exists and nobody will receive it.
+            if started is not None:
+                await asyncio.shield(self.destroy_sandbox(started))
+            raise
+        return started
 
     async def _start_sandbox(self) -> ForkSandbox:
         template = await self._live_template()
