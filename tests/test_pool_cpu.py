@@ -7,6 +7,7 @@ directory; tests/test_fork_backend.py checks the same on the kernel's files.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,40 @@ async def test_a_cancelled_busy_run_leaves_the_pool_as_it_found_it(
         await task
     assert pool.standing == Standing(1, False)
     assert flags(tree, sandbox)[0] == "0"
+
+
+async def test_a_start_cancelled_while_the_standing_is_written_back_undoes_what_it_made(
+    files: tuple[CgroupTree, SandboxCgroup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write after a start can take a cancel; the sandbox made must not leak."""
+    tree, _ = files
+    writing, release = threading.Event(), threading.Event()
+    written: list[int] = []
+
+    def slow_write(tree: CgroupTree, weight: int, idle: bool, *, was_idle: bool) -> None:
+        written.append(weight)
+        if weight == 1:  # the write back after the start
+            writing.set()
+            release.wait(5)
+
+    monkeypatch.setattr(cpu, "set_pool_cpu", slow_write)
+    pool = PoolCpu(tree, weigh_starts=True)
+    undone: list[str] = []
+
+    async def make() -> str:
+        return "sandbox-1"
+
+    async def undo(made: str) -> None:
+        undone.append(made)
+
+    task = asyncio.ensure_future(pool.start(make, undo))
+    await asyncio.to_thread(writing.wait, 5)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):  # we cancelled it ourselves
+        await task
+    assert written == [2, 1]
+    assert undone == ["sandbox-1"]
+    # Not cancelled: what was made is returned, and nothing is undone.
+    assert await pool.start(make, undo) == "sandbox-1"
+    assert undone == ["sandbox-1"]

@@ -231,17 +231,8 @@ class ForkBackend(BackendBase[ForkSandbox]):
     # --- sandboxes ---------------------------------------------------------
 
     async def start_sandbox(self) -> ForkSandbox:
-        started: ForkSandbox | None = None
-        try:
-            async with self._cpu.starting():  # the template forks in the pool's cgroup
-                started = await self._start_sandbox()
-        except asyncio.CancelledError:
-            # Cancelled while the pool's standing was written back after the
-            # start: the sandbox exists and nobody will receive it.
-            if started is not None:
-                await asyncio.shield(self.destroy_sandbox(started))
-            raise
-        return started
+        # The template forks in the pool's cgroup: a start clears its idle flag.
+        return await self._cpu.start(self._start_sandbox, self.destroy_sandbox)
 
     async def _start_sandbox(self) -> ForkSandbox:
         template = await self._live_template()

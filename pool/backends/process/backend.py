@@ -159,17 +159,9 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
     async def start_sandbox(self) -> ProcessSandbox:
         if self._definition is None:
             raise BackendError("the process backend is not started")
-        started: ProcessSandbox | None = None
-        try:
-            async with self._cpu.starting():
-                started = await self._start_sandbox(self._definition)
-        except asyncio.CancelledError:
-            # Cancelled while the pool's standing was written back after the
-            # start: the sandbox exists and nobody will receive it.
-            if started is not None:
-                await asyncio.shield(self.destroy_sandbox(started))
-            raise
-        return started
+        definition = self._definition
+        return await self._cpu.start(lambda: self._start_sandbox(definition),
+                                     self.destroy_sandbox)
 
     async def _start_sandbox(self, definition: SandboxDefinition) -> ProcessSandbox:
         sandbox_id = new_sandbox_id()

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pool.backends.base import BUSY_AFTER_S
 from pool.backends.process.cgroups import CgroupTree, SandboxCgroup, set_pool_cpu
+
+Made = TypeVar("Made")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +87,27 @@ class PoolCpu:
                                         was_idle=self._written.idle)
                 self._written = wanted
 
+    async def start(self, make: Callable[[], Awaitable[Made]],
+                    undo: Callable[[Made], Awaitable[None]]) -> Made:
+        """One sandbox start, ``make``, weighing on the pool while it runs.
+
+        The standing is written back after ``make`` returns, and a cancel can
+        land there: the sandbox then exists and nobody will receive it, so
+        ``undo`` (its destroy) runs, shielded, before the cancel goes on.
+        """
+        made: list[Made] = []  # empty until ``make`` returned
+        try:
+            async with self.starting():
+                made.append(await make())
+        except asyncio.CancelledError:
+            if made:
+                await asyncio.shield(undo(made[0]))
+            raise
+        return made[0]
+
     @contextlib.asynccontextmanager
     async def starting(self) -> AsyncIterator[None]:
-        """Around one sandbox start."""
+        """Around one sandbox start (``start`` for a start that makes something)."""
         self._starting += 1
         try:
             if self._unsettled():
