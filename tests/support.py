@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -418,6 +419,71 @@ def stop_daemon(daemon: Daemon) -> None:
         subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True, timeout=60)
     assert leftovers == [], f"containers left behind: {leftovers}"
     assert not os.path.exists(daemon.socket), "socket file left behind"
+    if daemon.process.returncode == 0:  # a killed daemon's are the next one's to sweep
+        left = daemon_cgroups(daemon.process.pid)
+        assert left == [], f"cgroups left behind: {left}"
+
+
+def daemon_cgroups(pid: int) -> list[Path]:
+    """The cgroups named after daemon ``pid`` (``sandpool-<pid>-*``) in every
+    hierarchy, where a daemon this process started makes them: beside this
+    process's own cgroup of one hierarchy or another (``pools_base``; a Docker
+    pool's directory is at its cpu cgroup's path in every hierarchy). Not a
+    walk of /sys/fs/cgroup: see ``pool_cgroup_dir``."""
+    root = process_cgroups.CGROUP_ROOT
+    lines = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+    if (root / "cgroup.controllers").exists():
+        hierarchies = [root]
+    else:  # "cpu,cpuacct", "name=systemd" -> systemd, "" (hybrid's v2) -> unified
+        hierarchies = [root / (controllers.removeprefix("name=") or "unified")
+                       for _, controllers, _ in lines]
+    found: set[Path] = set()
+    for hierarchy in hierarchies:
+        for path in {path for _, _, path in lines}:
+            with contextlib.suppress(OSError):
+                found.update((hierarchy / path.lstrip("/")).glob(f"sandpool-{pid}-*"))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def docker_socket_relay(path: Path) -> Iterator[str]:
+    """A unix socket at ``path`` relaying each connection to Docker's own: an
+    engine behind a proxy, as docker-socket-proxy puts it. Yields the
+    ``DOCKER_HOST`` that reaches it; a daemon using it must stop inside."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(64)
+    held: list[socket.socket] = []
+
+    def pump(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)  # the end of one direction, as sent
+
+    def serve() -> None:
+        while True:
+            try:
+                near, _ = server.accept()
+                far = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                far.connect("/var/run/docker.sock")
+            except OSError:
+                return  # closed: the relay is over
+            held.extend((near, far))
+            for source, target in ((near, far), (far, near)):
+                threading.Thread(target=pump, args=(source, target), daemon=True).start()
+
+    accepting = threading.Thread(target=serve, daemon=True)
+    accepting.start()
+    try:
+        yield f"unix://{path}"
+    finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        server.close()
+        accepting.join(timeout=10)
+        for connection in held:
+            connection.close()
 
 
 def docker_containers(label: str) -> list[str]:

@@ -29,6 +29,7 @@ import pytest
 from api.client import ApiError
 from tests.support import (
     Daemon,
+    daemon_cgroups,
     docker_containers,
     metric_sample,
     restart_dockerd,
@@ -167,9 +168,13 @@ def test_sigkilled_daemon_leaves_nothing_after_the_next_start(spawn_daemon: Spaw
     crashed.process.kill()
     crashed.process.wait()
     assert pool_containers(crashed) == orphans  # SIGKILL ran no clean-up
+    # As root, the daemon's cgroups and its pool's (pool/backends/docker/cgroup.py).
+    cgroups = daemon_cgroups(crashed.process.pid)
+    assert bool(cgroups) == (os.geteuid() == 0), cgroups
     successor = spawn_daemon(one_pool())
     try:
         assert pool_containers(crashed) == []  # reaped at start-up
+        assert daemon_cgroups(crashed.process.pid) == []  # then swept, in every hierarchy
     finally:
         stop_daemon(successor)
     os.unlink(crashed.socket)  # what a SIGKILLed daemon leaves; the successor used another

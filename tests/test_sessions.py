@@ -218,15 +218,19 @@ def pool_counts(client: Client, name: str) -> tuple[int, int]:
 
 
 def cpu_standing(daemon: Daemon, pool: str, sandbox_id: str) -> str:
-    """What the session's sandbox stands at: a container's CpuShares, or its cgroup's
-    and its pool's cpu.idle ("" where the host has no such file)."""
+    """What the session's sandbox stands at: its pool's and its own cgroup's cpu.idle,
+    or, for a container the engine keeps in its own cgroups, its CpuShares ("" where
+    the host has no such file)."""
+    found = pool_cgroup_dir(daemon, pool)
     if pool == "python":
-        return subprocess.run(
-            ["docker", "inspect", "--format", "{{.HostConfig.CpuShares}}",
+        shares, container_id = subprocess.run(
+            ["docker", "inspect", "--format", "{{.HostConfig.CpuShares}} {{.Id}}",
              f"sandpool-{pool}-{sandbox_id}"],
             check=True, capture_output=True, text=True, timeout=30,
-        ).stdout.strip()
-    found = pool_cgroup_dir(daemon, pool)
+        ).stdout.split()
+        if found is None:
+            return shares
+        sandbox_id = container_id  # its cgroup below the pool's own
     if found is None or not (found / "cpu.idle").exists():
         return ""
     return ",".join((d / "cpu.idle").read_text().strip() for d in (found, found / sandbox_id))
@@ -240,8 +244,9 @@ def test_a_busy_run_leaves_the_sessions_next_run_an_ordinary_cpu_standing(
     session's sandbox gets its standing back for the next run, which may be short."""
     session = create(client, pool)
     sandbox_id = run(client, session, "print(1)")["sandbox_id"]
-    ordinary = {"python": ("0", "1024")}.get(pool, ("0,0",))  # Docker: unset, or set back
-    demoted = {"python": ("2",)}.get(pool, ("1,1",))
+    # Docker in the engine's cgroups: CpuShares unset or set back, and 2 while busy.
+    ordinary = {"python": ("0,0", "0", "1024")}.get(pool, ("0,0",))
+    demoted = {"python": ("1,1", "2")}.get(pool, ("1,1",))
     if cpu_standing(daemon, pool, sandbox_id) not in ordinary:
         pytest.skip("no cpu.idle here")
     answers: list[dict[str, Any]] = []

@@ -5,7 +5,8 @@ attached when it joins the pool; one request is one frame written on the
 attached stream, and the result comes back as frames on the same stream
 (``channel.py``), so a run never waits for a container to exit. The container
 definition is ``definition.py``; owner labels and the proof that their daemon
-is gone, ``ownership.py``; dockerd's events, ``events.py``.
+is gone, ``ownership.py``; dockerd's events, ``events.py``; the pool's own
+cpu cgroup, where the engine is this host's dockerd, ``cgroup.py``.
 
 Every Docker call has a timeout: aiodocker's defaults never time out.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,13 @@ from pool.backends.base import (
     new_sandbox_id,
 )
 from pool.backends.docker import engine
+from pool.backends.docker.cgroup import (
+    PoolCgroup,
+    engine_facts,
+    prepare_pool_cgroup,
+    refused,
+    remove_pool_cgroup,
+)
 from pool.backends.docker.channel import RunEnd, RunnerChannel
 from pool.backends.docker.containers import Containers
 from pool.backends.docker.definition import (
@@ -45,6 +54,8 @@ from pool.backends.docker.engine import CALL_TIMEOUT_S, DOCKER_ERRORS, describe
 from pool.backends.docker.events import OomEvents, follow_events
 from pool.backends.docker.ownership import owner_label
 from pool.backends.docker.reaper import Reaper
+from pool.backends.process.cgroups import SandboxCgroup, cgroup_dir_name
+from pool.backends.process.cpu import PoolCpu
 from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
@@ -58,8 +69,9 @@ log = structlog.get_logger("sandpool.docker")
 READY_TIMEOUT_S = 20.0  # container start to the runner's ready frame
 SWEEP_INTERVAL_S = 10.0
 OOM_EXIT_CODE = 137  # 128 + SIGKILL: what the runner reports for an OOM-killed child
-# A busy run's container gets the least CPU shares: among the containers it
-# competes with only a 512th of a default one's weight. Not BUSY_AFTER_S as in
+# Without the pool's own cgroup (cgroup.py), a busy run's container gets the
+# least CPU shares: among the containers it competes with only a 512th of a
+# default one's weight. Not BUSY_AFTER_S as in
 # the other tiers: an update costs dockerd a `runc update` (~30 ms, measured),
 # which would be a quarter of a 0.12 s run's own CPU; past half a second it is
 # a few percent. A session's container gets the default back after the run.
@@ -78,8 +90,12 @@ class DockerSandbox(Sandbox):
         self.uid = uid  # host uid and gid of every process in the container
         self.container = container
         self.channel = channel
-        # Lowering a busy run's CPU shares (DockerBackend.run): awaited before
-        # the container is removed, or, in a session, before its next run.
+        # Its cpu cgroup below the pool's own (cgroup.py), whose idle flag a
+        # busy run sets; None where the engine keeps the pool's containers.
+        self.cgroup: SandboxCgroup | None = None
+        # Without one, lowering a busy run's CPU shares (DockerBackend.run):
+        # awaited before the container is removed, or, in a session, before its
+        # next run.
         self.demotion: asyncio.Future[None] | None = None
 
     @property
@@ -107,6 +123,8 @@ class DockerBackend(BackendBase[DockerSandbox]):
         self._server_version = "unknown"
         self._runtime = Runtime()
         self._owner = ""  # owner_label(), read once at start
+        self._cgroup: PoolCgroup | None = None  # the pool's own, where it may have one
+        self._cpu = PoolCpu(None, weigh_starts=True)  # that cgroup's standing (process/cpu.py)
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -141,6 +159,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
                 await docker.images.inspect(self.config.image)
             self._runtime = await image_runtime(self.config.language, self.config.image)
             await self.reap_orphans()
+            await self._prepare_cgroup()
         except aiodocker.DockerError as e:
             if e.status == 404:
                 await self.close()
@@ -154,6 +173,26 @@ class DockerBackend(BackendBase[DockerSandbox]):
         loop = asyncio.get_running_loop()
         events = follow_events(docker, self.config.name, self.instance_id, self._on_event)
         self._tasks = [loop.create_task(events), loop.create_task(self._sweep())]
+
+    async def _prepare_cgroup(self) -> None:
+        """The pool's own cpu cgroup, where the engine is this host's dockerd and
+        sandpool may hold it (cgroup.py); the log says which, and why not."""
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            info = await self.docker.system.info()
+        facts = await asyncio.to_thread(engine_facts, self._containers.url, info)
+        reason = refused(facts)
+        if not reason and facts.own_cpu is not None:
+            dir_name = cgroup_dir_name(self.config.name, self.instance_id)
+            try:
+                self._cgroup = await asyncio.to_thread(prepare_pool_cgroup, dir_name,
+                                                       facts.own_cpu)
+            except OSError as e:
+                reason = f"cannot create the pool's cgroup: {e}"
+        if self._cgroup is None:
+            log.info("docker_cgroup_engines", pool=self.config.name, reason=reason)
+            return
+        self._cpu = PoolCpu(self._cgroup.tree, weigh_starts=True)
+        log.info("docker_cgroup_own", pool=self.config.name, path=self._cgroup.parent)
 
     async def close(self) -> None:
         """Stop following events; remove whatever of this pool is still there; disconnect.
@@ -174,6 +213,10 @@ class DockerBackend(BackendBase[DockerSandbox]):
             except (*DOCKER_ERRORS, BackendError) as e:
                 log.error("containers_not_removed", pool=self.config.name, error=describe(e))
             await self._containers.close()
+        if self._cgroup is not None:  # its containers are gone: the engine removed theirs
+            await asyncio.to_thread(remove_pool_cgroup, self._cgroup)
+            self._cgroup = None
+            self._cpu = PoolCpu(None, weigh_starts=True)
 
     def version(self) -> str:
         return self._server_version
@@ -208,9 +251,14 @@ class DockerBackend(BackendBase[DockerSandbox]):
             instance_id=self.instance_id,
             owner=self._owner,
             guest_dir=self._guest_dir,
+            cgroup_parent=self._cgroup.parent if self._cgroup is not None else None,
         )
 
     async def start_sandbox(self) -> DockerSandbox:
+        # A start weighs on the pool's own cgroup, where it has one.
+        return await self._cpu.start(self._start_sandbox, self.destroy_sandbox)
+
+    async def _start_sandbox(self) -> DockerSandbox:
         sandbox_id = new_sandbox_id()
         name = f"sandpool-{self.config.name}-{sandbox_id}"
         uid = self._uids.acquire()
@@ -220,6 +268,8 @@ class DockerBackend(BackendBase[DockerSandbox]):
         finally:
             self._creating.discard(name)
         self._sandboxes[sandbox.container_id] = sandbox
+        if self._cgroup is not None:
+            sandbox.cgroup = await asyncio.to_thread(self._cgroup.sandbox, sandbox.container_id)
         return sandbox
 
     async def _start_container(self, sandbox_id: str, name: str, uid: int) -> DockerSandbox:
@@ -273,23 +323,12 @@ class DockerBackend(BackendBase[DockerSandbox]):
         await sandbox.channel.send_request(request, limits)
         capture = OutputCapture(self.config.max_output_bytes, request.output_listener)
         outcome = Outcome(limits)
-
-        def become_busy() -> None:
-            sandbox.demotion = asyncio.ensure_future(self._set_shares(sandbox, BUSY_CPU_SHARES))
-
-        busy = asyncio.get_running_loop().call_later(DOCKER_BUSY_AFTER_S, become_busy)
         try:
-            end, exit_code = await sandbox.channel.collect(capture, outcome, request.timeout_s)
+            async with self._cpu_standing(sandbox, session=request.session):
+                end, exit_code = await sandbox.channel.collect(capture, outcome, request.timeout_s)
         except DOCKER_ERRORS as e:
             raise BackendError(f"lost the stream of sandbox {sandbox.id}: {describe(e)}") from None
-        finally:
-            busy.cancel()
         execution_s = time.monotonic() - began
-        if request.session and sandbox.demotion is not None:
-            # The session's next run starts at an ordinary container's standing.
-            await asyncio.shield(sandbox.demotion)
-            sandbox.demotion = None
-            await asyncio.shield(self._set_shares(sandbox, DEFAULT_CPU_SHARES))
         if end is RunEnd.NOT_TAKEN:
             raise SandboxLostError(f"sandbox {sandbox.id}: its session's process had ended")
         if end is RunEnd.STREAM_ENDED:
@@ -307,6 +346,28 @@ class DockerBackend(BackendBase[DockerSandbox]):
             execution_s=execution_s,
             outcome=outcome,
         )
+
+    @contextlib.asynccontextmanager
+    async def _cpu_standing(self, sandbox: DockerSandbox, *, session: bool) -> AsyncIterator[None]:
+        """Around one run: a busy run yields the CPU (docs/security.md, "Busy work
+        yields"), and a session's next run starts at an ordinary standing."""
+        if sandbox.cgroup is not None:  # below the pool's own cgroup: as the process tier
+            async with self._cpu.running(sandbox.cgroup, kept=session):
+                yield
+            return
+
+        def become_busy() -> None:
+            sandbox.demotion = asyncio.ensure_future(self._set_shares(sandbox, BUSY_CPU_SHARES))
+
+        busy = asyncio.get_running_loop().call_later(DOCKER_BUSY_AFTER_S, become_busy)
+        try:
+            yield
+        finally:
+            busy.cancel()
+        if session and sandbox.demotion is not None:
+            await asyncio.shield(sandbox.demotion)
+            sandbox.demotion = None
+            await asyncio.shield(self._set_shares(sandbox, DEFAULT_CPU_SHARES))
 
     async def _exit_code(self, sandbox: DockerSandbox) -> int:
         """The status Docker saw for a runner that died without its exit frame."""

@@ -35,11 +35,16 @@ class Containers:
     def connected(self) -> bool:
         return self._docker is not None
 
+    @property
+    def url(self) -> str:
+        """Where the engine is: ``DOCKER_HOST``, or Docker's own socket."""
+        return os.environ.get("DOCKER_HOST") or DOCKER_SOCKET_URL
+
     def connect(self) -> aiodocker.Docker:
         """Make the client; it connects at its first call, so dockerd may still be down."""
         # An explicit URL: aiodocker's own discovery asserts when no socket exists
         # yet, and a daemon started before dockerd must wait for it, not crash.
-        self._docker = aiodocker.Docker(url=os.environ.get("DOCKER_HOST") or DOCKER_SOCKET_URL)
+        self._docker = aiodocker.Docker(url=self.url)
         return self._docker
 
     async def close(self) -> None:

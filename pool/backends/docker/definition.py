@@ -28,12 +28,14 @@ def labels_of(listed: Any) -> dict[str, str]:
 
 
 def container_definition(
-    c: PoolConfig, *, uid: int, instance_id: str, owner: str, guest_dir: Path
+    c: PoolConfig, *, uid: int, instance_id: str, owner: str, guest_dir: Path,
+    cgroup_parent: str | None = None,
 ) -> dict[str, Any]:
     """The body of POST /containers/create for one sandbox of pool ``c``.
 
     ``uid`` is the sandbox's own host uid (and gid), ``owner`` this daemon's
-    owner label, ``guest_dir`` the installed runner (``guest.install()``).
+    owner label, ``guest_dir`` the installed runner (``guest.install()``),
+    ``cgroup_parent`` the pool's own cgroup (cgroup.py), or None for the engine's.
     Reads the seccomp profile (cached after the first call); raises what
     ``docker_profile`` raises.
     """
@@ -75,6 +77,8 @@ def container_definition(
     }
     if c.runtime:
         host_config["Runtime"] = c.runtime
+    if cgroup_parent is not None:
+        host_config["CgroupParent"] = cgroup_parent
     return {
         "Image": c.image,
         "Cmd": [

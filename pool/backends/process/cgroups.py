@@ -216,13 +216,17 @@ def sweep_stale_cgroups(base: Path) -> None:
     parent-death signal yet, and waits forever for a parent that is gone (seen
     after a SIGKILL that met a refill). A process in a dead daemon's sandbox
     cgroup is such an orphan. A daemon that reads as alive (a reused pid
-    included) is left alone.
+    included) is left alone. Pools start together, so two sweeps may meet: what
+    the other removed first is skipped.
     """
     for stale in base.glob("sandpool-*"):
         daemon_pid = stale.name.split("-")[1]
         if not daemon_pid.isdigit() or pid_alive(int(daemon_pid)):
             continue
-        sandbox_dirs = [d for d in stale.iterdir() if d.is_dir()]
+        try:
+            sandbox_dirs = [d for d in stale.iterdir() if d.is_dir()]
+        except OSError:  # removed by another pool's sweep meanwhile, or not a directory
+            continue
         for sandbox_dir in sandbox_dirs:
             if members(sandbox_dir):
                 log.warning("stale_sandbox_killed", path=str(sandbox_dir))
