@@ -19,7 +19,8 @@ from tests.support import PYTHON_POOLS, WASI_POOLS
 pytestmark = pytest.mark.docker
 
 # Writes the forged status to every pipe the code holds besides 0-2 (one of
-# them is the status channel), then exits 3 if the forgery did not end the run.
+# them is the status channel), then outlives the run's timeout: only the
+# runner stopping the code at the forgery ends the run in time.
 FORGE_PIPES = """
 import os, stat, struct
 for name in os.listdir('/proc/self/fd'):
@@ -31,8 +32,7 @@ for name in os.listdir('/proc/self/fd'):
                 os.write(fd, struct.pack('>cI', b'X', 4) + struct.pack('>i', {value}))
         except OSError:
             pass
-import time; time.sleep(0.3)
-raise SystemExit(3)
+import time; time.sleep(60)
 """
 
 # WASI carries statuses above 125 through a status file the runner writes.
@@ -55,6 +55,21 @@ def test_a_forged_status_never_gives_an_impossible_exit_code(
     assert exit_code != value
     assert exit_code is None or 0 <= exit_code <= 255, result
     assert not result["timed_out"], result
+
+
+# Not a frame the status channel carries: kind "Z". Then, as above, a sleep
+# past the run's timeout.
+GARBLE_PIPES = FORGE_PIPES.replace("struct.pack('>cI', b'X', 4) + struct.pack('>i', {value})",
+                                   "struct.pack('>cI', b'Z', 0)")
+
+
+@pytest.mark.parametrize("pool", [p for p in PYTHON_POOLS if p not in WASI_POOLS])
+def test_garbage_on_the_status_channel_stops_the_code_at_once(client: Client, pool: str) -> None:
+    """Nothing from a garbled channel is trusted: the code is stopped, not waited for."""
+    assert GARBLE_PIPES != FORGE_PIPES
+    result = client.run(GARBLE_PIPES, pool=pool, timeout_s=10)
+    assert not result["timed_out"], result
+    assert result["exit_code"] is None or 0 <= result["exit_code"] <= 255, result
 
 
 @pytest.mark.parametrize("pool", PYTHON_POOLS)
