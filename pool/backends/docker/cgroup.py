@@ -39,18 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from pool.backends.process.cgroups import (
     CGROUP_ROOT,
     CgroupTree,
     SandboxCgroup,
     own_cgroups,
     pools_base,
+    remove_pool_cgroups,
     sweep_stale_cgroups,
 )
-
-log = structlog.get_logger("sandpool.docker")
 
 ENGINE_COMMAND = "dockerd"
 
@@ -167,14 +164,8 @@ def remove_pool_cgroup(pool: PoolCgroup) -> None:
     One still busy (a container dockerd could not remove) is left to the next
     daemon's sweep, and logged."""
     relative = pool.parent.lstrip("/")
-    for hierarchy in hierarchies():
-        directory = hierarchy / relative
-        try:
-            directory.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("cgroup_not_removed", path=str(directory), error=e.strerror)
+    remove_pool_cgroups(CgroupTree(version=1, pool_dirs={
+        hierarchy.name: hierarchy / relative for hierarchy in hierarchies()}))
 
 
 def sweep_stale(relative_base: Path) -> None:
