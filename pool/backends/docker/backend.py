@@ -267,9 +267,9 @@ class DockerBackend(BackendBase[DockerSandbox]):
             sandbox = await self._start_container(sandbox_id, name, uid)
         finally:
             self._creating.discard(name)
+        if self._cgroup is not None:  # one stat, on the loop: no await between start and return
+            sandbox.cgroup = self._cgroup.sandbox(sandbox.container_id)
         self._sandboxes[sandbox.container_id] = sandbox
-        if self._cgroup is not None:
-            sandbox.cgroup = await asyncio.to_thread(self._cgroup.sandbox, sandbox.container_id)
         return sandbox
 
     async def _start_container(self, sandbox_id: str, name: str, uid: int) -> DockerSandbox:

@@ -130,8 +130,9 @@ class PoolCgroup:
 
     def sandbox(self, container_id: str) -> SandboxCgroup | None:
         """A started container's cpu cgroup, for its idle flag; None where it is not
-        below the pool's directory (an engine that ignored CgroupParent). Blocking
-        (one stat): run in a thread. Docker removes the directory with the container."""
+        below the pool's directory (an engine that ignored CgroupParent). One stat
+        of a kernfs file, fine on the event loop: a start awaits nothing after its
+        sandbox exists. Docker removes the directory with the container."""
         idle_file = self.tree.pool_dirs["cpu"] / container_id / "cpu.idle"
         return SandboxCgroup(dirs=[], idle_file=idle_file) if idle_file.exists() else None
 
