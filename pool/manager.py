@@ -197,6 +197,7 @@ class Pool(Generic[SandboxT]):
         self._starting = 0
         self._destroying = 0
         self._waiters: deque[asyncio.Future[SandboxT]] = deque()
+        self._told_waiting = False  # what the backend last heard (_tell_waiting)
         # Set while the pool has a request queued, no idle sandbox, or fewer
         # than arrive while one starts: starts waiting for a quiet moment then
         # begin at once. Invariant kept by _refill.
@@ -431,6 +432,7 @@ class Pool(Generic[SandboxT]):
         except BaseException as e:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+                self._tell_waiting()
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Handed a sandbox in the same instant we gave up: it is unused, keep it.
                 self._give_back(waiter.result())
@@ -520,7 +522,16 @@ class Pool(Generic[SandboxT]):
         while len(self._idle) > self._idle_target:
             self._destroy(self._idle.popleft())
 
+    def _tell_waiting(self) -> None:
+        """Tell the backend when requests start or stop waiting: its CPU standing
+        lets a busy pool's refills wait, but not one a request waits for."""
+        waiting = bool(self._waiters)
+        if waiting != self._told_waiting:
+            self._told_waiting = waiting
+            self.backend.requests_waiting(waiting)
+
     def _refill(self) -> None:
+        self._tell_waiting()
         if self._waiters or not self._idle or self._sizer.short(len(self._idle), self._clock()):
             self._short.set()
         else:

@@ -163,6 +163,20 @@ async def test_cancelled_waiter_leaves_the_queue() -> None:
         await blocker
 
 
+async def test_the_backend_hears_when_requests_start_and_stop_waiting() -> None:
+    """A busy pool's refill waits for CPU until a request waits for it (process/cpu.py)."""
+    async with make_pool(min_idle=0, max_size=1, acquire_timeout_s=0.1) as (pool, backend):
+        blocker = asyncio.create_task(pool.run(request("sleep 0.3")))
+        await settle(pool, busy=1)
+        assert backend.waiting_told == [True, False]  # the first request waited for its start
+        with pytest.raises(UnavailableError):  # waits, then gives up: told both, once each
+            await pool.run(request())
+        assert backend.waiting_told == [True, False, True, False]
+        await blocker
+        await pool.run(request())
+        assert backend.waiting_told == [True, False] * 3
+
+
 async def test_a_timed_out_sandbox_is_destroyed_never_handed_out_again() -> None:
     # The verdict itself comes from each backend's clock (tests/test_behaviour.py runs
     # that against the real engines); what the pool owes a timed-out run is that its

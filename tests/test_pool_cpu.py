@@ -18,13 +18,17 @@ from pool.backends.process.cpu import PoolCpu, Standing, standing
 
 
 def test_a_pool_is_idle_only_while_busy_runs_are_all_it_does() -> None:
-    def of(starting: int, short: int, busy: int, weigh: bool = True) -> Standing:
-        return standing(starting=starting, short=short, busy=busy, weigh_starts=weigh)
+    def of(starting: int, short: int, busy: int, waiting: bool = False,
+           weigh: bool = True) -> Standing:
+        return standing(starting=starting, short=short, busy=busy, waiting=waiting,
+                        weigh_starts=weigh)
 
     assert of(0, 0, 0) == Standing(1, False)
     assert of(0, 0, 2) == Standing(1, True)
     assert of(0, 1, 2) == Standing(1, False)  # a short run must not wait behind busy ones
-    assert of(1, 0, 2) == Standing(2, False)  # nor a start, which weighs
+    assert of(1, 0, 2, waiting=True) == Standing(2, False)  # nor a start a request waits for
+    assert of(1, 0, 2) == Standing(1, True)  # a refill of the busy pool is its own work
+    assert of(0, 0, 2, waiting=True) == Standing(1, True)  # no start: nothing to hurry
     assert of(3, 0, 0) == Standing(4, False)
     assert of(3, 0, 0, weigh=False) == Standing(1, False)
 
@@ -92,15 +96,23 @@ async def test_a_busy_run_yields_in_its_pool_and_among_pools_until_it_ends(
     async with pool.running(other, kept=False):
         assert flags(tree, sandbox) == ("0", "1")
     await until(lambda: flags(tree, sandbox) == ("1", "1"), "idle again after the short run")
-    # So does a start, which weighs the pool as two processes.
+    # A refill nobody waits for yet is the busy pool's own work: the pool stays idle.
     async with pool.starting():
-        assert flags(tree, sandbox)[0] == "0"
+        assert flags(tree, sandbox) == ("1", "1")
+        # A request of the pool comes to wait: the start stands as usual at once,
+        # weighing the pool as two processes.
+        pool.requests_waiting(True)
+        await until(lambda: flags(tree, sandbox)[0] == "0", "the start lifted the pool")
         assert (tree.pool_dirs["cpu"] / "cpu.shares").read_text() == "2048"
+    await until(lambda: flags(tree, sandbox)[0] == "1", "idle again after the start")
+    pool.requests_waiting(False)
     ended.set()
     await task
+    await pool.close()
     # The single-use sandbox is destroyed next: only its pool's flag is undone.
     assert flags(tree, sandbox) == ("0", "1")
-    assert repr(pool) == "<PoolCpu starting=0 short=0 busy=0 Standing(weight=1, idle=False)>"
+    assert repr(pool) == ("<PoolCpu starting=0 short=0 busy=0 waiting=False "
+                          "Standing(weight=1, idle=False)>")
 
 
 async def test_a_sessions_busy_run_is_undone_for_its_next_run(

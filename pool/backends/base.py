@@ -226,6 +226,10 @@ class Backend(Protocol[SandboxT]):
     async def destroy_sandbox(self, sandbox: SandboxT) -> None:
         """Kill the sandbox and release everything it holds. Idempotent."""
 
+    def requests_waiting(self, waiting: bool) -> None:
+        """The pool says whether one of its requests waits for a sandbox now
+        (called on each change). A start is then wanted now, not only a refill."""
+
     async def ping(self) -> bool:
         """True if the backend answers now (for /readyz)."""
         ...
@@ -253,6 +257,9 @@ class BackendBase(Generic[SandboxT]):
         self.config = config
         self.instance_id = instance_id  # labels and names what this daemon made
         self.listener: EventListener | None = None
+
+    def requests_waiting(self, waiting: bool) -> None:
+        """Nothing by default: only a pool's CPU standing (process/cpu.py) uses it."""
 
     def report_died(self, sandbox: SandboxT) -> None:
         """The sandbox died by itself: tell the pool if it was parked (a run reports its own)."""

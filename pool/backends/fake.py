@@ -31,6 +31,7 @@ class FakeBackend:
         self.started: list[str] = []
         self.destroyed: list[str] = []
         self.live: dict[str, Sandbox] = {}
+        self.waiting_told: list[bool] = []  # what requests_waiting was told, in turn
 
     async def start(self) -> None:
         if self.down:
@@ -38,6 +39,9 @@ class FakeBackend:
 
     async def close(self) -> None:
         return None
+
+    def requests_waiting(self, waiting: bool) -> None:
+        self.waiting_told.append(waiting)
 
     async def start_sandbox(self) -> Sandbox:
         self.begun += 1

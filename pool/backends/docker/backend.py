@@ -194,6 +194,9 @@ class DockerBackend(BackendBase[DockerSandbox]):
         self._cpu = PoolCpu(self._cgroup.tree, weigh_starts=True)
         log.info("docker_cgroup_own", pool=self.config.name, path=self._cgroup.parent)
 
+    def requests_waiting(self, waiting: bool) -> None:
+        self._cpu.requests_waiting(waiting)
+
     async def close(self) -> None:
         """Stop following events; remove whatever of this pool is still there; disconnect.
 
@@ -213,6 +216,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
             except (*DOCKER_ERRORS, BackendError) as e:
                 log.error("containers_not_removed", pool=self.config.name, error=describe(e))
             await self._containers.close()
+        await self._cpu.close()
         if self._cgroup is not None:  # its containers are gone: the engine removed theirs
             await asyncio.to_thread(remove_pool_cgroup, self._cgroup)
             self._cgroup = None

@@ -134,9 +134,13 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
             host_uids=repr(self._uids) if definition.setpriv else os.geteuid(),
         )
 
+    def requests_waiting(self, waiting: bool) -> None:
+        self._cpu.requests_waiting(waiting)
+
     async def close(self) -> None:
         for sandbox in list(self._sandboxes):
             await asyncio.shield(self.destroy_sandbox(sandbox))
+        await self._cpu.close()
         if self._cgroups is not None:
             await asyncio.to_thread(remove_pool_cgroups, self._cgroups)
             self._cgroups = None

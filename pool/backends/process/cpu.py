@@ -10,12 +10,20 @@ Two things move a pool's standing (docs/security.md, "Hostile neighbours"):
   neighbours and the pool ran dry).
 - A run still going ``BUSY_AFTER_S`` in is busy, as in the wasm tier: its
   sandbox's cgroup goes to ``cpu.idle`` (SCHED_IDLE among its pool's
-  sandboxes), and while every run of the pool is busy and nothing starts, the
-  pool's directory does too (SCHED_IDLE among the pools and the daemon). Busy
-  code then takes only CPU nothing else wants; its ``cpus`` quota still caps
-  it; a short request anywhere preempts it at once. ``cpu.idle`` is per level
-  of the tree, which is why both levels move: an idle sandbox in a pool of
-  ordinary standing still competes as an equal with every other pool.
+  sandboxes), and while every run of the pool is busy, the pool's directory
+  does too (SCHED_IDLE among the pools and the daemon). Busy code then takes
+  only CPU nothing else wants; its ``cpus`` quota still caps it; a short
+  request anywhere preempts it at once. ``cpu.idle`` is per level of the
+  tree, which is why both levels move: an idle sandbox in a pool of ordinary
+  standing still competes as an equal with every other pool.
+- A start in such a pool lifts the pool's flag only while one of the pool's
+  requests waits for a sandbox (the manager says, ``requests_waiting``). A
+  refill nobody waits for yet is the busy pool's own work: lifting the flag
+  for it handed the pool's whole standing, weight of the start included, to
+  its busy code whenever the start itself waited (a Docker start waits on the
+  engine for most of its ~0.5 s), and the neighbours' busy code then cost the
+  other pools' requests most of their p99 (docs/security.md, "A busy pool's
+  refills"). Inside the idle pool the start still comes before the busy code.
 
 State changes are plain counts (``standing``); the kernfs writes happen after,
 one at a time, and only when the standing changed, so a pool whose runs are
@@ -42,14 +50,16 @@ class Standing:
     idle: bool
 
 
-def standing(*, starting: int, short: int, busy: int, weigh_starts: bool) -> Standing:
-    """What the pool's directory should say, from its starts and runs in progress.
+def standing(*, starting: int, short: int, busy: int, waiting: bool,
+             weigh_starts: bool) -> Standing:
+    """What the pool's directory should say, from its starts and runs in progress
+    and whether a request of the pool waits for a sandbox.
 
-    Idle only while something busy runs and nothing else does: a start or a run
-    younger than BUSY_AFTER_S in an idle directory would itself wait for CPU
-    nothing else wants.
+    Idle only while something busy runs and nothing else is wanted now: a run
+    younger than BUSY_AFTER_S, or a start a request waits for, in an idle
+    directory would itself wait for CPU nothing else wants.
     """
-    idle = busy > 0 and short == 0 and starting == 0
+    idle = busy > 0 and short == 0 and not (starting and waiting)
     weight = 1 + starting if weigh_starts and not idle else 1
     return Standing(weight, idle)
 
@@ -63,17 +73,35 @@ class PoolCpu:
         self._starting = 0
         self._short = 0  # runs younger than BUSY_AFTER_S
         self._busy = 0
+        self._waiting = False  # a request of the pool waits for a sandbox
         self._written = Standing(1, False)  # a new directory's
         self._writing = asyncio.Lock()  # one write at a time, the latest standing last
+        self._told: set[asyncio.Task[None]] = set()  # writes requests_waiting began
 
     def __repr__(self) -> str:
         return (f"<PoolCpu starting={self._starting} short={self._short} busy={self._busy} "
-                f"{self._written}>")
+                f"waiting={self._waiting} {self._written}>")
 
     @property
     def standing(self) -> Standing:
         return standing(starting=self._starting, short=self._short, busy=self._busy,
-                        weigh_starts=self._weigh_starts)
+                        waiting=self._waiting, weigh_starts=self._weigh_starts)
+
+    def requests_waiting(self, waiting: bool) -> None:
+        """Whether a request of the pool waits for a sandbox now (its manager says).
+
+        A start in progress then stands as the pool's urgent work at once: the
+        write is begun here, not at the start's next step.
+        """
+        self._waiting = waiting
+        if self._unsettled():
+            task = asyncio.get_running_loop().create_task(self._settle())
+            self._told.add(task)
+            task.add_done_callback(self._told.discard)
+
+    async def close(self) -> None:
+        """Before the pool's directory goes: no write of ours is still under way."""
+        await asyncio.gather(*self._told, return_exceptions=True)
 
     def _unsettled(self) -> bool:
         """Whether a write is due or under way: without one, no task is made at all."""
