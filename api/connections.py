@@ -25,10 +25,8 @@ import errno
 import json
 import logging
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -37,6 +35,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pool.errors import ForbiddenError
+from pool.procfs import NO_PEER, PeerCredentials, socket_peer
 
 log = structlog.get_logger("sandpool.api")
 
@@ -142,26 +141,12 @@ def refusal(status: int, code: str, message: str) -> bytes:
     return head.encode("latin-1") + body
 
 
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    """The process at the other end of a Unix socket; -1s when the kernel said nothing."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
 def peer_credentials(transport: asyncio.BaseTransport) -> PeerCredentials:
-    """SO_PEERCRED of a Unix-socket transport: taken at connect(), so not forgeable later."""
+    """SO_PEERCRED of a Unix-socket transport (pool/procfs.py); NO_PEER on TCP."""
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family != socket.AF_UNIX:
-        return PeerCredentials(-1, -1, -1)
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:  # the peer is already gone
-        return PeerCredentials(-1, -1, -1)
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCredentials(pid, uid, gid)
+        return NO_PEER
+    return socket_peer(sock)
 
 
 class ConnectionGate:

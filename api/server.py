@@ -36,7 +36,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.connections import (
     ConnectionCounter,
     ConnectionGate,
-    PeerCredentials,
     ThrottledLog,
     http_server_logger,
     mark_request_started,
@@ -69,6 +68,7 @@ from pool.errors import (
     UnsupportedMediaTypeError,
 )
 from pool.manager import PoolRun
+from pool.procfs import PeerCredentials
 from pool.sessions import Sessions
 
 log = structlog.get_logger("sandpool.api")

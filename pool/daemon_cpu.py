@@ -52,6 +52,7 @@ from pool.backends.process.cgroups import (
     own_cgroups,
     pools_base,
     sweep_stale_cgroups,
+    unified_host,
 )
 
 log = structlog.get_logger("sandpool.cpu")
@@ -84,7 +85,7 @@ def raise_daemon(*, serves_wasm: bool) -> str:
     global _raised
     try:
         own = own_cgroups()
-        if (CGROUP_ROOT / "cgroup.controllers").exists():
+        if unified_host():
             _raised = _raise_v2(own.get("", "/"), serves_wasm)
         else:
             _raised = _raise_v1(own, serves_wasm)

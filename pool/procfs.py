@@ -3,6 +3,31 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """The process at the other end of a Unix socket; -1s when the kernel said nothing."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+NO_PEER = PeerCredentials(-1, -1, -1)
+
+
+def socket_peer(sock: socket.socket) -> PeerCredentials:
+    """SO_PEERCRED of a connected Unix socket: taken at connect(), so not forgeable
+    later. A pid of 0 is a peer in another pid namespace; NO_PEER if the peer is gone."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return NO_PEER
+    return PeerCredentials(*struct.unpack("3i", raw))
 
 
 def pid_alive(pid: int) -> bool:

@@ -14,7 +14,6 @@ import structlog
 
 from api.connections import (
     ConnectionCounter,
-    PeerCredentials,
     Throttle,
     ThrottledLog,
     loop_exception_handler,
@@ -23,6 +22,7 @@ from api.connections import (
 from api.server import is_peer_allowed
 from pool.config import ServerConfig, parse_config
 from pool.errors import ConfigError
+from pool.procfs import PeerCredentials
 
 
 def test_counter_refuses_over_each_cap_and_forgets_closed_peers() -> None:

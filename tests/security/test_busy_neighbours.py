@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from api.client import Client
-from pool.backends.process.cgroups import CGROUP_ROOT, daemon_group_name, own_cgroups
+from pool.backends.process.cgroups import CGROUP_ROOT, daemon_group_name, own_cgroups, unified_host
 from pool.daemon_cpu import DAEMON_WEIGHT
 from tests.support import (
     SCHED_IDLE,
@@ -91,7 +91,7 @@ def docker_keeps_the_containers() -> str:
     """Why this host's Docker pools would not get cgroups of their own, read here
     from the host rather than from the daemon's own test (cgroup.py's ``refused``);
     "" where they should."""
-    if "cpu" not in own_cgroups() or (CGROUP_ROOT / "cgroup.controllers").exists():
+    if "cpu" not in own_cgroups() or unified_host():
         return "no cgroup v1 cpu hierarchy"
     engine = subprocess.run(
         ["docker", "info", "--format", "{{.CgroupDriver}} v{{.CgroupVersion}}"],
@@ -205,7 +205,7 @@ def daemon_cpu_cgroup(daemon: Daemon, role: str = "daemon") -> Path:
     there is no cgroup v1 cpu hierarchy (cgroup v2 keeps a daemon serving wasm
     where it is)."""
     own = own_cgroups().get("cpu")
-    if own is None or (CGROUP_ROOT / "cgroup.controllers").exists():
+    if own is None or unified_host():
         pytest.skip("no cgroup v1 cpu hierarchy")
     return CGROUP_ROOT / "cpu" / own.lstrip("/") / daemon_group_name(daemon.pid, role)
 

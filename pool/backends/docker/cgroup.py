@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,9 @@ from pool.backends.process.cgroups import (
     pools_base,
     remove_pool_cgroups,
     sweep_stale_cgroups,
+    unified_host,
 )
+from pool.procfs import socket_peer
 
 ENGINE_COMMAND = "dockerd"
 
@@ -85,7 +86,7 @@ def engine_facts(url: str, info: Mapping[str, Any]) -> EngineFacts:
     """The facts for the engine at ``url`` whose ``GET /info`` answered ``info``.
     Blocking (a socket connect and /proc reads): run in a thread."""
     own_cpu = None
-    if not (CGROUP_ROOT / "cgroup.controllers").exists():
+    if not unified_host():
         with contextlib.suppress(OSError):
             own_cpu = own_cgroups().get("cpu")
     peer = _socket_peer(url)
@@ -114,11 +115,10 @@ def _socket_peer(url: str) -> int | None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(2)
             s.connect(url.removeprefix("unix://"))
-            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid = socket_peer(s).pid
     except OSError:
         return None
-    pid = struct.unpack("3i", creds)[0]
-    return pid or None
+    return pid if pid > 0 else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,6 +133,12 @@ def delegated_v2_base(own_path: str) -> Path:
     return base
 
 
+def unified_host() -> bool:
+    """Whether /sys/fs/cgroup is cgroup v2 alone; else v1 hierarchies (a hybrid
+    host's v2 mount, unified/, holds no controller the daemon uses)."""
+    return (CGROUP_ROOT / "cgroup.controllers").exists()
+
+
 def prepare_cgroups(dir_name: str) -> tuple[CgroupTree | None, str]:
     """Create this pool's cgroup directory below the daemon's own cgroup.
 
@@ -141,7 +147,7 @@ def prepare_cgroups(dir_name: str) -> tuple[CgroupTree | None, str]:
     """
     try:
         own = own_cgroups()
-        if (CGROUP_ROOT / "cgroup.controllers").exists():
+        if unified_host():
             return _prepare_v2(own.get("", "/"), dir_name), ""
         return _prepare_v1(own, dir_name), ""
     except (OSError, ValueError) as e:
