@@ -408,6 +408,54 @@ async def test_a_start_weighs_its_pool_as_one_more_process_while_it_lasts(
             await backend.destroy_sandbox(started)
 
 
+def pool_cpu_idle(backend: ProcessBackend) -> str | None:
+    """The pool directory's cpu.idle; None without one (no cpu controller, Linux < 5.15)."""
+    for pool_dir in pool_directories(backend):
+        if (path := pool_dir / "cpu.idle").exists():
+            return path.read_text().strip()
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon creates cgroups only as root")
+async def test_a_busy_pools_refill_stays_behind_its_flag_until_a_request_waits(
+    backend: ProcessBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the kernel's files: the refill a busy run leaves does not hand the busy
+    code its pool's standing, but a start that a request waits for gets it."""
+    if pool_cpu_idle(backend) is None:
+        pytest.skip("no cpu.idle here")
+    one = pool_cpu_weight(backend)  # nothing starting or running: one process's
+    assert one in (1024, 100)
+    busy = await backend.start_sandbox()
+    running = asyncio.ensure_future(backend.run(busy, request("while True: pass", timeout_s=30)))
+    seen: list[tuple[str | None, int | None]] = []  # (cpu.idle, weight) as each spawn began
+    spawn = backend._spawn
+
+    async def spawn_and_look(*args: Any) -> ProcessSandbox:
+        seen.append((pool_cpu_idle(backend), pool_cpu_weight(backend)))
+        return await spawn(*args)
+
+    monkeypatch.setattr(backend, "_spawn", spawn_and_look)
+    started: list[ProcessSandbox] = []
+    try:
+        await asyncio.to_thread(wait_until, lambda: pool_cpu_idle(backend) == "1",
+                                "the busy run's pool is idle")
+        started.append(await backend.start_sandbox())  # a refill nobody waits for
+        backend.requests_waiting(True)
+        started.append(await backend.start_sandbox())  # one a request waits for
+        backend.requests_waiting(False)
+        assert seen[0][0] == "1"  # the kernel's weight of an idle cgroup is its own
+        assert seen[1] == ("0", 2 * one)
+        assert len(seen) == 2
+        await asyncio.to_thread(wait_until, lambda: pool_cpu_idle(backend) == "1",
+                                "idle again once nothing is wanted")
+    finally:
+        for sandbox in (busy, *started):
+            await backend.destroy_sandbox(sandbox)
+        with contextlib.suppress(BackendError, SandboxLostError):  # its sandbox went
+            await running
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="finds the tree by its cgroup, made only as root")
 @pytest.mark.parametrize("delay_s", [0, 0.0002, 0.0005, 0.001, 0.003, 0.01, 0.03, 0.06, 0.12, 0.25])
 async def test_a_cancelled_start_leaves_nothing(backend: ProcessBackend, delay_s: float) -> None:
