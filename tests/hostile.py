@@ -59,6 +59,7 @@ from pool.daemon_cpu import DAEMON_WEIGHT
 from pool.uids import SandboxUids
 from tests.support import (
     Daemon,
+    DaemonFailed,
     docker_containers,
     free_port,
     processes_in_uid_range,
@@ -193,7 +194,11 @@ class Run:
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="sandpool-hostile-"))
         self.metrics_port = free_port()
-        self.daemon: Daemon = start_daemon(self.tmp, config(self.metrics_port))
+        try:
+            self.daemon: Daemon = start_daemon(self.tmp, config(self.metrics_port))
+        except DaemonFailed:  # its message carries the log's tail: nothing to keep
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self.lock = threading.Lock()
         self.latencies: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         # Per phase and pool, each request's time split as the daemon saw it:
@@ -412,7 +417,11 @@ def main() -> int:
     parser.add_argument("--attacks", type=lambda v: v.split(","), default=every,
                         help=f"comma-separated subset of: {','.join(every)}")
     args = parser.parse_args()
-    run = Run(args)
+    try:
+        run = Run(args)
+    except DaemonFailed as e:
+        print(f"hostile: the daemon did not start: {e}", file=sys.stderr)
+        return 2
     report = run.run()
     if report["failures"]:
         report["daemon_directory"] = str(run.tmp)  # its log, kept for a look
