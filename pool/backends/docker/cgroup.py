@@ -165,8 +165,17 @@ def remove_pool_cgroup(pool: PoolCgroup) -> None:
     One still busy (a container dockerd could not remove) is left to the next
     daemon's sweep, and logged."""
     relative = pool.parent.lstrip("/")
-    remove_pool_cgroups(CgroupTree(version=1, pool_dirs={
-        hierarchy.name: hierarchy / relative for hierarchy in hierarchies()}))
+    tree = CgroupTree(version=1, pool_dirs={
+        hierarchy.name: hierarchy / relative for hierarchy in hierarchies()})
+    for directory in tree.pool_dirs.values():
+        # An empty cgroup of a container already gone, which the engine left (seen
+        # once in CI): rmdir takes it; one with processes refuses, and the pool's
+        # directory is then left and logged, as before.
+        with contextlib.suppress(OSError):
+            for child in [d for d in directory.iterdir() if d.is_dir()]:
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+    remove_pool_cgroups(tree)
 
 
 def sweep_stale(relative_base: Path) -> None:
