@@ -370,6 +370,8 @@ def start_daemon(
         if daemon.process.poll() is None:
             daemon.process.kill()
             daemon.process.wait()
+        if daemon.cleanup is not None:  # the image's delegated cgroups, say
+            daemon.cleanup()
         raise
     return daemon
 
