@@ -22,8 +22,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import resource
-from pathlib import Path
 
 import structlog
 
@@ -47,8 +45,9 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
+from pool.quotas import rlimit_shares, user_quota_shares
 from pool.uids import SandboxUids, default_uids
-from pool.wire import USER_QUOTAS, SpawnOrder
+from pool.wire import SpawnOrder
 
 log = structlog.get_logger("sandpool.fork")
 
@@ -58,39 +57,6 @@ TEMPLATE_READY_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 10.0  # order to the runner's ready frame: far above a normal fork
 EXIT_TIMEOUT_S = 5.0  # SIGKILL to the template's report that PID 1 was reaped
 TEMPLATE_CGROUP = "template"
-# Per-user quotas the kernel counts per uid in the template's user namespace
-# *and* against the template's own host uid for all its sandboxes together:
-# each sandbox gets a share, the host's limit over the most that may be alive
-# at once (the template included). Rlimits, from the daemon's own values...
-SHARED_RLIMITS = ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")
-# ... and the rest, from the host's (wire.USER_QUOTAS, in the same order).
-HOST_QUOTAS = ("/proc/sys/fs/inotify/max_user_instances", "/proc/sys/fs/inotify/max_user_watches")
-
-
-def share(limit: int, max_size: int) -> int:
-    if limit == resource.RLIM_INFINITY:
-        return limit
-    return max(1, limit // (max_size + 1))
-
-
-Limits = dict[str, tuple[int, int]]
-
-
-def sandbox_rlimits(limits: Limits, max_size: int) -> Limits:
-    """The process tier's rlimits plus each sandbox's share of SHARED_RLIMITS."""
-    shared = {}
-    for name in SHARED_RLIMITS:
-        soft, _ = resource.getrlimit(getattr(resource, name))
-        shared[name] = (share(soft, max_size), share(soft, max_size))
-    return {**limits, **shared}
-
-
-def user_quota_shares(max_size: int) -> dict[str, int]:
-    """Each sandbox's share of HOST_QUOTAS. Blocking (procfs reads)."""
-    return {
-        name: share(int(Path(path).read_text()), max_size)
-        for name, path in zip(USER_QUOTAS, HOST_QUOTAS, strict=True)
-    }
 
 
 class ForkBackend(BackendBase[ForkSandbox]):
@@ -130,10 +96,12 @@ class ForkBackend(BackendBase[ForkSandbox]):
                 code="fork_needs_root",
             )
         definition = await define(self.config)
+        # Every sandbox is counted against the template's uid too (pool/quotas.py).
+        holders = self.config.max_size + 1
         definition = dataclasses.replace(
-            definition, limits=sandbox_rlimits(definition.limits, self.config.max_size)
+            definition, limits=rlimit_shares(definition.limits, holders)
         )
-        self._quotas = await asyncio.to_thread(user_quota_shares, self.config.max_size)
+        self._quotas = await asyncio.to_thread(user_quota_shares, holders)
         self._version = definition.version
         dir_name = cgroup_dir_name(self.config.name, self.instance_id)
         self._cgroups, reason = await asyncio.to_thread(prepare_cgroups, dir_name)

@@ -1,0 +1,59 @@
+"""Per-user kernel quotas that sandboxes of one host uid hold together: each gets a share.
+
+Some kernel quotas are counted per uid in a user namespace *and*, level by
+level, against the uid that made each namespace, up to the host: inotify
+instances and watches (``/proc/sys/user``), and the bytes of POSIX message
+queues, pending signals and locked memory (rlimits the kernel checks at every
+level against the maker's value). A root daemon gives every Docker and process
+sandbox a host uid of its own (``pool/uids.py``), so each has the whole quota.
+Where sandboxes cannot each have one, one sandbox could take the quota of
+every other:
+
+- a fork pool's sandboxes are counted against the template's uid;
+- a daemon that is not root makes each process sandbox's user namespace
+  itself, so every one of them is counted against the daemon's uid.
+
+There each sandbox gets a share: the limit over the most that can hold it at
+once (``holders``, the template or the daemon included). What goes over its
+share fails in the sandbox with the error of a spent quota (``EMFILE``), and
+the others keep theirs.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+from pool.wire import USER_QUOTAS
+
+# Rlimits, shared out from the daemon's own soft values (a sandbox's runner sets them)...
+SHARED_RLIMITS = ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")
+# ... and the rest from the host's (wire.USER_QUOTAS, in the same order), which
+# a sandbox's user namespace gets as its /proc/sys/user limits.
+HOST_QUOTAS = ("/proc/sys/fs/inotify/max_user_instances", "/proc/sys/fs/inotify/max_user_watches")
+
+Limits = dict[str, tuple[int, int]]
+
+
+def share(limit: int, holders: int) -> int:
+    """One holder's part of ``limit``; at least 1, and no limit stays no limit."""
+    if limit == resource.RLIM_INFINITY:
+        return limit
+    return max(1, limit // max(1, holders))
+
+
+def rlimit_shares(limits: Limits, holders: int) -> Limits:
+    """``limits`` (a runner's rlimits) plus each sandbox's share of SHARED_RLIMITS."""
+    shared = {}
+    for name in SHARED_RLIMITS:
+        soft, _ = resource.getrlimit(getattr(resource, name))
+        shared[name] = (share(soft, holders), share(soft, holders))
+    return {**limits, **shared}
+
+
+def user_quota_shares(holders: int) -> dict[str, int]:
+    """Each sandbox's share of HOST_QUOTAS, by wire.USER_QUOTAS name. Blocking (procfs reads)."""
+    return {
+        name: share(int(Path(path).read_text()), holders)
+        for name, path in zip(USER_QUOTAS, HOST_QUOTAS, strict=True)
+    }
