@@ -319,6 +319,65 @@ def test_fork_bomb_is_held_at_the_pids_limit_without_starving_other_sandboxes(
     assert_serves_a_clean_sandbox(api, pool, bomb)
 
 
+# Kernel quotas counted per user, not per process: inotify instances (a
+# /proc/sys/user limit) and POSIX message queue bytes (RLIMIT_MSGQUEUE). A root
+# daemon gives each Docker and process sandbox a host uid of its own; a fork
+# sandbox, and every process sandbox of a daemon that is not root (the
+# daemon's image), gets a share of one uid's (pool/quotas.py). Either way one
+# sandbox spending all it may leaves another what it needs.
+QUOTA_TAKE = """
+import ctypes, json, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+
+class MqAttr(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_long), ("maxmsg", ctypes.c_long),
+                ("msgsize", ctypes.c_long), ("curmsgs", ctypes.c_long),
+                ("reserved", ctypes.c_long * 4)]
+
+ATTR = MqAttr(0, 1, 4096, 0)  # ~4 KiB of RLIMIT_MSGQUEUE each
+
+def take(n):
+    if PARAMS["quota"] == "inotify":
+        return libc.inotify_init1(0)
+    return libc.mq_open(f"/q{n}".encode(), os.O_CREAT | os.O_RDWR, 0o600, ctypes.byref(ATTR))
+"""
+QUOTA_HOG = QUOTA_TAKE + """
+held = 0
+while take(held) >= 0:
+    held += 1
+hit_at, error = time.time(), ctypes.get_errno()
+time.sleep(4)
+print(json.dumps({"held": held, "errno": error, "hit_at": hit_at, "held_until": time.time()}))
+"""
+QUOTA_NEEDED = QUOTA_TAKE + """
+time.sleep(1.5)  # once the hog holds all it can
+at = time.time()
+fd = take(0)
+print(json.dumps({"errno": 0 if fd >= 0 else ctypes.get_errno(), "at": at}))
+"""
+# One pool per tier with host processes.
+QUOTA_POOLS = [p for p in PYTHON_POOLS if p in ("python", "python-process", "python-fork")]
+
+
+@pytest.mark.parametrize("quota", ["inotify", "mqueue"])
+@pytest.mark.parametrize("pool", QUOTA_POOLS)
+def test_one_sandbox_spending_a_per_user_quota_leaves_another_its_own(
+    secret_daemon: Daemon, pool: str, quota: str
+) -> None:
+    hog, other = run_concurrently(
+        secret_daemon,
+        (with_params(QUOTA_HOG, quota=quota), pool, {"timeout_s": 15}),
+        (with_params(QUOTA_NEEDED, quota=quota), pool, {"timeout_s": 15}),
+    )
+    held, needed = report(hog), report(other)
+    # The hog was stopped by the quota (EMFILE for both), below its 1024 fds.
+    assert held["errno"] == errno.EMFILE, hog
+    assert 0 < held["held"] < 1000, hog
+    # The other sandbox got its own while the hog held every one it could.
+    assert needed["errno"] == 0, (hog, other)
+    assert held["hit_at"] <= needed["at"] <= held["held_until"], (held, needed)
+
+
 def test_memory_bomb_is_an_oom_verdict(api: Client, pool: str) -> None:
     result = run(api, """
         blocks = []
