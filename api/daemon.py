@@ -122,7 +122,10 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
                 log.info("daemon_cpu_raised", weight=DAEMON_WEIGHT)
             stack.push_async_callback(asyncio.to_thread, lower_daemon)
             pools: dict[str, PoolHandle] = {}
-            uids = SandboxUids(config.server.sandbox_uid_base, config.server.sandbox_uid_count)
+            uids = SandboxUids(
+                config.server.sandbox_uid_base, config.server.sandbox_uid_count,
+                own_uid_sandboxes=sum(p.max_size for p in config.pools if p.backend == "process"),
+            )
             for pool_config in config.pools:
                 pool = create_pool(pool_config, instance_id, uids, metrics, activity)
                 pools[pool.name] = await stack.enter_async_context(pool)

@@ -247,9 +247,10 @@ MAX_CONTROL_BYTES = 4096
 # sandbox covers with a fresh tmpfs of its own.
 CGROUP_MOUNT = "/tmp/.sandpool-cgroups"
 TEMPLATE_READY = b'{"ready": true}'
-# Per-user kernel quotas that are not rlimits: the kernel counts them per uid
-# in the template's user namespace *and* against the template's own host uid,
-# so each sandbox gets a share of the host's limit (/proc/sys/user/<name>).
+# Per-user kernel quotas that are not rlimits, which a sandbox that shares a
+# host uid gets a share of (pool/quotas.py), as its user namespace's
+# /proc/sys/user/<name>: set by a fork sandbox itself, and by a non-root
+# daemon for its process sandboxes (pool/backends/process/userns.py).
 USER_QUOTAS = ("max_inotify_instances", "max_inotify_watches")
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z").match
 

@@ -142,7 +142,8 @@ def test_unit_lets_bubblewrap_and_wasmtime_work() -> None:
     service = directives("Service")
     # wasmtime's JIT maps written code executable: MemoryDenyWriteExecute kills it.
     assert "MemoryDenyWriteExecute" not in service
-    # ProtectKernelTunables: read-only /proc/sys fails bwrap --disable-userns.
+    # ProtectKernelTunables: a read-only /proc/sys fails the /proc/sys/user limits
+    # the daemon writes in each sandbox's user namespace (and bwrap --disable-userns).
     # ProtectHostname: its seccomp filter fails bwrap --hostname. Both, and
     # ProtectKernelLogs, overmount parts of /proc, which makes the kernel refuse
     # bwrap a fresh /proc once systemd (253+) detaches the old root.

@@ -8,7 +8,9 @@ pipes of the sandbox's own, read by the event loop (``channel.py``), so a
 hand-out costs about a pipe write each way.
 
 A start makes the sandbox's cgroup (``cgroups.py``) and, for a root daemon,
-its noexec scratch mounts (``scratch.py``), spawns the command line of
+its noexec scratch mounts (``scratch.py``) or, for one that is not root, its
+user namespace with its share of the daemon uid's quotas (``userns.py``),
+spawns the command line of
 ``definition.py``, and waits for the runner's ready frame. A run enforces the
 timeout and the output cap by killing the runner; the OOM verdict is the
 cgroup's ``oom_kill`` counter, never the code's claim. A destroy kills the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import subprocess
 
@@ -41,10 +44,12 @@ from pool.backends.process.definition import SandboxDefinition, define, with_roo
 from pool.backends.process.execute import report_died_waiting, run_direct
 from pool.backends.process.sandbox import ProcessSandbox
 from pool.backends.process.scratch import SandboxScratch, ScratchMounts
+from pool.backends.process.userns import make_user_namespace
 from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
+from pool.quotas import rlimit_shares, user_quota_shares
 from pool.uids import SandboxUids, default_uids
 
 log = structlog.get_logger("sandpool.process")
@@ -78,6 +83,14 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
 
     async def start(self) -> None:
         definition = await define(self.config)
+        if definition.unshare is not None:
+            # Not root: every process sandbox of the daemon, and the daemon, share
+            # its uid's per-user quotas; each sandbox gets a share (pool/quotas.py).
+            holders = (self._uids.own_uid_sandboxes or self.config.max_size) + 1
+            definition = dataclasses.replace(
+                definition, limits=rlimit_shares(definition.limits, holders),
+                user_quotas=await asyncio.to_thread(user_quota_shares, holders),
+            )
         self._version = definition.version
         # As root, or as a user systemd delegated a cgroup subtree to (Delegate=yes).
         dir_name = cgroup_dir_name(self.config.name, self.instance_id)
@@ -234,16 +247,23 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
             os.set_blocking(fd, False)
         pipes = OutputPipes()
         # As root, each sandbox runs as a host uid of its own (pool/uids.py); a
-        # non-root daemon's sandboxes can only be its own uid outside.
+        # non-root daemon's sandboxes are all its own uid outside, each with a
+        # share of that uid's quotas in a user namespace of its own (userns.py).
         host_uid = self._uids.acquire() if definition.setpriv is not None else None
         scratch: SandboxScratch | None = None
+        userns: list[int] = []  # a non-root daemon's namespace fd; bwrap holds it once started
         try:
             if self._scratch is not None and host_uid is not None:
                 scratch = await asyncio.to_thread(
                     self._scratch.mount, sandbox_id, host_uid, self.config.tmpfs_mb * 1024 * 1024
                 )
+            if definition.unshare is not None:
+                userns.append(
+                    await make_user_namespace(definition.unshare, definition.user_quotas)
+                )
             command = definition.command(
-                seccomp_fd, info_w, cgroup, pipes.write_ends, host_uid, scratch
+                seccomp_fd, info_w, cgroup, pipes.write_ends, host_uid, scratch,
+                userns[0] if userns else None,
             )
             transport, protocol = await loop.subprocess_exec(
                 lambda: RunnerProtocol(loop),
@@ -251,7 +271,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr_w,
-                pass_fds=(seccomp_fd, info_w, *pipes.write_ends),
+                pass_fds=(seccomp_fd, info_w, *pipes.write_ends, *userns),
                 # Out of the daemon's process group: a Ctrl-C meant for the
                 # daemon must not kill sandboxes it is draining.
                 start_new_session=True,
@@ -270,7 +290,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                 raise BackendError(f"cannot run bubblewrap: {e}") from None
             raise
         finally:
-            for fd in (seccomp_fd, info_w, stderr_w):
+            for fd in (seccomp_fd, info_w, stderr_w, *userns):
                 os.close(fd)
         pipes.close_write_ends()  # the sandbox holds them now: EOF means its writers are gone
         sandbox = ProcessSandbox(

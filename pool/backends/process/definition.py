@@ -3,9 +3,11 @@
 New user, PID, network, IPC, UTS and cgroup namespaces; no capabilities;
 uid 65534 inside and, for a root daemon, a host uid of the sandbox's own
 outside (``pool/uids.py``: the daemon drops to it with ``setpriv`` before
-bwrap); a read-only root holding the host's ``/usr`` and the guest programs;
-sandpool's seccomp filter (``pool/seccomp.py``); rlimits the runner sets on
-itself before anything else. Everything that does not change per sandbox is
+bwrap) or, for a daemon that is not root, a user namespace the daemon makes
+with the sandbox's share of its uid's quotas (``userns.py``); a read-only
+root holding the host's ``/usr`` and the guest programs; sandpool's seccomp
+filter (``pool/seccomp.py``); rlimits the runner sets on itself before
+anything else. Everything that does not change per sandbox is
 found and checked once, by ``define()``, when the backend starts.
 """
 
@@ -41,6 +43,10 @@ ADDRESS_SPACE_FACTOR = 8
 # subtree): join the sandbox's cgroups, then exec the rest of the command line.
 # Joining from inside the child is the only way to have every process of the
 # tree born in the cgroup (asyncio cannot spawn into one).
+# What bwrap's --unshare-all makes besides the user namespace (which --userns gives).
+UNSHARE_ALL_BUT_USER = (
+    "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+)
 JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done; shift; exec "$@"'
 
 
@@ -54,10 +60,16 @@ class SandboxDefinition:
     # bwrap's sandbox uid would otherwise map to real uid 0, which the kernel
     # exempts from RLIMIT_NPROC. None for a daemon that is not root.
     setpriv: str | None
+    # A non-root daemon's: util-linux unshare, which makes each sandbox's user
+    # namespace with its share of the daemon uid's quotas (userns.py). None for root.
+    unshare: str | None
     seccomp: bytes  # the compiled filter, handed to bwrap on a fresh memfd per sandbox
     filesystem: tuple[str, ...]  # bwrap's read-only binds (filesystem_args) and the guest dir
     limits: dict[str, tuple[int, int]]  # the runner's rlimits (runner_limits)
     version: str  # bwrap's own
+    # A non-root daemon's sandbox's share of the /proc/sys/user quotas (pool/quotas.py);
+    # set by the backend, which knows how many sandboxes share the daemon's uid.
+    user_quotas: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def seccomp_fd(self) -> int:
         """A fresh memfd holding the filter, at offset 0: bwrap reads the program to its end."""
@@ -74,12 +86,15 @@ class SandboxDefinition:
         output_fds: tuple[int, ...],
         host_uid: int | None = None,
         scratch: SandboxScratch | None = None,
+        userns: int | None = None,
     ) -> list[str]:
         """The full command line of one sandbox; every limit comes from the pool config.
 
         ``host_uid``: what a root daemon drops to before bwrap, the sandbox's own
-        uid of the range (inside, the code still sees 65534). Raises ValueError
-        when a root daemon's sandbox has none.
+        uid of the range (inside, the code still sees 65534). ``userns``: a
+        non-root daemon's user namespace for the sandbox, an fd (userns.py).
+        Raises ValueError when a root daemon's sandbox has no uid, or a non-root
+        one no namespace.
         """
         c = self.config
         stdout_w, stderr_w, status_w = output_fds  # the runner's direct mode
@@ -92,10 +107,17 @@ class SandboxDefinition:
                 raise ValueError("a root daemon's sandbox needs a host uid of its own")
             uid = str(host_uid)
             command += [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        if self.unshare is not None:
+            if userns is None:
+                raise ValueError("a non-root daemon's sandbox needs its user namespace")
+            # What --unshare-user --disable-userns would make, with quotas.
+            namespaces = ["--userns", str(userns), *UNSHARE_ALL_BUT_USER]
+        else:
+            # --unshare-all only *tries* the user namespace; --disable-userns needs it.
+            namespaces = ["--unshare-all", "--unshare-user", "--disable-userns"]
         command += [
             self.bwrap,
-            # --unshare-all only *tries* the user namespace; --disable-userns needs it.
-            "--unshare-all", "--unshare-user", "--disable-userns",
+            *namespaces,
             "--die-with-parent", "--new-session",
             # The runner is PID 1: killing it empties the namespace, and bwrap reaps
             # it itself (with an init of bwrap's, a zombie would outlive bwrap).
@@ -143,17 +165,22 @@ async def define(config: PoolConfig) -> SandboxDefinition:
         raise BackendError(
             "bubblewrap is not installed: `apt-get install bubblewrap`", code="bwrap_missing"
         )
-    setpriv = None
+    setpriv = unshare = None
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             raise BackendError("setpriv (util-linux) is missing", code="setpriv_missing")
+    else:
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            raise BackendError("unshare (util-linux) is missing", code="unshare_missing")
     seccomp = await asyncio.to_thread(build_filter)
     guest_dir = await asyncio.to_thread(guest.install)
     return SandboxDefinition(
         config=config,
         bwrap=bwrap,
         setpriv=setpriv,
+        unshare=unshare,
         seccomp=seccomp,
         filesystem=("--ro-bind", str(guest_dir), guest.GUEST_DIR),
         limits=runner_limits(config),
