@@ -20,7 +20,8 @@ bwrap (``--userns``):
   bwrap enters it, and its ``--cap-drop ALL`` leaves the code no capability
   in it, the bounding set included.
 
-Two short execs, ~3-5 ms of host CPU per sandbox here, no privilege.
+Two short execs and no privilege: the maker alone took 3-5 ms of host CPU
+here, a sandbox's start ~11 ms more in all (docs/process-tier.md).
 """
 
 from __future__ import annotations
