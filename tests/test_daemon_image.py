@@ -139,7 +139,7 @@ def test_behaviour_and_adversarial_suites_pass_against_the_image(tmp_path: Path)
 
 def test_the_engines_default_seccomp_profile_stops_both_tiers(tmp_path: Path) -> None:
     refusal = start_failure(tmp_path, PROCESS_POOL, seccomp=None)
-    assert ("cannot make the sandbox's user namespace: unshare: unshare failed: "
+    assert ("cannot make the sandbox's namespaces: unshare: unshare failed: "
             "Operation not permitted") in refusal, refusal
     refusal = start_failure(tmp_path, WASM_POOL, seccomp=None)
     assert "cannot bound its scratch space" in refusal, refusal
@@ -148,7 +148,7 @@ def test_the_engines_default_seccomp_profile_stops_both_tiers(tmp_path: Path) ->
 BOTH_POOLS = PROCESS_POOL + WASM_POOL.replace("[server]\nmetrics_address = \"off\"\n", "")
 # How each tier's start-up says that the kernel refused it a sandbox.
 REFUSALS = {
-    "process": ("cannot start a bubblewrap sandbox", "cannot make the sandbox's user namespace"),
+    "process": ("cannot start a bubblewrap sandbox", "cannot make the sandbox's namespaces"),
     "wasm": ("cannot bound its scratch",),
 }
 
@@ -171,7 +171,7 @@ def test_without_an_unmasked_proc_the_process_tier_refuses(tmp_path: Path) -> No
     # The runtime's read-only /proc/sys: the sandbox's quotas cannot be set (and
     # bwrap, measured before the quotas, could not mount a fresh /proc either).
     refusal = start_failure(tmp_path, PROCESS_POOL, unmasked_proc=False)
-    assert ("cannot make the sandbox's user namespace: sandpool-userns: 1: cannot create "
+    assert ("cannot make the sandbox's namespaces: sandpool-userns: 1: cannot create "
             "/proc/sys/user/max_inotify_instances: Read-only file system") in refusal, refusal
 
 

@@ -1,12 +1,14 @@
-"""A non-root daemon's user namespace for a process sandbox (pool/backends/process/userns.py).
+"""A non-root daemon's namespaces for a process sandbox (pool/backends/process/userns.py).
 
-Run as uid 65534, as such a daemon is: the namespace is made with a quota,
-bwrap runs a probe in it the way the backend does (``--userns``, ``--cap-drop
-ALL``, no seccomp filter, so only the namespace stands in the way), and the
-probe reports what it could do; then a whole process backend as uid 65534,
-in a cgroup delegated to it, gives its sandbox its share of the uid's quotas.
-The daemon behind the same path is the adversarial suite's per-user quota
-attack against the daemon's image (tests/test_daemon_image.py).
+Run as uid 65534, as such a daemon is: the namespaces are made with a quota
+and the pool's scratch, bwrap runs a probe in them the way the backend does
+(``nsenter`` into them, ``--unshare-user --disable-userns``, ``--cap-drop ALL``,
+the staged scratch bound in, no seccomp filter, so only the namespaces and
+mounts stand in the way), and the probe reports what it could do; then a whole
+process backend as uid 65534, in a cgroup delegated to it, gives its sandbox
+its share of the uid's quotas and noexec scratch. The daemon behind the same
+path is the adversarial suite against the daemon's image
+(tests/test_daemon_image.py).
 """
 
 from __future__ import annotations
@@ -30,22 +32,26 @@ from pathlib import Path
 import pytest
 
 from pool.backends.process.cgroups import CGROUP_ROOT, unified_host
-from pool.backends.process.userns import make_user_namespace, unshare_command
+from pool.backends.process.userns import NamespaceMaker, unshare_command
 from pool.errors import BackendError
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 # CAP_DAC_READ_SEARCH only to reach this checkout's interpreter and code (under /root
-# here); the sandbox runs the host's /usr/bin/python3.
+# here); the scripts drop it (ambient) before they start anything, and the
+# sandbox runs the host's /usr/bin/python3.
 AS_NOBODY = (
     "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
     "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
 )
+# prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL): bwrap refuses to start with a capability.
+DROP_AMBIENT = "import ctypes; ctypes.CDLL(None).prctl(47, 4, 0, 0, 0)\n"
 QUOTAS = {"max_inotify_instances": 3, "max_inotify_watches": 64}
+SCRATCH = ("/tmp", "/dev/shm", "/sandbox")
 
-# Inside the sandbox: what the code can do about the namespaces it was given.
+# Inside the sandbox: what the code can do about its namespaces and scratch.
 INSIDE = """
-import ctypes, json, os
+import ctypes, json, os, shutil, subprocess
 libc = ctypes.CDLL(None, use_errno=True)
 held = 0
 while libc.inotify_init1(0) >= 0:
@@ -61,38 +67,58 @@ except OSError as e:
     raised = e.errno
 caps = {key: value.strip() for key, _, value in
         (line.partition(":") for line in open("/proc/self/status")) if key.startswith("Cap")}
+ran = {}
+for directory in ("/tmp", "/dev/shm", "/sandbox"):
+    program = shutil.copy("/bin/true", f"{directory}/true")
+    try:
+        ran[directory] = subprocess.run([program]).returncode
+    except OSError as e:
+        ran[directory] = e.errno
+options = {fields[4]: fields[5].split(",") for fields in
+           (line.split() for line in open("/proc/self/mountinfo"))}
+import resource
+rlimits = [resource.getrlimit(getattr(resource, name))[0]
+           for name in ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")]
 print(json.dumps({"uid": os.getuid(), "held": held, "inotify_errno": inotify_errno,
+                  "rlimits": rlimits,
                   "nested": nested, "nested_errno": nested_errno, "raise_errno": raised,
-                  "caps": caps}))
+                  "caps": caps, "ran": ran,
+                  "options": {d: options.get(d, []) for d in ("/tmp", "/dev/shm", "/sandbox")}}))
 """
 
-# As uid 65534: make the namespace, run bwrap in it, and check that the daemon
-# keeps no fd and no child of the making.
+# As uid 65534: stage a pool's scratch, make the namespaces, run bwrap in them
+# as the backend does, and check that nothing of the making is left.
 OUTSIDE = """
 import asyncio, json, os, shutil, subprocess
-from pool.backends.process.definition import UNSHARE_ALL_BUT_USER
-from pool.backends.process.userns import make_user_namespace
+from pool.backends.process.scratch import StagedScratch
+from pool.backends.process.userns import NamespaceMaker, nsenter_command
 
 async def main():
-    before = sorted(os.listdir("/proc/self/fd"))
-    namespace = await make_user_namespace(shutil.which("unshare"), QUOTAS)
-    made = sorted(os.listdir("/proc/self/fd"))
-    bwrap = await asyncio.create_subprocess_exec(
-        # bwrap refuses to run with a capability (the ambient one this test added).
-        "setpriv", "--inh-caps=-all", "--ambient-caps=-all",
-        "bwrap", "--userns", str(namespace), *UNSHARE_ALL_BUT_USER,
-        "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL", "--die-with-parent",
-        "--as-pid-1",  # as the backend runs it: the probe is the namespace's PID 1
-        "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
-        "--", "/usr/bin/python3", "-I", "-c", INSIDE,
-        pass_fds=(namespace,), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await bwrap.communicate()
-    os.close(namespace)
+    staged = StagedScratch(f"sandpool-{os.getpid()}-test-userns")
+    staged.start(1 << 20)
+    try:
+        maker = await NamespaceMaker.make(shutil.which("unshare"), staged.fstab, QUOTAS)
+        bwrap = await asyncio.create_subprocess_exec(
+            *nsenter_command(shutil.which("nsenter"), maker.pid),
+            "bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
+            "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL", "--die-with-parent",
+            "--as-pid-1",  # as the backend runs it: the probe is the namespace's PID 1
+            *[arg for top in ("usr", "bin", "lib", "lib64", "etc") if os.path.exists(f"/{top}")
+              for arg in ("--ro-bind", f"/{top}", f"/{top}")],
+            "--proc", "/proc", "--dev", "/dev", *staged.bwrap_args(),
+            "--", "/usr/bin/python3", "-I", "-c", INSIDE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await bwrap.communicate()
+        await maker.release()
+        host_mounts = open("/proc/self/mountinfo").read().count(str(staged.directory))
+        staged_files = sorted(str(p.relative_to(staged.directory))
+                              for p in staged.directory.rglob("*"))
+    finally:
+        staged.close()
     children = open(f"/proc/self/task/{os.getpid()}/children").read().split()
     print(json.dumps({"inside": out.decode(), "stderr": err.decode()[-2000:],
-                      "fds_made": len(made) - len(before),
-                      "fds_after": sorted(os.listdir("/proc/self/fd")) == before,
-                      "children": children}))
+                      "host_mounts": host_mounts, "staged": staged_files,
+                      "staging_left": staged.directory.exists(), "children": children}))
 
 asyncio.run(main())
 """
@@ -115,15 +141,30 @@ def as_nobody(code: str, prefix: tuple[str, ...] = (), groups: str = "--clear-gr
 def nobody() -> None:
     if os.geteuid() != 0:
         pytest.skip("runs as uid 65534, which needs root to set up")
-    for tool in ("setpriv", "unshare", "bwrap"):
+    for tool in ("setpriv", "unshare", "nsenter", "bwrap"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool}")
+
+
+def children() -> set[str]:
+    """This process's children (its main thread's, which spawned them): earlier
+    tests of the session may have left some of theirs, so compare before and after."""
+    return set(Path(f"/proc/self/task/{os.getpid()}/children").read_text().split())
+
+
+def assert_noexec_scratch(ran: dict[str, int], options: dict[str, list[str]]) -> None:
+    """A program copied to each scratch directory did not run (EACCES), and each
+    is a mount of the sandbox's with noexec, nosuid and nodev."""
+    assert ran == dict.fromkeys(SCRATCH, errno.EACCES), ran
+    for directory in SCRATCH:
+        assert {"noexec", "nosuid", "nodev"} <= set(options[directory]), options
 
 
 def test_a_sandbox_in_the_made_namespaces_has_its_quota_and_can_change_nothing(
     nobody: None,
 ) -> None:
-    code = (f"QUOTAS = {QUOTAS!r}\nINSIDE = {INSIDE!r}\n" + textwrap.dedent(OUTSIDE))
+    code = (DROP_AMBIENT + f"QUOTAS = {QUOTAS!r}\nINSIDE = {INSIDE!r}\n"
+            + textwrap.dedent(OUTSIDE))
     seen = as_nobody(code)
     assert seen["stderr"] == "", seen
     inside = json.loads(str(seen["inside"]))
@@ -131,7 +172,7 @@ def test_a_sandbox_in_the_made_namespaces_has_its_quota_and_can_change_nothing(
     # The namespace's quota holds the sandbox, with a spent quota's error.
     assert inside["held"] == QUOTAS["max_inotify_instances"], inside
     assert inside["inotify_errno"] == errno.EMFILE, inside
-    # As with bwrap --disable-userns: no user namespace inside.
+    # bwrap --disable-userns still works inside, and holds: no user namespace.
     assert inside["nested"] == -1, inside
     assert inside["nested_errno"] == errno.ENOSPC, inside
     # Neither can the code raise its quota: no capability, and /proc/sys read-only.
@@ -139,9 +180,12 @@ def test_a_sandbox_in_the_made_namespaces_has_its_quota_and_can_change_nothing(
     # Not one capability left in any set, the bounding set included.
     assert set(inside["caps"].values()) == {"0000000000000000"}, inside
     assert len(inside["caps"]) == 5, inside
-    # The daemon holds the namespace's fd until bwrap has it, then nothing.
-    assert seen["fds_made"] == 1, seen
-    assert seen["fds_after"] is True, seen
+    assert_noexec_scratch(inside["ran"], inside["options"])
+    # The mounts were never the host's; the staging held only its empty
+    # directories and fstab, and is gone; the maker is reaped.
+    assert seen["host_mounts"] == 0, seen
+    assert seen["staged"] == ["fstab", "shm", "tmp", "work"], seen
+    assert seen["staging_left"] is False, seen
     assert seen["children"] == [], seen
 
 
@@ -152,21 +196,16 @@ async def test_a_maker_that_fails_is_a_backend_error_with_its_own_words(
     failing.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\n"
                        "exit 1\n")
     failing.chmod(0o755)
-    before = sorted(os.listdir("/proc/self/fd"))
+    before, running = sorted(os.listdir("/proc/self/fd")), children()
     with pytest.raises(BackendError) as refused:
-        await make_user_namespace(str(failing), QUOTAS)
+        await NamespaceMaker.make(str(failing), tmp_path / "fstab", QUOTAS)
     assert refused.value.code == "userns_failed"
     assert str(refused.value.message) == (
-        "cannot make the sandbox's user namespace: "
+        "cannot make the sandbox's namespaces: "
         "unshare: unshare failed: Operation not permitted"
     )
     assert sorted(os.listdir("/proc/self/fd")) == before
-    assert children() == []
-
-
-def children() -> list[str]:
-    """This process's children (its main thread's, which spawned them)."""
-    return Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+    assert children() <= running
 
 
 async def test_a_maker_that_hangs_is_killed_and_reaped(
@@ -178,28 +217,26 @@ async def test_a_maker_that_hangs_is_killed_and_reaped(
     hanging = tmp_path / "unshare"
     hanging.write_text("#!/bin/sh\nexec sleep 60\n")
     hanging.chmod(0o755)
+    running = children()
     with pytest.raises(BackendError, match=r"no answer in 0\.5 s"):
-        await make_user_namespace(str(hanging), QUOTAS)
-    assert children() == []
+        await NamespaceMaker.make(str(hanging), tmp_path / "fstab", QUOTAS)
+    assert children() <= running
 
 
 def test_every_quota_is_needed() -> None:
     with pytest.raises(KeyError):
-        unshare_command("unshare", {"max_inotify_instances": 3})
+        unshare_command("unshare", Path("/fstab"), {"max_inotify_instances": 3})
 
 
 # As uid 65534 in cgroups delegated to it: one process backend of max_size 1 in
 # a daemon whose process pools hold 3 sandboxes at most (so 4 holders, the
-# daemon included), one sandbox, what its code finds.
+# daemon included), one sandbox, what its code finds (INSIDE).
 BACKEND = """
-import asyncio, ctypes, json
+import asyncio, json
 from pool.backends.base import RunRequest
 from pool.backends.process import ProcessBackend
 from pool.config import PoolConfig
 from pool.uids import SandboxUids
-
-# Read under /root with CAP_DAC_READ_SEARCH; bwrap refuses to start with a capability.
-ctypes.CDLL(None).prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
 
 async def main():
     backend = ProcessBackend(PoolConfig(name="nobody", backend="process", max_size=1),
@@ -217,17 +254,6 @@ async def main():
 
 asyncio.run(main())
 """
-IN_SANDBOX = """
-import ctypes, json, resource
-libc = ctypes.CDLL(None, use_errno=True)
-held = 0
-while libc.inotify_init1(0) >= 0:
-    held += 1
-print(json.dumps({"inotify": held, "rlimits": [resource.getrlimit(getattr(resource, name))[0]
-                  for name in ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")]}))
-"""
-
-
 @pytest.fixture
 def delegated_cgroups(nobody: None) -> Iterator[list[Path]]:
     """cgroup v1 memory, pids and cpu directories owned by 65534, as systemd's
@@ -277,7 +303,7 @@ def test_a_non_root_backends_sandbox_gets_its_share_of_the_uids_quotas(
     except KeyError:
         pytest.skip("needs the docker group, to export the image's root file system")
     join = " && ".join(f'echo $$ > {d}/cgroup.procs' for d in delegated_cgroups)
-    code = f"CODE = {IN_SANDBOX!r}\n" + textwrap.dedent(BACKEND)
+    code = DROP_AMBIENT + f"CODE = {INSIDE!r}\n" + textwrap.dedent(BACKEND)
     seen = as_nobody(
         code, prefix=("/bin/sh", "-c", f'{join} && exec "$@"', "sh"),
         groups=f"--groups={docker}", env={"STATE_DIRECTORY": str(nobodys_state)},
@@ -286,7 +312,8 @@ def test_a_non_root_backends_sandbox_gets_its_share_of_the_uids_quotas(
     inside = json.loads(str(seen["stdout"]))
     holders = 3 + 1
     host = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
-    assert inside["inotify"] == host // holders, inside
+    assert inside["held"] == host // holders, inside
     own = [resource.getrlimit(getattr(resource, name))[0]
            for name in ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")]
     assert inside["rlimits"] == [value // holders for value in own], inside
+    assert_noexec_scratch(inside["ran"], inside["options"])

@@ -5,8 +5,8 @@
 May 2026; Apache-2.0). It allows the namespace and mount calls only to a
 process holding ``CAP_SYS_ADMIN``, and ``pivot_root`` never; the daemon holds no
 capability at all, so the one rule added here allows, unconditionally, exactly
-the calls bubblewrap and the user namespace's maker (process tier) and the wasm
-tier's scratch helper make to build their sandboxes. Each name was measured
+the calls bubblewrap and the namespaces' maker and nsenter (process tier) and
+the wasm tier's scratch helper make to build their sandboxes. Each name was measured
 necessary: removing it stops a pool from starting (docs/kubernetes-image.md, "The seccomp profile").
 
 The sandboxes themselves then install sandpool's own allowlist (pool/seccomp.py),
@@ -32,10 +32,11 @@ PROFILE = HERE / "sandpool-daemon.json"
 NAMESPACE_CALLS: dict[str, tuple[tuple[str, ...], str]] = {
     "clone": (("process",), "bwrap: clone() with CLONE_NEWUSER, NEWNS, NEWPID, NEWNET, "
               "NEWIPC, NEWUTS, NEWCGROUP"),
-    "unshare": (("process", "wasm"), "each process sandbox's user namespace, made by "
-                "util-linux unshare with its quotas (pool/backends/process/userns.py); "
-                "the wasm scratch helper's user and mount namespaces"),
-    "setns": (("process",), "bwrap --userns: enters the sandbox's user namespace"),
+    "unshare": (("process", "wasm"), "each process sandbox's user and mount namespaces, made "
+                "by util-linux unshare with its quotas and scratch "
+                "(pool/backends/process/userns.py); bwrap --disable-userns; the wasm "
+                "scratch helper's user and mount namespaces"),
+    "setns": (("process",), "nsenter: starts bwrap in the sandbox's namespaces"),
     "mount": (("process",), "bwrap: the sandbox's root, its binds, /proc, /dev, scratch"),
     "umount2": (("process",), "bwrap: detaches the old root after pivot_root"),
     "pivot_root": (("process",), "bwrap: enters the sandbox's root"),
@@ -53,8 +54,8 @@ def profile() -> dict[str, Any]:
         "names": list(NAMESPACE_CALLS),
         "action": "SCMP_ACT_ALLOW",
         "comment": "sandpool: the namespace and mount calls bubblewrap, the process tier's "
-                   "user namespace maker and the wasm tier's scratch helper make, for a "
-                   "daemon without CAP_SYS_ADMIN",
+                   "namespace maker and nsenter, and the wasm tier's scratch helper make, "
+                   "for a daemon without CAP_SYS_ADMIN",
     }
     base["syscalls"] = [*base["syscalls"], rule]
     return base

@@ -378,6 +378,27 @@ def test_one_sandbox_spending_a_per_user_quota_leaves_another_its_own(
     assert held["hit_at"] <= needed["at"] <= held["held_until"], (held, needed)
 
 
+# A program the code writes to scratch, in every tier with processes: the
+# daemon's image runs this against a non-root daemon's process sandboxes.
+WRITTEN_PROGRAM = """
+import errno, json, shutil, subprocess
+ran = {}
+for directory in ("/tmp", "/dev/shm", "/sandbox"):
+    program = shutil.copy("/bin/true", f"{directory}/written")
+    try:
+        ran[directory] = subprocess.run([program]).returncode
+    except OSError as e:
+        ran[directory] = errno.errorcode[e.errno]
+print(json.dumps(ran))
+"""
+
+
+def test_a_program_written_to_scratch_cannot_run(api: Client, pool: str) -> None:
+    skip_on_wasi(pool, NO_PROCESSES)
+    result = run(api, WRITTEN_PROGRAM, pool)
+    assert report(result) == dict.fromkeys(["/tmp", "/dev/shm", "/sandbox"], "EACCES"), result
+
+
 def test_memory_bomb_is_an_oom_verdict(api: Client, pool: str) -> None:
     result = run(api, """
         blocks = []

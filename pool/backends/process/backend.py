@@ -9,8 +9,8 @@ hand-out costs about a pipe write each way.
 
 A start makes the sandbox's cgroup (``cgroups.py``) and, for a root daemon,
 its noexec scratch mounts (``scratch.py``) or, for one that is not root, its
-user namespace with its share of the daemon uid's quotas (``userns.py``),
-spawns the command line of
+user and mount namespaces with its share of the daemon uid's quotas and its
+noexec scratch mounts (``userns.py``), spawns the command line of
 ``definition.py``, and waits for the runner's ready frame. A run enforces the
 timeout and the output cap by killing the runner; the OOM verdict is the
 cgroup's ``oom_kill`` counter, never the code's claim. A destroy kills the
@@ -43,8 +43,8 @@ from pool.backends.process.cpu import PoolCpu
 from pool.backends.process.definition import SandboxDefinition, define, with_rootfs
 from pool.backends.process.execute import report_died_waiting, run_direct
 from pool.backends.process.sandbox import ProcessSandbox
-from pool.backends.process.scratch import SandboxScratch, ScratchMounts
-from pool.backends.process.userns import make_user_namespace
+from pool.backends.process.scratch import SandboxScratch, ScratchMounts, StagedScratch
+from pool.backends.process.userns import NamespaceMaker
 from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
@@ -70,7 +70,8 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         self._uids = uids or default_uids()
         self._definition: SandboxDefinition | None = None  # set once started, until closed
         self._cgroups: CgroupTree | None = None
-        self._scratch: ScratchMounts | None = None  # a root daemon's noexec scratch mounts
+        # Noexec scratch: a root daemon's mounts, or a non-root daemon's staging.
+        self._scratch: ScratchMounts | StagedScratch | None = None
         self._version = "unknown"
         self._runtime = Runtime()
         self._sandboxes: set[ProcessSandbox] = set()
@@ -112,17 +113,19 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
             await self.close()  # the cgroups made above
             raise
         self._runtime = await image_runtime(self.config.language, self.config.image)
-        if definition.setpriv is not None:
-            scratch = ScratchMounts(dir_name)
-            try:
+        scratch = ScratchMounts(dir_name) if definition.setpriv else StagedScratch(dir_name)
+        try:
+            if isinstance(scratch, ScratchMounts):
                 await asyncio.to_thread(scratch.start)
-            except OSError as e:
-                await self.close()
-                raise BackendError(
-                    f"cannot prepare the noexec scratch mounts in {scratch.directory}: {e}",
-                    code="scratch_unavailable",
-                ) from None
-            self._scratch = scratch
+            else:
+                await asyncio.to_thread(scratch.start, self.config.tmpfs_mb * 1024 * 1024)
+        except OSError as e:
+            await self.close()
+            raise BackendError(
+                f"cannot prepare the noexec scratch mounts in {scratch.directory}: {e}",
+                code="scratch_unavailable",
+            ) from None
+        self._scratch = scratch
         self._definition = definition
         # One sandbox through its whole life now, so a host that forbids user
         # namespaces fails at start-up with bwrap's own words, not at every refill.
@@ -220,6 +223,9 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                 # bwrap bound the mounts before it started the runner: the
                 # host's copies can go, so nothing of the sandbox stays reachable.
                 await asyncio.to_thread(sandbox.scratch.detach)
+            if sandbox.maker is not None:  # bwrap is in the namespaces: they live on in it
+                await sandbox.maker.release()
+                sandbox.maker = None
             if sandbox.cgroup is not None:
                 await asyncio.to_thread(sandbox.cgroup.apply_cpu_limit)
         except BaseException as e:
@@ -248,22 +254,26 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         pipes = OutputPipes()
         # As root, each sandbox runs as a host uid of its own (pool/uids.py); a
         # non-root daemon's sandboxes are all its own uid outside, each with a
-        # share of that uid's quotas in a user namespace of its own (userns.py).
+        # share of that uid's quotas in namespaces of its own (userns.py).
         host_uid = self._uids.acquire() if definition.setpriv is not None else None
-        scratch: SandboxScratch | None = None
-        userns: list[int] = []  # a non-root daemon's namespace fd; bwrap holds it once started
+        scratch: SandboxScratch | None = None  # a root daemon's, detached once ready
+        maker: NamespaceMaker | None = None  # a non-root daemon's namespaces
         try:
-            if self._scratch is not None and host_uid is not None:
+            if isinstance(self._scratch, ScratchMounts) and host_uid is not None:
                 scratch = await asyncio.to_thread(
                     self._scratch.mount, sandbox_id, host_uid, self.config.tmpfs_mb * 1024 * 1024
                 )
-            if definition.unshare is not None:
-                userns.append(
-                    await make_user_namespace(definition.unshare, definition.user_quotas)
+                in_sandbox: SandboxScratch | StagedScratch = scratch
+            elif isinstance(self._scratch, StagedScratch) and definition.unshare is not None:
+                maker = await NamespaceMaker.make(
+                    definition.unshare, self._scratch.fstab, definition.user_quotas
                 )
+                in_sandbox = self._scratch
+            else:
+                raise BackendError("the process backend is not started")
             command = definition.command(
-                seccomp_fd, info_w, cgroup, pipes.write_ends, host_uid, scratch,
-                userns[0] if userns else None,
+                seccomp_fd, info_w, cgroup, pipes.write_ends, in_sandbox, host_uid,
+                maker.pid if maker is not None else None,
             )
             transport, protocol = await loop.subprocess_exec(
                 lambda: RunnerProtocol(loop),
@@ -271,7 +281,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr_w,
-                pass_fds=(seccomp_fd, info_w, *pipes.write_ends, *userns),
+                pass_fds=(seccomp_fd, info_w, *pipes.write_ends),
                 # Out of the daemon's process group: a Ctrl-C meant for the
                 # daemon must not kill sandboxes it is draining.
                 start_new_session=True,
@@ -286,15 +296,18 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
             if scratch is not None:
                 with contextlib.suppress(BackendError):
                     await asyncio.to_thread(scratch.detach)
+            if maker is not None:
+                await asyncio.shield(maker.release(kill=True))
             if isinstance(e, OSError):
                 raise BackendError(f"cannot run bubblewrap: {e}") from None
             raise
         finally:
-            for fd in (seccomp_fd, info_w, stderr_w, *userns):
+            for fd in (seccomp_fd, info_w, stderr_w):
                 os.close(fd)
         pipes.close_write_ends()  # the sandbox holds them now: EOF means its writers are gone
         sandbox = ProcessSandbox(
-            sandbox_id, transport, protocol, info_r, stderr_r, cgroup, pipes, host_uid, scratch
+            sandbox_id, transport, protocol, info_r, stderr_r, cgroup, pipes, host_uid, scratch,
+            maker,
         )
         self._sandboxes.add(sandbox)
         return sandbox
@@ -321,6 +334,9 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
                     await asyncio.to_thread(sandbox.scratch.detach)
                 except BackendError as e:
                     log.warning("scratch_not_removed", sandbox=sandbox.id, error=e.message)
+            if sandbox.maker is not None:  # likewise
+                await asyncio.shield(sandbox.maker.release(kill=True))
+                sandbox.maker = None
             if sandbox.cgroup is not None:
                 await asyncio.to_thread(remove_sandbox_cgroup, sandbox.cgroup)
             # Only now is the uid free: the cgroup was empty, so no process runs as it.

@@ -3,12 +3,13 @@
 New user, PID, network, IPC, UTS and cgroup namespaces; no capabilities;
 uid 65534 inside and, for a root daemon, a host uid of the sandbox's own
 outside (``pool/uids.py``: the daemon drops to it with ``setpriv`` before
-bwrap) or, for a daemon that is not root, a user namespace the daemon makes
-with the sandbox's share of its uid's quotas (``userns.py``); a read-only
-root holding the host's ``/usr`` and the guest programs; sandpool's seccomp
-filter (``pool/seccomp.py``); rlimits the runner sets on itself before
-anything else. Everything that does not change per sandbox is
-found and checked once, by ``define()``, when the backend starts.
+bwrap) or, for a daemon that is not root, user and mount namespaces the daemon
+makes with the sandbox's share of its uid's quotas and its scratch mounts, in
+which bwrap starts (``userns.py``); noexec scratch mounts of the daemon's
+(``scratch.py``); a read-only root holding the host's ``/usr`` and the guest
+programs; sandpool's seccomp filter (``pool/seccomp.py``); rlimits the runner
+sets on itself before anything else. Everything that does not change per
+sandbox is found and checked once, by ``define()``, when the backend starts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from pool import guest
 from pool.backends.process.cgroups import SandboxCgroup
-from pool.backends.process.scratch import SandboxScratch
+from pool.backends.process.scratch import SandboxScratch, StagedScratch
+from pool.backends.process.userns import nsenter_command
 from pool.config import PoolConfig
 from pool.errors import BackendError, ImageBuildError
 from pool.image.rootfs import export_rootfs
@@ -43,10 +45,6 @@ ADDRESS_SPACE_FACTOR = 8
 # subtree): join the sandbox's cgroups, then exec the rest of the command line.
 # Joining from inside the child is the only way to have every process of the
 # tree born in the cgroup (asyncio cannot spawn into one).
-# What bwrap's --unshare-all makes besides the user namespace (which --userns gives).
-UNSHARE_ALL_BUT_USER = (
-    "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-)
 JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ >"$1" || exit 125; shift; done; shift; exec "$@"'
 
 
@@ -60,9 +58,11 @@ class SandboxDefinition:
     # bwrap's sandbox uid would otherwise map to real uid 0, which the kernel
     # exempts from RLIMIT_NPROC. None for a daemon that is not root.
     setpriv: str | None
-    # A non-root daemon's: util-linux unshare, which makes each sandbox's user
-    # namespace with its share of the daemon uid's quotas (userns.py). None for root.
+    # A non-root daemon's: util-linux unshare, which makes each sandbox's user and
+    # mount namespaces with its quotas and scratch, and nsenter, which starts
+    # bwrap in them (userns.py). None for a root daemon.
     unshare: str | None
+    nsenter: str | None
     seccomp: bytes  # the compiled filter, handed to bwrap on a fresh memfd per sandbox
     filesystem: tuple[str, ...]  # bwrap's read-only binds (filesystem_args) and the guest dir
     limits: dict[str, tuple[int, int]]  # the runner's rlimits (runner_limits)
@@ -84,21 +84,22 @@ class SandboxDefinition:
         info_fd: int,
         cgroup: SandboxCgroup | None,
         output_fds: tuple[int, ...],
+        scratch: SandboxScratch | StagedScratch,
         host_uid: int | None = None,
-        scratch: SandboxScratch | None = None,
-        userns: int | None = None,
+        maker_pid: int | None = None,
     ) -> list[str]:
         """The full command line of one sandbox; every limit comes from the pool config.
 
-        ``host_uid``: what a root daemon drops to before bwrap, the sandbox's own
-        uid of the range (inside, the code still sees 65534). ``userns``: a
-        non-root daemon's user namespace for the sandbox, an fd (userns.py).
-        Raises ValueError when a root daemon's sandbox has no uid, or a non-root
-        one no namespace.
+        ``scratch``: its noexec scratch mounts (a root daemon's, or in a non-root
+        daemon's namespaces, the pool's staging). ``host_uid``: what a root
+        daemon drops to before bwrap, the sandbox's own uid of the range
+        (inside, the code still sees 65534). ``maker_pid``: what holds a
+        non-root daemon's namespaces for the sandbox (userns.py). Raises
+        ValueError when a root daemon's sandbox has no uid, or a non-root one
+        no namespaces.
         """
         c = self.config
         stdout_w, stderr_w, status_w = output_fds  # the runner's direct mode
-        tmpfs_bytes = str(c.tmpfs_mb * 1024 * 1024)
         command: list[str] = []
         if cgroup is not None and cgroup.procs_files:
             command += ["/bin/sh", "-c", JOIN_CGROUPS, "sh", *cgroup.procs_files, "--"]
@@ -107,17 +108,14 @@ class SandboxDefinition:
                 raise ValueError("a root daemon's sandbox needs a host uid of its own")
             uid = str(host_uid)
             command += [self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-        if self.unshare is not None:
-            if userns is None:
-                raise ValueError("a non-root daemon's sandbox needs its user namespace")
-            # What --unshare-user --disable-userns would make, with quotas.
-            namespaces = ["--userns", str(userns), *UNSHARE_ALL_BUT_USER]
-        else:
-            # --unshare-all only *tries* the user namespace; --disable-userns needs it.
-            namespaces = ["--unshare-all", "--unshare-user", "--disable-userns"]
+        elif self.nsenter is not None:
+            if maker_pid is None:
+                raise ValueError("a non-root daemon's sandbox needs its namespaces")
+            command += nsenter_command(self.nsenter, maker_pid)
         command += [
             self.bwrap,
-            *namespaces,
+            # --unshare-all only *tries* the user namespace; --disable-userns needs it.
+            "--unshare-all", "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session",
             # The runner is PID 1: killing it empties the namespace, and bwrap reaps
             # it itself (with an init of bwrap's, a zombie would outlive bwrap).
@@ -131,13 +129,9 @@ class SandboxDefinition:
             *self.filesystem,
             "--proc", "/proc",
             "--dev", "/dev",
-            # A root daemon's own noexec tmpfs mounts (scratch.py);
-            # otherwise bwrap's, which it cannot make noexec.
-            *(scratch.bwrap_args() if scratch is not None else [
-                "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/tmp",
-                "--perms", "1777", "--size", tmpfs_bytes, "--tmpfs", "/dev/shm",
-                "--perms", "0700", "--size", tmpfs_bytes, "--tmpfs", WORKDIR,
-            ]),
+            # The daemon's noexec tmpfs mounts (scratch.py): bwrap's --tmpfs
+            # cannot be noexec.
+            *scratch.bwrap_args(),
             # bwrap's root and /dev are writable tmpfs without a size: make them read-only.
             "--remount-ro", "/dev", "--remount-ro", "/",
             "--chdir", WORKDIR,
@@ -165,15 +159,16 @@ async def define(config: PoolConfig) -> SandboxDefinition:
         raise BackendError(
             "bubblewrap is not installed: `apt-get install bubblewrap`", code="bwrap_missing"
         )
-    setpriv = unshare = None
+    setpriv = unshare = nsenter = None
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             raise BackendError("setpriv (util-linux) is missing", code="setpriv_missing")
     else:
-        unshare = shutil.which("unshare")
-        if unshare is None:
-            raise BackendError("unshare (util-linux) is missing", code="unshare_missing")
+        unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
+        if unshare is None or nsenter is None:
+            raise BackendError("unshare or nsenter (util-linux) is missing",
+                               code="unshare_missing")
     seccomp = await asyncio.to_thread(build_filter)
     guest_dir = await asyncio.to_thread(guest.install)
     return SandboxDefinition(
@@ -181,6 +176,7 @@ async def define(config: PoolConfig) -> SandboxDefinition:
         bwrap=bwrap,
         setpriv=setpriv,
         unshare=unshare,
+        nsenter=nsenter,
         seccomp=seccomp,
         filesystem=("--ro-bind", str(guest_dir), guest.GUEST_DIR),
         limits=runner_limits(config),

@@ -16,12 +16,14 @@ from pool.backends.base import Sandbox
 from pool.backends.process.cgroups import SandboxCgroup
 from pool.backends.process.channel import OutputPipes, RunnerProtocol
 from pool.backends.process.scratch import SandboxScratch
+from pool.backends.process.userns import NamespaceMaker
 
 STDERR_LOG_BYTES = 4096
 
 
 class ProcessSandbox(Sandbox):
-    """A started bwrap tree and what it holds until destroyed: fds, cgroup, host uid, mounts."""
+    """A started bwrap tree and what it holds until destroyed: fds, cgroup, host uid, mounts
+    (or the namespaces of a non-root daemon's sandbox, until bwrap is in them)."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class ProcessSandbox(Sandbox):
         pipes: OutputPipes,
         host_uid: int | None,
         scratch: SandboxScratch | None,
+        maker: NamespaceMaker | None,
     ) -> None:
         super().__init__(sandbox_id)
         self.transport = transport
@@ -47,6 +50,7 @@ class ProcessSandbox(Sandbox):
         self.runner_pidfd: int | None = None
         self.host_uid = host_uid  # held from the range until the cgroup is empty
         self.scratch = scratch  # the host's copies, until the runner is ready
+        self.maker = maker  # a non-root daemon's namespaces, held until the runner is ready
 
     def stdin(self) -> asyncio.BaseTransport | None:
         return self.transport.get_pipe_transport(0)

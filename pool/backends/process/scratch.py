@@ -18,8 +18,12 @@ tmpfs lives exactly as long as the sandbox's mount namespace. A daemon killed
 in between leaves mounts under its directory; the next daemon's start sweeps
 them (the pid in the name says whose they were).
 
-A daemon that is not root cannot mount at all: its sandboxes keep bwrap's own
-tmpfs, where programs can be executed (docs/process-tier.md).
+A daemon that is not root cannot mount on the host. Its sandboxes' mounts are
+made in a mount namespace of each sandbox's own (``userns.py``), onto the
+pool's empty staging directories, ``$TMPDIR/sandpool-scratch-<uid>/sandpool-<daemon
+pid>-<instance>-<pool>/`` (``StagedScratch``), from the pool's fstab there:
+the same three tmpfs, the same flags, bound in the same way; the host never
+holds them, and its directories stay empty.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +44,9 @@ from pool.procfs import pid_alive
 log = structlog.get_logger("sandpool.process")
 
 SCRATCH_ROOT = Path("/run/sandpool-scratch")
+STAGING_NAME = "sandpool-scratch-{uid}"  # in $TMPDIR, for a daemon that is not root
+FSTAB = "fstab"  # in a pool's staging directory
+SANDBOX_UID = 65534  # who owns a non-root daemon's scratch, in the sandbox's namespace
 # (host directory name, path inside the sandbox, mode inside): /tmp and
 # /dev/shm are world-writable and sticky as usual; the working directory is
 # the sandbox user's alone.
@@ -150,6 +158,56 @@ class ScratchMounts:
         return scratch
 
 
+class StagedScratch:
+    """A non-root daemon's noexec scratch for one pool: empty directories and an
+    fstab, which each sandbox's namespace maker mounts in its own mount namespace."""
+
+    def __init__(self, dir_name: str) -> None:
+        staging = STAGING_NAME.format(uid=os.geteuid())
+        self.directory = Path(tempfile.gettempdir()) / staging / dir_name
+
+    @property
+    def fstab(self) -> Path:
+        return self.directory / FSTAB
+
+    def start(self, size_bytes: int) -> None:
+        """Sweep what dead daemons left, then make this pool's directories and fstab.
+
+        Raises OSError. Blocking: run in a thread.
+        """
+        root = self.directory.parent
+        root.mkdir(mode=0o700, exist_ok=True)
+        sweep_stale_scratch(root)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        lines = []
+        for name, _, mode in SCRATCH_DIRS:
+            target = self.directory / name
+            target.mkdir(mode=0o700, exist_ok=True)
+            if any(c.isspace() for c in str(target)):
+                raise OSError(f"a scratch path with white space cannot go in an fstab: {target}")
+            options = (f"noexec,nosuid,nodev,size={size_bytes},mode={mode},"
+                       f"uid={SANDBOX_UID},gid={SANDBOX_UID}")
+            lines.append(f"sandpool-scratch {target} tmpfs {options} 0 0\n")
+        self.fstab.write_text("".join(lines))
+
+    def bwrap_args(self) -> list[str]:
+        """``--bind`` arguments: in the sandbox's mount namespace the directories
+        hold its mounts."""
+        return SandboxScratch(self.directory).bwrap_args()
+
+    def close(self) -> None:
+        """Remove this pool's directories (empty on the host). Blocking."""
+        try:
+            self.fstab.unlink(missing_ok=True)
+            for name, _, _ in SCRATCH_DIRS:
+                (self.directory / name).rmdir()
+            self.directory.rmdir()
+        except OSError as e:
+            log.warning("scratch_not_removed", path=str(self.directory), error=e.strerror)
+        with contextlib.suppress(OSError):  # another pool's or daemon's may still be there
+            self.directory.parent.rmdir()
+
+
 def sweep_stale_scratch(root: Path) -> None:
     """Detach and remove the scratch directories of daemons that are gone.
 
@@ -168,6 +226,8 @@ def sweep_stale_scratch(root: Path) -> None:
                 detach(point)
         with contextlib.suppress(OSError):
             detach(stale)
+        with contextlib.suppress(OSError):
+            (stale / FSTAB).unlink()  # a non-root daemon's StagedScratch
         for directory in sorted(stale.glob("**/"), key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 directory.rmdir()  # empty once detached: never deletes a file

@@ -1,35 +1,40 @@
-"""A non-root daemon's sandbox: its user namespace, made with its quotas before bwrap.
+"""A non-root daemon's sandbox: user and mount namespaces made before bwrap, with
+the sandbox's quotas and noexec scratch.
 
-A daemon that is not root cannot give a sandbox a host uid of its own: every
-process sandbox is the daemon's uid outside, and the kernel counts inotify
-instances and watches against the maker of each user namespace, up to the
-host. So each sandbox gets its share (``pool/quotas.py``), set as its user
-namespace's ``/proc/sys/user`` limits, which the kernel checks at every level.
-Only a process inside the namespace with its capabilities can write them;
-bwrap writes none but ``max_user_namespaces``, and the sandbox's own
-``/proc/sys`` is read-only. So the daemon makes the namespace and hands it to
-bwrap (``--userns``):
+A daemon that is not root can neither give a sandbox a host uid of its own nor
+mount on the host. So it makes a user namespace and a mount namespace for each
+sandbox, does there what root would do on the host, and starts bwrap inside
+them (``nsenter``), where bwrap makes its own namespaces as usual
+(``--unshare-user --disable-userns``):
 
-- util-linux ``unshare`` makes it, mapping the daemon's uid to 65534 (the uid
-  the code sees, as with ``bwrap --unshare-user``), and keeps the namespace's
-  capabilities for the shell it starts there (``--keep-caps``);
-- that shell writes the sandbox's shares and ``max_user_namespaces`` = 0, so
-  the code can make no user namespace (what ``--disable-userns`` is for; the
-  seccomp filter refuses ``unshare`` anyway), says it is ready, and waits;
-- the daemon opens the namespace by the shell's pid and lets the shell go.
-  bwrap enters it, and its ``--cap-drop ALL`` leaves the code no capability
-  in it, the bounding set included.
+- Quotas. Every process sandbox is the daemon's uid outside, and the kernel
+  counts inotify instances and watches against the maker of each user
+  namespace, up to the host; so each sandbox gets its share
+  (``pool/quotas.py``) as its namespace's ``/proc/sys/user`` limits, which the
+  kernel checks at every level below it too. Only a process inside the
+  namespace with its capabilities may write them, and bwrap writes none but
+  ``max_user_namespaces`` (its ``--disable-userns``, which holds inside as
+  under a root daemon).
+- Scratch. bwrap 0.8 cannot mount a tmpfs noexec. In the private mount
+  namespace, ``mount`` puts a noexec, nosuid, nodev tmpfs of the pool's size on
+  each of the pool's empty staging directories (``scratch.StagedScratch``'s
+  fstab), and bwrap binds them in: the kernel locks the flags of a mount that
+  enters a less privileged namespace, so the code cannot remount them exec.
+  The host's mount table never holds them.
 
-Two short execs and no privilege: the maker alone took 3-5 ms of host CPU
-here, a sandbox's start ~11 ms more in all (docs/process-tier.md).
+util-linux ``unshare`` makes the namespaces, mapping the daemon's uid to 65534
+(the uid the code sees) and keeping the new namespace's capabilities for the
+shell it starts there (``--keep-caps``). The shell writes the limits, mounts,
+says it is ready and waits on stdin, so the namespaces live until bwrap has
+entered them; the backend then releases it. No privilege is needed anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
+from pathlib import Path
 
 from pool.errors import BackendError
 from pool.wire import USER_QUOTAS
@@ -39,70 +44,92 @@ MAKE_TIMEOUT_S = 10.0
 READY = b"ready\n"
 SHELL_NAME = "sandpool-userns"  # how the shell's own errors begin
 
-# $1.. are the quotas' values, in USER_QUOTAS order. The shell says it is there
-# once the limits are written, and waits for the daemon to close its stdin.
+# $1 is the fstab of the scratch mounts, $2.. the quotas' values in USER_QUOTAS
+# order. The shell says it is ready once all is in place, then waits for the
+# daemon to close its stdin.
 _SCRIPT = "".join(
-    f'printf %s "${i}" > /proc/sys/user/{name} && ' for i, name in enumerate(USER_QUOTAS, 1)
-) + "printf 0 > /proc/sys/user/max_user_namespaces && echo ready && read -r _"
+    f'printf %s "${i}" > /proc/sys/user/{name} && ' for i, name in enumerate(USER_QUOTAS, 2)
+) + 'mount -a -T "$1" && echo ready && read -r _'
 
 
-def unshare_command(unshare: str, quotas: dict[str, int]) -> list[str]:
-    """The command that makes the namespace; its one line on stdout, ``READY``,
-    comes from inside it. Raises KeyError for a quota not given."""
+def unshare_command(unshare: str, fstab: Path, quotas: dict[str, int]) -> list[str]:
+    """The command that makes the namespaces; its one line on stdout, ``READY``,
+    comes from inside them. Raises KeyError for a quota not given."""
     values = [str(quotas[name]) for name in USER_QUOTAS]
     return [unshare, "--user", f"--map-user={SANDBOX_UID}", f"--map-group={SANDBOX_UID}",
-            "--keep-caps", "/bin/sh", "-c", _SCRIPT, SHELL_NAME, *values]
+            "--keep-caps", "--mount", "--propagation=private",
+            "/bin/sh", "-c", _SCRIPT, SHELL_NAME, str(fstab), *values]
 
 
-async def make_user_namespace(unshare: str, quotas: dict[str, int]) -> int:
-    """A sandbox's user namespace, as an fd (close-on-exec): bwrap's ``--userns``.
-    The caller closes it.
+def nsenter_command(nsenter: str, maker_pid: int) -> list[str]:
+    """What goes before bwrap's command line: into the maker's namespaces, with
+    the daemon's credentials (65534 there, so bwrap starts with no capability)."""
+    return [nsenter, f"--target={maker_pid}", "--user", "--mount", "--preserve-credentials"]
 
-    Raises BackendError with the tool's own words when it cannot be made.
-    """
-    maker = await asyncio.create_subprocess_exec(
-        *unshare_command(unshare, quotas),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert maker.stdin is not None
-    assert maker.stdout is not None
-    fds: list[int] = []  # the namespace's, once opened
-    failure = ""
-    try:
+
+class NamespaceMaker:
+    """One sandbox's namespaces, held by the shell ``unshare`` started in them."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+
+    def __repr__(self) -> str:
+        return f"<NamespaceMaker pid={self.pid} exited={self._process.returncode}>"
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @classmethod
+    async def make(cls, unshare: str, fstab: Path, quotas: dict[str, int]) -> NamespaceMaker:
+        """The namespaces, ready for ``nsenter_command``; ``release`` them once bwrap
+        has entered. Raises BackendError with the tools' own words when they
+        cannot be made; nothing is left running then.
+        """
+        process = await asyncio.create_subprocess_exec(
+            *unshare_command(unshare, fstab, quotas),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        maker = cls(process)
+        assert process.stdout is not None
+        timed_out = False
         try:
-            async with asyncio.timeout(MAKE_TIMEOUT_S):
-                said = await maker.stdout.readline()
-            if said != READY:
-                failure = said.decode(errors="replace").strip() or "it said nothing"
-            else:
-                # The maker is our unreaped child: its pid is still its own.
-                fds.append(os.open(f"/proc/{maker.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC))
-        except TimeoutError:
-            failure = f"no answer in {MAKE_TIMEOUT_S:g} s"
-        except OSError as e:
-            failure = str(e)
-        finally:
-            maker.stdin.close()  # the shell's read ends; the fd keeps the namespace
-            if not fds and maker.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    maker.kill()
-            errors = await _drain(maker)
-        if failure:
+            try:
+                async with asyncio.timeout(MAKE_TIMEOUT_S):
+                    said = await process.stdout.readline()
+            except TimeoutError:
+                timed_out, said = True, b""
+        except BaseException:
+            await asyncio.shield(maker.release(kill=True))
+            raise
+        if said != READY:
+            errors = await asyncio.shield(maker.release(kill=timed_out))
+            why = (f"no answer in {MAKE_TIMEOUT_S:g} s" if timed_out
+                   else said.decode(errors="replace").strip() or "it said nothing")
             raise BackendError(
-                f"cannot make the sandbox's user namespace: {errors.strip() or failure}",
+                f"cannot make the sandbox's namespaces: {errors.strip() or why}",
                 code="userns_failed",
             )
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds[0]
+        return maker
 
-
-async def _drain(maker: asyncio.subprocess.Process) -> str:
-    """Wait for the maker (a shielded wait: it is ours to reap) and return its stderr."""
-    assert maker.stderr is not None
-    errors = await asyncio.shield(maker.stderr.read())
-    await asyncio.shield(maker.wait())
-    return errors.decode(errors="replace")[-2000:]
+    async def release(self, *, kill: bool = False) -> str:
+        """Let the shell go (the namespaces live on in bwrap), or ``kill`` it; reap
+        it and return its stderr. Idempotent; kills a shell that does not go."""
+        process = self._process
+        assert process.stdin is not None
+        assert process.stderr is not None
+        process.stdin.close()  # the shell's read ends
+        if kill and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        try:
+            async with asyncio.timeout(MAKE_TIMEOUT_S):
+                errors = await process.stderr.read()
+                await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            errors = b""
+            await process.wait()
+        return errors.decode(errors="replace")[-2000:]
