@@ -151,6 +151,19 @@ timeout_s = 5
 # CPython on WASI preview 1 has no processes and no signals: tests that need
 # them cannot apply there; test_wasm_backend.py covers that tier's containment.
 WASI_POOLS = frozenset({"python-wasm"})
+# A sandbox's scratch directories, and code that copies /bin/true into each and
+# runs it: ``ran`` maps each to the exit status, or to the errno's name if the
+# exec failed (EACCES where the mount is noexec). Needs errno, shutil, subprocess.
+SCRATCH_DIRECTORIES = ("/tmp", "/dev/shm", "/sandbox")
+RUN_WRITTEN_PROGRAMS = f"""
+ran = {{}}
+for directory in {SCRATCH_DIRECTORIES!r}:
+    program = shutil.copy("/bin/true", f"{{directory}}/written")
+    try:
+        ran[directory] = subprocess.run([program]).returncode
+    except OSError as e:
+        ran[directory] = errno.errorcode[e.errno]
+"""
 
 # Every metric family sandpool exports, as Prometheus names the series.
 METRIC_NAMES = [

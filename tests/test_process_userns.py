@@ -34,6 +34,7 @@ import pytest
 from pool.backends.process.cgroups import CGROUP_ROOT, unified_host
 from pool.backends.process.userns import NamespaceMaker, unshare_command
 from pool.errors import BackendError
+from tests.support import RUN_WRITTEN_PROGRAMS, SCRATCH_DIRECTORIES
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -47,11 +48,9 @@ AS_NOBODY = (
 # prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL): bwrap refuses to start with a capability.
 DROP_AMBIENT = "import ctypes; ctypes.CDLL(None).prctl(47, 4, 0, 0, 0)\n"
 QUOTAS = {"max_inotify_instances": 3, "max_inotify_watches": 64}
-SCRATCH = ("/tmp", "/dev/shm", "/sandbox")
-
 # Inside the sandbox: what the code can do about its namespaces and scratch.
-INSIDE = """
-import ctypes, json, os, shutil, subprocess
+INSIDE = "import errno, shutil, subprocess\n" + RUN_WRITTEN_PROGRAMS + """
+import ctypes, json, os, resource
 libc = ctypes.CDLL(None, use_errno=True)
 held = 0
 while libc.inotify_init1(0) >= 0:
@@ -67,23 +66,15 @@ except OSError as e:
     raised = e.errno
 caps = {key: value.strip() for key, _, value in
         (line.partition(":") for line in open("/proc/self/status")) if key.startswith("Cap")}
-ran = {}
-for directory in ("/tmp", "/dev/shm", "/sandbox"):
-    program = shutil.copy("/bin/true", f"{directory}/true")
-    try:
-        ran[directory] = subprocess.run([program]).returncode
-    except OSError as e:
-        ran[directory] = e.errno
 options = {fields[4]: fields[5].split(",") for fields in
            (line.split() for line in open("/proc/self/mountinfo"))}
-import resource
 rlimits = [resource.getrlimit(getattr(resource, name))[0]
            for name in ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")]
 print(json.dumps({"uid": os.getuid(), "held": held, "inotify_errno": inotify_errno,
                   "rlimits": rlimits,
                   "nested": nested, "nested_errno": nested_errno, "raise_errno": raised,
                   "caps": caps, "ran": ran,
-                  "options": {d: options.get(d, []) for d in ("/tmp", "/dev/shm", "/sandbox")}}))
+                  "options": {d: options.get(d, []) for d in ran}}))
 """
 
 # As uid 65534: stage a pool's scratch, make the namespaces, run bwrap in them
@@ -152,11 +143,11 @@ def children() -> set[str]:
     return set(Path(f"/proc/self/task/{os.getpid()}/children").read_text().split())
 
 
-def assert_noexec_scratch(ran: dict[str, int], options: dict[str, list[str]]) -> None:
+def assert_noexec_scratch(ran: dict[str, object], options: dict[str, list[str]]) -> None:
     """A program copied to each scratch directory did not run (EACCES), and each
     is a mount of the sandbox's with noexec, nosuid and nodev."""
-    assert ran == dict.fromkeys(SCRATCH, errno.EACCES), ran
-    for directory in SCRATCH:
+    assert ran == dict.fromkeys(SCRATCH_DIRECTORIES, "EACCES"), ran
+    for directory in SCRATCH_DIRECTORIES:
         assert {"noexec", "nosuid", "nodev"} <= set(options[directory]), options
 
 

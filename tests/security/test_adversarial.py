@@ -42,6 +42,8 @@ from pool.uids import SandboxUids
 from tests.support import (
     DAEMON_CONFIG,
     PYTHON_POOLS,
+    RUN_WRITTEN_PROGRAMS,
+    SCRATCH_DIRECTORIES,
     WASI_POOLS,
     Daemon,
     assert_out_of_memory,
@@ -380,15 +382,7 @@ def test_one_sandbox_spending_a_per_user_quota_leaves_another_its_own(
 
 # A program the code writes to scratch, in every tier with processes: the
 # daemon's image runs this against a non-root daemon's process sandboxes.
-WRITTEN_PROGRAM = """
-import errno, json, shutil, subprocess
-ran = {}
-for directory in ("/tmp", "/dev/shm", "/sandbox"):
-    program = shutil.copy("/bin/true", f"{directory}/written")
-    try:
-        ran[directory] = subprocess.run([program]).returncode
-    except OSError as e:
-        ran[directory] = errno.errorcode[e.errno]
+WRITTEN_PROGRAM = "import errno, json, shutil, subprocess\n" + RUN_WRITTEN_PROGRAMS + """
 print(json.dumps(ran))
 """
 
@@ -396,7 +390,7 @@ print(json.dumps(ran))
 def test_a_program_written_to_scratch_cannot_run(api: Client, pool: str) -> None:
     skip_on_wasi(pool, NO_PROCESSES)
     result = run(api, WRITTEN_PROGRAM, pool)
-    assert report(result) == dict.fromkeys(["/tmp", "/dev/shm", "/sandbox"], "EACCES"), result
+    assert report(result) == dict.fromkeys(SCRATCH_DIRECTORIES, "EACCES"), result
 
 
 def test_memory_bomb_is_an_oom_verdict(api: Client, pool: str) -> None:
