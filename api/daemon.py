@@ -34,7 +34,7 @@ from pool.config import Config, default_pools
 from pool.daemon_cpu import DAEMON_WEIGHT, lower_daemon, raise_daemon
 from pool.manager import Activity, PoolHandle
 from pool.sessions import Sessions
-from pool.uids import SandboxUids
+from pool.uids import HOST_UID_BACKENDS, SandboxUids
 
 log = structlog.get_logger("sandpool.daemon")
 
@@ -125,6 +125,9 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
             uids = SandboxUids(
                 config.server.sandbox_uid_base, config.server.sandbox_uid_count,
                 own_uid_sandboxes=sum(p.max_size for p in config.pools if p.backend == "process"),
+                host_sandboxes=sum(
+                    p.max_size for p in config.pools if p.backend in HOST_UID_BACKENDS
+                ),
             )
             for pool_config in config.pools:
                 pool = create_pool(pool_config, instance_id, uids, metrics, activity)

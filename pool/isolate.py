@@ -114,14 +114,14 @@ def join_cgroups(procs_files: "list[str]") -> None:
             os.close(fd)
 
 
-def mount_scratch(size: int, uid: int, workdir: str, hidden: "list[str]") -> None:
+def mount_scratch(size: int, uid: int, workdir: str, hidden: "list[str]", ptys: int) -> None:
     """This sandbox's own mounts, in its own mount namespace; PID 1 of its PID namespace.
 
     Nothing propagates back to the template; /proc shows this namespace only;
     /tmp, /dev/shm and ``workdir`` are fresh tmpfs of ``size`` bytes, noexec,
     nosuid and nodev (the working directory ``uid``'s); /dev/pts is a devpts
-    instance of its own; ``hidden`` (the template's cgroup directories, on
-    its /tmp) are unmounted first.
+    instance of its own, of at most ``ptys`` PTYs (pool/quotas.py); ``hidden``
+    (the template's cgroup directories, on its /tmp) are unmounted first.
     """
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     for path in hidden:
@@ -133,7 +133,8 @@ def mount_scratch(size: int, uid: int, workdir: str, hidden: "list[str]") -> Non
         _check(_libc.mount(b"tmpfs", target.encode(), b"tmpfs", SCRATCH_FLAGS, options),
                f"mount {target}")
     _check(_libc.mount(b"devpts", b"/dev/pts", b"devpts", MS_NOSUID | MS_NOEXEC,
-                       b"newinstance,ptmxmode=0666,mode=0620"), "mount /dev/pts")
+                       f"newinstance,ptmxmode=0666,mode=0620,max={ptys}".encode()),
+           "mount /dev/pts")
 
 
 def set_user_quotas(quotas: "dict[str, int]") -> None:

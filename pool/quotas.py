@@ -17,6 +17,14 @@ There each sandbox gets a share: the limit over the most that can hold it at
 once (``holders``, the template or the daemon included). What goes over its
 share fails in the sandbox with the error of a spent quota (``EMFILE``), and
 the others keep theirs.
+
+PTYs are not counted per user at all: every devpts instance but the host's
+own draws from one pool, ``kernel.pty.max`` less the ``kernel.pty.reserve``
+kept for the host (3072 of 4096 by default), and one sandbox's processes held
+all of them (a process may hold as many as its fds). So every Docker, process
+and fork sandbox gets a devpts instance with a ``max`` of its own: that pool
+over the most sandboxes the daemon holds at once (``pty_share``); past it,
+opening ``/dev/ptmx`` fails with ``ENOSPC`` in that sandbox only.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ SHARED_RLIMITS = ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")
 # ... and the rest from the host's (wire.USER_QUOTAS, in the same order), which
 # a sandbox's user namespace gets as its /proc/sys/user limits.
 HOST_QUOTAS = ("/proc/sys/fs/inotify/max_user_instances", "/proc/sys/fs/inotify/max_user_watches")
+PTY_MAX, PTY_RESERVE = "/proc/sys/kernel/pty/max", "/proc/sys/kernel/pty/reserve"
 
 Limits = dict[str, tuple[int, int]]
 
@@ -57,3 +66,10 @@ def user_quota_shares(holders: int) -> dict[str, int]:
         name: share(int(Path(path).read_text()), holders)
         for name, path in zip(USER_QUOTAS, HOST_QUOTAS, strict=True)
     }
+
+
+def pty_share(holders: int) -> int:
+    """One sandbox's ``max`` for its devpts instance: the PTYs outside the host's
+    reserve over ``holders``. Blocking (procfs reads)."""
+    pool = int(Path(PTY_MAX).read_text()) - int(Path(PTY_RESERVE).read_text())
+    return share(max(1, pool), holders)

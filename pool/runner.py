@@ -657,7 +657,7 @@ def sandbox(
         # is forked, then make that the root of its cgroup namespace.
         join_cgroups(order.cgroup_procs)
         unshare(SANDBOX_NAMESPACES)
-        mount_scratch(order.tmpfs_bytes, order.uid, WORKDIR, hidden)
+        mount_scratch(order.tmpfs_bytes, order.uid, WORKDIR, hidden, order.ptys)
         set_user_quotas(order.user_quotas)
         set_hostname(SANDBOX_HOSTNAME)
         loopback_up()

@@ -1,8 +1,9 @@
 """Host uids for sandboxes: one of its own per live sandbox.
 
 The kernel keeps per-user quotas per host uid (inotify instances, POSIX message
-queue bytes, pending signals, RLIMIT_NPROC, PTYs through them): sandboxes that
-share a uid share those quotas, and one could use them all up for the others.
+queue bytes, pending signals, RLIMIT_NPROC): sandboxes that share a uid share
+those quotas, and one could use them all up for the others. (PTYs are one pool
+for the whole host whatever the uid: pool/quotas.py gives each sandbox a share.)
 So every Docker and process sandbox runs as a uid of a range reserved for this
 daemon, held from its start until its destroy has returned (its processes are
 gone by then). Uids are handed out in order and a released one goes to the
@@ -33,7 +34,8 @@ class SandboxUids:
     """Allocates host uids from ``[base, base + count)``; synchronous, for one event loop."""
 
     def __init__(
-        self, base: int = DEFAULT_BASE, count: int = DEFAULT_COUNT, *, own_uid_sandboxes: int = 0
+        self, base: int = DEFAULT_BASE, count: int = DEFAULT_COUNT, *,
+        own_uid_sandboxes: int = 0, host_sandboxes: int = 0,
     ) -> None:
         if base < 65536 or count < 1 or base + count - 1 > MAX_UID:
             raise ValueError(f"bad sandbox uid range {base}+{count}")
@@ -43,6 +45,9 @@ class SandboxUids:
         # that is not root cannot switch uids, so its process sandboxes share
         # its uid's quotas (pool/quotas.py). 0: unknown (a backend built alone).
         self.own_uid_sandboxes = own_uid_sandboxes
+        # The most Docker, process and fork sandboxes of the daemon alive at
+        # once, which share the host's PTYs (pool/quotas.py). 0: unknown.
+        self.host_sandboxes = host_sandboxes
         self._next_fresh = base
         self._released: deque[int] = deque()
         self._held: set[int] = set()

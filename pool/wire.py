@@ -268,17 +268,18 @@ def _control_object(data: bytes, what: str) -> "dict[str, object]":
 class SpawnOrder:
     """One sandbox the template is to fork: who it runs as, where its cgroups are."""
 
-    __slots__ = ("cgroup_procs", "sandbox", "tmpfs_bytes", "uid", "user_quotas")
+    __slots__ = ("cgroup_procs", "ptys", "sandbox", "tmpfs_bytes", "uid", "user_quotas")
 
     def __init__(
         self, sandbox: str, uid: int, cgroup_procs: "list[str]", tmpfs_bytes: int,
-        user_quotas: "dict[str, int]",
+        user_quotas: "dict[str, int]", ptys: int,
     ) -> None:
         self.sandbox = sandbox
         self.uid = uid  # the sandbox's host uid, mapped to itself in the template's namespace
         self.cgroup_procs = list(cgroup_procs)  # cgroup.procs files under CGROUP_MOUNT
         self.tmpfs_bytes = tmpfs_bytes  # each of /tmp, /dev/shm and WORKDIR
         self.user_quotas = dict(user_quotas)  # USER_QUOTAS name -> this sandbox's share
+        self.ptys = ptys  # its devpts instance's max: its share of the host's PTYs
 
     def encode(self) -> bytes:
         return json.dumps({name: getattr(self, name) for name in self.__slots__}).encode()
@@ -287,8 +288,8 @@ class SpawnOrder:
     def decode(cls, data: bytes) -> "SpawnOrder":
         """Raises WireError unless every field is there and sane."""
         value = _control_object(data, "spawn order")
-        sandbox, uid, procs, size, quotas = (value.get(name) for name in (
-            "sandbox", "uid", "cgroup_procs", "tmpfs_bytes", "user_quotas"))
+        sandbox, uid, procs, size, quotas, ptys = (value.get(name) for name in (
+            "sandbox", "uid", "cgroup_procs", "tmpfs_bytes", "user_quotas", "ptys"))
         if not isinstance(sandbox, str) or not _SANDBOX_ID(sandbox):
             raise WireError("spawn order: bad sandbox id")
         if type(uid) is not int or not 0 < uid < 2**31:
@@ -305,7 +306,9 @@ class SpawnOrder:
             for name, limit in quotas.items()
         ):
             raise WireError("spawn order: bad user_quotas")
-        return cls(sandbox, uid, procs, size, quotas)
+        if type(ptys) is not int or ptys <= 0:
+            raise WireError("spawn order: bad ptys")
+        return cls(sandbox, uid, procs, size, quotas, ptys)
 
 
 class SandboxExit:

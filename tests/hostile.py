@@ -156,6 +156,18 @@ while libc.inotify_init1(0) >= 0:
     pass
 time.sleep(3)
 """, False),
+    ("ptys", """
+import os, time
+for _ in range(4):  # four processes, each up to its fds, until the sandbox's devpts is full
+    if os.fork() == 0:
+        try:
+            while True:
+                os.open('/dev/ptmx', os.O_RDWR | os.O_NOCTTY)
+        except OSError:
+            time.sleep(3)
+        os._exit(0)
+time.sleep(3)
+""", False),
     ("fork_bomb", """
 import os, time
 while True:

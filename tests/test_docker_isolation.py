@@ -7,8 +7,12 @@ import secrets
 import subprocess
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 from api.client import Client
+from pool.backends.docker.definition import container_definition
+from pool.config import PoolConfig
 from pool.uids import SandboxUids
 from tests.support import Daemon, docker_containers, host_processes_with, wait_until
 
@@ -170,3 +174,19 @@ def test_no_network_is_attached_and_nothing_of_the_hosts_shows(
         check=True, capture_output=True, text=True, timeout=30,
     ).stdout.split()
     assert inspected == ['"none"', "true", "{}"], inspected
+
+
+def test_the_devpts_instance_is_the_containers_own_except_under_gvisor(tmp_path: Path) -> None:
+    def pts_mounts(runtime: str | None) -> list[dict[str, Any]]:
+        body = container_definition(
+            PoolConfig(name="pts", runtime=runtime), uid=1_900_000_000, instance_id="i",
+            owner="o", guest_dir=tmp_path, ptys=42,
+        )
+        return [m for m in body["HostConfig"]["Mounts"] if m["Target"] == "/dev/pts"]
+
+    (mount,) = pts_mounts(None)
+    options = mount["VolumeOptions"]["DriverConfig"]["Options"]
+    assert options["type"] == "devpts"
+    assert {"newinstance", "max=42", "nosuid", "noexec"} <= set(options["o"].split(","))
+    # gVisor's PTYs are its own kernel's, not the host's.
+    assert pts_mounts("runsc") == []

@@ -350,18 +350,20 @@ def _descendants(root: int) -> set[int]:
 
 def test_spawn_orders_round_trip_and_bad_ones_are_refused() -> None:
     procs = [f"{CGROUP_MOUNT}/memory/s1/cgroup.procs"]
-    order = SpawnOrder("s1", 1_900_000_001, procs, 1 << 20, {"max_inotify_instances": 25})
+    order = SpawnOrder("s1", 1_900_000_001, procs, 1 << 20, {"max_inotify_instances": 25}, 96)
     decoded = SpawnOrder.decode(order.encode())
-    assert (decoded.sandbox, decoded.uid, decoded.cgroup_procs) == ("s1", 1_900_000_001, procs)
+    assert (decoded.sandbox, decoded.uid, decoded.cgroup_procs, decoded.ptys) == (
+        "s1", 1_900_000_001, procs, 96)
     for bad in (
         b"not json",
         b"[]",
-        SpawnOrder("../x", 5, procs, 1, {}).encode(),
-        SpawnOrder("s", 0, procs, 1, {}).encode(),  # uid 0: the template's root
-        SpawnOrder("s", 5, ["/sys/fs/cgroup/memory/cgroup.procs"], 1, {}).encode(),
-        SpawnOrder("s", 5, [f"{CGROUP_MOUNT}/../../etc/cgroup.procs"], 1, {}).encode(),
-        SpawnOrder("s", 5, procs, 0, {}).encode(),
-        SpawnOrder("s", 5, procs, 1, {"max_user_namespaces": 5}).encode(),
+        SpawnOrder("../x", 5, procs, 1, {}, 1).encode(),
+        SpawnOrder("s", 0, procs, 1, {}, 1).encode(),  # uid 0: the template's root
+        SpawnOrder("s", 5, ["/sys/fs/cgroup/memory/cgroup.procs"], 1, {}, 1).encode(),
+        SpawnOrder("s", 5, [f"{CGROUP_MOUNT}/../../etc/cgroup.procs"], 1, {}, 1).encode(),
+        SpawnOrder("s", 5, procs, 0, {}, 1).encode(),
+        SpawnOrder("s", 5, procs, 1, {"max_user_namespaces": 5}, 1).encode(),
+        SpawnOrder("s", 5, procs, 1, {}, 0).encode(),  # no PTY limit is not "0 PTYs"
     ):
         with pytest.raises(WireError):
             SpawnOrder.decode(bad)

@@ -48,6 +48,7 @@ AS_NOBODY = (
 # prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL): bwrap refuses to start with a capability.
 DROP_AMBIENT = "import ctypes; ctypes.CDLL(None).prctl(47, 4, 0, 0, 0)\n"
 QUOTAS = {"max_inotify_instances": 3, "max_inotify_watches": 64}
+PTYS = 5
 # Inside the sandbox: what the code can do about its namespaces and scratch.
 INSIDE = "import errno, shutil, subprocess\n" + RUN_WRITTEN_PROGRAMS + """
 import ctypes, json, os, resource
@@ -66,12 +67,18 @@ except OSError as e:
     raised = e.errno
 caps = {key: value.strip() for key, _, value in
         (line.partition(":") for line in open("/proc/self/status")) if key.startswith("Cap")}
+ptys = []
+try:
+    while True:
+        ptys.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+except OSError as e:
+    pty_errno = e.errno
 options = {fields[4]: fields[5].split(",") for fields in
            (line.split() for line in open("/proc/self/mountinfo"))}
 rlimits = [resource.getrlimit(getattr(resource, name))[0]
            for name in ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")]
 print(json.dumps({"uid": os.getuid(), "held": held, "inotify_errno": inotify_errno,
-                  "rlimits": rlimits,
+                  "rlimits": rlimits, "ptys": len(ptys), "pty_errno": pty_errno,
                   "nested": nested, "nested_errno": nested_errno, "raise_errno": raised,
                   "caps": caps, "ran": ran,
                   "options": {d: options.get(d, []) for d in ran}}))
@@ -86,7 +93,7 @@ from pool.backends.process.userns import NamespaceMaker, nsenter_command
 
 async def main():
     staged = StagedScratch(f"sandpool-{os.getpid()}-test-userns")
-    staged.start(1 << 20)
+    staged.start(1 << 20, PTYS)
     try:
         maker = await NamespaceMaker.make(shutil.which("unshare"), staged.fstab, QUOTAS)
         bwrap = await asyncio.create_subprocess_exec(
@@ -154,7 +161,7 @@ def assert_noexec_scratch(ran: dict[str, object], options: dict[str, list[str]])
 def test_a_sandbox_in_the_made_namespaces_has_its_quota_and_can_change_nothing(
     nobody: None,
 ) -> None:
-    code = (DROP_AMBIENT + f"QUOTAS = {QUOTAS!r}\nINSIDE = {INSIDE!r}\n"
+    code = (DROP_AMBIENT + f"QUOTAS = {QUOTAS!r}\nPTYS = {PTYS}\nINSIDE = {INSIDE!r}\n"
             + textwrap.dedent(OUTSIDE))
     seen = as_nobody(code)
     assert seen["stderr"] == "", seen
@@ -172,10 +179,12 @@ def test_a_sandbox_in_the_made_namespaces_has_its_quota_and_can_change_nothing(
     assert set(inside["caps"].values()) == {"0000000000000000"}, inside
     assert len(inside["caps"]) == 5, inside
     assert_noexec_scratch(inside["ran"], inside["options"])
+    # Its own devpts instance, with the pool's share of the host's PTYs as max.
+    assert (inside["ptys"], inside["pty_errno"]) == (PTYS, errno.ENOSPC), inside
     # The mounts were never the host's; the staging held only its empty
     # directories and fstab, and is gone; the maker is reaped.
     assert seen["host_mounts"] == 0, seen
-    assert seen["staged"] == ["fstab", "shm", "tmp", "work"], seen
+    assert seen["staged"] == ["fstab", "pts", "shm", "tmp", "work"], seen
     assert seen["staging_left"] is False, seen
     assert seen["children"] == [], seen
 
@@ -231,7 +240,7 @@ from pool.uids import SandboxUids
 
 async def main():
     backend = ProcessBackend(PoolConfig(name="nobody", backend="process", max_size=1),
-                             "nobody", uids=SandboxUids(own_uid_sandboxes=3))
+                             "nobody", uids=SandboxUids(own_uid_sandboxes=3, host_sandboxes=8))
     await backend.start()
     try:
         sandbox = await backend.start_sandbox()
@@ -308,3 +317,7 @@ def test_a_non_root_backends_sandbox_gets_its_share_of_the_uids_quotas(
            for name in ("RLIMIT_MSGQUEUE", "RLIMIT_SIGPENDING", "RLIMIT_MEMLOCK")]
     assert inside["rlimits"] == [value // holders for value in own], inside
     assert_noexec_scratch(inside["ran"], inside["options"])
+    # Its share of the host's PTYs: the daemon holds 8 such sandboxes at most.
+    free = (int(Path("/proc/sys/kernel/pty/max").read_text())
+            - int(Path("/proc/sys/kernel/pty/reserve").read_text()))
+    assert (inside["ptys"], inside["pty_errno"]) == (free // 8, errno.ENOSPC), inside

@@ -380,6 +380,75 @@ def test_one_sandbox_spending_a_per_user_quota_leaves_another_its_own(
     assert held["hit_at"] <= needed["at"] <= held["held_until"], (held, needed)
 
 
+# PTYs are one pool for the whole host (kernel.pty.max less the host's reserve),
+# and a process may hold as many as its fds: four processes of one sandbox held
+# them all. Each sandbox's devpts instance has its share as max (pool/quotas.py).
+PTY_HOG = """
+import json, os, time
+def hold():
+    held = []
+    try:
+        while True:
+            held.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+    except OSError as e:
+        return held, e.errno
+counts = []
+for _ in range(4):  # four processes: far more than one process's 1024 fds
+    r, w = os.pipe()
+    if os.fork() == 0:
+        held, error = hold()
+        os.write(w, json.dumps([len(held), error]).encode())
+        time.sleep(6)
+        os._exit(0)
+    os.close(w)
+    counts.append(json.loads(os.read(r, 100)))
+hit_at = time.time()
+time.sleep(4)
+print(json.dumps({"held": sum(n for n, _ in counts), "errnos": sorted({e for _, e in counts}),
+                  "hit_at": hit_at, "held_until": time.time()}))
+"""
+PTY_NEEDED = """
+import json, os, time
+time.sleep(2)  # once the hog holds all it can
+at = time.time()
+try:
+    os.close(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+    error = 0
+except OSError as e:
+    error = e.errno
+print(json.dumps({"errno": error, "at": at}))
+"""
+
+
+def pty_share() -> int:
+    """What the daemon gives each Docker, process and fork sandbox: the PTYs
+    outside the host's reserve over the most such sandboxes it holds at once."""
+    pools = tomllib.loads(textwrap.dedent(DAEMON_CONFIG))["pools"]
+    holders = sum(setting(p, "max_size") for p in pools
+                  if setting(p, "backend") in ("docker", "process", "fork"))
+    free = (int(Path("/proc/sys/kernel/pty/max").read_text())
+            - int(Path("/proc/sys/kernel/pty/reserve").read_text()))
+    return free // holders
+
+
+@pytest.mark.parametrize("pool", QUOTA_POOLS)
+def test_one_sandbox_holding_every_pty_it_can_leaves_another_its_own(
+    secret_daemon: Daemon, pool: str
+) -> None:
+    hog, other = run_concurrently(
+        secret_daemon,
+        (PTY_HOG, pool, {"timeout_s": 15}),
+        (PTY_NEEDED, pool, {"timeout_s": 15}),
+    )
+    held, needed = report(hog), report(other)
+    # The hog's processes together were stopped at the sandbox's share, by its
+    # devpts instance (ENOSPC), not by their fds.
+    assert held["held"] == pty_share(), (held, pty_share())
+    assert held["errnos"] == [errno.ENOSPC], held
+    assert needed["errno"] == 0, (hog, other)
+    assert held["hit_at"] <= needed["at"] <= held["held_until"], (held, needed)
+
+
 # A program the code writes to scratch, in every tier with processes: the
 # daemon's image runs this against a non-root daemon's process sandboxes.
 WRITTEN_PROGRAM = "import errno, json, shutil, subprocess\n" + RUN_WRITTEN_PROGRAMS + """

@@ -60,6 +60,7 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
+from pool.quotas import pty_share
 from pool.seccomp import docker_profile
 from pool.uids import SandboxUids, default_uids
 from pool.wire import Outcome, OutputCapture
@@ -116,6 +117,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
         self._containers = Containers()
         self._reaper = Reaper(config.name, instance_id, self._containers)
         self._guest_dir: Path | None = None  # guest.install(): the runner, bind-mounted read-only
+        self._ptys: int | None = None  # each container's share of the host's PTYs
         self._sandboxes: dict[str, DockerSandbox] = {}  # container id -> started, not destroyed
         self._oom = OomEvents()
         self._tasks: list[asyncio.Task[None]] = []  # event follower and leak sweeper
@@ -148,6 +150,9 @@ class DockerBackend(BackendBase[DockerSandbox]):
                 code="identity_unreadable",
             ) from None
         self._guest_dir = await asyncio.to_thread(guest.install)
+        self._ptys = await asyncio.to_thread(
+            pty_share, self._uids.host_sandboxes or self.config.max_size
+        )
         # The seccomp profile needs libseccomp's syscall table: read it once,
         # off the event loop, and fail here rather than at every container.
         await asyncio.to_thread(docker_profile)
@@ -249,11 +254,14 @@ class DockerBackend(BackendBase[DockerSandbox]):
             self._owner = owner_label()
         if self._guest_dir is None:  # likewise
             self._guest_dir = guest.install()
+        if self._ptys is None:  # likewise
+            self._ptys = pty_share(self._uids.host_sandboxes or self.config.max_size)
         return container_definition(
             self.config,
             uid=uid,
             instance_id=self.instance_id,
             owner=self._owner,
+            ptys=self._ptys,
             guest_dir=self._guest_dir,
             cgroup_parent=self._cgroup.parent if self._cgroup is not None else None,
         )

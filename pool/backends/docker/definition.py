@@ -28,14 +28,15 @@ def labels_of(listed: Any) -> dict[str, str]:
 
 
 def container_definition(
-    c: PoolConfig, *, uid: int, instance_id: str, owner: str, guest_dir: Path,
+    c: PoolConfig, *, uid: int, instance_id: str, owner: str, guest_dir: Path, ptys: int,
     cgroup_parent: str | None = None,
 ) -> dict[str, Any]:
     """The body of POST /containers/create for one sandbox of pool ``c``.
 
     ``uid`` is the sandbox's own host uid (and gid), ``owner`` this daemon's
     owner label, ``guest_dir`` the installed runner (``guest.install()``),
-    ``cgroup_parent`` the pool's own cgroup (cgroup.py), or None for the engine's.
+    ``ptys`` the most PTYs the sandbox may hold (pool/quotas.py), ``cgroup_parent``
+    the pool's own cgroup (cgroup.py), or None for the engine's.
     Reads the seccomp profile (cached after the first call); raises what
     ``docker_profile`` raises.
     """
@@ -75,6 +76,18 @@ def container_definition(
             "ReadOnly": True,
         }],
     }
+    if not (c.runtime or "").startswith("runsc"):  # gVisor's PTYs are its own, not the host's
+        host_config["Mounts"].append({
+            # A devpts instance of the container's own, with its share of the
+            # host's PTYs as max (the engine's has none): an anonymous volume
+            # of the local driver, which the engine mounts and removes with
+            # the container (delete with v=True).
+            "Type": "volume", "Target": "/dev/pts",
+            "VolumeOptions": {"DriverConfig": {"Name": "local", "Options": {
+                "type": "devpts", "device": "devpts",
+                "o": f"nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,max={ptys}",
+            }}},
+        })
     if c.runtime:
         host_config["Runtime"] = c.runtime
     if cgroup_parent is not None:

@@ -45,7 +45,7 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
-from pool.quotas import rlimit_shares, user_quota_shares
+from pool.quotas import pty_share, rlimit_shares, user_quota_shares
 from pool.uids import SandboxUids, default_uids
 from pool.wire import SpawnOrder
 
@@ -77,6 +77,7 @@ class ForkBackend(BackendBase[ForkSandbox]):
         self._runtime = Runtime()
         self._sandboxes: set[ForkSandbox] = set()
         self._quotas: dict[str, int] = {}
+        self._ptys = 1  # each sandbox's share of the host's PTYs, set at start
         # The pool cgroup's standing (cpu.py). A fork costs the template ~1 ms:
         # starts add no weight, and a pool whose runs are short never writes.
         self._cpu = PoolCpu(None, weigh_starts=False)
@@ -102,6 +103,9 @@ class ForkBackend(BackendBase[ForkSandbox]):
             definition, limits=rlimit_shares(definition.limits, holders)
         )
         self._quotas = await asyncio.to_thread(user_quota_shares, holders)
+        self._ptys = await asyncio.to_thread(
+            pty_share, self._uids.host_sandboxes or self.config.max_size
+        )
         self._version = definition.version
         dir_name = cgroup_dir_name(self.config.name, self.instance_id)
         self._cgroups, reason = await asyncio.to_thread(prepare_cgroups, dir_name)
@@ -283,7 +287,7 @@ class ForkBackend(BackendBase[ForkSandbox]):
             )
             order = SpawnOrder(
                 sandbox_id, uid, inside_cgroup_procs(tree, cgroup),
-                self.config.tmpfs_mb * 1024 * 1024, self._quotas,
+                self.config.tmpfs_mb * 1024 * 1024, self._quotas, self._ptys,
             )  # fmt: skip
             template.spawn(order, theirs, protocol.exited_with)
         except BaseException:

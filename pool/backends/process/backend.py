@@ -49,7 +49,7 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
-from pool.quotas import rlimit_shares, user_quota_shares
+from pool.quotas import pty_share, rlimit_shares, user_quota_shares
 from pool.uids import SandboxUids, default_uids
 
 log = structlog.get_logger("sandpool.process")
@@ -72,6 +72,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         self._cgroups: CgroupTree | None = None
         # Noexec scratch: a root daemon's mounts, or a non-root daemon's staging.
         self._scratch: ScratchMounts | StagedScratch | None = None
+        self._ptys = 1  # each sandbox's share of the host's PTYs, set at start
         self._version = "unknown"
         self._runtime = Runtime()
         self._sandboxes: set[ProcessSandbox] = set()
@@ -114,11 +115,16 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
             raise
         self._runtime = await image_runtime(self.config.language, self.config.image)
         scratch = ScratchMounts(dir_name) if definition.setpriv else StagedScratch(dir_name)
+        self._ptys = await asyncio.to_thread(
+            pty_share, self._uids.host_sandboxes or self.config.max_size
+        )
         try:
             if isinstance(scratch, ScratchMounts):
                 await asyncio.to_thread(scratch.start)
             else:
-                await asyncio.to_thread(scratch.start, self.config.tmpfs_mb * 1024 * 1024)
+                await asyncio.to_thread(
+                    scratch.start, self.config.tmpfs_mb * 1024 * 1024, self._ptys
+                )
         except OSError as e:
             await self.close()
             raise BackendError(
@@ -261,7 +267,8 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         try:
             if isinstance(self._scratch, ScratchMounts) and host_uid is not None:
                 scratch = await asyncio.to_thread(
-                    self._scratch.mount, sandbox_id, host_uid, self.config.tmpfs_mb * 1024 * 1024
+                    self._scratch.mount, sandbox_id, host_uid, self.config.tmpfs_mb * 1024 * 1024,
+                    self._ptys,
                 )
                 in_sandbox: SandboxScratch | StagedScratch = scratch
             elif isinstance(self._scratch, StagedScratch) and definition.unshare is not None:

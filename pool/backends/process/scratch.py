@@ -51,6 +51,10 @@ SANDBOX_UID = 65534  # who owns a non-root daemon's scratch, in the sandbox's na
 # /dev/shm are world-writable and sticky as usual; the working directory is
 # the sandbox user's alone.
 SCRATCH_DIRS = (("tmp", "/tmp", "1777"), ("shm", "/dev/shm", "1777"), ("work", "/sandbox", "0700"))
+# Beside them, the sandbox's devpts instance, with its share of the host's PTYs
+# as max (pool/quotas.py): bwrap's own --dev instance has none.
+PTS_DIR, PTS_INSIDE = "pts", "/dev/pts"
+PTS_OPTIONS = "newinstance,ptmxmode=0666,mode=0620,max={ptys}"
 
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
@@ -89,7 +93,8 @@ class SandboxScratch:
         args: list[str] = []
         for name, inside, _ in SCRATCH_DIRS:
             args += ["--bind", str(self.directory / name), inside]
-        return args
+        # --dev-bind: bwrap's --bind adds nodev, and /dev/pts/ptmx is a device.
+        return [*args, "--dev-bind", str(self.directory / PTS_DIR), PTS_INSIDE]
 
     def detach(self) -> None:
         """Take the host's copies away; the sandbox keeps its own. Idempotent; blocking.
@@ -136,8 +141,9 @@ class ScratchMounts:
         except OSError as e:
             log.warning("scratch_not_removed", path=str(self.directory), error=e.strerror)
 
-    def mount(self, sandbox_id: str, uid: int, size_bytes: int) -> SandboxScratch:
-        """Three fresh tmpfs mounts (noexec, nosuid, nodev) owned by ``uid``. Blocking.
+    def mount(self, sandbox_id: str, uid: int, size_bytes: int, ptys: int) -> SandboxScratch:
+        """Three fresh tmpfs mounts (noexec, nosuid, nodev) owned by ``uid``, and a
+        devpts instance of at most ``ptys`` PTYs. Blocking.
 
         Raises BackendError; on failure nothing is left behind.
         """
@@ -151,6 +157,11 @@ class ScratchMounts:
                 options = f"size={size_bytes},mode={mode},uid={uid},gid={uid}"
                 _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, options)
                 scratch.mounted.append(target)
+            target = scratch.directory / PTS_DIR
+            target.mkdir(mode=0o700)
+            _mount("devpts", target, "devpts", _MS_NOSUID | _MS_NOEXEC,
+                   PTS_OPTIONS.format(ptys=ptys))
+            scratch.mounted.append(target)
         except OSError as e:
             with contextlib.suppress(BackendError):
                 scratch.detach()
@@ -170,8 +181,9 @@ class StagedScratch:
     def fstab(self) -> Path:
         return self.directory / FSTAB
 
-    def start(self, size_bytes: int) -> None:
-        """Sweep what dead daemons left, then make this pool's directories and fstab.
+    def start(self, size_bytes: int, ptys: int) -> None:
+        """Sweep what dead daemons left, then make this pool's directories and fstab:
+        the three tmpfs of ``size_bytes`` and a devpts instance of ``ptys`` PTYs.
 
         Raises OSError. Blocking: run in a thread.
         """
@@ -188,6 +200,10 @@ class StagedScratch:
             options = (f"noexec,nosuid,nodev,size={size_bytes},mode={mode},"
                        f"uid={SANDBOX_UID},gid={SANDBOX_UID}")
             lines.append(f"sandpool-scratch {target} tmpfs {options} 0 0\n")
+        target = self.directory / PTS_DIR
+        target.mkdir(mode=0o700, exist_ok=True)
+        options = "nosuid,noexec," + PTS_OPTIONS.format(ptys=ptys)
+        lines.append(f"sandpool-pts {target} devpts {options} 0 0\n")
         self.fstab.write_text("".join(lines))
 
     def bwrap_args(self) -> list[str]:
@@ -199,7 +215,7 @@ class StagedScratch:
         """Remove this pool's directories (empty on the host). Blocking."""
         try:
             self.fstab.unlink(missing_ok=True)
-            for name, _, _ in SCRATCH_DIRS:
+            for name in [*(name for name, _, _ in SCRATCH_DIRS), PTS_DIR]:
                 (self.directory / name).rmdir()
             self.directory.rmdir()
         except OSError as e:
