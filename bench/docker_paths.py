@@ -312,7 +312,7 @@ async def aiodocker_cold(
                         lines = await container.log(stdout=True, stderr=False)
                         got_result = time.perf_counter()
                     finally:
-                        await container.delete(force=True)
+                        await container.delete(force=True, v=True)
                     ended = time.perf_counter()
                 stdout = "".join(lines)
                 if status["StatusCode"] != 0 or stdout != workload.expected_stdout:
@@ -347,7 +347,7 @@ async def churn_ceiling(
                     await container.start()
                     started = time.perf_counter()
                 finally:
-                    await container.delete(force=True)
+                    await container.delete(force=True, v=True)
                 ended = time.perf_counter()
             create_start_ms.append((started - began) * 1000)
             delete_ms.append((ended - started) * 1000)
@@ -432,7 +432,7 @@ async def sandbox_start_cpu(run_id: str, samples: int) -> dict[str, Any]:
                         await container.start()
                         used = await _settled_cpu_ms(container.id)
                     finally:
-                        await container.delete(force=True)
+                        await container.delete(force=True, v=True)
                 if used is None:
                     return {"skipped": "no readable cgroup CPU counter for containers here"}
                 used_ms.append(used)
@@ -490,7 +490,7 @@ async def remove_labelled(label: str) -> int:
         for container_id in ids:
             try:
                 async with asyncio.timeout(CALL_TIMEOUT_S):
-                    await docker.containers.container(container_id).delete(force=True)
+                    await docker.containers.container(container_id).delete(force=True, v=True)
             except aiodocker.DockerError as e:
                 if e.status != 404:
                     raise

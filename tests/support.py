@@ -431,7 +431,7 @@ def stop_daemon(daemon: Daemon) -> None:
             daemon.cleanup()
     leftovers = docker_containers(f"sandpool.instance={daemon.instance_id}")
     if leftovers:
-        subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True, timeout=60)
+        subprocess.run(["docker", "rm", "-f", "-v", *leftovers], capture_output=True, timeout=60)
     assert leftovers == [], f"containers left behind: {leftovers}"
     assert not os.path.exists(daemon.socket), "socket file left behind"
     if daemon.process.returncode == 0:  # a killed daemon's are the next one's to sweep

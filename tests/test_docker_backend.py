@@ -51,7 +51,7 @@ async def backend() -> AsyncIterator[DockerBackend]:
         await docker_backend.close()
         leftovers = docker_containers(f"{LABEL_POOL}={name}")
         if leftovers:
-            docker("rm", "-f", *leftovers)
+            docker("rm", "-f", "-v", *leftovers)
         assert leftovers == []
 
 
@@ -76,7 +76,7 @@ async def test_reaper_removes_containers_of_dead_daemons_only(backend: DockerBac
         assert remaining.isdisjoint(dead)
         assert set(alive) <= remaining
     finally:
-        docker("rm", "-f", *alive)
+        docker("rm", "-f", "-v", *alive)
 
 
 async def test_sweep_removes_an_untracked_container_on_the_second_look(
