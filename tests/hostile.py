@@ -61,6 +61,7 @@ from tests.support import (
     Daemon,
     DaemonFailed,
     docker_containers,
+    docker_volumes,
     free_port,
     processes_in_uid_range,
     start_daemon,
@@ -364,6 +365,7 @@ class Run:
                     if f"-{daemon_pid}-" in p.name]
         return {
             "containers": docker_containers(f"sandpool.instance={self.daemon.instance_id}"),
+            "volumes": docker_volumes(f"sandpool.instance={self.daemon.instance_id}"),
             "cgroups": cgroups,
             "sandbox_uid_processes": processes,
             "wasm_run_dirs": run_dirs,

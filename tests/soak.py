@@ -29,7 +29,14 @@ from typing import Any
 
 from api.client import ApiError
 from bench.stats import percentile
-from tests.support import Daemon, docker_containers, restart_dockerd, start_daemon, stop_daemon
+from tests.support import (
+    Daemon,
+    docker_containers,
+    docker_volumes,
+    restart_dockerd,
+    start_daemon,
+    stop_daemon,
+)
 
 CONFIG = """
 [server]
@@ -148,6 +155,10 @@ class Soak:
         leftovers = {i: docker_containers(f"sandpool.instance={i}") for i in self.instances}
         if any(leftovers.values()):
             self.fail(f"containers left behind: {leftovers}")
+        # The killed daemon's sandboxes were reaped by the next one, volumes and all.
+        volumes = {i: docker_volumes(f"sandpool.instance={i}") for i in self.instances}
+        if any(volumes.values()):
+            self.fail(f"volumes left behind: {volumes}")
         growth = (rss_end - rss_start) / rss_start
         if growth >= 0.10:
             self.fail(f"daemon RSS grew {growth:.1%} ({rss_start} -> {rss_end} KiB)")
@@ -161,6 +172,7 @@ class Soak:
             "rss_kib_at_end": rss_end,
             "rss_growth": round(growth, 4),
             "leftover_containers": sum(len(v) for v in leftovers.values()),
+            "leftover_volumes": sum(len(v) for v in volumes.values()),
             "failures": self.failures,
         }
 

@@ -21,12 +21,20 @@ from pool.backends.docker.containers import Containers
 from pool.backends.docker.reaper import Reaper
 from pool.config import PoolConfig
 from pool.errors import BackendError
-from tests.support import docker_containers
+from tests.support import docker_containers, docker_volumes
 
 
 def docker(*args: str) -> None:
     # Synchronous on purpose: the test's own loop has nothing else to do meanwhile.
     subprocess.run(["docker", *args], check=True, capture_output=True, timeout=60)
+
+
+def pts_volume(container_id: str) -> str:
+    """The name of the volume mounted at the container's /dev/pts."""
+    pts = '{{range .Mounts}}{{if eq .Destination "/dev/pts"}}{{.Name}}{{end}}{{end}}'
+    done = subprocess.run(["docker", "inspect", "-f", pts, container_id], check=True,
+                          capture_output=True, text=True, timeout=60)
+    return done.stdout.strip()
 
 
 def stray_container(pool: str, instance: str, owner: str) -> str:
@@ -93,6 +101,24 @@ async def test_sweep_removes_an_untracked_container_on_the_second_look(
     await backend.destroy_sandbox(sandbox)
 
 
+async def test_reaper_removes_the_volume_a_sandbox_lost_its_container_without(
+    backend: DockerBackend,
+) -> None:
+    """A container that went without its volumes (a dockerd restart, `docker rm`
+    without -v) leaves its devpts volume; the reaper removes that one only."""
+    kept, lost = await backend.start_sandbox(), await backend.start_sandbox()
+    instance = f"{LABEL_INSTANCE}={backend.instance_id}"
+    kept_volume, lost_volume = pts_volume(kept.container_id), pts_volume(lost.container_id)
+    # One devpts volume per sandbox, labelled like it.
+    assert sorted(docker_volumes(instance)) == sorted([kept_volume, lost_volume])
+    docker("rm", "-f", lost.container_id)  # no -v: its volume stays, dangling
+    await backend.reap_orphans()
+    assert docker_volumes(instance) == [kept_volume]
+    await backend.destroy_sandbox(kept)
+    await backend.destroy_sandbox(lost)
+    assert docker_volumes(instance) == []
+
+
 async def test_sweep_marks_a_dead_idle_sandbox(backend: DockerBackend) -> None:
     sandbox = await backend.start_sandbox()
     died: list[str] = []
@@ -128,6 +154,9 @@ class RefusingContainers:
             # What dockerd answers for a root filesystem a restart left mounted.
             raise BackendError(f"cannot remove container {name_or_id}: device or resource busy")
         self.removed.append(name_or_id)
+
+    async def dangling_volumes(self, label: str) -> list[str]:
+        return []
 
 
 async def test_reaper_skips_a_container_dockerd_cannot_remove() -> None:

@@ -206,7 +206,8 @@ class DockerBackend(BackendBase[DockerSandbox]):
         """Stop following events; remove whatever of this pool is still there; disconnect.
 
         The pool has destroyed its sandboxes by now, but a removal that failed
-        while dockerd was down left a container behind: labels find it.
+        while dockerd was down left a container behind, and one across a dockerd
+        restart can leave the container's volume: labels find both.
         """
         for task in self._tasks:
             task.cancel()
@@ -218,6 +219,8 @@ class DockerBackend(BackendBase[DockerSandbox]):
                 for container in mine:
                     if labels_of(container).get(LABEL_POOL) == self.config.name:
                         await self._containers.remove(str(container["Id"]))
+                await self._reaper.remove_dangling_volumes(
+                    f"{LABEL_INSTANCE}={self.instance_id}", f"{LABEL_POOL}={self.config.name}")
             except (*DOCKER_ERRORS, BackendError) as e:
                 log.error("containers_not_removed", pool=self.config.name, error=describe(e))
             await self._containers.close()

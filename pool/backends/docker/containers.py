@@ -7,12 +7,14 @@ BackendError for what dockerd refused or never answered.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import os
 from typing import Any
 
 import aiodocker
 import aiohttp
+from aiodocker.volumes import DockerVolume
 
 from pool.backends.docker.engine import CALL_TIMEOUT_S, DOCKER_SOCKET_URL, describe
 from pool.errors import BackendError
@@ -59,6 +61,29 @@ class Containers:
                 all=True, filters=json.dumps({"label": [label]})
             )
         return containers
+
+    async def dangling_volumes(self, *labels: str) -> builtins.list[str]:
+        """The names of volumes with every one of ``labels`` that no container,
+        running or not, refers to."""
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            volumes: Any = self.docker.volumes  # aiodocker's volume calls are untyped
+            listed = await volumes.list(
+                filters={"label": builtins.list(labels), "dangling": ["true"]}
+            )
+        return [str(v["Name"]) for v in listed.get("Volumes") or []]
+
+    async def remove_volume(self, name: str) -> None:
+        """Remove a volume; one already gone, or in use again, is left as it is."""
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                volume: Any = DockerVolume(self.docker, name)  # type: ignore[no-untyped-call]
+                await volume.delete()
+        except aiodocker.DockerError as e:
+            if e.status == 404 or e.status == 409:  # gone, or a container refers to it
+                return
+            raise BackendError(f"cannot remove volume {name}: {e.message}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise BackendError(f"cannot remove volume {name}: {describe(e)}") from None
 
     async def remove(self, name_or_id: str) -> None:
         """Force-remove a container; one that is already gone is fine."""

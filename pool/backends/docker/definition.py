@@ -76,14 +76,17 @@ def container_definition(
             "ReadOnly": True,
         }],
     }
+    labels = {LABEL_POOL: c.name, LABEL_INSTANCE: instance_id, LABEL_OWNER: owner}
     if not (c.runtime or "").startswith("runsc"):  # gVisor's PTYs are its own, not the host's
         host_config["Mounts"].append({
             # A devpts instance of the container's own, with its share of the
             # host's PTYs as max (the engine's has none): an anonymous volume
             # of the local driver, which the engine mounts and removes with
-            # the container (delete with v=True).
+            # the container (delete with v=True). Labelled like the container,
+            # so one whose container went without it (lost in a dockerd
+            # restart, removed by hand) is found again (reaper.py).
             "Type": "volume", "Target": "/dev/pts",
-            "VolumeOptions": {"DriverConfig": {"Name": "local", "Options": {
+            "VolumeOptions": {"Labels": labels, "DriverConfig": {"Name": "local", "Options": {
                 "type": "devpts", "device": "devpts",
                 "o": f"nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,max={ptys}",
             }}},
@@ -118,10 +121,6 @@ def container_definition(
         "AttachStdout": True,
         "AttachStderr": True,
         "Tty": False,
-        "Labels": {
-            LABEL_POOL: c.name,
-            LABEL_INSTANCE: instance_id,
-            LABEL_OWNER: owner,
-        },
+        "Labels": labels,
         "HostConfig": host_config,
     }

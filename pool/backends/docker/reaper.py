@@ -3,7 +3,10 @@
 Both are found by label (``definition.py``), so a container is found whatever
 happened to the request or the daemon that made it. A container is removed
 only when proven abandoned: untracked by this backend at two sweeps in a row,
-or made by a daemon proven gone (``ownership.owner_alive``).
+or made by a daemon proven gone (``ownership.owner_alive``). A labelled volume
+(a sandbox's devpts) is removed only when no container refers to it: dockerd
+records the reference when it makes the volume for the container, so a
+dangling one has lost its container for good.
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ class Reaper:
         self._unremovable_logged: set[str] = set()  # orphans dockerd refused to remove
 
     async def reap_orphans(self) -> int:
-        """Remove sandpool containers whose daemon is gone (crashed or SIGKILLed).
+        """Remove sandpool containers whose daemon is gone (crashed or SIGKILLed),
+        and sandpool volumes whose container is gone.
 
         One that dockerd cannot remove (a root filesystem left busy by a dockerd
         restart stays so until reboot) is logged and skipped: it must not keep
-        the others. Returns how many were removed; raises BackendError only
-        when the containers cannot be listed.
+        the others. Returns how many containers were removed; raises BackendError only
+        when the containers or volumes cannot be listed.
         """
         reaped = 0
         unremovable: dict[str, str] = {}
@@ -56,13 +60,36 @@ class Reaper:
                 unremovable[str(info["Id"])[:12]] = e.message
                 continue
             reaped += 1
-        if reaped:
-            log.info("reaped_orphans", pool=self.pool_name, containers=reaped)
+        volumes = await self.remove_dangling_volumes(LABEL_POOL, unremovable=unremovable)
+        if reaped or volumes:
+            log.info("reaped_orphans", pool=self.pool_name, containers=reaped, volumes=volumes)
         if unremovable and unremovable.keys() != self._unremovable_logged:
             # Once per set, not at every sweep: dockerd says the same each time.
             log.warning("orphans_not_removed", pool=self.pool_name, containers=unremovable)
         self._unremovable_logged = set(unremovable)
         return reaped
+
+    async def remove_dangling_volumes(
+        self, *labels: str, unremovable: dict[str, str] | None = None
+    ) -> int:
+        """Remove the volumes with ``labels`` whose container is gone; how many.
+
+        A sandbox's devpts volume can outlive its container: across a dockerd
+        restart the container goes and its volume stays, dangling (seen with
+        Docker 20.10 when the daemon's removal meets the engine's shutdown). One
+        dockerd refuses to remove goes into ``unremovable`` (name: why).
+        Raises BackendError only when the volumes cannot be listed.
+        """
+        removed = 0
+        for name in await self.containers.dangling_volumes(*labels):
+            try:
+                await self.containers.remove_volume(name)
+            except BackendError as e:
+                if unremovable is not None:
+                    unremovable[name[:12]] = e.message
+                continue
+            removed += 1
+        return removed
 
     async def sweep(
         self,
