@@ -33,8 +33,9 @@ from pool.backends import create_pool
 from pool.config import Config, default_pools
 from pool.daemon_cpu import DAEMON_WEIGHT, lower_daemon, raise_daemon
 from pool.manager import Activity, PoolHandle
+from pool.quotas import Holders
 from pool.sessions import Sessions
-from pool.uids import HOST_UID_BACKENDS, SandboxUids
+from pool.uids import SandboxUids
 
 log = structlog.get_logger("sandpool.daemon")
 
@@ -122,15 +123,10 @@ async def serve(config: Config, *, instance_id: str | None = None) -> None:
                 log.info("daemon_cpu_raised", weight=DAEMON_WEIGHT)
             stack.push_async_callback(asyncio.to_thread, lower_daemon)
             pools: dict[str, PoolHandle] = {}
-            uids = SandboxUids(
-                config.server.sandbox_uid_base, config.server.sandbox_uid_count,
-                own_uid_sandboxes=sum(p.max_size for p in config.pools if p.backend == "process"),
-                host_sandboxes=sum(
-                    p.max_size for p in config.pools if p.backend in HOST_UID_BACKENDS
-                ),
-            )
+            uids = SandboxUids(config.server.sandbox_uid_base, config.server.sandbox_uid_count)
+            holders = Holders.of(config.pools)
             for pool_config in config.pools:
-                pool = create_pool(pool_config, instance_id, uids, metrics, activity)
+                pool = create_pool(pool_config, instance_id, uids, holders, metrics, activity)
                 pools[pool.name] = await stack.enter_async_context(pool)
             # Closed before the pools (the stack unwinds in reverse): every session's
             # sandbox is destroyed while its pool still runs; after the server's drain.

@@ -53,10 +53,20 @@ def cpu_s():
 
 
 async def main(starts):
-    known = SandboxUids.__init__.__code__.co_varnames
-    uids = SandboxUids(**({"own_uid_sandboxes": 8} if "own_uid_sandboxes" in known else {}))
+    # Each revision as it takes the count of the daemon's process sandboxes:
+    # a Holders (since pool/quotas.py has one), SandboxUids' own_uid_sandboxes
+    # (before), or not at all.
+    extra = {}
+    if "holders" in ProcessBackend.__init__.__code__.co_varnames:
+        from pool.quotas import Holders
+        extra["holders"] = Holders(own_uid=8)
+        uids = SandboxUids()
+    elif "own_uid_sandboxes" in SandboxUids.__init__.__code__.co_varnames:
+        uids = SandboxUids(own_uid_sandboxes=8)
+    else:
+        uids = SandboxUids()
     backend = ProcessBackend(PoolConfig(name="bench", backend="process", max_size=8), "bench",
-                             uids=uids)
+                             uids=uids, **extra)
     await backend.start()
     walls = []
     before = cpu_s()

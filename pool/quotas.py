@@ -30,8 +30,12 @@ opening ``/dev/ptmx`` fails with ``ENOSPC`` in that sandbox only.
 from __future__ import annotations
 
 import resource
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+from pool.config import PoolConfig
+from pool.uids import HOST_UID_BACKENDS
 from pool.wire import USER_QUOTAS
 
 # Rlimits, shared out from the daemon's own soft values (a sandbox's runner sets them)...
@@ -42,6 +46,38 @@ HOST_QUOTAS = ("/proc/sys/fs/inotify/max_user_instances", "/proc/sys/fs/inotify/
 PTY_MAX, PTY_RESERVE = "/proc/sys/kernel/pty/max", "/proc/sys/kernel/pty/reserve"
 
 Limits = dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Holders:
+    """How many of the daemon's sandboxes can hold one of these at once.
+
+    0 is unknown (a backend built alone, as tests and benchmarks build them):
+    then a pool counts only its own ``max_size``.
+    """
+
+    # Process sandboxes, which run as the daemon's own uid when it is not root.
+    own_uid: int = 0
+    # Docker, process and fork sandboxes: each has a devpts instance.
+    ptys: int = 0
+
+    @classmethod
+    def of(cls, pools: Iterable[PoolConfig]) -> Holders:
+        """The holders among the daemon's ``pools``, each at its ``max_size``."""
+        pools = list(pools)
+        return cls(
+            own_uid=sum(p.max_size for p in pools if p.backend == "process"),
+            ptys=sum(p.max_size for p in pools if p.backend in HOST_UID_BACKENDS),
+        )
+
+    def of_own_uid(self, pool: PoolConfig) -> int:
+        """Who holds the daemon's uid's quotas when it is not root: its process
+        sandboxes, or ``pool``'s alone when unknown, and the daemon itself."""
+        return (self.own_uid or pool.max_size) + 1
+
+    def of_ptys(self, pool: PoolConfig) -> int:
+        """Who holds the host's PTYs: the daemon's sandboxes, or ``pool``'s alone when unknown."""
+        return self.ptys or pool.max_size
 
 
 def share(limit: int, holders: int) -> int:

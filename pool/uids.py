@@ -33,21 +33,11 @@ MAX_UID = 2**31 - 1
 class SandboxUids:
     """Allocates host uids from ``[base, base + count)``; synchronous, for one event loop."""
 
-    def __init__(
-        self, base: int = DEFAULT_BASE, count: int = DEFAULT_COUNT, *,
-        own_uid_sandboxes: int = 0, host_sandboxes: int = 0,
-    ) -> None:
+    def __init__(self, base: int = DEFAULT_BASE, count: int = DEFAULT_COUNT) -> None:
         if base < 65536 or count < 1 or base + count - 1 > MAX_UID:
             raise ValueError(f"bad sandbox uid range {base}+{count}")
         self.base = base
         self.count = count
-        # The most sandboxes that can be the daemon's own uid at once: a daemon
-        # that is not root cannot switch uids, so its process sandboxes share
-        # its uid's quotas (pool/quotas.py). 0: unknown (a backend built alone).
-        self.own_uid_sandboxes = own_uid_sandboxes
-        # The most Docker, process and fork sandboxes of the daemon alive at
-        # once, which share the host's PTYs (pool/quotas.py). 0: unknown.
-        self.host_sandboxes = host_sandboxes
         self._next_fresh = base
         self._released: deque[int] = deque()
         self._held: set[int] = set()

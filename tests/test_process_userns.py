@@ -236,11 +236,11 @@ import asyncio, json
 from pool.backends.base import RunRequest
 from pool.backends.process import ProcessBackend
 from pool.config import PoolConfig
-from pool.uids import SandboxUids
+from pool.quotas import Holders
 
 async def main():
     backend = ProcessBackend(PoolConfig(name="nobody", backend="process", max_size=1),
-                             "nobody", uids=SandboxUids(own_uid_sandboxes=3, host_sandboxes=8))
+                             "nobody", holders=Holders(own_uid=3, ptys=8))
     await backend.start()
     try:
         sandbox = await backend.start_sandbox()

@@ -8,37 +8,47 @@ from collections.abc import Callable
 from metrics import Metrics
 from pool.config import PoolConfig
 from pool.manager import Activity, Pool, PoolHandle
+from pool.quotas import Holders
 from pool.uids import SandboxUids
 
-PoolFactory = Callable[[PoolConfig, str, SandboxUids, Metrics, Activity], PoolHandle]
+# A pool's config, the daemon's instance id, the host uids and the counts its
+# pools share (both one for the whole daemon), its metrics and activity.
+PoolFactory = Callable[[PoolConfig, str, SandboxUids, Holders, Metrics, Activity], PoolHandle]
 
 
 def _docker(
-    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+    config: PoolConfig, instance_id: str, uids: SandboxUids, holders: Holders, metrics: Metrics,
+    activity: Activity,
 ) -> PoolHandle:
     from pool.backends.docker import DockerBackend
 
-    return Pool(config, DockerBackend(config, instance_id, uids=uids), metrics, activity)
+    backend = DockerBackend(config, instance_id, uids=uids, holders=holders)
+    return Pool(config, backend, metrics, activity)
 
 
 def _process(
-    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+    config: PoolConfig, instance_id: str, uids: SandboxUids, holders: Holders, metrics: Metrics,
+    activity: Activity,
 ) -> PoolHandle:
     from pool.backends.process import ProcessBackend
 
-    return Pool(config, ProcessBackend(config, instance_id, uids=uids), metrics, activity)
+    backend = ProcessBackend(config, instance_id, uids=uids, holders=holders)
+    return Pool(config, backend, metrics, activity)
 
 
 def _fork(
-    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+    config: PoolConfig, instance_id: str, uids: SandboxUids, holders: Holders, metrics: Metrics,
+    activity: Activity,
 ) -> PoolHandle:
     from pool.backends.fork import ForkBackend
 
-    return Pool(config, ForkBackend(config, instance_id, uids=uids), metrics, activity)
+    backend = ForkBackend(config, instance_id, uids=uids, holders=holders)
+    return Pool(config, backend, metrics, activity)
 
 
 def _wasm(
-    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+    config: PoolConfig, instance_id: str, uids: SandboxUids, holders: Holders, metrics: Metrics,
+    activity: Activity,
 ) -> PoolHandle:
     from pool.backends.wasm import WasmBackend  # wasm sandboxes hold no host uid
 
@@ -46,7 +56,8 @@ def _wasm(
 
 
 def _fake(
-    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+    config: PoolConfig, instance_id: str, uids: SandboxUids, holders: Holders, metrics: Metrics,
+    activity: Activity,
 ) -> PoolHandle:
     from pool.backends.fake import FakeBackend
 
@@ -63,7 +74,8 @@ BACKENDS: dict[str, PoolFactory] = {
 
 
 def create_pool(
-    config: PoolConfig, instance_id: str, uids: SandboxUids, metrics: Metrics, activity: Activity
+    config: PoolConfig, instance_id: str, uids: SandboxUids, holders: Holders, metrics: Metrics,
+    activity: Activity,
 ) -> PoolHandle:
     """The pool of ``config``, on the backend its ``backend`` key names."""
-    return BACKENDS[config.backend](config, instance_id, uids, metrics, activity)
+    return BACKENDS[config.backend](config, instance_id, uids, holders, metrics, activity)

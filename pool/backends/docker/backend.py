@@ -60,7 +60,7 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
-from pool.quotas import pty_share
+from pool.quotas import Holders, pty_share
 from pool.seccomp import docker_profile
 from pool.uids import SandboxUids, default_uids
 from pool.wire import Outcome, OutputCapture
@@ -110,10 +110,12 @@ class DockerBackend(BackendBase[DockerSandbox]):
     name = "docker"
 
     def __init__(
-        self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None
+        self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None,
+        holders: Holders | None = None,
     ) -> None:
         super().__init__(config, instance_id)
         self._uids = uids or default_uids()
+        self._holders = holders or Holders()
         self._containers = Containers()
         self._reaper = Reaper(config.name, instance_id, self._containers)
         self._guest_dir: Path | None = None  # guest.install(): the runner, bind-mounted read-only
@@ -151,7 +153,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
             ) from None
         self._guest_dir = await asyncio.to_thread(guest.install)
         self._ptys = await asyncio.to_thread(
-            pty_share, self._uids.host_sandboxes or self.config.max_size
+            pty_share, self._holders.of_ptys(self.config)
         )
         # The seccomp profile needs libseccomp's syscall table: read it once,
         # off the event loop, and fail here rather than at every container.
@@ -258,7 +260,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
         if self._guest_dir is None:  # likewise
             self._guest_dir = guest.install()
         if self._ptys is None:  # likewise
-            self._ptys = pty_share(self._uids.host_sandboxes or self.config.max_size)
+            self._ptys = pty_share(self._holders.of_ptys(self.config))
         return container_definition(
             self.config,
             uid=uid,

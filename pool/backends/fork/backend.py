@@ -45,7 +45,7 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
-from pool.quotas import pty_share, rlimit_shares, user_quota_shares
+from pool.quotas import Holders, pty_share, rlimit_shares, user_quota_shares
 from pool.uids import SandboxUids, default_uids
 from pool.wire import SpawnOrder
 
@@ -65,10 +65,12 @@ class ForkBackend(BackendBase[ForkSandbox]):
     name = "fork"
 
     def __init__(
-        self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None
+        self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None,
+        holders: Holders | None = None,
     ) -> None:
         super().__init__(config, instance_id)
         self._uids = uids or default_uids()
+        self._holders = holders or Holders()
         self._definition: SandboxDefinition | None = None
         self._cgroups: CgroupTree | None = None
         self._template: Template | None = None
@@ -104,7 +106,7 @@ class ForkBackend(BackendBase[ForkSandbox]):
         )
         self._quotas = await asyncio.to_thread(user_quota_shares, holders)
         self._ptys = await asyncio.to_thread(
-            pty_share, self._uids.host_sandboxes or self.config.max_size
+            pty_share, self._holders.of_ptys(self.config)
         )
         self._version = definition.version
         dir_name = cgroup_dir_name(self.config.name, self.instance_id)

@@ -49,7 +49,7 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
-from pool.quotas import pty_share, rlimit_shares, user_quota_shares
+from pool.quotas import Holders, pty_share, rlimit_shares, user_quota_shares
 from pool.uids import SandboxUids, default_uids
 
 log = structlog.get_logger("sandpool.process")
@@ -64,10 +64,12 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
     name = "process"
 
     def __init__(
-        self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None
+        self, config: PoolConfig, instance_id: str, uids: SandboxUids | None = None,
+        holders: Holders | None = None,
     ) -> None:
         super().__init__(config, instance_id)
         self._uids = uids or default_uids()
+        self._holders = holders or Holders()
         self._definition: SandboxDefinition | None = None  # set once started, until closed
         self._cgroups: CgroupTree | None = None
         # Noexec scratch: a root daemon's mounts, or a non-root daemon's staging.
@@ -88,7 +90,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         if definition.unshare is not None:
             # Not root: every process sandbox of the daemon, and the daemon, share
             # its uid's per-user quotas; each sandbox gets a share (pool/quotas.py).
-            holders = (self._uids.own_uid_sandboxes or self.config.max_size) + 1
+            holders = self._holders.of_own_uid(self.config)
             definition = dataclasses.replace(
                 definition, limits=rlimit_shares(definition.limits, holders),
                 user_quotas=await asyncio.to_thread(user_quota_shares, holders),
@@ -116,7 +118,7 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         self._runtime = await image_runtime(self.config.language, self.config.image)
         scratch = ScratchMounts(dir_name) if definition.setpriv else StagedScratch(dir_name)
         self._ptys = await asyncio.to_thread(
-            pty_share, self._uids.host_sandboxes or self.config.max_size
+            pty_share, self._holders.of_ptys(self.config)
         )
         try:
             if isinstance(scratch, ScratchMounts):
@@ -258,14 +260,16 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
         for fd in (info_r, stderr_r):
             os.set_blocking(fd, False)
         pipes = OutputPipes()
-        # As root, each sandbox runs as a host uid of its own (pool/uids.py); a
-        # non-root daemon's sandboxes are all its own uid outside, each with a
-        # share of that uid's quotas in namespaces of its own (userns.py).
-        host_uid = self._uids.acquire() if definition.setpriv is not None else None
+        host_uid: int | None = None
         scratch: SandboxScratch | None = None  # a root daemon's, detached once ready
         maker: NamespaceMaker | None = None  # a non-root daemon's namespaces
         try:
-            if isinstance(self._scratch, ScratchMounts) and host_uid is not None:
+            # start() chose the scratch by the daemon's mode: as root, each sandbox
+            # runs as a host uid of its own (pool/uids.py) with mounts of its own;
+            # a non-root daemon's sandboxes are all its own uid outside, each with
+            # a share of that uid's quotas in namespaces of its own (userns.py).
+            if isinstance(self._scratch, ScratchMounts):
+                host_uid = self._uids.acquire()
                 scratch = await asyncio.to_thread(
                     self._scratch.mount, sandbox_id, host_uid, self.config.tmpfs_mb * 1024 * 1024,
                     self._ptys,
