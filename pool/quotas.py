@@ -109,3 +109,35 @@ def pty_share(holders: int) -> int:
     reserve over ``holders``. Blocking (procfs reads)."""
     pool = int(Path(PTY_MAX).read_text()) - int(Path(PTY_RESERVE).read_text())
     return share(max(1, pool), holders)
+
+
+# What a share should not fall below for ordinary code, and what raises it.
+# A share under its floor is still enforced; the daemon says so at start
+# (``small_shares``), since code then fails in a way its author will not
+# expect: a file watcher (Node's fs.watch, watchdog) wants an inotify
+# instance per process, and POSIX message queues of the kernel's default size
+# (10 messages of 8 KiB) need 83,000 bytes each with the kernel's bookkeeping
+# (measured on 6.18: 82,800 refused, 83,000 enough).
+FLOORS: dict[str, tuple[int, str]] = {
+    "max_inotify_instances": (4, "the sysctl fs.inotify.max_user_instances"),
+    "max_inotify_watches": (1024, "the sysctl fs.inotify.max_user_watches"),
+    "RLIMIT_MSGQUEUE": (84 * 1024, "the daemon's RLIMIT_MSGQUEUE (LimitMSGQUEUE= in its unit)"),
+    "ptys": (8, "the sysctl kernel.pty.max"),
+}
+
+
+def sandbox_shares(user_quotas: dict[str, int], limits: Limits, ptys: int) -> dict[str, int]:
+    """What one sandbox gets of each shared quota, by FLOORS' names."""
+    return {**user_quotas, "RLIMIT_MSGQUEUE": limits["RLIMIT_MSGQUEUE"][0], "ptys": ptys}
+
+
+def small_shares(shares: dict[str, int]) -> list[str]:
+    """A readable line for each share in ``shares`` (FLOORS' names) under its
+    floor; none when all are at least their floors."""
+    lines = []
+    for name, value in shares.items():
+        least, setting = FLOORS[name]
+        if value != resource.RLIM_INFINITY and value < least:
+            lines.append(f"{name}: {value} per sandbox (under {least}); raise {setting}, "
+                         "or lower the max_size of the pools that share it")
+    return lines

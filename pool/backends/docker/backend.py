@@ -49,6 +49,7 @@ from pool.backends.docker.definition import (
     LABEL_POOL,
     container_definition,
     labels_of,
+    own_devpts,
 )
 from pool.backends.docker.engine import CALL_TIMEOUT_S, DOCKER_ERRORS, describe
 from pool.backends.docker.events import OomEvents, follow_events
@@ -60,7 +61,7 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError, SandboxLostError
 from pool.protocol import ProtocolViolation
-from pool.quotas import Holders, pty_share
+from pool.quotas import Holders, pty_share, small_shares
 from pool.seccomp import docker_profile
 from pool.uids import SandboxUids, default_uids
 from pool.wire import Outcome, OutputCapture
@@ -155,6 +156,8 @@ class DockerBackend(BackendBase[DockerSandbox]):
         self._ptys = await asyncio.to_thread(
             pty_share, self._holders.of_ptys(self.config)
         )
+        if own_devpts(self.config) and (small := small_shares({"ptys": self._ptys})):
+            log.warning("quota_shares_small", pool=self.config.name, shares=small)
         # The seccomp profile needs libseccomp's syscall table: read it once,
         # off the event loop, and fail here rather than at every container.
         await asyncio.to_thread(docker_profile)

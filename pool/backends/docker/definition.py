@@ -27,6 +27,12 @@ def labels_of(listed: Any) -> dict[str, str]:
     return dict(listed["Labels"] or {})
 
 
+def own_devpts(c: PoolConfig) -> bool:
+    """Whether pool ``c``'s containers get a devpts instance of their own, with a
+    share of the host's PTYs: not under gVisor, whose PTYs are its own kernel's."""
+    return not (c.runtime or "").startswith("runsc")
+
+
 def container_definition(
     c: PoolConfig, *, uid: int, instance_id: str, owner: str, guest_dir: Path, ptys: int,
     cgroup_parent: str | None = None,
@@ -77,7 +83,7 @@ def container_definition(
         }],
     }
     labels = {LABEL_POOL: c.name, LABEL_INSTANCE: instance_id, LABEL_OWNER: owner}
-    if not (c.runtime or "").startswith("runsc"):  # gVisor's PTYs are its own, not the host's
+    if own_devpts(c):
         host_config["Mounts"].append({
             # A devpts instance of the container's own, with its share of the
             # host's PTYs as max (the engine's has none): an anonymous volume

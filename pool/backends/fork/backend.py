@@ -45,7 +45,14 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
-from pool.quotas import Holders, pty_share, rlimit_shares, user_quota_shares
+from pool.quotas import (
+    Holders,
+    pty_share,
+    rlimit_shares,
+    sandbox_shares,
+    small_shares,
+    user_quota_shares,
+)
 from pool.uids import SandboxUids, default_uids
 from pool.wire import SpawnOrder
 
@@ -108,6 +115,7 @@ class ForkBackend(BackendBase[ForkSandbox]):
         self._ptys = await asyncio.to_thread(
             pty_share, self._holders.of_ptys(self.config)
         )
+        shares = sandbox_shares(self._quotas, definition.limits, self._ptys)
         self._version = definition.version
         dir_name = cgroup_dir_name(self.config.name, self.instance_id)
         self._cgroups, reason = await asyncio.to_thread(prepare_cgroups, dir_name)
@@ -133,7 +141,10 @@ class ForkBackend(BackendBase[ForkSandbox]):
             bwrap=self._version,
             cgroups=self._cgroups.controllers,
             host_uids=repr(self._uids),
+            shares=shares,
         )
+        if small := small_shares(shares):
+            log.warning("quota_shares_small", pool=self.config.name, shares=small)
 
     def requests_waiting(self, waiting: bool) -> None:
         self._cpu.requests_waiting(waiting)

@@ -49,7 +49,14 @@ from pool.backends.runtime import Runtime, image_runtime
 from pool.config import PoolConfig
 from pool.errors import BackendError
 from pool.protocol import ProtocolViolation
-from pool.quotas import Holders, pty_share, rlimit_shares, user_quota_shares
+from pool.quotas import (
+    Holders,
+    pty_share,
+    rlimit_shares,
+    sandbox_shares,
+    small_shares,
+    user_quota_shares,
+)
 from pool.uids import SandboxUids, default_uids
 
 log = structlog.get_logger("sandpool.process")
@@ -150,13 +157,19 @@ class ProcessBackend(BackendBase[ProcessSandbox]):
             await self.close()
             raise
         await self.destroy_sandbox(probe)
+        # As root a sandbox shares only the host's PTYs: its quotas are its uid's.
+        shares = ({"ptys": self._ptys} if definition.unshare is None else
+                  sandbox_shares(definition.user_quotas, definition.limits, self._ptys))
         log.info(
             "process_backend_ready",
             pool=self.config.name,
             bwrap=self._version,
             cgroups=self._cgroups.controllers if self._cgroups else [],
             host_uids=repr(self._uids) if definition.setpriv else os.geteuid(),
+            shares=shares,
         )
+        if small := small_shares(shares):
+            log.warning("quota_shares_small", pool=self.config.name, shares=small)
 
     def requests_waiting(self, waiting: bool) -> None:
         self._cpu.requests_waiting(waiting)
