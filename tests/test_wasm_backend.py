@@ -504,16 +504,15 @@ class CountingEngine:
         self.bumps += 1
 
 
-async def test_the_epoch_ticker_sleeps_unless_a_killed_or_metered_guest_holds_a_store() -> None:
+async def test_the_epoch_ticker_sleeps_unless_a_killed_or_busy_guest_holds_a_store() -> None:
     engine = CountingEngine()
     ticker = epoch.Ticker(engine, name="test-ticker")  # type: ignore[arg-type]
     guest = epoch.Guest(engine, ticker.nudge, cpus=1)  # type: ignore[arg-type]
-    metered = epoch.Guest(engine, ticker.nudge, cpus=0.5)  # type: ignore[arg-type]
+    busy = epoch.Guest(engine, ticker.nudge, cpus=1)  # type: ignore[arg-type]
     try:
         await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps == 0  # idle: no wake-ups at all
-        epoch._epoch_guests[guest.key] = guest  # a live Store
-        guest.meter()  # cpus 1: nothing to meter, so no ticks
+        epoch._epoch_guests[guest.key] = guest  # a live Store, its request short so far
         await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps == 0
         guest.kill()  # one bump of its own, then the ticker's
@@ -524,19 +523,54 @@ async def test_the_epoch_ticker_sleeps_unless_a_killed_or_metered_guest_holds_a_
         settled = engine.bumps
         await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps == settled
-        epoch._epoch_guests[metered.key] = metered
-        metered.meter()  # its request runs: ticks without any kill
+        epoch._epoch_guests[busy.key] = busy
+        busy.become_busy()  # its request runs on: ticks without any kill, whatever its cpus
         await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps >= settled + 2
-        del epoch._epoch_guests[metered.key]  # its Store was dropped
+        del epoch._epoch_guests[busy.key]  # its Store was dropped
         await asyncio.sleep(2 * epoch.EPOCH_TICK_S)
         settled = engine.bumps
         await asyncio.sleep(3 * epoch.EPOCH_TICK_S)
         assert engine.bumps == settled
     finally:
         epoch._epoch_guests.pop(guest.key, None)
-        epoch._epoch_guests.pop(metered.key, None)
+        epoch._epoch_guests.pop(busy.key, None)
         await asyncio.to_thread(ticker.stop)
+
+
+def test_a_busy_guest_steps_aside_longer_while_the_cpu_stays_contended() -> None:
+    """Courtesy at each tick, from the thread's run delay against a clock (both
+    fed here, a tick of 50 ms apart): no wait for one contended tick, then one
+    tick's wait, doubling up to YIELD_MAX_TICKS; none once a tick was not
+    contended, and a new streak starts over."""
+    clock = [0.0]
+    delay = [0.0]
+    waits: list[float] = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        clock[0] += seconds  # asleep: no run delay
+
+    courtesy = epoch.Courtesy(run_delay=lambda: delay[0], clock=lambda: clock[0])
+
+    def tick(waited_for_a_core_s: float) -> None:
+        clock[0] += epoch.EPOCH_TICK_S
+        delay[0] += waited_for_a_core_s
+        courtesy.check(wait)
+
+    tick(0.0)  # sets the mark
+    tick(0.004)  # 8 % of the tick: not contended
+    assert waits == []
+    tick(0.02)  # contended, once: a refill's burst
+    tick(0.0)
+    assert waits == []
+    for _ in range(6):
+        tick(0.02)
+    assert [round(w / epoch.EPOCH_TICK_S) for w in waits] == [1, 2, 4, 8, 8]
+    tick(0.0)  # quiet: nothing waits, and the next streak starts over
+    tick(0.02)
+    tick(0.02)
+    assert [round(w / epoch.EPOCH_TICK_S) for w in waits] == [1, 2, 4, 8, 8, 1]
 
 
 # --- built-in modules ---------------------------------------------------------

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -292,3 +293,47 @@ def test_a_busy_wasm_guest_takes_no_more_than_a_process_of_another_cgroup(
     # about eight ninths of it.
     assert guest_cpu < 2 * neighbour_cpu, (guest_cpu, neighbour_cpu)
     assert in_guests
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="the busy guest and the test share the core")
+def test_a_busy_wasm_guest_steps_aside_for_a_process_that_wants_its_core(
+    spawn_daemon: Spawn
+) -> None:
+    """A busy guest cannot be in an idle cgroup (it is a thread of the daemon):
+    it yields itself while it waits for a core (epoch.Courtesy). Beside a busy
+    process on its core it then takes a small part of it, not half."""
+    daemon = spawn_daemon(WASM_CONFIG)
+    answers: list[dict[str, object]] = []
+
+    def spin() -> None:
+        with daemon.client() as client:
+            answers.append(client.run(
+                "import time\nbegan = time.monotonic()\nwhile time.monotonic() - began < 4: pass",
+                pool="wasm", timeout_s=10))
+
+    def idle_threads() -> list[int]:  # a busy guest's (pool/backends/wasm/threads.py)
+        return [tid for tid, (policy, _, _) in task_stats(daemon.pid).items()
+                if policy == SCHED_IDLE]
+
+    busy = threading.Thread(target=spin)
+    busy.start()
+    try:
+        wait_until(lambda: idle_threads() != [], "a busy guest's thread", timeout_s=10)
+        (guest,) = idle_threads()
+        os.sched_setaffinity(guest, {0})
+        alone_before = thread_cpu_s(daemon.pid, guest)
+        time.sleep(0.5)
+        alone = thread_cpu_s(daemon.pid, guest) - alone_before
+        before = thread_cpu_s(daemon.pid, guest)
+        neighbour = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(NEIGHBOUR)],
+            check=True, capture_output=True, text=True, timeout=30,
+        )
+        guest_cpu = thread_cpu_s(daemon.pid, guest) - before
+    finally:
+        busy.join()
+    neighbour_cpu = float(neighbour.stdout.split()[2])
+    assert answers[0]["exit_code"] == 0, answers
+    assert alone > 0.4, alone  # alone on its core, it runs at full speed
+    # As equals they would split core 0 (0.75 s each).
+    assert guest_cpu < neighbour_cpu / 4, (guest_cpu, neighbour_cpu)

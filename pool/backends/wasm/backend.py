@@ -370,7 +370,7 @@ class WasmBackend(BackendBase[WasmSandbox]):
             # of it (each would cost it a wake-up of another thread).
             nonlocal moving
             demote_thread(sandbox.thread_id)
-            sandbox.guest.meter()
+            sandbox.guest.become_busy()
             if sandbox.thread_id is not None:
                 moving = asyncio.ensure_future(
                     asyncio.to_thread(yield_guest_thread, sandbox.thread_id))

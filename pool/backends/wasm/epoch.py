@@ -2,11 +2,12 @@
 
 Every Store's epoch deadline is one tick away, and its deadline callback
 (``_on_epoch_deadline``, on the guest's own thread) traps the guest only if
-its own kill event is set, else holds it to its CPU share (``CpuMeter``) and
-extends by one tick. Killing a guest sets its event and bumps the engine's
-epoch; while a killed guest still holds its Store, or a metered one runs, a
-ticker thread (``Ticker``) bumps the epoch every ``EPOCH_TICK_S``, so a kill
-lost to a race still lands within a tick. A tick the GIL delays costs nothing,
+its own kill event is set; else, once the guest is busy, it holds it to its
+CPU share (``CpuMeter``) and makes it yield to contended CPU (``Courtesy``),
+and extends by one tick. Killing a guest sets its event and bumps the
+engine's epoch; while a killed guest still holds its Store, or a busy one
+runs, a ticker thread (``Ticker``) bumps the epoch every ``EPOCH_TICK_S``, so
+a kill lost to a race still lands within a tick. A tick the GIL delays costs nothing,
 since the deadline is not counted in ticks. Epochs only stop wasm code: host
 calls a guest can block in wait on the kill event instead (``wasi.py``).
 
@@ -37,6 +38,17 @@ EPOCH_TICK_S = 0.05
 # sleep or I/O) buys at most this much wall time of full speed later.
 CPU_BURST_S = 0.1
 
+# A busy guest that waited for a core this part of the time since its last
+# tick had the CPU wanted by someone else (Courtesy)...
+CONTENDED_SHARE = 0.1
+# ... and it steps aside once that held this many ticks in a row: its own
+# pool's refill or a burst of the daemon's work contends one tick, and a wait
+# for it would only slow the guest on a quiet host.
+CONTENDED_TICKS = 2
+# The longest a busy guest waits at once while the CPU stays contended, in
+# ticks: it still gets a tick in every YIELD_MAX_TICKS + 1, never starves.
+YIELD_MAX_TICKS = 8
+
 _guest_keys = itertools.count(1)  # never 0: the callback reads a null key as "none"
 
 
@@ -49,7 +61,7 @@ class CpuMeter:
     ``check`` compares the thread's CPU time with ``share`` x the wall time
     since the last check and, once the guest is ahead, waits out the
     difference. Like a CFS quota it is an average, exact to one tick: the
-    ticker ticks every EPOCH_TICK_S while a metered guest runs, and the CPU
+    ticker ticks every EPOCH_TICK_S while a busy guest runs, and the CPU
     used between two ticks is paid back at the next.
     Invariant: ``credit`` (seconds of CPU the guest may still use at full
     speed) is at most share x CPU_BURST_S, so a guest that slept gains no more.
@@ -74,6 +86,56 @@ class CpuMeter:
         self._last = (now, time.thread_time())
 
 
+def own_run_delay_s() -> float:
+    """How long the calling thread has waited, runnable, for a core since it
+    started (the kernel's schedstat; 0.0 where the kernel does not keep it)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Courtesy:
+    """A busy guest takes only CPU nothing else of the host wants now.
+
+    The other tiers' busy code runs in ``cpu.idle`` cgroups; a guest cannot,
+    being a thread of the daemon: a thread the scheduler starves while it wants
+    the GIL (its host functions, its end) would stall the event loop (see
+    docs/security.md, "The daemon stands above its sandboxes"). So the guest
+    steps aside itself, from the epoch deadline callback, where it holds the
+    GIL at its ordinary standing and waits without it. The sign: its own
+    thread waited for a core (``own_run_delay_s``) more than CONTENDED_SHARE
+    of the time since its last tick, CONTENDED_TICKS ticks in a row. Then it
+    waits, one tick the first time and twice as long at each contended tick
+    after, up to YIELD_MAX_TICKS; an uncontended tick starts over. On an idle
+    host a busy guest runs at full speed.
+    """
+
+    def __init__(self, run_delay: Callable[[], float] = own_run_delay_s,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._run_delay = run_delay
+        self._clock = clock
+        self._streak = 0  # contended ticks in a row
+        self._ticks = 0  # the last wait, in ticks; 0: none in this streak
+        self._last: tuple[float, float] | None = None  # (clock, run delay) when it last ran on
+
+    def check(self, wait: Callable[[float], object]) -> None:
+        """On the guest's thread: wait (``wait(seconds)``) if the CPU stays contended."""
+        now, delay = self._clock(), self._run_delay()
+        if self._last is not None and (
+            delay - self._last[1] > CONTENDED_SHARE * (now - self._last[0])
+        ):
+            self._streak += 1
+        else:
+            self._streak = self._ticks = 0
+        if self._streak >= CONTENDED_TICKS:
+            self._ticks = min(2 * self._ticks or 1, YIELD_MAX_TICKS)
+            wait(self._ticks * EPOCH_TICK_S)
+            now, delay = self._clock(), self._run_delay()  # the wait is not the guest's delay
+        self._last = (now, delay)
+
+
 class Guest:
     """What a guest's worker thread shares with the event loop. Holds no Store.
 
@@ -91,13 +153,14 @@ class Guest:
         self.key = next(_guest_keys)  # how the epoch callback finds this guest
         # One thread cannot use more than a core: only a smaller share is metered.
         self.cpu_meter = CpuMeter(cpus) if cpus < 1 else None
-        self.metered = False  # True while its request runs under cpu_meter; the ticker ticks
+        self.courtesy = Courtesy()
+        self.busy = False  # True while its request runs past BUSY_AFTER_S; the ticker ticks
 
-    def meter(self) -> None:
-        """The request is still running BUSY_AFTER_S in: hold the guest to its CPU share."""
-        if self.cpu_meter is not None:
-            self.metered = True
-            self.nudge_ticker()
+    def become_busy(self) -> None:
+        """The request is still running BUSY_AFTER_S in: from now on, at every
+        tick, hold the guest to its CPU share and to what the host spares."""
+        self.busy = True
+        self.nudge_ticker()
 
     def kill(self) -> None:
         """Stop the guest at its next wasm instruction or host wait. Thread-safe, idempotent."""
@@ -115,14 +178,17 @@ _epoch_guests: dict[int, Guest] = {}  # key -> guest whose Store is alive
 
 
 def _on_epoch_deadline(context: Any, key: Any, delta: Any, kind: Any) -> int:
-    """Trap the guest if it was killed, else hold it to its CPU share and run one more tick.
+    """Trap the guest if it was killed, else pace it if busy and run one more tick.
 
     Runs on the guest's thread. Never raises.
     """
     try:
         guest = _epoch_guests.get(key or 0)
-        if guest is not None and guest.metered and guest.cpu_meter is not None:
-            guest.cpu_meter.check(guest.killed.wait)  # a kill ends the wait at once
+        if guest is not None and guest.busy:
+            # A kill ends either wait at once.
+            if guest.cpu_meter is not None:
+                guest.cpu_meter.check(guest.killed.wait)
+            guest.courtesy.check(guest.killed.wait)
         if guest is not None and not guest.killed.is_set():
             delta[0] = 1
             kind[0] = _UPDATE_DEADLINE_CONTINUE
@@ -142,7 +208,7 @@ _NO_FINALIZER = wasmtime_bindings._wasmtime_store_epoch_deadline_callback.argtyp
 
 class Ticker:
     """Bumps an engine's epoch every EPOCH_TICK_S while a killed guest still holds
-    a Store or a metered guest (CpuMeter) runs.
+    a Store or a busy guest runs.
 
     Asleep otherwise: 20 wake-ups a second, each taking the GIL from the event
     loop, were most of the daemon's idle CPU with a warm wasm pool.
@@ -156,12 +222,13 @@ class Ticker:
         self._thread.start()
 
     def nudge(self) -> None:
-        """A guest was killed or metered, or such a guest got its Store: tick until none is left."""
+        """A guest was killed or became busy, or such a guest got its Store: tick
+        until none is left."""
         self._nudged.set()
 
     def _needed(self) -> bool:
         return any(
-            (guest.killed.is_set() or guest.metered) and guest.engine is self._engine
+            (guest.killed.is_set() or guest.busy) and guest.engine is self._engine
             for guest in list(_epoch_guests.values())
         )
 
