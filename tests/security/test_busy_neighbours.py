@@ -24,7 +24,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -251,58 +251,11 @@ def test_the_daemon_stands_above_its_pools_and_takes_its_cgroups_along(spawn_dae
 WASM_CONFIG = one_guest_config(1.0)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon makes cgroups only as root")
-@pytest.mark.skipif(os.cpu_count() == 1, reason="the busy guest and the test share the core")
-def test_a_busy_wasm_guest_takes_no_more_than_a_process_of_another_cgroup(
-    spawn_daemon: Spawn
-) -> None:
-    """Its thread, alone in the daemon's cgroup (weighted 8 processes), would take
-    that cgroup's weight, SCHED_IDLE or not: out of it, it stands as one process."""
-    daemon = spawn_daemon(WASM_CONFIG)
-    guests = daemon_cpu_cgroup(daemon, "guests")
-    answers: list[dict[str, object]] = []
-
-    def spin() -> None:
-        with daemon.client() as client:
-            answers.append(client.run(
-                "import time\nbegan = time.monotonic()\nwhile time.monotonic() - began < 4: pass",
-                pool="wasm", timeout_s=10))
-
-    def idle_threads() -> list[int]:  # a busy guest's (pool/backends/wasm/threads.py)
-        return [tid for tid, (policy, _, _) in task_stats(daemon.pid).items()
-                if policy == SCHED_IDLE]
-
-    busy = threading.Thread(target=spin)
-    busy.start()
-    try:
-        wait_until(lambda: idle_threads() != [], "a busy guest's thread", timeout_s=10)
-        (guest,) = idle_threads()
-        os.sched_setaffinity(guest, {0})  # beside the neighbour, as BUSY pins itself
-        before = thread_cpu_s(daemon.pid, guest)
-        neighbour = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(NEIGHBOUR)],
-            check=True, capture_output=True, text=True, timeout=30,
-        )
-        guest_cpu = thread_cpu_s(daemon.pid, guest) - before
-        in_guests = guest in tasks(guests)
-    finally:
-        busy.join()
-    neighbour_cpu = float(neighbour.stdout.split()[2])
-    assert answers[0]["exit_code"] == 0, answers
-    # As equals they split core 0; with the daemon's weight the guest took
-    # about eight ninths of it.
-    assert guest_cpu < 2 * neighbour_cpu, (guest_cpu, neighbour_cpu)
-    assert in_guests
-
-
-@pytest.mark.skipif(os.cpu_count() == 1, reason="the busy guest and the test share the core")
-def test_a_busy_wasm_guest_steps_aside_for_a_process_that_wants_its_core(
-    spawn_daemon: Spawn
-) -> None:
-    """A busy guest cannot be in an idle cgroup (it is a thread of the daemon):
-    it yields itself while it waits for a core (epoch.Courtesy). Beside a busy
-    process on its core it then takes a small part of it, not half."""
-    daemon = spawn_daemon(WASM_CONFIG)
+@contextlib.contextmanager
+def busy_guest_on_core_0(daemon: Daemon) -> Iterator[int]:
+    """A wasm request spinning for 4 s: yields its guest's thread id once the
+    guest is busy, pinned to core 0 (beside the neighbour, as BUSY pins
+    itself); the request must then answer."""
     answers: list[dict[str, object]] = []
 
     def spin() -> None:
@@ -321,19 +274,56 @@ def test_a_busy_wasm_guest_steps_aside_for_a_process_that_wants_its_core(
         wait_until(lambda: idle_threads() != [], "a busy guest's thread", timeout_s=10)
         (guest,) = idle_threads()
         os.sched_setaffinity(guest, {0})
+        yield guest
+    finally:
+        busy.join()
+    assert answers[0]["exit_code"] == 0, answers
+
+
+def neighbour_cpu_s() -> float:
+    """Run NEIGHBOUR to its end; the CPU it got."""
+    neighbour = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(NEIGHBOUR)],
+        check=True, capture_output=True, text=True, timeout=30,
+    )
+    return float(neighbour.stdout.split()[2])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon makes cgroups only as root")
+@pytest.mark.skipif(os.cpu_count() == 1, reason="the busy guest and the test share the core")
+def test_a_busy_wasm_guest_takes_no_more_than_a_process_of_another_cgroup(
+    spawn_daemon: Spawn
+) -> None:
+    """Its thread, alone in the daemon's cgroup (weighted 8 processes), would take
+    that cgroup's weight, SCHED_IDLE or not: out of it, it stands as one process."""
+    daemon = spawn_daemon(WASM_CONFIG)
+    guests = daemon_cpu_cgroup(daemon, "guests")
+    with busy_guest_on_core_0(daemon) as guest:
+        before = thread_cpu_s(daemon.pid, guest)
+        neighbour_cpu = neighbour_cpu_s()
+        guest_cpu = thread_cpu_s(daemon.pid, guest) - before
+        in_guests = guest in tasks(guests)
+    # As equals they split core 0; with the daemon's weight the guest took
+    # about eight ninths of it. (It also steps aside now: the test below.)
+    assert guest_cpu < 2 * neighbour_cpu, (guest_cpu, neighbour_cpu)
+    assert in_guests
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="the busy guest and the test share the core")
+def test_a_busy_wasm_guest_steps_aside_for_a_process_that_wants_its_core(
+    spawn_daemon: Spawn
+) -> None:
+    """A busy guest cannot be in an idle cgroup (it is a thread of the daemon):
+    it yields itself while it waits for a core (epoch.Courtesy). Beside a busy
+    process on its core it then takes a small part of it, not half."""
+    daemon = spawn_daemon(WASM_CONFIG)
+    with busy_guest_on_core_0(daemon) as guest:
         alone_before = thread_cpu_s(daemon.pid, guest)
         time.sleep(0.5)
         alone = thread_cpu_s(daemon.pid, guest) - alone_before
         before = thread_cpu_s(daemon.pid, guest)
-        neighbour = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(NEIGHBOUR)],
-            check=True, capture_output=True, text=True, timeout=30,
-        )
+        neighbour_cpu = neighbour_cpu_s()
         guest_cpu = thread_cpu_s(daemon.pid, guest) - before
-    finally:
-        busy.join()
-    neighbour_cpu = float(neighbour.stdout.split()[2])
-    assert answers[0]["exit_code"] == 0, answers
     assert alone > 0.4, alone  # alone on its core, it runs at full speed
     # As equals they would split core 0 (0.75 s each).
     assert guest_cpu < neighbour_cpu / 4, (guest_cpu, neighbour_cpu)
