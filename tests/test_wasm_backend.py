@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import wasmtime
+from structlog.testing import capture_logs
 
 from api.client import Client
 from pool import paths
@@ -536,6 +537,22 @@ async def test_the_epoch_ticker_sleeps_unless_a_killed_or_busy_guest_holds_a_sto
         epoch._epoch_guests.pop(guest.key, None)
         epoch._epoch_guests.pop(busy.key, None)
         await asyncio.to_thread(ticker.stop)
+
+
+async def test_a_kernel_without_run_delays_is_named_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without schedstat a busy guest can never see contention: the pool says so."""
+    assert epoch.courtesy_unavailable() is None  # this kernel keeps it
+    monkeypatch.setattr(epoch, "SCHEDSTAT", str(tmp_path / "none"))
+    assert epoch.own_run_delay_s() == 0.0
+    config = PoolConfig(name="wasm-no-schedstat", backend="wasm", min_idle=0, max_size=1)
+    backend = WasmBackend(config, "test")
+    with capture_logs() as logs:
+        await backend.start()
+        await backend.close()
+    (warning,) = [e for e in logs if e["event"] == "wasm_courtesy_unavailable"]
+    assert str(tmp_path / "none") in warning["reason"]
 
 
 def test_a_busy_guest_steps_aside_longer_while_the_cpu_stays_contended() -> None:

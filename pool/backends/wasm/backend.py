@@ -136,6 +136,10 @@ class WasmBackend(BackendBase[WasmSandbox]):
         fd_budget.reserve(self, self.config)
         await self._tmpfs.start()
         log.info("wasm_scratch", pool=self.config.name, mounts=self._tmpfs.mode)
+        if unavailable := await asyncio.to_thread(epoch.courtesy_unavailable):
+            # Busy guests still run, held to cpus, but take their share of the
+            # CPU from whoever wants it (docs/wasm-limits.md).
+            log.warning("wasm_courtesy_unavailable", pool=self.config.name, reason=unavailable)
         guest_module = select_module(self.config.wasm_module)
         wasm_path = guest_module.path
         loop = asyncio.get_running_loop()

@@ -86,14 +86,31 @@ class CpuMeter:
         self._last = (now, time.thread_time())
 
 
+# The calling thread's scheduler statistics: CPU time, time waiting runnable
+# for a core, time slices (ns). A kernel without CONFIG_SCHED_INFO has none.
+SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
 def own_run_delay_s() -> float:
     """How long the calling thread has waited, runnable, for a core since it
-    started (the kernel's schedstat; 0.0 where the kernel does not keep it)."""
+    started (SCHEDSTAT; 0.0 where the kernel does not keep it: see
+    ``courtesy_unavailable``)."""
     try:
-        with open("/proc/thread-self/schedstat", "rb") as f:
+        with open(SCHEDSTAT, "rb") as f:
             return int(f.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def courtesy_unavailable() -> str | None:
+    """Why busy guests cannot step aside on this host (Courtesy), or None.
+    Blocking (a procfs read)."""
+    try:
+        with open(SCHEDSTAT, "rb") as f:
+            int(f.read().split()[1])
+    except (OSError, IndexError, ValueError) as e:
+        return f"cannot read the threads' run delay from {SCHEDSTAT}: {e}"
+    return None
 
 
 class Courtesy:
