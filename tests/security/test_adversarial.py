@@ -1457,14 +1457,19 @@ if os.fork() == 0:
         os.execv("/bin/sleep", ["sleep", "1000", marker])
     os._exit(0)
 os.wait()
-time.sleep(0.3)  # let the grandchild exec
-running = []
-for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-    try:
-        if marker.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-            running.append(int(pid))
-    except OSError:
-        pass
+# Until the grandchild has exec'd (not a fixed wait: a loaded host takes longer).
+deadline = time.monotonic() + 3  # within the pool's timeout_s
+while True:
+    running = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if marker.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                running.append(int(pid))
+        except OSError:
+            pass
+    if len(running) >= 2 or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
 print(json.dumps({"running": running}))
 """
 
