@@ -93,6 +93,9 @@ class Report:
     failures_retriable: int = 0
     in_flight_lost: int = 0
     in_flight_at_kill: int = 0
+    # From the SIGKILL's sending to the node's exit, seconds on the load's clock:
+    # a run in flight on the killed node started before its end and ended after its start.
+    kill_window_s: tuple[float, float] | None = None
     client_retries: int = 0
     client_retried_requests: int = 0
     haproxy_retried_requests: int = 0
@@ -288,10 +291,14 @@ async def faults(plan: Plan, balancer: Balancer, started: list[cluster.Node], re
         except RuntimeError:
             await asyncio.to_thread(wait_for, lambda: current_sessions(balancer, killed.name) > 0,
                                     10.0, f"runs in flight on {killed.name}")
+        # HAProxy's count is read just before the kill: a lower bound, since it
+        # can send the node more requests until the node's sockets are gone.
         report.in_flight_at_kill = current_sessions(balancer, killed.name)
+        kill_sent_s = time.monotonic() - t0
         cluster.signal_node(killed, "KILL")
         event(f"SIGKILL {killed.name} with {report.in_flight_at_kill} requests in flight")
         report.killed_exit_code = await asyncio.to_thread(cluster.wait_exit, killed)
+        report.kill_window_s = (round(kill_sent_s, 3), round(time.monotonic() - t0, 3))
         try:
             await asyncio.to_thread(wait_for, lambda: not cluster.sandbox_processes(killed),
                                     SANDBOX_GONE_TIMEOUT_S, f"{killed.name}'s sandboxes gone")
@@ -302,6 +309,19 @@ async def faults(plan: Plan, balancer: Balancer, started: list[cluster.Node], re
         event("load stopped")
     finally:
         stop.set()
+
+
+def spans_kill(outcome: Outcome, kill_window_s: tuple[float, float] | None) -> bool:
+    """Whether a run could have been in flight on the node when it was killed.
+
+    Sent before the node's exit and answered after the SIGKILL was sent. A
+    request sent once the node was gone is refused on connect, which HAProxy
+    retries elsewhere, so it cannot be lost.
+    """
+    if kill_window_s is None:
+        return False
+    sent, exited = kill_window_s
+    return outcome.started_s <= exited and outcome.started_s + outcome.latency_ms / 1000 >= sent
 
 
 async def check(report: Report, outcomes: list[Outcome], transport: TaggingTransport,
@@ -355,6 +375,10 @@ async def check(report: Report, outcomes: list[Outcome], transport: TaggingTrans
         # new one, with a 502 it logs. Either way it must not have sent it elsewhere.
         if logged is not None and (logged.get("server") != killed or logged.get("status") != 502):
             violations.append(f"{outcome.request_id} reported lost, but HAProxy logged {logged}")
+        if not spans_kill(outcome, report.kill_window_s):
+            violations.append(f"{outcome.request_id} reported lost, but it ran from "
+                              f"{outcome.started_s:.2f} s for {outcome.latency_ms:.0f} ms, "
+                              f"not across the kill {report.kill_window_s}")
     # The daemons: no run answered twice, no lost run answered anywhere else.
     seen: dict[str, list[str]] = collections.defaultdict(list)
     for node in started:
@@ -384,7 +408,8 @@ def render(report: Report, *, events: bool = True) -> str:
         f"nodes: {', '.join(report.nodes)}",
         *(report.events if events else []),
         f"requests {report.requests}: ok {report.ok}, in flight on the killed node and "
-        f"reported lost {report.in_flight_lost} ({report.in_flight_at_kill} in flight at the kill)",
+        f"reported lost {report.in_flight_lost} (HAProxy counted {report.in_flight_at_kill} "
+        f"in flight just before the kill, which lasted {report.kill_window_s} s)",
         f"failures by kind: {report.failures or 'none'} (retriable: {report.failures_retriable})",
         f"client retries: {report.client_retries} over {report.client_retried_requests} requests;"
         f" HAProxy retried {report.haproxy_retried_requests} requests "
