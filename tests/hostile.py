@@ -1,7 +1,7 @@
 """Hostile neighbours (`make hostile`, beside `make soak`, not part of `make test`).
 
     python -m tests.hostile [--phase-s 30] [--rounds 2] [--neighbour-rate 0.5] [--attacks a,b]
-                            [--out FILE]
+                            [--tenants a,b] [--out FILE]
 
 One daemon serves tenant pools (``python``, ``python-process``, ``python-fork``,
 ``python-wasm``)
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +65,7 @@ from tests.support import (
     docker_containers,
     docker_volumes,
     free_port,
+    metric_sample,
     processes_in_uid_range,
     start_daemon,
     stop_daemon,
@@ -73,6 +76,9 @@ TENANT_RATES = {  # requests/s
 }
 ATTACKER_POOLS = {"python": "hostile", "python-process": "hostile-process",
                   "python-fork": "hostile-fork", "python-wasm": "hostile-wasm"}
+POOL_COUNTERS = ("start_duration_seconds_count", "start_duration_seconds_sum",
+                 "start_failures_total", "destroy_duration_seconds_count",
+                 "destroy_duration_seconds_sum")
 IDLE_CONNECTIONS = 300  # on the socket and on the metrics port each
 
 
@@ -221,6 +227,11 @@ class Run:
         self.failures: list[str] = []
         self.attacks: dict[str, int] = defaultdict(int)
         self.phase = "quiet"
+        # Per phase and tenant pool, POOL_COUNTERS' growth over the phase.
+        self.counters: dict[str, dict[str, dict[str, float]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(float)))
+        # Each phase's name and start, as the daemon's log stamps time.
+        self.phase_starts: list[tuple[str, str]] = []
 
     def tenant(self, pool: str, stop: threading.Event) -> None:
         interval = 1.0 / TENANT_RATES[pool]
@@ -310,20 +321,34 @@ class Run:
 
     def phase_run(self, name: str, *, neighbours: bool, attack: bool) -> None:
         self.phase = name
+        self.phase_starts.append((name, utc_now()))
         stop = threading.Event()
-        workers = [threading.Thread(target=self.tenant, args=(p, stop)) for p in TENANT_RATES]
+        workers = [threading.Thread(target=self.tenant, args=(p, stop)) for p in self.args.tenants]
         if neighbours:
             workers += [threading.Thread(target=self.neighbour, args=(p, stop),
                                          kwargs={"hostile": attack})
-                        for p in ATTACKER_POOLS]
+                        for p in self.args.tenants]
         if attack and "idle_connection" in self.args.attacks:
             workers.append(threading.Thread(target=self.idle_connections, args=(stop,)))
+        before = self.pool_counters()
         for worker in workers:
             worker.start()
         stop.wait(self.args.phase_s)
         stop.set()
         for worker in workers:
             worker.join()
+        after = self.pool_counters()
+        for pool in self.args.tenants:
+            for counter, value in after[pool].items():
+                self.counters[name][pool][counter] += value - before[pool][counter]
+
+    def pool_counters(self) -> dict[str, dict[str, float]]:
+        """Each tenant pool's sandbox start and destroy counters, from /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            text = answer.read().decode()
+        return {pool: {counter: metric_sample(text, f"sandpool_sandbox_{counter}", pool=pool)
+                       for counter in POOL_COUNTERS} for pool in self.args.tenants}
 
     def run(self) -> dict[str, Any]:
         try:
@@ -335,6 +360,7 @@ class Run:
             daemon_pid = self.daemon.process.pid
         finally:
             stop_daemon(self.daemon)
+        complaints = self.complaints()
         leftovers = self.leftovers(daemon_pid)
         if any(leftovers.values()):
             self.fail(f"left behind: {leftovers}")
@@ -352,10 +378,30 @@ class Run:
                         for pool, parts in pools.items()}
                 for phase, pools in self.parts.items()
             },
+            # Whether a tenant pool that ran dry started slower or destroyed slower.
+            "tenant_sandboxes": {
+                phase: {pool: sandbox_figures(counters) for pool, counters in pools.items()}
+                for phase, pools in self.counters.items()
+            },
             "attacks_run": dict(self.attacks),
+            # What the daemon warned of, by event and pool, phase by phase: a
+            # tenant pool's failed starts say why it ran dry.
+            "daemon_warnings": complaints,
             "leftovers": leftovers,
             "failures": self.failures,
         }
+
+    def complaints(self) -> dict[str, dict[str, int]]:
+        counted: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        phases = iter(self.phase_starts)
+        phase, next_phase = "start", next(phases, None)
+        for event in self.daemon.log_events():
+            while next_phase is not None and str(event.get("timestamp", "")) >= next_phase[1]:
+                phase, next_phase = next_phase[0], next(phases, None)
+            if event.get("level") in ("warning", "error", "critical"):
+                what = f"{event.get('event')} {event.get('pool', '')}".strip()
+                counted[phase][what] += 1
+        return {phase: dict(events) for phase, events in counted.items()}
 
     def leftovers(self, daemon_pid: int) -> dict[str, list[str]]:
         uids = SandboxUids()
@@ -411,6 +457,24 @@ def _still_open(s: socket.socket) -> bool:
     return False
 
 
+def sandbox_figures(counters: dict[str, float]) -> dict[str, float]:
+    starts, destroys = counters["start_duration_seconds_count"], counters[
+        "destroy_duration_seconds_count"]
+    return {
+        "starts": starts,
+        "start_mean_ms": round(1000 * counters["start_duration_seconds_sum"] / starts, 1)
+        if starts else 0.0,
+        "start_failures": counters["start_failures_total"],
+        "destroy_mean_ms": round(1000 * counters["destroy_duration_seconds_sum"] / destroys, 1)
+        if destroys else 0.0,
+    }
+
+
+def utc_now() -> str:
+    """Now, as structlog's TimeStamper(fmt="iso", utc=True) writes it: compared as text."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {
         "n": len(values),
@@ -430,7 +494,12 @@ def main() -> int:
     every = [name for name, _, _ in ATTACKS] + ["idle_connection"]
     parser.add_argument("--attacks", type=lambda v: v.split(","), default=every,
                         help=f"comma-separated subset of: {','.join(every)}")
+    parser.add_argument("--tenants", type=lambda v: v.split(","), default=list(TENANT_RATES),
+                        help="comma-separated subset of the tenant pools, each with its "
+                             f"neighbour: {','.join(TENANT_RATES)} (the others stay idle)")
     args = parser.parse_args()
+    if unknown := set(args.tenants) - set(TENANT_RATES):
+        parser.error(f"--tenants: no such tenant pool: {', '.join(sorted(unknown))}")
     try:
         run = Run(args)
     except DaemonFailed as e:
