@@ -30,8 +30,10 @@ it ran as it was started).
 Then the daemon is stopped and nothing may be left: containers of its
 instance, its cgroups, processes running as a sandbox uid, wasm run
 directories. It prints one JSON report (tenant latency per pool and phase,
-p50/p99, every failure) and exits non-zero if a tenant request failed or
-something was left. Latency is reported, never asserted.
+p50/p99, where it went, the tenant pools' starts and destroys, the daemon's
+warnings, the requests that waited for a sandbox, every failure) and exits
+non-zero if a tenant request failed or something was left. Latency is
+reported, never asserted.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ ATTACKER_POOLS = {"python": "hostile", "python-process": "hostile-process",
 POOL_COUNTERS = ("start_duration_seconds_count", "start_duration_seconds_sum",
                  "start_failures_total", "destroy_duration_seconds_count",
                  "destroy_duration_seconds_sum")
+QUEUED_NOTED_MS = 5.0  # a tenant's request that waited this long for a sandbox is listed
+NEIGHBOURS_BEFORE_S = 2.0
 IDLE_CONNECTIONS = 300  # on the socket and on the metrics port each
 
 
@@ -227,6 +231,11 @@ class Run:
         self.failures: list[str] = []
         self.attacks: dict[str, int] = defaultdict(int)
         self.phase = "quiet"
+        # What a tenant's pool running dry is set beside: each tenant request
+        # that waited for a sandbox (pool, phase, began, queued_ms), and each
+        # neighbour's request (what it ran, pool, began, ended).
+        self.queued: list[tuple[str, str, float, float]] = []
+        self.neighbour_runs: list[tuple[str, str, float, float]] = []
         # Per phase and tenant pool, POOL_COUNTERS' growth over the phase.
         self.counters: dict[str, dict[str, dict[str, float]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(float)))
@@ -250,6 +259,8 @@ class Run:
                     self.fail(f"{pool}: {e.status} {e.code}: {e.message}")
                 latency = (time.monotonic() - began) * 1000
                 with self.lock:
+                    if result is not None and result["queued_ms"] > QUEUED_NOTED_MS:
+                        self.queued.append((pool, phase, began, result["queued_ms"]))
                     self.latencies[phase][pool].append(latency)
                     if result is not None:
                         parts = self.parts[phase][pool]
@@ -279,6 +290,7 @@ class Run:
                     next_at += interval
                     if stop.wait(max(0.0, next_at - time.monotonic())):
                         break
+                    began = time.monotonic()
                     try:
                         result = client.run(code, pool=pool, timeout_s=3)
                     except ApiError as e:
@@ -290,6 +302,7 @@ class Run:
                         self.fail(f"attack {name} on {pool}: exit code {code_seen}")
                     with self.lock:
                         self.attacks[name] += 1
+                        self.neighbour_runs.append((name, pool, began, time.monotonic()))
 
     def idle_connections(self, stop: threading.Event) -> None:
         """Hundreds of connections that never send a byte, reopened when dropped."""
@@ -384,12 +397,25 @@ class Run:
                 for phase, pools in self.counters.items()
             },
             "attacks_run": dict(self.attacks),
+            "queued_requests": self.queued_requests(),
             # What the daemon warned of, by event and pool, phase by phase: a
             # tenant pool's failed starts say why it ran dry.
             "daemon_warnings": complaints,
             "leftovers": leftovers,
             "failures": self.failures,
         }
+
+    def queued_requests(self) -> list[dict[str, Any]]:
+        """Each tenant request that waited for a sandbox, with the neighbours'
+        requests that ran in the NEIGHBOURS_BEFORE_S before it (their sandboxes'
+        destroys and refills follow them)."""
+        return [
+            {"pool": pool, "phase": phase, "queued_ms": queued_ms,
+             "neighbours_before": sorted(
+                 f"{name} on {where}" for name, where, began, ended in self.neighbour_runs
+                 if began < at and ended > at - NEIGHBOURS_BEFORE_S)}
+            for pool, phase, at, queued_ms in self.queued
+        ]
 
     def complaints(self) -> dict[str, dict[str, int]]:
         counted: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
