@@ -91,14 +91,22 @@ class CpuMeter:
 SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
+_UNREADABLE = (OSError, IndexError, ValueError)  # what reading SCHEDSTAT can raise
+
+
+def _read_run_delay_s() -> float:
+    """The calling thread's wait for a core so far, from SCHEDSTAT; raises _UNREADABLE."""
+    with open(SCHEDSTAT, "rb") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
 def own_run_delay_s() -> float:
     """How long the calling thread has waited, runnable, for a core since it
     started (SCHEDSTAT; 0.0 where the kernel does not keep it: see
     ``courtesy_unavailable``)."""
     try:
-        with open(SCHEDSTAT, "rb") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
+        return _read_run_delay_s()
+    except _UNREADABLE:
         return 0.0
 
 
@@ -106,9 +114,8 @@ def courtesy_unavailable() -> str | None:
     """Why busy guests cannot step aside on this host (Courtesy), or None.
     Blocking (a procfs read)."""
     try:
-        with open(SCHEDSTAT, "rb") as f:
-            int(f.read().split()[1])
-    except (OSError, IndexError, ValueError) as e:
+        _read_run_delay_s()
+    except _UNREADABLE as e:
         return f"cannot read the threads' run delay from {SCHEDSTAT}: {e}"
     return None
 
