@@ -12,6 +12,15 @@ generated ``const WIRE = {...}`` in place of its WIRE_MARKER line.
 content hash under the cache directory, read-only, and every tier mounts that
 directory read-only at GUEST_DIR: the runner is a short path in ``ps`` and
 ``docker ps``, not kilobytes of ``-c`` source, and the code cannot change it.
+
+The docker and process runner comes precompiled. Python never caches the
+bytecode of the script it is given, and compiling the ~80 KB composed runner
+cost every sandbox start about 30 ms of CPU. So RUNNER is a loader of a few
+lines that imports the runner as RUNNER_MODULE, whose bytecode ``install()``
+writes under ``__pycache__`` with the daemon's interpreter, checked against
+the source's hash. A guest whose Python is another version has another cache
+tag, finds no bytecode of its own, and compiles the source as before: the
+bytecode only ever saves time, it never decides what runs.
 """
 
 from __future__ import annotations
@@ -19,9 +28,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import importlib.util
 import json
+import marshal
 import os
 import shutil
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -31,10 +43,26 @@ from pool.errors import BackendError
 from pool.paths import guest_programs_dir
 
 GUEST_DIR = "/opt/sandpool"  # where every tier mounts the guest programs, read-only
-RUNNER = "runner.py"  # docker and process tiers
-WASM_RUNNER = "wasm_runner.py"
+RUNNER = "runner.py"  # docker and process tiers: pool/runner.py, run through RUNNER_LOADER
+WASM_RUNNER = "wasm_runner.py"  # the wasm tier runs it once, in the template its guests copy
 NODE_RUNNER = "node_runner.js"  # docker and process tiers: exec'd by RUNNER, beside it
-PROGRAMS = (RUNNER, WASM_RUNNER, NODE_RUNNER)
+PROGRAMS = (RUNNER, WASM_RUNNER, NODE_RUNNER)  # the guest programs' sources in pool/
+# Installed beside the programs, RUNNER's composed source goes by this name and
+# RUNNER itself is RUNNER_LOADER: imported, the runner's bytecode can be cached.
+RUNNER_MODULE = "sandpool_runner"
+RUNNER_LOADER = f"""\
+# Written by pool/guest.py: the runner proper is {RUNNER_MODULE}.py beside this file,
+# imported rather than run so that its bytecode comes from __pycache__.
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import {RUNNER_MODULE}
+del sys.path[0]
+{RUNNER_MODULE}.main()
+"""
+# A pyc's flags word: hash-based (bit 0) and checked against the source at
+# every import (bit 1), PEP 552. Timestamps would do for an immutable file,
+# but the hash also holds after a copy that changes mtimes.
+CHECKED_HASH_PYC = 0b11
 SPLICED = ("pool.wire", "pool.runcode", "pool.isolate")  # the modules a guest program may import
 WIRE_MARKER = "// @@WIRE_CONSTANTS@@\n"  # the line of a JavaScript program that becomes WIRE
 # How node_runner.js lays out what it reads and writes (Buffer's readUInt32BE,
@@ -132,6 +160,51 @@ def programs() -> dict[str, str]:
     return {name: compose(name) for name in PROGRAMS}
 
 
+def runner_bytecode_path() -> str | None:
+    """Where, relative to the installed directory, RUNNER_MODULE's bytecode for
+    this interpreter goes (``__pycache__/<module>.<cache tag>.pyc``); None for an
+    interpreter that caches no bytecode."""
+    if sys.implementation.cache_tag is None:
+        return None
+    return importlib.util.cache_from_source(f"{RUNNER_MODULE}.py")
+
+
+def runner_bytecode(source: str) -> bytes:
+    """The checked-hash pyc of the composed runner ``source``, as a guest's Python
+    of the daemon's version imports it (PEP 552's layout)."""
+    data = source.encode("utf-8")
+    code = compile(data, path_in_sandbox(f"{RUNNER_MODULE}.py"), "exec", dont_inherit=True)
+    return (importlib.util.MAGIC_NUMBER + CHECKED_HASH_PYC.to_bytes(4, "little")
+            + importlib.util.source_hash(data) + marshal.dumps(code))
+
+
+def _same_bytecode(found: bytes, expected: bytes) -> bool:
+    """Whether the pyc ``found`` holds what ``expected`` does: the same header
+    (magic, flags, source hash) and equal code. By meaning, not bytes: marshal's
+    output can differ between two compiles of one source (it shares objects by
+    reference count), the code objects it holds cannot."""
+    if found[:16] != expected[:16]:
+        return False
+    try:
+        return bool(marshal.loads(found[16:]) == marshal.loads(expected[16:]))
+    except (EOFError, ValueError, TypeError):
+        return False
+
+
+def layout() -> dict[str, str | bytes]:
+    """What ``install()`` writes: the files by path relative to the directory."""
+    files: dict[str, str | bytes] = {
+        name: compose(name) for name in PROGRAMS if name != RUNNER
+    }
+    runner = compose(RUNNER)
+    files[RUNNER] = RUNNER_LOADER
+    files[f"{RUNNER_MODULE}.py"] = runner
+    bytecode = runner_bytecode_path()
+    if bytecode is not None:
+        files[bytecode] = runner_bytecode(runner)
+    return files
+
+
 def install(root: Path | None = None) -> Path:
     """The host directory holding today's guest programs, read-only; written if missing.
 
@@ -140,10 +213,13 @@ def install(root: Path | None = None) -> Path:
     A directory whose files differ from what this daemon would write (damaged,
     tampered) is replaced. Raises BackendError when the cache cannot be written.
     """
-    sources = programs()
+    files = layout()
     digest = hashlib.sha256()
-    for name, text in sorted(sources.items()):
-        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    for name, content in sorted(files.items()):
+        # Bytecode by the interpreter that wrote it: its bytes are not
+        # reproducible, and two builds of one version may compile differently.
+        data = content.encode() if isinstance(content, str) else sys.version.encode()
+        digest.update(name.encode() + b"\0" + data + b"\0")
     base = root or guest_programs_dir()
     target = base / digest.hexdigest()[:32]
     try:
@@ -159,14 +235,20 @@ def install(root: Path | None = None) -> Path:
             "refusing to run guest programs from it",
             code="guest_programs_untrusted",
         )
-    if _holds(target, sources):
+    if _holds(target, files):
         return target
     try:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=base))
-        for name, text in sources.items():
-            (staging / name).write_text(text, encoding="utf-8")
-            (staging / name).chmod(0o444)
-        staging.chmod(0o555)
+        for name, content in files.items():
+            path = staging / name
+            path.parent.mkdir(mode=0o755, exist_ok=True)
+            if isinstance(content, str):
+                path.write_text(content, encoding="utf-8")
+            else:
+                path.write_bytes(content)
+            path.chmod(0o444)
+        for directory in sorted({(staging / name).parent for name in files}, reverse=True):
+            directory.chmod(0o555)  # deepest first; staging itself last
         if target.exists():  # damaged: set aside, then replaced below
             aside = Path(tempfile.mkdtemp(prefix=".damaged-", dir=base))
             target.rename(aside / "old")
@@ -180,7 +262,7 @@ def install(root: Path | None = None) -> Path:
             f"cannot write the guest programs under {base}: {e.strerror}",
             code="guest_programs_error",
         ) from None
-    if not _holds(target, sources):
+    if not _holds(target, files):
         raise BackendError(
             f"the guest programs under {target} are not what this daemon wrote",
             code="guest_programs_error",
@@ -188,12 +270,19 @@ def install(root: Path | None = None) -> Path:
     return target
 
 
-def _holds(directory: Path, sources: dict[str, str]) -> bool:
-    """Exactly these files with exactly this text: an extra file is tampering too."""
+def _holds(directory: Path, files: dict[str, str | bytes]) -> bool:
+    """Exactly these files with exactly this content (bytecode by meaning, as
+    ``_same_bytecode`` compares it): an extra file or directory is tampering too."""
     try:
-        return sorted(os.listdir(directory)) == sorted(sources) and all(
-            (directory / name).read_text(encoding="utf-8") == text
-            for name, text in sources.items()
+        present = {str(p.relative_to(directory)) for p in directory.rglob("*")}
+        expected = set(files) | {
+            str(parent) for name in files for parent in Path(name).parents if str(parent) != "."
+        }
+        return present == expected and all(
+            (directory / name).read_text(encoding="utf-8") == content
+            if isinstance(content, str)
+            else _same_bytecode((directory / name).read_bytes(), content)
+            for name, content in files.items()
         )
     except (OSError, UnicodeDecodeError):
         return False

@@ -6,6 +6,8 @@ tests; the Docker-only checks live in test_docker_isolation.py.
 
 from __future__ import annotations
 
+import json
+import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from api.client import Client
+from pool import guest
 from tests.support import PYTHON_POOLS, Daemon, assert_out_of_memory, skip_on_wasi
 
 
@@ -34,6 +37,29 @@ def test_print(client: Client, pool: str) -> None:
     assert result["oom_killed"] is False
     assert result["pool"] == pool
     assert float(result["duration_ms"]) >= 0  # type: ignore[arg-type]
+
+
+def test_the_runner_starts_from_the_bytecode_the_daemon_compiled(client: Client, pool: str) -> None:
+    # The runner is imported, not run, so its bytecode comes from the guest
+    # directory's __pycache__ (pool/guest.py): a start does not compile it.
+    # Asked of the sandbox's own interpreter, under the sandbox's own mount.
+    skip_on_wasi(pool, "the wasm tier runs its runner once, in the template its guests copy")
+    module = guest.path_in_sandbox(f"{guest.RUNNER_MODULE}.py")
+    code = f"""
+        import json, subprocess, sys
+        probe = subprocess.run(
+            [sys.executable, "-I", "-v", "-c",
+             "import sys; sys.path.insert(0, {guest.GUEST_DIR!r}); import {guest.RUNNER_MODULE}"],
+            capture_output=True, text=True)
+        print(json.dumps({{"tag": sys.implementation.cache_tag, "status": probe.returncode,
+                          "lines": [l for l in probe.stderr.splitlines() if {module!r} in l]}}))
+    """
+    seen = json.loads(str(run(client, code, pool)["stdout"]))
+    assert seen["status"] == 0, seen
+    if seen["tag"] != sys.implementation.cache_tag:
+        pytest.skip(f"the image's Python ({seen['tag']}) is not the daemon's: it compiles")
+    bytecode = guest.path_in_sandbox(guest.runner_bytecode_path() or "")
+    assert f"# {bytecode} matches {module}" in seen["lines"], seen
 
 
 def test_stdin_is_the_requests_data(client: Client, pool: str) -> None:

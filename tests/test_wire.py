@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import marshal
 import os
 import shutil
 import stat
@@ -325,26 +326,76 @@ def test_a_preload_that_fails_never_reports_ready(tmp_path: Path) -> None:
     assert ran.stdout == ""
 
 
+def installed_files(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
+
+
 def test_install_writes_read_only_files_once_and_replaces_damaged_ones(tmp_path: Path) -> None:
     base = tmp_path / "guest"
     directory = guest.install(base)
     assert guest.install(base) == directory  # content-addressed: the same directory
-    assert {p.name for p in directory.iterdir()} == set(guest.PROGRAMS)
+    layout = guest.layout()
+    assert installed_files(directory) == set(layout)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o555
-    for program in guest.PROGRAMS:
-        assert stat.S_IMODE((directory / program).stat().st_mode) == 0o444
-        assert (directory / program).read_text() == guest.compose(program)
+    for name, content in layout.items():
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o444
+        assert stat.S_IMODE((directory / name).parent.stat().st_mode) == 0o555
+        if isinstance(content, str):
+            assert (directory / name).read_text() == content
+    assert (directory / f"{guest.RUNNER_MODULE}.py").read_text() == guest.compose(guest.RUNNER)
     damaged = directory / guest.RUNNER
     directory.chmod(0o755)
     damaged.chmod(0o644)
     damaged.write_text("print('not the runner')")
     assert guest.install(base) == directory
-    assert damaged.read_text() == guest.compose(guest.RUNNER)
+    assert damaged.read_text() == guest.RUNNER_LOADER
     assert [p.name for p in base.iterdir()] == [directory.name]  # nothing staged left
     directory.chmod(0o755)
     (directory / "extra.py").write_text("planted")  # a file no program of ours is
     assert guest.install(base) == directory
-    assert sorted(p.name for p in directory.iterdir()) == sorted(guest.PROGRAMS)
+    assert installed_files(directory) == set(layout)
+
+
+def test_install_replaces_bytecode_that_is_not_the_runners(tmp_path: Path) -> None:
+    # A pyc with the runner's header (magic, flags, source hash) but other code
+    # would run in place of the runner: the hash check is the guest's, and it
+    # covers only the source.
+    base = tmp_path / "guest"
+    directory = guest.install(base)
+    bytecode = guest.runner_bytecode_path()
+    assert bytecode is not None
+    pyc = directory / bytecode
+    genuine = pyc.read_bytes()
+    forged = genuine[:16] + marshal.dumps(compile("print('not the runner')", "x", "exec"))
+    directory.chmod(0o755)
+    pyc.parent.chmod(0o755)
+    pyc.chmod(0o644)
+    pyc.write_bytes(forged)
+    assert guest.install(base) == directory
+    assert pyc.read_bytes()[:16] == genuine[:16]
+    assert marshal.loads(pyc.read_bytes()[16:]) == marshal.loads(genuine[16:])
+
+
+def test_a_guest_imports_the_runner_from_its_bytecode(tmp_path: Path) -> None:
+    directory = guest.install(tmp_path / "guest")
+    ran = subprocess.run(
+        [sys.executable, "-I", "-v", str(directory / guest.RUNNER)],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert ran.returncode == 64  # no command line: the runner's own usage error
+    module = directory / f"{guest.RUNNER_MODULE}.py"
+    bytecode = directory / (guest.runner_bytecode_path() or "")
+    assert f"# {bytecode} matches {module}" in ran.stderr.splitlines()
+    # A source that is not the one hashed into the pyc is compiled instead.
+    directory.chmod(0o755)
+    module.chmod(0o644)
+    module.write_text(module.read_text() + "\n# changed\n")
+    ran = subprocess.run(
+        [sys.executable, "-I", "-v", str(directory / guest.RUNNER)],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert ran.returncode == 64
+    assert f"# code object from {module}" in ran.stderr.splitlines()
 
 
 def test_install_refuses_a_directory_another_user_owns(tmp_path: Path) -> None:

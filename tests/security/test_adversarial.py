@@ -1030,30 +1030,45 @@ def test_root_filesystem_and_kernel_knobs_are_not_writable(api: Client, pool: st
 def test_the_runner_the_sandbox_runs_is_read_only(api: Client, pool: str) -> None:
     # Every tier mounts the guest programs read-only at GUEST_DIR: code that could
     # change them could change the runner a later sandbox of this host starts.
-    program = guest.WASM_RUNNER if pool in WASI_POOLS else guest.RUNNER
+    # That includes the runner's bytecode: a guest trusts a pyc whose header
+    # carries the source's hash, whatever code follows it.
+    wasi = pool in WASI_POOLS
+    program = guest.WASM_RUNNER if wasi else f"{guest.RUNNER_MODULE}.py"
+    bytecode = guest.runner_bytecode_path()
+    writes = [guest.path_in_sandbox(program), guest.path_in_sandbox(guest.RUNNER)]
+    creates = [guest.path_in_sandbox("evil.py")]
+    if not wasi and bytecode is not None:
+        writes.append(guest.path_in_sandbox(bytecode))
+        creates.append(guest.path_in_sandbox(str(Path(bytecode).parent / "json.cpython-3.pyc")))
     result = run(api, with_params("""
         import errno, json, os
         outcome = {}
-        for path, flags in ((PARAMS["program"], os.O_WRONLY | os.O_APPEND),
-                            (PARAMS["new"], os.O_WRONLY | os.O_CREAT)):
+        for path, flags in [*((p, os.O_WRONLY | os.O_APPEND) for p in PARAMS["writes"]),
+                            *((p, os.O_WRONLY | os.O_CREAT) for p in PARAMS["creates"])]:
             try:
                 os.close(os.open(path, flags, 0o644))
                 outcome[path] = "opened for writing"
             except OSError as e:
                 outcome[path] = errno.errorcode.get(e.errno, e.errno)
         print(json.dumps({"outcome": outcome, "size": len(open(PARAMS["program"]).read())}))
-    """, program=guest.path_in_sandbox(program), new=guest.path_in_sandbox("evil.py")), pool)
+    """, program=guest.path_in_sandbox(program), writes=writes, creates=creates), pool)
     seen = report(result)
     assert seen["size"] > 0  # it is there to be read
     denied = {"EROFS", "EACCES", "EPERM", "ENOTCAPABLE"}
-    assert set(seen["outcome"].values()) <= denied, seen["outcome"]
-    if pool not in WASI_POOLS:
-        # Creating a file is refused by the read-only mount itself (the runner's
-        # own 0444 mode answers EACCES first for the existing file).
-        assert seen["outcome"][guest.path_in_sandbox("evil.py")] == "EROFS", seen["outcome"]
+    if not wasi:
+        assert set(seen["outcome"]) == {*writes, *creates}, seen["outcome"]
+        assert set(seen["outcome"].values()) <= denied, seen["outcome"]
+        # Creating a file is refused by the read-only mount itself (the
+        # programs' own 0444 and 0555 modes answer EACCES first for the rest).
+        assert {p: seen["outcome"][p] for p in creates} == dict.fromkeys(creates, "EROFS")
+    else:
+        assert set(seen["outcome"].values()) <= denied, seen["outcome"]
     installed = guest.install()
-    assert (installed / program).read_text() == guest.compose(program)
+    layout = guest.layout()
+    assert (installed / program).read_text() == layout[program]
     assert not (installed / "evil.py").exists()
+    assert sorted(p.name for p in installed.iterdir()) == sorted(
+        {name.split("/")[0] for name in layout})
 
 
 def test_docker_memory_cgroup_limit_cannot_be_raised_from_inside(api: Client) -> None:
