@@ -1,18 +1,23 @@
-"""Process sandbox starts under a daemon that is not root, two versions side by side.
+"""Sandbox starts of two versions side by side: what one start and destroy costs.
 
-    sudo .venv/bin/python -m bench.nonroot_starts --before REV [--starts 40] [--rounds 3]
-                                                  [--out F]
+    sudo .venv/bin/python -m bench.starts --before REV [--backends process,docker]
+                                          [--user root|nobody] [--starts 40] [--rounds 3]
+                                          [--out F]
 
-Checks ``REV`` out into a temporary git worktree. Each round runs, for ``REV``
-and then for this working tree, one process backend (``max_size`` 8, alone in
-its daemon) as uid 65534 in cgroup v1 memory, pids and cpu directories handed
-to that uid, as systemd's ``Delegate=yes`` would hand them; the backend starts
-and destroys ``--starts`` sandboxes one after another. Prints, and writes to
-``--out`` as JSON, per round and side: the p50 of a start, and the host CPU per
-start and destroy (the backend's process and its children's). Needs root (to
-hand the cgroups over and become 65534), cgroup v1 and the docker group (the
-image's root file system is exported as 65534). Method and results:
-docs/process-tier.md.
+Checks ``REV`` out into a temporary git worktree. Each round runs, for each
+backend, ``REV`` and this working tree in turn (the order flips every round):
+one backend of that checkout (``max_size`` 8, alone in its process) starts and
+destroys ``--starts`` sandboxes one after another. Prints, and writes to
+``--out`` as JSON, per round, backend and side: the p50 of a start, the CPU per
+start and destroy of the backend's process and its children, and the host's
+busy CPU per start and destroy (``/proc/stat``: dockerd, containerd and the
+shims included, and whatever else ran).
+
+``--user nobody`` (process backend only) runs the backend as uid 65534 in
+cgroup v1 memory, pids and cpu directories handed to that uid, as systemd's
+``Delegate=yes`` would hand them (needs cgroup v1 and the docker group: the
+image's root file system is exported as 65534). Needs root either way.
+Method and results: docs/process-tier.md, docs/performance.md.
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 # Run as 65534 with the measured checkout first on sys.path; standard library
 # and that checkout's ``pool`` only, so it runs against an older tree too.
+BACKENDS = ("process", "docker")
 INNER = """
-import asyncio, ctypes, json, resource, statistics, sys, time
-from pool.backends.process import ProcessBackend
+import asyncio, ctypes, json, os, resource, statistics, sys, time
 from pool.config import PoolConfig
 from pool.uids import SandboxUids
 
-ctypes.CDLL(None).prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL: bwrap refuses capabilities
+if os.geteuid() != 0:
+    ctypes.CDLL(None).prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL: bwrap refuses capabilities
 
 
 def cpu_s():
@@ -52,12 +58,21 @@ def cpu_s():
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-async def main(starts):
+def host_busy_s():
+    ticks = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+
+
+async def main(kind, starts):
+    if kind == "docker":
+        from pool.backends.docker import DockerBackend as Backend
+    else:
+        from pool.backends.process import ProcessBackend as Backend
     # Each revision as it takes the count of the daemon's process sandboxes:
     # a Holders (since pool/quotas.py has one), SandboxUids' own_uid_sandboxes
     # (before), or not at all.
     extra = {}
-    if "holders" in ProcessBackend.__init__.__code__.co_varnames:
+    if "holders" in Backend.__init__.__code__.co_varnames:
         from pool.quotas import Holders
         extra["holders"] = Holders(own_uid=8)
         uids = SandboxUids()
@@ -65,28 +80,51 @@ async def main(starts):
         uids = SandboxUids(own_uid_sandboxes=8)
     else:
         uids = SandboxUids()
-    backend = ProcessBackend(PoolConfig(name="bench", backend="process", max_size=8), "bench",
-                             uids=uids, **extra)
+    backend = Backend(PoolConfig(name="bench", backend=kind, max_size=8), "bench",
+                      uids=uids, **extra)
     await backend.start()
     walls = []
-    before = cpu_s()
     try:
+        await backend.destroy_sandbox(await backend.start_sandbox())  # caches warm, not counted
+        before, host_before = cpu_s(), host_busy_s()
         for _ in range(starts):
             started = time.perf_counter()
             sandbox = await backend.start_sandbox()
             walls.append((time.perf_counter() - started) * 1000)
             await backend.destroy_sandbox(sandbox)
+        # What a destroy leaves running (a container's removal in the engine)
+        # is counted on the host's side: it settles within this wait.
+        await asyncio.sleep(0.5)
+        own, host = cpu_s() - before, host_busy_s() - host_before
     finally:
         await backend.close()
     print(json.dumps({"starts": starts, "start_p50_ms": round(statistics.median(walls), 1),
-                      "cpu_ms_per_start": round((cpu_s() - before) / starts * 1000, 1)}))
+                      "cpu_ms_per_start": round(own / starts * 1000, 1),
+                      "host_cpu_ms_per_start": round(host / starts * 1000, 1)}))
 
-asyncio.run(main(int(sys.argv[1])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 """
 
 
+def measured(done: subprocess.CompletedProcess[str], checkout: Path) -> dict[str, float]:
+    """INNER's figures from its output; exits with its last words if it failed."""
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{\"starts\"")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"starts: {checkout}: {done.stderr.strip()[-1500:]}")
+    return dict(json.loads(lines[-1]))
+
+
+def run_as_root(checkout: Path, kind: str, starts: int) -> dict[str, float]:
+    """One backend of ``checkout``, in this user's cgroups."""
+    done = subprocess.run(
+        [sys.executable, "-c", INNER, kind, str(starts)], capture_output=True, text=True,
+        timeout=600, cwd="/", env={**os.environ, "PYTHONPATH": str(checkout)},
+    )
+    return measured(done, checkout)
+
+
 def run_as_nobody(checkout: Path, starts: int, state: Path) -> dict[str, float]:
-    """One backend of ``checkout`` as 65534 in freshly delegated cgroups, removed after."""
+    """One process backend of ``checkout`` as 65534 in freshly delegated cgroups, removed after."""
     name = f"sandpool-bench-nonroot-{secrets.token_hex(4)}"
     made = []
     try:
@@ -103,15 +141,12 @@ def run_as_nobody(checkout: Path, starts: int, state: Path) -> dict[str, float]:
              "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", f"--groups={docker}",
              # Only to read this checkout's interpreter where it is not world-readable.
              "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
-             sys.executable, "-c", INNER, str(starts)],
+             sys.executable, "-c", INNER, "process", str(starts)],
             capture_output=True, text=True, timeout=600, cwd="/",
             env={"PATH": os.environ["PATH"], "HOME": str(state), "STATE_DIRECTORY": str(state),
                  "PYTHONPATH": str(checkout)},
         )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{\"starts\"")]
-        if done.returncode != 0 or not lines:
-            raise SystemExit(f"nonroot_starts: {checkout}: {done.stderr.strip()[-1500:]}")
-        return dict(json.loads(lines[-1]))
+        return measured(done, checkout)
     finally:
         for directory in made:
             for _ in range(100):  # until the backend's last process is gone
@@ -127,14 +162,22 @@ def run_as_nobody(checkout: Path, starts: int, state: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="the revision to compare with")
+    parser.add_argument("--backends", default="process,docker",
+                        help=f"comma-separated, of {', '.join(BACKENDS)}")
+    parser.add_argument("--user", choices=("root", "nobody"), default="root")
     parser.add_argument("--starts", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
+    if not backends or set(backends) - set(BACKENDS):
+        raise SystemExit(f"starts: --backends takes {', '.join(BACKENDS)}, not {args.backends!r}")
     if os.geteuid() != 0:
-        raise SystemExit("nonroot_starts: run it as root (it hands cgroups to uid 65534)")
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        raise SystemExit("nonroot_starts: written for cgroup v1 controllers")
+        raise SystemExit("starts: run it as root (Docker, bubblewrap's cgroups, uid 65534)")
+    if args.user == "nobody" and backends != ["process"]:
+        raise SystemExit("starts: --user nobody measures the process backend only")
+    if args.user == "nobody" and (CGROUP_ROOT / "cgroup.controllers").exists():
+        raise SystemExit("starts: --user nobody is written for cgroup v1 controllers")
     worktree = Path(tempfile.mkdtemp(prefix="sandpool-bench-before-"))
     state = Path(tempfile.mkdtemp(prefix="sandpool-bench-nonroot-"))
     git = ["git", "-C", str(REPOSITORY)]
@@ -143,14 +186,23 @@ def main() -> None:
     try:
         state.chmod(0o755)
         os.chown(state, NOBODY, NOBODY)
-        rounds = []
+        rounds: list[dict[str, dict[str, dict[str, float]]]] = []
         for number in range(1, args.rounds + 1):
-            measured = {side: run_as_nobody(checkout, args.starts, state)
-                        for side, checkout in (("before", worktree), ("after", REPOSITORY))}
-            rounds.append(measured)
-            print(f"round {number}: " + "; ".join(
-                f"{side} start p50 {m['start_p50_ms']} ms, {m['cpu_ms_per_start']} ms CPU"
-                for side, m in measured.items()), flush=True)
+            sides = [("before", worktree), ("after", REPOSITORY)]
+            if number % 2 == 0:  # neither side always runs on the host the other warmed
+                sides.reverse()
+            this_round: dict[str, dict[str, dict[str, float]]] = {}
+            for kind in backends:
+                this_round[kind] = {
+                    side: run_as_nobody(checkout, args.starts, state) if args.user == "nobody"
+                    else run_as_root(checkout, kind, args.starts)
+                    for side, checkout in sides
+                }
+                print(f"round {number}, {kind}: " + "; ".join(
+                    f"{side} start p50 {m['start_p50_ms']} ms, {m['cpu_ms_per_start']} ms CPU, "
+                    f"{m['host_cpu_ms_per_start']} ms host" for side, m in this_round[kind].items()
+                ), flush=True)
+            rounds.append(this_round)
     finally:
         subprocess.run([*git, "worktree", "remove", "--force", str(worktree)],
                        capture_output=True)
