@@ -49,7 +49,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +68,7 @@ from tests.support import (
     free_port,
     metric_sample,
     processes_in_uid_range,
+    scrape,
     start_daemon,
     stop_daemon,
 )
@@ -357,9 +357,7 @@ class Run:
 
     def pool_counters(self) -> dict[str, dict[str, float]]:
         """Each tenant pool's sandbox start and destroy counters, from /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=30) as answer:
-            text = answer.read().decode()
+        text = scrape(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout_s=30)
         return {pool: {counter: metric_sample(text, f"sandpool_sandbox_{counter}", pool=pool)
                        for counter in POOL_COUNTERS} for pool in self.args.tenants}
 

@@ -20,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -654,6 +655,12 @@ def processes_in_uid_range(base: int, count: int) -> list[int]:
         if base <= uid < base + count:
             found.append(int(entry))
     return found
+
+
+def scrape(url: str, timeout_s: float = 10.0) -> str:
+    """The Prometheus text the metrics endpoint at ``url`` serves (TCP, not the socket)."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+        return str(answer.read().decode())
 
 
 def metric_sample(text: str, name: str, **labels: str) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from tests.support import (
     Daemon,
     free_port,
     metric_sample,
+    scrape,
     start_daemon,
     stop_daemon,
 )
@@ -67,11 +67,6 @@ def drain(notify_socket: socket.socket) -> list[str]:
             messages.append(notify_socket.recv(4096).decode())
         except TimeoutError:
             return messages
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return str(response.read().decode())
 
 
 def present_sample(text: str, name: str, **labels: str) -> float:

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.support import (
     free_port,
     launch_daemon,
     metric_sample,
+    scrape,
     start_daemon,
     stop_daemon,
     wait_until,
@@ -86,11 +86,6 @@ def operated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operated]:
         stop_daemon(daemon)
 
 
-def scrape(operated: Operated) -> str:
-    with urllib.request.urlopen(operated.metrics_url, timeout=10) as response:
-        return str(response.read().decode())
-
-
 def events_with(daemon: Daemon, **fields: object) -> list[dict[str, object]]:
     return [e for e in daemon.log_events() if all(e.get(k) == v for k, v in fields.items())]
 
@@ -116,13 +111,13 @@ def test_an_unsafe_request_id_is_replaced_by_a_new_one(operated: Operated) -> No
 
 
 def test_client_errors_are_logged_and_counted_by_code(operated: Operated) -> None:
-    before = scrape(operated)
+    before = scrape(operated.metrics_url)
     response, body = exchange(operated.daemon, "POST", "/v1/run", {"pool": POOL},
                               **{"X-Request-Id": "ops-missing-code"})
     assert (response.status, body["error"]["code"]) == (400, "missing_code")
     response, body = exchange(operated.daemon, "GET", "/no/such/path")
     assert (response.status, body["error"]["code"]) == (404, "not_found")
-    after = scrape(operated)
+    after = scrape(operated.metrics_url)
 
     def moved(code: str) -> float:
         return (metric_sample(after, "sandpool_client_errors_total", code=code)
@@ -139,7 +134,7 @@ def test_client_errors_are_logged_and_counted_by_code(operated: Operated) -> Non
 def test_outcome_tells_a_programs_failure_and_a_disconnect_from_success(
     operated: Operated,
 ) -> None:
-    before = scrape(operated)
+    before = scrape(operated.metrics_url)
     _, failed = exchange(operated.daemon, "POST", "/v1/run",
                          {"code": "import sys; sys.exit(3)", "pool": POOL})
     assert failed["exit_code"] == 3
@@ -154,16 +149,16 @@ def test_outcome_tells_a_programs_failure_and_a_disconnect_from_success(
     def outcome(text: str, name: str) -> float:
         return metric_sample(text, "sandpool_requests_total", pool=POOL, outcome=name)
 
-    wait_until(lambda: outcome(scrape(operated), "disconnected") == outcome(before,
+    wait_until(lambda: outcome(scrape(operated.metrics_url), "disconnected") == outcome(before,
                "disconnected") + 1, "the disconnect counted")
-    after = scrape(operated)
+    after = scrape(operated.metrics_url)
     assert outcome(after, "failed") - outcome(before, "failed") == 1
     assert outcome(after, "ok") == outcome(before, "ok")
     assert outcome(after, "error") == outcome(before, "error")
 
 
 def test_no_created_series_and_the_backend_is_up(operated: Operated) -> None:
-    text = scrape(operated)
+    text = scrape(operated.metrics_url)
     assert "_created" not in text
     assert re.search(rf'^sandpool_backend_up{{pool="{POOL}"}} 1\.0$', text, re.M)
 

@@ -15,7 +15,6 @@ import contextlib
 import json
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from tests.support import (
     free_port,
     metric_sample,
     running_daemon,
+    scrape,
     start_daemon,
     stop_daemon,
     wait_until,
@@ -198,9 +198,8 @@ def pool_counts(daemon: Daemon, pool: str) -> dict[str, Any]:
     return next(p for p in daemon.pools() if p["name"] == pool)
 
 
-def scrape(daemon: Daemon) -> str:
-    with urllib.request.urlopen(f"http://{metrics_address(daemon)}/metrics") as answer:
-        return str(answer.read().decode())
+def daemon_metrics(daemon: Daemon) -> str:
+    return scrape(f"http://{metrics_address(daemon)}/metrics")
 
 
 def metrics_address(daemon: Daemon) -> str:
@@ -209,13 +208,13 @@ def metrics_address(daemon: Daemon) -> str:
 
 
 def disconnected(daemon: Daemon, pool: str) -> float:
-    return metric_sample(scrape(daemon), "sandpool_requests_total",
+    return metric_sample(daemon_metrics(daemon), "sandpool_requests_total",
                          pool=pool, outcome="disconnected")
 
 
 def nothing_running(daemon: Daemon, pool: str) -> bool:
     """No sandbox of ``pool`` is busy or still being destroyed."""
-    text = scrape(daemon)
+    text = daemon_metrics(daemon)
     return all(metric_sample(text, "sandpool_sandboxes", pool=pool, state=state) == 0
                for state in ("busy", "destroying"))
 

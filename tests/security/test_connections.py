@@ -32,6 +32,7 @@ import pytest
 
 from api.client import Client
 from tests.support import Daemon, free_port, metric_sample, start_daemon, stop_daemon
+from tests.support import scrape as scrape_tcp
 
 Spawn = Callable[..., Daemon]
 NOBODY = 65534
@@ -155,8 +156,7 @@ def spawn_shared_daemon() -> Iterator[Callable[[str], Daemon]]:
 def scrape(daemon: Daemon, port: int | None = None) -> str:
     """/metrics over TCP when ``port`` is given (the socket may be full), else the socket."""
     if port is not None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-            return str(answer.read().decode())
+        return scrape_tcp(f"http://127.0.0.1:{port}/metrics")
     with daemon.client() as client:
         status, body = client.request_raw("GET", "/metrics")
     assert status == 200
