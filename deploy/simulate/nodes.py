@@ -44,6 +44,7 @@ class Node:
     address: str = ""
     started_at: float = 0.0
     exit_code: int | None = None
+    exited_at: float | None = None  # time.monotonic() when `docker wait` saw it exit
     log_lines: list[str] = field(default_factory=list)
 
     def running(self) -> bool:
@@ -117,6 +118,7 @@ def wait_exit(node: Node, timeout_s: float = STOP_TIMEOUT_S) -> int:
     if out.returncode != 0:
         signal_node(node, "KILL")
         out = docker("wait", node.name)
+    node.exited_at = time.monotonic()  # before the log is read: the kill window ends here
     node.exit_code = int(out.stdout.strip() or -1)
     node.log_lines = node.read_log()
     return node.exit_code

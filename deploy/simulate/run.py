@@ -298,7 +298,8 @@ async def faults(plan: Plan, balancer: Balancer, started: list[cluster.Node], re
         cluster.signal_node(killed, "KILL")
         event(f"SIGKILL {killed.name} with {report.in_flight_at_kill} requests in flight")
         report.killed_exit_code = await asyncio.to_thread(cluster.wait_exit, killed)
-        report.kill_window_s = (round(kill_sent_s, 3), round(time.monotonic() - t0, 3))
+        exited_s = (killed.exited_at or time.monotonic()) - t0
+        report.kill_window_s = (round(kill_sent_s, 3), round(exited_s, 3))
         try:
             await asyncio.to_thread(wait_for, lambda: not cluster.sandbox_processes(killed),
                                     SANDBOX_GONE_TIMEOUT_S, f"{killed.name}'s sandboxes gone")
