@@ -40,9 +40,10 @@ NOBODY = 65534
 CONTROLLERS = ("memory", "pids", "cpu")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
-# Run as 65534 with the measured checkout first on sys.path; standard library
-# and that checkout's ``pool`` only, so it runs against an older tree too.
 BACKENDS = ("process", "docker")
+# One backend's starts, run with the measured checkout first on sys.path
+# (as root, or as 65534); standard library and that checkout's ``pool`` only,
+# so it runs against an older tree too.
 INNER = """
 import asyncio, ctypes, json, os, resource, statistics, sys, time
 from pool.config import PoolConfig

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -35,6 +36,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -155,11 +157,6 @@ def compose_javascript(program: str) -> str:
     return source.replace(WIRE_MARKER, header)
 
 
-def programs() -> dict[str, str]:
-    """Every guest program's composed source, by file name."""
-    return {name: compose(name) for name in PROGRAMS}
-
-
 def runner_bytecode_path() -> str | None:
     """Where, relative to the installed directory, RUNNER_MODULE's bytecode for
     this interpreter goes (``__pycache__/<module>.<cache tag>.pyc``); None for an
@@ -191,8 +188,13 @@ def _same_bytecode(found: bytes, expected: bytes) -> bool:
         return False
 
 
-def layout() -> dict[str, str | bytes]:
-    """What ``install()`` writes: the files by path relative to the directory."""
+@functools.cache
+def layout() -> Mapping[str, str | bytes]:
+    """What ``install()`` writes: the files by path relative to the directory.
+
+    Once per process: the sources are the installed package's and the bytecode
+    this interpreter's, and each pool's start installs (compiling the runner
+    costs ~25 ms)."""
     files: dict[str, str | bytes] = {
         name: compose(name) for name in PROGRAMS if name != RUNNER
     }
@@ -270,7 +272,7 @@ def install(root: Path | None = None) -> Path:
     return target
 
 
-def _holds(directory: Path, files: dict[str, str | bytes]) -> bool:
+def _holds(directory: Path, files: Mapping[str, str | bytes]) -> bool:
     """Exactly these files with exactly this content (bytecode by meaning, as
     ``_same_bytecode`` compares it): an extra file or directory is tampering too."""
     try:

@@ -174,9 +174,13 @@ def test_a_program_importing_more_of_sandpool_is_refused(
         guest.compose("bad.py")
 
 
-def run_runner(directory: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+def run_runner(
+    directory: Path, *argv: str, verbose: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """The installed runner under this interpreter; ``verbose``: with ``-v``, whose
+    stderr says where each module's code came from."""
     return subprocess.run(
-        [sys.executable, "-I", str(directory / guest.RUNNER), *argv],
+        [sys.executable, "-I", *(["-v"] if verbose else []), str(directory / guest.RUNNER), *argv],
         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )
 
@@ -378,10 +382,7 @@ def test_install_replaces_bytecode_that_is_not_the_runners(tmp_path: Path) -> No
 
 def test_a_guest_imports_the_runner_from_its_bytecode(tmp_path: Path) -> None:
     directory = guest.install(tmp_path / "guest")
-    ran = subprocess.run(
-        [sys.executable, "-I", "-v", str(directory / guest.RUNNER)],
-        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-    )
+    ran = run_runner(directory, verbose=True)
     assert ran.returncode == 64  # no command line: the runner's own usage error
     module = directory / f"{guest.RUNNER_MODULE}.py"
     bytecode = directory / (guest.runner_bytecode_path() or "")
@@ -390,10 +391,7 @@ def test_a_guest_imports_the_runner_from_its_bytecode(tmp_path: Path) -> None:
     directory.chmod(0o755)
     module.chmod(0o644)
     module.write_text(module.read_text() + "\n# changed\n")
-    ran = subprocess.run(
-        [sys.executable, "-I", "-v", str(directory / guest.RUNNER)],
-        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-    )
+    ran = run_runner(directory, verbose=True)
     assert ran.returncode == 64
     assert f"# code object from {module}" in ran.stderr.splitlines()
 
