@@ -63,9 +63,20 @@ class PipeReader:
                 reads += 1
 
     def stop(self) -> None:
+        """Read no more, for good; let go of ``on_over_cap``.
+
+        That callback is the run's own (its bound method) and the run holds this
+        reader: kept, the two and the capture's megabyte would form a cycle that
+        only the cyclic collector frees, long after the run was answered.
+        """
         for fd in self._open:
             self._loop.remove_reader(fd)
         self._open.clear()
+        self._on_over_cap = _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def read_nonblocking(fd: int, size: int = CHUNK) -> bytes | None:

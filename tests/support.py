@@ -625,6 +625,13 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0
         time.sleep(0.05)
 
 
+def wait_settled(daemon: Daemon, timeout_s: float = 60.0) -> None:
+    """Until every pool has ``min_idle`` idle and none is starting a sandbox."""
+    wait_until(lambda: all(p["idle"] >= p["min_idle"] and p["starting"] == 0
+                           for p in daemon.pools()),
+               "every pool settled at min_idle", timeout_s)
+
+
 def host_processes_with(marker: str) -> list[int]:
     """Host pids whose command line contains the marker (sandboxed ones included)."""
     needle = marker.encode()

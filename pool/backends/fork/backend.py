@@ -331,6 +331,10 @@ class ForkBackend(BackendBase[ForkSandbox]):
         if not sandbox.mark_destroyed():
             return
         self._sandboxes.discard(sandbox)
+        # A destroyed sandbox reports no death, and the callback holds the
+        # sandbox that holds its protocol: a cycle the last run's output would
+        # wait in for the cyclic collector.
+        sandbox.protocol.on_idle_death = None
         try:
             sandbox.kill()
             try:
