@@ -27,6 +27,7 @@ import httpx
 import pytest
 from sandpool_client import Client
 
+from deploy.image.build import DAEMON_STAGE_LABEL
 from deploy.image.pod import container_address, remove_cgroup_parent
 from deploy.seccomp import generate
 from deploy.simulate.pki import make_pki
@@ -96,6 +97,16 @@ def start_failure(tmp_path: Path, config: str, **settings: object) -> str:
     lines = [line for line in str(failed.value).splitlines() if line.startswith("sandpool: ")]
     assert lines, str(failed.value)
     return lines[-1]
+
+
+def test_no_build_leaves_the_image_of_its_venv_stage() -> None:
+    # The module's fixture built the image unless it was current. The classic
+    # builder kept that stage's image, untagged: 275 MB on the host per build.
+    left = subprocess.run(
+        ["docker", "images", "--all", "--quiet", "--filter", f"label={DAEMON_STAGE_LABEL}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    assert left.stdout.split() == []
 
 
 def test_the_profile_is_dockers_default_plus_the_namespace_calls() -> None:

@@ -38,6 +38,7 @@ from pool.image import Profile, Recipe, build_image, export_rootfs
 from pool.image.docker_cli import (
     DOCKER_IMPORT_TIMEOUT_S,
     inspect_image,
+    remove_stage_images,
     retire_previous,
     short_id,
 )
@@ -53,6 +54,8 @@ DAEMON_BASE_IMAGE = "sandpool/daemon-base:bookworm"
 # the digest below would not see.
 DAEMON_RECIPE_REVISION = "1"
 DAEMON_RECIPE_LABEL = "sandpool.daemon.recipe"
+# On the Dockerfile's venv stage, so the build can remove that stage's image.
+DAEMON_STAGE_LABEL = "sandpool.daemon.stage"
 # The sandbox images whose root file systems the image carries: the process
 # (and fork) pools of the image's config run from them.
 CARRIED_IMAGES = (DEFAULT_IMAGE,)
@@ -184,13 +187,17 @@ async def build_daemon_image(*, force: bool, progress: Progress) -> bool:
     if archived.returncode != 0:
         raise ImageBuildError(f"tar of the exports failed: {archived.last_error_line}")
     clock.phase(f"docker build {DAEMON_IMAGE} (label {label})")
-    built = await run_logged(
-        ["docker", "build", "--force-rm", "--label", f"{DAEMON_RECIPE_LABEL}={label}",
-         "--build-arg", f"BASE={DAEMON_BASE_IMAGE}", "--tag", DAEMON_IMAGE, str(context)],
-        env={**os.environ, "DOCKER_BUILDKIT": "0"},
-        timeout_s=DOCKER_IMPORT_TIMEOUT_S,
-        report=clock.phase,
-    )  # fmt: skip
+    try:
+        built = await run_logged(
+            ["docker", "build", "--force-rm", "--label", f"{DAEMON_RECIPE_LABEL}={label}",
+             "--build-arg", f"BASE={DAEMON_BASE_IMAGE}", "--tag", DAEMON_IMAGE, str(context)],
+            env={**os.environ, "DOCKER_BUILDKIT": "0"},
+            timeout_s=DOCKER_IMPORT_TIMEOUT_S,
+            report=clock.phase,
+        )  # fmt: skip
+    finally:
+        # The venv stage's image, 275 MB that nothing uses once the build is over.
+        await asyncio.shield(remove_stage_images(DAEMON_STAGE_LABEL, clock))
     if built.returncode != 0:
         raise ImageBuildError(f"docker build of {DAEMON_IMAGE} failed: {built.stdout[-2000:]}")
     now = await inspect_image(DAEMON_IMAGE)

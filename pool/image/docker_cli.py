@@ -118,6 +118,19 @@ async def retire_previous(previous_id: str, tag: str, clock: Clock) -> None:
         clock.phase(f"kept the previous {tag} ({short_id(previous_id)}): {result.last_error_line}")
 
 
+async def remove_stage_images(label: str, clock: Clock) -> None:
+    """Delete the untagged images labelled ``label``: a multi-stage build's earlier
+    stages, which the classic builder keeps (unused once the last stage copied
+    from them) at every build. Best effort: a leftover is only disk space."""
+    result = await run(
+        ["docker", "image", "prune", "--force", "--filter", f"label={label}"],
+        timeout_s=DOCKER_QUERY_TIMEOUT_S,
+        what="docker image prune",
+    )
+    if result.returncode != 0:
+        clock.phase(f"kept the build's stage images ({label}): {result.last_error_line}")
+
+
 async def remove_image(image_id: str) -> None:
     # Best effort on a failure path: the image is untagged, so a leftover is only
     # disk space, and the error that brought us here is the one to report.
