@@ -51,6 +51,7 @@ from tests.support import (
     skip_on_wasi,
     start_daemon,
     stop_daemon,
+    wait_settled,
     wait_until,
 )
 
@@ -543,7 +544,8 @@ def test_output_flood_is_truncated_at_the_cap_and_daemon_memory_stays_flat(
     results = []
     before = 0
     for round_number in range(4):
-        if round_number == 1:  # after one warm-up round of each stream
+        if round_number == 1:  # after one warm-up round of each stream, refills done
+            wait_settled(secret_daemon)
             before = secret_daemon.rss_kib()
         for stream, other in (("stdout", "stderr"), ("stderr", "stdout")):
             result = run(api, with_params(flood, stream=stream), pool, timeout_s=15)
@@ -554,6 +556,7 @@ def test_output_flood_is_truncated_at_the_cap_and_daemon_memory_stays_flat(
             assert (result["exit_code"], result["timed_out"]) == (None, False)
             results.append(result)
     # Six more floods of unbounded output moved the daemon by less than 16 MiB.
+    wait_settled(secret_daemon)
     assert secret_daemon.rss_kib() - before < 16 * 1024
     assert_serves_a_clean_sandbox(api, pool, results[-1])
 
