@@ -38,11 +38,14 @@ from pool.image import (
     host_debian_mirror,
     image_is_current,
     parse_runtime,
+    processes,
     recipe,
     runtime_info,
 )
 from pool.image.debootstrap import debootstrap_failure
+from pool.image.docker_cli import remove_stage_images
 from pool.image.files import strip_rootfs
+from pool.image.progress import Clock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER_TIMEOUT_S = 60.0
@@ -610,6 +613,17 @@ async def test_image_export_command_prints_the_exported_path(
 
     assert code == 0, stderr
     assert stdout.strip() == str(tmp_path / "rootfs" / await image_id(tag))
+
+
+async def test_a_stage_image_prune_that_cannot_run_only_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a build's finally: raising there would hide the build's own error.
+    monkeypatch.setattr(processes, "TOOL_PATH", str(tmp_path))  # no docker on it
+    said: list[str] = []
+    await remove_stage_images("sandpool.test.stage", Clock(said.append))
+    assert len(said) == 1
+    assert said[0].startswith("kept the build's stage images (sandpool.test.stage): ")
 
 
 async def test_from_base_refuses_a_profile_with_one_line() -> None:

@@ -121,12 +121,22 @@ async def retire_previous(previous_id: str, tag: str, clock: Clock) -> None:
 async def remove_stage_images(label: str, clock: Clock) -> None:
     """Delete the untagged images labelled ``label``: a multi-stage build's earlier
     stages, which the classic builder keeps (unused once the last stage copied
-    from them) at every build. Best effort: a leftover is only disk space."""
-    result = await run(
-        ["docker", "image", "prune", "--force", "--filter", f"label={label}"],
-        timeout_s=DOCKER_QUERY_TIMEOUT_S,
-        what="docker image prune",
-    )
+    from them) at every build. Best effort: a leftover is only disk space, and
+    on a failed build the build's error is the one to report.
+
+    A build of the same image running beside this one may lose its stage image
+    before its last stage copies from it, and fail; two builds of one tag at
+    once race for that tag anyway.
+    """
+    try:
+        result = await run(
+            ["docker", "image", "prune", "--force", "--filter", f"label={label}"],
+            timeout_s=DOCKER_QUERY_TIMEOUT_S,
+            what="docker image prune",
+        )
+    except ImageBuildError as e:
+        clock.phase(f"kept the build's stage images ({label}): {e.message}")
+        return
     if result.returncode != 0:
         clock.phase(f"kept the build's stage images ({label}): {result.last_error_line}")
 
