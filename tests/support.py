@@ -10,6 +10,7 @@ never from one another.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from prometheus_client import CollectorRegistry
 from api.client import ApiError, Client
 from metrics import Metrics
 from pool.backends.process import cgroups as process_cgroups
-from pool.config import WASM_IMAGE_MODULE
+from pool.config import WASM_IMAGE_MODULE, PoolConfig
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # The wasm pool compiles its module once (6-20 s) and Docker starts queue on a
@@ -623,6 +625,13 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0
         if time.monotonic() > deadline:
             raise AssertionError(f"still not true after {timeout_s:g} s: {what}")
         time.sleep(0.05)
+
+
+def setting(pool: str, key: str) -> Any:
+    """A pool's effective setting in the test daemon's config (the default when unset)."""
+    table = tomllib.loads(textwrap.dedent(DAEMON_CONFIG))["pools"][pool]
+    defaults = {f.name: f.default for f in dataclasses.fields(PoolConfig)}
+    return table.get(key, defaults[key])
 
 
 def wait_settled(daemon: Daemon, timeout_s: float = 60.0) -> None:

@@ -20,6 +20,7 @@ from tests.support import (
     PYTHON_POOLS,
     Daemon,
     assert_out_of_memory,
+    setting,
     skip_on_wasi,
     wait_settled,
 )
@@ -160,17 +161,18 @@ def test_fork_bomb_is_contained(client: Client, pool: str) -> None:
 
 
 FLOODS = 24
-OUTPUT_CAP_KIB = 1024  # the pools' max_output_bytes (the default)
 
 
 def test_output_flood_is_truncated_and_daemon_memory_stays_flat(
     daemon: Daemon, client: Client, pool: str
 ) -> None:
+    cap = setting(pool, "max_output_bytes")
+
     def flood() -> None:
         result = run(client, "while True: print('x' * 10**6)", pool, timeout_s=10)
         assert result["stdout_truncated"] is True
         assert result["timed_out"] is False
-        assert len(str(result["stdout"])) == OUTPUT_CAP_KIB * 1024
+        assert len(str(result["stdout"])) == cap
 
     # Measured with every pool settled, after a first flood: the allocator keeps
     # what one capture needed, and a refill under way holds a sandbox's worth.
@@ -183,7 +185,7 @@ def test_output_flood_is_truncated_and_daemon_memory_stays_flat(
     # A daemon that kept each run's output (as a reference cycle among a run's
     # objects did, until the cyclic collector came by) would have grown by
     # FLOODS caps; settled, the RSS wanders by up to ~9 MiB (wasm pools' refills).
-    assert daemon.rss_kib() - before < FLOODS * OUTPUT_CAP_KIB // 2
+    assert daemon.rss_kib() - before < FLOODS * cap // 1024 // 2
 
 
 def test_stderr_flood_is_truncated(client: Client, pool: str) -> None:

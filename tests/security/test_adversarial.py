@@ -15,7 +15,6 @@ module sees is recorded: a repeat fails the request that got it.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import errno
 import fcntl
 import json
@@ -36,7 +35,6 @@ import pytest
 
 from api.client import Client
 from pool import guest, wire
-from pool.config import PoolConfig
 from pool.seccomp import POLICY
 from pool.uids import SandboxUids
 from tests.support import (
@@ -48,6 +46,7 @@ from tests.support import (
     Daemon,
     assert_out_of_memory,
     host_processes_with,
+    setting,
     skip_on_wasi,
     start_daemon,
     stop_daemon,
@@ -115,13 +114,6 @@ def backends(secret_daemon: Daemon) -> dict[str, str]:
     """Pool name -> backend name, as the daemon reports them."""
     with secret_daemon.client() as client:
         return {str(p["name"]): str(p["backend"]) for p in client.pools()}
-
-
-def setting(pool: str, key: str) -> Any:
-    """A pool's effective setting in the daemon's config (the default when unset)."""
-    table = tomllib.loads(textwrap.dedent(DAEMON_CONFIG))["pools"][pool]
-    defaults = {f.name: f.default for f in dataclasses.fields(PoolConfig)}
-    return table.get(key, defaults[key])
 
 
 def with_params(code: str, **params: object) -> str:
