@@ -1,22 +1,28 @@
 """A Docker pool's own cpu cgroup (pool/backends/docker/cgroup.py): when it may
 have one, and the directories it makes, removes and sweeps.
 
-Against a real unix socket for the engine's identity, and cgroup files in a
-temporary directory; tests/security/test_busy_neighbours.py checks a real
-daemon and dockerd, through a socket proxy too.
+Against a real unix socket for the engine's identity, cgroup files in a
+temporary directory, and the kernel's cgroups for what only the kernel can say
+(a busy directory); tests/security/test_busy_neighbours.py checks a real daemon
+and dockerd, through a socket proxy too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from pool.backends.docker import cgroup
 from pool.backends.docker.cgroup import (
@@ -26,6 +32,7 @@ from pool.backends.docker.cgroup import (
     refused,
     remove_pool_cgroup,
 )
+from pool.backends.process import cgroups as process_cgroups
 
 LOCAL = EngineFacts(root=True, own_cpu="/", driver="cgroupfs", engine_cgroup_version="1",
                     peer_command="dockerd", same_cgroup_namespace=True)
@@ -128,3 +135,63 @@ def test_start_sweeps_dead_daemons_directories_from_every_hierarchy_and_no_live_
     pool = prepare_pool_cgroup(f"sandpool-{os.getpid()}-k-python", "/")
     assert left_in(hierarchies) == sorted([f"cpu/{alive}", f"memory/{alive}",
                                            f"cpu/{pool.parent[1:]}"])
+
+
+def test_a_directory_the_engine_leaves_busy_is_killed_and_removed_in_every_hierarchy() -> None:
+    """The kernel's answer, not a temporary directory's: a process still in the
+    pool's directory once its containers are gone (what dockerd left after a
+    restart, in CI) made rmdir say EBUSY in every hierarchy, and the directory
+    stayed. Planted as runc places a container: in a directory of its own below
+    the pool's, in every hierarchy, with children of its own."""
+    own = process_cgroups.own_cgroups()
+    root = process_cgroups.CGROUP_ROOT
+    if os.geteuid() != 0 or "cpu" not in own or "memory" not in own:
+        pytest.skip("needs root and cgroup v1 cpu and memory hierarchies")
+    pool = prepare_pool_cgroup(f"sandpool-{os.getpid()}-{uuid.uuid4().hex[:12]}-leftover",
+                               own["cpu"])
+    relative = pool.parent.lstrip("/")
+    busy = [root / hierarchy / relative / "c0ffee" for hierarchy in ("cpu", "memory")]
+    empty = root / "memory" / relative / "dead"  # a container gone, its directory not
+    leftover = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & wait"],
+                                start_new_session=True)
+    try:
+        for directory in (*busy, empty):
+            directory.mkdir(parents=True, exist_ok=True)
+        for directory in busy:
+            (directory / "cgroup.procs").write_text(str(leftover.pid))
+        wait_for_children(leftover.pid, 2)  # its forks are in the directory too
+        with structlog.testing.capture_logs() as logs:
+            remove_pool_cgroup(pool)
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert [h.name for h in cgroup.hierarchies() if (h / relative).exists()] == []
+        events = [e["event"] for e in logs]
+        assert "engine_leftover_killed" in events
+        assert "cgroup_not_removed" not in events
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leftover.pid, signal.SIGKILL)
+        leftover.wait()
+        for hierarchy in cgroup.hierarchies():
+            for directory in sorted((hierarchy / relative).glob("**/"), reverse=True):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+
+
+def wait_for_children(pid: int, count: int) -> None:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for _ in range(500):
+        if len(children.read_text().split()) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not fork {count} children")
+
+
+def test_a_directory_that_refuses_removal_is_logged_and_left(hierarchies: Path) -> None:
+    pool = prepare_pool_cgroup(f"sandpool-{os.getpid()}-i-python", "/")
+    refusing = pool.tree.pool_dirs["cpu"] / "c0ffee"
+    refusing.mkdir()
+    (refusing / "not-a-cgroup-file").write_text("")  # rmdir: ENOTEMPTY, not EBUSY
+    with structlog.testing.capture_logs() as logs:
+        remove_pool_cgroup(pool)
+    assert sorted(e["path"] for e in logs if e["event"] == "cgroup_not_removed") == [
+        str(pool.tree.pool_dirs["cpu"]), str(refusing)]

@@ -230,7 +230,7 @@ class DockerBackend(BackendBase[DockerSandbox]):
                 log.error("containers_not_removed", pool=self.config.name, error=describe(e))
             await self._containers.close()
         await self._cpu.close()
-        if self._cgroup is not None:  # its containers are gone: the engine removed theirs
+        if self._cgroup is not None:  # its containers are gone; what the engine left goes too
             await asyncio.to_thread(remove_pool_cgroup, self._cgroup)
             self._cgroup = None
             self._cpu = PoolCpu(None, weigh_starts=True)

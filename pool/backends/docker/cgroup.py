@@ -38,17 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from pool.backends.process.cgroups import (
     CGROUP_ROOT,
     CgroupTree,
     SandboxCgroup,
     own_cgroups,
     pools_base,
-    remove_pool_cgroups,
+    remove_emptied,
     sweep_stale_cgroups,
     unified_host,
 )
 from pool.procfs import socket_peer
+
+log = structlog.get_logger("sandpool.docker")
 
 ENGINE_COMMAND = "dockerd"
 
@@ -161,21 +165,22 @@ def hierarchies() -> list[Path]:
 
 
 def remove_pool_cgroup(pool: PoolCgroup) -> None:
-    """Remove the pool's directory from every hierarchy, once its containers are gone.
-    One still busy (a container dockerd could not remove) is left to the next
-    daemon's sweep, and logged."""
+    """Remove the pool's directory from every hierarchy, once the engine has
+    removed its containers. Blocking: run in a thread.
+
+    What is still below it then is the engine's leftover, and this pool's: only
+    its containers are put there. Seen in CI after a dockerd restart: the pool
+    had removed every container the engine listed, and a process still held the
+    directory. So what runs there is killed, and the directories the engine left
+    (empty ones too) go with the pool's; one that stays busy is logged and left
+    to the next daemon's sweep, which kills and removes as this does.
+    """
     relative = pool.parent.lstrip("/")
-    tree = CgroupTree(version=1, pool_dirs={
-        hierarchy.name: hierarchy / relative for hierarchy in hierarchies()})
-    for directory in tree.pool_dirs.values():
-        # An empty cgroup of a container already gone, which the engine left (seen
-        # once in CI): rmdir takes it; one with processes refuses, and the pool's
-        # directory is then left and logged, as before.
-        with contextlib.suppress(OSError):
-            for child in [d for d in directory.iterdir() if d.is_dir()]:
-                with contextlib.suppress(OSError):
-                    child.rmdir()
-    remove_pool_cgroups(tree)
+    killed, stayed = remove_emptied([hierarchy / relative for hierarchy in hierarchies()])
+    for directory in killed:
+        log.warning("engine_leftover_killed", path=str(directory))
+    for directory in stayed:
+        log.warning("cgroup_not_removed", path=str(directory))
 
 
 def sweep_stale(relative_base: Path) -> None:

@@ -29,8 +29,8 @@ from pool.errors import BackendError
 from pool.procfs import pid_alive
 
 log = structlog.get_logger("sandpool.process")
-# A dead daemon's leftover sandbox processes, SIGKILLed, are waited for this many
-# 10 ms steps before their cgroup is removed.
+# What is left in a cgroup being removed (a dead daemon's sandboxes, what the
+# engine left in a Docker pool's), SIGKILLed, is waited for this many 10 ms steps.
 STALE_EXIT_WAITS = 200
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -227,26 +227,51 @@ def sweep_stale_cgroups(base: Path) -> None:
     """
     for stale in base.glob("sandpool-*"):
         daemon_pid = stale.name.split("-")[1]
-        if not daemon_pid.isdigit() or pid_alive(int(daemon_pid)):
+        if not daemon_pid.isdigit() or pid_alive(int(daemon_pid)) or not stale.is_dir():
             continue
-        try:
-            sandbox_dirs = [d for d in stale.iterdir() if d.is_dir()]
-        except OSError:  # removed by another pool's sweep meanwhile, or not a directory
-            continue
-        for sandbox_dir in sandbox_dirs:
-            if members(sandbox_dir):
-                log.warning("stale_sandbox_killed", path=str(sandbox_dir))
-                kill_members(sandbox_dir)
-        for sandbox_dir in sandbox_dirs:
-            for _ in range(STALE_EXIT_WAITS):  # SIGKILLed: gone within milliseconds
-                if not members(sandbox_dir):
-                    break
-                time.sleep(0.01)
-            with contextlib.suppress(OSError):
-                sandbox_dir.rmdir()
-        with contextlib.suppress(OSError):
-            stale.rmdir()
+        killed, stayed = remove_emptied([stale])
+        for directory in killed:
+            log.warning("stale_sandbox_killed", path=str(directory))
+        if not stayed:
             log.info("stale_cgroup_removed", path=str(stale))
+
+
+def remove_emptied(directories: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Remove cgroup directories and the sandbox directories one level below them,
+    SIGKILLing whatever still runs in any of them first. Never raises. Blocking:
+    run in a thread.
+
+    Returns the directories that held processes, and those still there: one
+    refused (not EBUSY), or busy after STALE_EXIT_WAITS steps (a process the
+    kill cannot end, in uninterruptible sleep). A directory already gone (two
+    sweeps meeting) is fine. Even once ``cgroup.procs`` is empty, rmdir says
+    EBUSY until the kernel has released the last task: hence retrying, not one
+    wait for the list to empty.
+    """
+    below: list[Path] = []
+    for directory in directories:
+        with contextlib.suppress(OSError):  # gone, or not a directory
+            below += [d for d in directory.iterdir() if d.is_dir()]
+    order = [*below, *directories]  # children first: a parent with one is busy
+    killed = [d for d in order if members(d)]
+    for step in range(STALE_EXIT_WAITS):
+        for directory in killed:
+            kill_members(directory)  # again: a fork may have raced the first kill
+        busy = False
+        for directory in order:
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    return killed, [d for d in order if d.exists()]
+                busy = True
+        if not busy:
+            return killed, []
+        if step < STALE_EXIT_WAITS - 1:
+            time.sleep(0.01)
+    return killed, [d for d in order if d.exists()]
 
 
 def create_sandbox_cgroup(tree: CgroupTree, sandbox_id: str, config: PoolConfig) -> SandboxCgroup:
