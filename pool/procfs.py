@@ -43,3 +43,16 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_names(pids: list[int]) -> list[str]:
+    """``"<pid> <comm>"`` for each process still there, to say in a log what was
+    found where nothing should run; one gone meanwhile is left out."""
+    names = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as comm:
+                names.append(f"{pid} {comm.read().strip()}")
+        except OSError:
+            continue
+    return names

@@ -152,21 +152,27 @@ def test_a_directory_the_engine_leaves_busy_is_killed_and_removed_in_every_hiera
     relative = pool.parent.lstrip("/")
     busy = [root / hierarchy / relative / "c0ffee" for hierarchy in ("cpu", "memory")]
     empty = root / "memory" / relative / "dead"  # a container gone, its directory not
-    leftover = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & wait"],
-                                start_new_session=True)
+    # It forks once planted (a line on stdin), so its children are planted too.
+    leftover = subprocess.Popen(["sh", "-c", "read planted; sleep 300 & sleep 300 & wait"],
+                                stdin=subprocess.PIPE, start_new_session=True)
     try:
         for directory in (*busy, empty):
             directory.mkdir(parents=True, exist_ok=True)
         for directory in busy:
             (directory / "cgroup.procs").write_text(str(leftover.pid))
-        wait_for_children(leftover.pid, 2)  # its forks are in the directory too
+        assert leftover.stdin is not None
+        leftover.stdin.write(b"\n")
+        leftover.stdin.close()
+        children = sleeping_children(leftover.pid, 2)
+        planted = sorted([f"{leftover.pid} sh", *(f"{child} sleep" for child in children)])
         with structlog.testing.capture_logs() as logs:
             remove_pool_cgroup(pool)
         assert leftover.wait(timeout=10) == -signal.SIGKILL
         assert [h.name for h in cgroup.hierarchies() if (h / relative).exists()] == []
-        events = [e["event"] for e in logs]
-        assert "engine_leftover_killed" in events
-        assert "cgroup_not_removed" not in events
+        killed = [e for e in logs if e["event"] == "engine_leftover_killed"]
+        assert {e["path"] for e in killed} == {str(directory) for directory in busy}
+        assert [sorted(e["processes"]) for e in killed] == [planted, planted]  # named
+        assert "cgroup_not_removed" not in [e["event"] for e in logs]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(leftover.pid, signal.SIGKILL)
@@ -177,13 +183,17 @@ def test_a_directory_the_engine_leaves_busy_is_killed_and_removed_in_every_hiera
                     directory.rmdir()
 
 
-def wait_for_children(pid: int, count: int) -> None:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
+def sleeping_children(pid: int, count: int) -> list[int]:
+    """The pids of ``pid``'s ``count`` children, once each has exec'd ``sleep``."""
     for _ in range(500):
-        if len(children.read_text().split()) >= count:
-            return
+        children = [int(child) for child in
+                    Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        if len(children) == count and all(
+                Path(f"/proc/{child}/comm").read_text().strip() == "sleep"
+                for child in children):
+            return children
         time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not fork {count} children")
+    raise AssertionError(f"process {pid} did not start {count} sleeps")
 
 
 def test_a_directory_that_refuses_removal_is_logged_and_left(hierarchies: Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from api.client import Client
 from pool.backends.base import RunRequest, Sandbox, SandboxEvent
@@ -669,8 +670,12 @@ def test_a_dead_daemons_leftover_sandbox_process_is_killed_with_its_cgroup() -> 
             orphan = subprocess.Popen(["sleep", "300"])
             orphans.append(orphan)
             (directory / "cgroup.procs").write_text(str(orphan.pid))
-        process_cgroups.sweep_stale_cgroups(base)
+        with structlog.testing.capture_logs() as logs:
+            process_cgroups.sweep_stale_cgroups(base)
         assert orphans[0].wait(timeout=10) == -signal.SIGKILL
+        killed = [(e["path"], e["processes"]) for e in logs
+                  if e["event"] == "stale_sandbox_killed"]
+        assert killed == [(str(stale), [f"{orphans[0].pid} sleep"])]
         assert not stale.parent.exists()
         assert orphans[1].poll() is None  # its daemon (this test) is alive
         assert live.exists()

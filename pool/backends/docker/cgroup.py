@@ -177,8 +177,8 @@ def remove_pool_cgroup(pool: PoolCgroup) -> None:
     """
     relative = pool.parent.lstrip("/")
     killed, stayed = remove_emptied([hierarchy / relative for hierarchy in hierarchies()])
-    for directory in killed:
-        log.warning("engine_leftover_killed", path=str(directory))
+    for directory, processes in killed.items():
+        log.warning("engine_leftover_killed", path=str(directory), processes=processes)
     for directory in stayed:
         log.warning("cgroup_not_removed", path=str(directory))
 

@@ -26,7 +26,7 @@ import structlog
 
 from pool.config import PoolConfig
 from pool.errors import BackendError
-from pool.procfs import pid_alive
+from pool.procfs import pid_alive, process_names
 
 log = structlog.get_logger("sandpool.process")
 # What is left in a cgroup being removed (a dead daemon's sandboxes, what the
@@ -230,20 +230,21 @@ def sweep_stale_cgroups(base: Path) -> None:
         if not daemon_pid.isdigit() or pid_alive(int(daemon_pid)) or not stale.is_dir():
             continue
         killed, stayed = remove_emptied([stale])
-        for directory in killed:
-            log.warning("stale_sandbox_killed", path=str(directory))
+        for directory, processes in killed.items():
+            log.warning("stale_sandbox_killed", path=str(directory), processes=processes)
         if not stayed:
             log.info("stale_cgroup_removed", path=str(stale))
 
 
-def remove_emptied(directories: list[Path]) -> tuple[list[Path], list[Path]]:
+def remove_emptied(directories: list[Path]) -> tuple[dict[Path, list[str]], list[Path]]:
     """Remove cgroup directories and the sandbox directories one level below them,
     SIGKILLing whatever still runs in any of them first. Never raises. Blocking:
     run in a thread.
 
-    Returns the directories that held processes, and those still there: one
-    refused (not EBUSY), or busy after STALE_EXIT_WAITS steps (a process the
-    kill cannot end, in uninterruptible sleep). A directory already gone (two
+    Returns the directories that held processes, each with what it held
+    (``process_names``, for the log), and those still there: one refused (not
+    EBUSY), or busy after STALE_EXIT_WAITS steps (a process the kill cannot
+    end, in uninterruptible sleep). A directory already gone (two
     sweeps meeting) is fine. Even once ``cgroup.procs`` is empty, rmdir says
     EBUSY until the kernel has released the last task: hence retrying, not one
     wait for the list to empty.
@@ -253,7 +254,7 @@ def remove_emptied(directories: list[Path]) -> tuple[list[Path], list[Path]]:
         with contextlib.suppress(OSError):  # gone, or not a directory
             below += [d for d in directory.iterdir() if d.is_dir()]
     order = [*below, *directories]  # children first: a parent with one is busy
-    killed = [d for d in order if members(d)]
+    killed = {d: process_names(found) for d in order if (found := members(d))}
     for step in range(STALE_EXIT_WAITS):
         for directory in killed:
             kill_members(directory)  # again: a fork may have raced the first kill
