@@ -169,7 +169,7 @@ def test_a_directory_the_engine_leaves_busy_is_killed_and_removed_in_every_hiera
             remove_pool_cgroup(pool)
         assert leftover.wait(timeout=10) == -signal.SIGKILL
         assert [h.name for h in cgroup.hierarchies() if (h / relative).exists()] == []
-        killed = [e for e in logs if e["event"] == "engine_leftover_killed"]
+        killed = [e for e in logs if e["event"] == "pool_leftover_killed"]
         assert {e["path"] for e in killed} == {str(directory) for directory in busy}
         assert [sorted(e["processes"]) for e in killed] == [planted, planted]  # named
         assert "cgroup_not_removed" not in [e["event"] for e in logs]

@@ -569,6 +569,35 @@ def daemon_cgroups(daemon_pid: int) -> list[Path]:
     ]
 
 
+async def test_a_sandbox_whose_destroy_gave_up_goes_with_its_pool() -> None:
+    """A destroy gives up when its sandbox's processes outlast RMDIR_ATTEMPTS (a
+    fork bomb on a host starved of CPU): its directory stays, and so did the
+    pool's until the next daemon's sweep. Closing the pool kills what is left
+    and removes both; planted as a sandbox is, in every one of its directories."""
+    name = f"t{uuid.uuid4().hex[:8]}"
+    backend = ProcessBackend(PoolConfig(name=name, backend="process"),
+                             instance_id=uuid.uuid4().hex[:12])
+    await backend.start()
+    leftover = await asyncio.create_subprocess_exec("sleep", "300")
+    try:
+        planted = [directory / "given-up" for directory in pool_directories(backend)]
+        for directory in planted:
+            directory.mkdir()
+            (directory / "cgroup.procs").write_text(str(leftover.pid))
+        with structlog.testing.capture_logs() as logs:
+            await backend.close()
+        assert await asyncio.wait_for(leftover.wait(), 10) == -signal.SIGKILL
+        assert pool_directories(backend) == []
+        killed = sorted((e["path"], e["processes"]) for e in logs
+                        if e["event"] == "pool_leftover_killed")
+        assert killed == sorted((str(d), [f"{leftover.pid} sleep"]) for d in planted)
+    finally:
+        if leftover.returncode is None:
+            leftover.kill()
+            await leftover.wait()
+        await backend.close()
+
+
 def backend_cgroup_members(backend: ProcessBackend) -> list[int]:
     """Host pids whose cgroup is one of this backend's, by /proc/PID/cgroup."""
     name = process_cgroups.cgroup_dir_name(backend.config.name, backend.instance_id)

@@ -38,21 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from pool.backends.process.cgroups import (
     CGROUP_ROOT,
     CgroupTree,
     SandboxCgroup,
     own_cgroups,
     pools_base,
-    remove_emptied,
+    remove_pool_cgroups,
     sweep_stale_cgroups,
     unified_host,
 )
 from pool.procfs import socket_peer
-
-log = structlog.get_logger("sandpool.docker")
 
 ENGINE_COMMAND = "dockerd"
 
@@ -166,21 +162,17 @@ def hierarchies() -> list[Path]:
 
 def remove_pool_cgroup(pool: PoolCgroup) -> None:
     """Remove the pool's directory from every hierarchy, once the engine has
-    removed its containers. Blocking: run in a thread.
+    removed its containers (``remove_pool_cgroups``). Blocking: run in a thread.
 
-    What is still below it then is the engine's leftover, and this pool's: only
-    its containers are put there. Seen in CI after a dockerd restart: the pool
-    had removed every container the engine listed, and a process still held the
-    directory. So what runs there is killed, and the directories the engine left
-    (empty ones too) go with the pool's; one that stays busy is logged and left
-    to the next daemon's sweep, which kills and removes as this does.
+    Only this pool's containers are put there, so what is still below it then
+    is the engine's leftover of them: killed, and the directories the engine
+    left (empty ones too) removed. Seen in CI after a dockerd restart: the pool
+    had removed every container the engine listed, and rmdir said EBUSY in
+    every hierarchy.
     """
     relative = pool.parent.lstrip("/")
-    killed, stayed = remove_emptied([hierarchy / relative for hierarchy in hierarchies()])
-    for directory, processes in killed.items():
-        log.warning("engine_leftover_killed", path=str(directory), processes=processes)
-    for directory in stayed:
-        log.warning("cgroup_not_removed", path=str(directory))
+    remove_pool_cgroups(CgroupTree(version=1, pool_dirs={
+        hierarchy.name: hierarchy / relative for hierarchy in hierarchies()}))
 
 
 def sweep_stale(relative_base: Path) -> None:

@@ -29,9 +29,6 @@ from pool.errors import BackendError
 from pool.procfs import pid_alive, process_names
 
 log = structlog.get_logger("sandpool.process")
-# What is left in a cgroup being removed (a dead daemon's sandboxes, what the
-# engine left in a Docker pool's), SIGKILLed, is waited for this many 10 ms steps.
-STALE_EXIT_WAITS = 200
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_DAEMON_LEAF = "sandpool-daemon"  # cgroup v2: where the daemon moves itself
@@ -39,7 +36,10 @@ CPU_PERIOD_US = 100_000
 # A cgroup's default CPU weight, that of one process: cpu.shares (v1) and
 # cpu.weight (v2), and the largest each takes.
 WEIGHT_OF_ONE = {1: ("cpu.shares", 1024, 262_144), 2: ("cpu.weight", 100, 10_000)}
-RMDIR_ATTEMPTS = 50  # x 10 ms: a cgroup is busy until the kernel has freed its last task
+# x 10 ms: a cgroup is busy until the kernel has freed its last task, which takes
+# milliseconds once its processes are SIGKILLed, and seconds on a host starved of
+# CPU (a datasci fork bomb's 64 processes, under two busy loops, outlasted 0.5 s).
+RMDIR_ATTEMPTS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +243,7 @@ def remove_emptied(directories: list[Path]) -> tuple[dict[Path, list[str]], list
 
     Returns the directories that held processes, each with what it held
     (``process_names``, for the log), and those still there: one refused (not
-    EBUSY), or busy after STALE_EXIT_WAITS steps (a process the kill cannot
+    EBUSY), or busy after RMDIR_ATTEMPTS steps (a process the kill cannot
     end, in uninterruptible sleep). A directory already gone (two
     sweeps meeting) is fine. Even once ``cgroup.procs`` is empty, rmdir says
     EBUSY until the kernel has released the last task: hence retrying, not one
@@ -255,7 +255,7 @@ def remove_emptied(directories: list[Path]) -> tuple[dict[Path, list[str]], list
             below += [d for d in directory.iterdir() if d.is_dir()]
     order = [*below, *directories]  # children first: a parent with one is busy
     killed = {d: process_names(found) for d in order if (found := members(d))}
-    for step in range(STALE_EXIT_WAITS):
+    for step in range(RMDIR_ATTEMPTS):
         for directory in killed:
             kill_members(directory)  # again: a fork may have raced the first kill
         busy = False
@@ -270,7 +270,7 @@ def remove_emptied(directories: list[Path]) -> tuple[dict[Path, list[str]], list
                 busy = True
         if not busy:
             return killed, []
-        if step < STALE_EXIT_WAITS - 1:
+        if step < RMDIR_ATTEMPTS - 1:
             time.sleep(0.01)
     return killed, [d for d in order if d.exists()]
 
@@ -395,11 +395,17 @@ def set_pool_cpu(tree: CgroupTree, weight: int, idle: bool, *, was_idle: bool) -
 
 
 def remove_pool_cgroups(tree: CgroupTree) -> None:
-    """Remove this pool's directories; one still busy is left to the next daemon's sweep."""
-    for directory in tree.pool_dirs.values():
-        try:
-            directory.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("cgroup_not_removed", path=str(directory), error=e.strerror)
+    """Remove this pool's directories, once its sandboxes are destroyed. Blocking:
+    run in a thread.
+
+    What is still below them is this pool's leftover: a sandbox whose destroy
+    gave up (its processes outlasted RMDIR_ATTEMPTS), or in a Docker pool what
+    the engine left. It is killed and its directory removed with the pool's
+    (``remove_emptied``), logged as ``pool_leftover_killed``; one that stays
+    busy is logged and left to the next daemon's sweep.
+    """
+    killed, stayed = remove_emptied(list(tree.pool_dirs.values()))
+    for directory, processes in killed.items():
+        log.warning("pool_leftover_killed", path=str(directory), processes=processes)
+    for directory in stayed:
+        log.warning("cgroup_not_removed", path=str(directory))
