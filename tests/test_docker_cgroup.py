@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from pool.backends.docker.cgroup import (
     remove_pool_cgroup,
 )
 from pool.backends.process import cgroups as process_cgroups
+from tests.support import wait_until
 
 LOCAL = EngineFacts(root=True, own_cpu="/", driver="cgroupfs", engine_cgroup_version="1",
                     peer_command="dockerd", same_cgroup_namespace=True)
@@ -185,15 +185,16 @@ def test_a_directory_the_engine_leaves_busy_is_killed_and_removed_in_every_hiera
 
 def sleeping_children(pid: int, count: int) -> list[int]:
     """The pids of ``pid``'s ``count`` children, once each has exec'd ``sleep``."""
-    for _ in range(500):
-        children = [int(child) for child in
-                    Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        if len(children) == count and all(
-                Path(f"/proc/{child}/comm").read_text().strip() == "sleep"
-                for child in children):
-            return children
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not start {count} sleeps")
+    children: list[int] = []
+
+    def started() -> bool:
+        children[:] = [int(child) for child in
+                       Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return len(children) == count and all(
+            Path(f"/proc/{child}/comm").read_text().strip() == "sleep" for child in children)
+
+    wait_until(started, f"process {pid} to start {count} sleeps", timeout_s=5)
+    return children
 
 
 def test_a_directory_that_refuses_removal_is_logged_and_left(hierarchies: Path) -> None:

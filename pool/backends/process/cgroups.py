@@ -238,27 +238,39 @@ def sweep_stale_cgroups(base: Path) -> None:
 
 def remove_emptied(directories: list[Path]) -> tuple[dict[Path, list[str]], list[Path]]:
     """Remove cgroup directories and the sandbox directories one level below them,
-    SIGKILLing whatever still runs in any of them first. Never raises. Blocking:
-    run in a thread.
+    SIGKILLing whatever still runs in any of them (``rmdir_killing``). Never
+    raises. Blocking: run in a thread.
 
-    Returns the directories that held processes, each with what it held
-    (``process_names``, for the log), and those still there: one refused (not
-    EBUSY), or busy after RMDIR_ATTEMPTS steps (a process the kill cannot
-    end, in uninterruptible sleep). A directory already gone (two
-    sweeps meeting) is fine. Even once ``cgroup.procs`` is empty, rmdir says
-    EBUSY until the kernel has released the last task: hence retrying, not one
-    wait for the list to empty.
+    Returns the directories that held processes, each with what it held, and
+    those still there: one refused (not EBUSY), or busy after RMDIR_ATTEMPTS
+    steps (a process the kill cannot end, in uninterruptible sleep). A
+    directory already gone (two sweeps meeting) is fine.
     """
     below: list[Path] = []
     for directory in directories:
         with contextlib.suppress(OSError):  # gone, or not a directory
             below += [d for d in directory.iterdir() if d.is_dir()]
     order = [*below, *directories]  # children first: a parent with one is busy
-    killed = {d: process_names(found) for d in order if (found := members(d))}
-    for step in range(RMDIR_ATTEMPTS):
-        for directory in killed:
-            kill_members(directory)  # again: a fork may have raced the first kill
-        busy = False
+    killed, error = rmdir_killing(order)
+    return killed, [d for d in order if d.exists()] if error is not None else []
+
+
+def rmdir_killing(order: list[Path]) -> tuple[dict[Path, list[str]], OSError | None]:
+    """rmdir each directory of ``order`` (children before their parents); in one
+    that is busy, SIGKILL what runs, and try again every 10 ms, RMDIR_ATTEMPTS
+    times. Blocking: run in a thread.
+
+    Returns the directories that held processes, each with what it held
+    (``process_names``, for a log), and the error that stopped it: EBUSY after
+    the last attempt, or another errno at once; None once all are gone (one
+    already gone is fine). Even once ``cgroup.procs`` is empty, rmdir says
+    EBUSY until the kernel has released the last task: hence retrying, not one
+    wait for the list to empty.
+    """
+    killed: dict[Path, list[str]] = {}
+    busy: list[tuple[Path, OSError]] = []
+    for _ in range(RMDIR_ATTEMPTS):
+        busy = []
         for directory in order:
             try:
                 directory.rmdir()
@@ -266,13 +278,19 @@ def remove_emptied(directories: list[Path]) -> tuple[dict[Path, list[str]], list
                 pass
             except OSError as e:
                 if e.errno != errno.EBUSY:
-                    return killed, [d for d in order if d.exists()]
-                busy = True
+                    return killed, e
+                busy.append((directory, e))
         if not busy:
-            return killed, []
-        if step < RMDIR_ATTEMPTS - 1:
-            time.sleep(0.01)
-    return killed, [d for d in order if d.exists()]
+            return killed, None
+        # Each directory's processes are named before any is killed: one process
+        # is in a directory of every hierarchy, and gone from all once killed.
+        for directory, _ in busy:
+            if found := members(directory):
+                killed.setdefault(directory, process_names(found))
+        for directory, _ in busy:
+            kill_members(directory)  # again each time: a fork may race a kill
+        time.sleep(0.01)  # a worker thread, not the event loop
+    return killed, busy[0][1]
 
 
 def create_sandbox_cgroup(tree: CgroupTree, sandbox_id: str, config: PoolConfig) -> SandboxCgroup:
@@ -330,27 +348,18 @@ def create_sandbox_cgroup(tree: CgroupTree, sandbox_id: str, config: PoolConfig)
 def remove_sandbox_cgroup(cgroup: SandboxCgroup) -> None:
     """Remove a sandbox's cgroup(s) once its processes are gone. Blocking: run in a thread.
 
-    Raises BackendError if a directory stays busy for half a second.
+    Normally empty once bwrap is reaped; anything still inside (a child bwrap
+    lost in a failed start) is killed (``rmdir_killing``). Raises BackendError
+    if a directory stays busy for RMDIR_ATTEMPTS x 10 ms, or cannot be removed.
     """
     if cgroup.oom_counter_fd is not None:
         os.close(cgroup.oom_counter_fd)
         cgroup.oom_counter_fd = None
-    for directory in reversed(cgroup.dirs):
-        for _ in range(RMDIR_ATTEMPTS):
-            try:
-                directory.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError as e:
-                if e.errno != errno.EBUSY:
-                    raise BackendError(f"cannot remove cgroup {directory}: {e}") from None
-                # Normally empty once bwrap is reaped; anything still inside
-                # (a child bwrap lost in a failed start) dies now.
-                kill_members(directory)
-                time.sleep(0.01)  # a worker thread, not the event loop
-        else:
-            raise BackendError(f"cgroup {directory} still has processes")
+    _, error = rmdir_killing(list(reversed(cgroup.dirs)))
+    if error is not None and error.errno == errno.EBUSY:
+        raise BackendError(f"cgroup {error.filename} still has processes")
+    if error is not None:
+        raise BackendError(f"cannot remove cgroup {error.filename}: {error}")
     cgroup.dirs.clear()
 
 
